@@ -1,0 +1,50 @@
+# nnserve: models -> export -> (BentoML model store) -> service -> loadtest
+# Every target depends on the venv, so a fresh clone needs no manual step.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODELS := lenet5 vgg_fc7 char_lstm char_gru
+HTTP_PORT ?= 3000
+GRPC_PORT ?= 8001
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: setup train export serve test lint bench bento clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch==2.13.0 is pinned; on dev/CI hosts pip takes the CPU wheel from local disk.
+	$(PY) -m pip install --quiet -e ".[train,dev]"
+	touch $@
+
+# Train the default models whose artifacts are missing (artifacts/<name>/card.json).
+train: setup
+	@for m in $(MODELS); do \
+	  if [ -f artifacts/$$m/card.json ]; then echo "artifacts/$$m: present, not retrained"; \
+	  else $(PY) -m models.train $$m || exit 1; fi; \
+	done
+
+# Export + verify + register the default models not yet in the BentoML model store.
+export: train
+	$(PY) -m export $(addprefix artifacts/,$(MODELS)) --if-missing
+
+serve: export
+	NNSERVE_GRPC_PORT=$(GRPC_PORT) $(VENV)/bin/bentoml serve service.service:NNServe --port $(HTTP_PORT)
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: export
+	$(PY) -m loadtest.bench
+
+bento: export
+	$(VENV)/bin/bentoml build
+
+clean:
+	rm -rf artifacts exported .pytest_cache .ruff_cache

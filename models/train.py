@@ -1,0 +1,355 @@
+"""Train a model into a versioned artifact: ``python -m models.train KIND [options]``.
+
+KIND is lenet5, vgg_fc7, char_lstm or char_gru. The artifact (weights.safetensors, card.json,
+curves.png) lands atomically in ``artifacts/<name>/``. Same seed and options give identical weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models import data
+from models.arch import build_model
+from models.artifact import save_artifact
+from models.preprocess import standardize, to_unit
+
+IMAGE_KINDS = ("lenet5", "vgg_fc7")
+TEXT_KINDS = ("char_lstm", "char_gru")
+
+# Default options per kind: chosen to meet the quality bars in docs/models.md in minutes on 2 cores.
+DEFAULTS = {
+    "lenet5": dict(epochs=30, batch_size=64, lr=2e-3, optimizer="adam", schedule="cosine", dropout=0.25),
+    "vgg_fc7": dict(epochs=8, batch_size=64, lr=1e-3, optimizer="adam", schedule="cosine", dropout=0.5,
+                    fc_width=4096, base_width=32, blocks=3),
+    "char_lstm": dict(epochs=4, batch_size=64, lr=3e-3, optimizer="adam", schedule="cosine", dropout=0.1,
+                      hidden=256, layers=2, embed=64, seq_len=100),
+    "char_gru": dict(epochs=4, batch_size=64, lr=3e-3, optimizer="adam", schedule="cosine", dropout=0.1,
+                     hidden=256, layers=2, embed=64, seq_len=100),
+}
+# Tiny configurations for tests: seconds, not minutes.
+TINY = {
+    "lenet5": dict(epochs=1, limit=300),
+    "vgg_fc7": dict(epochs=1, limit=300, fc_width=64, base_width=8, blocks=2),
+    "char_lstm": dict(epochs=1, hidden=32, layers=2, embed=16, seq_len=32, text_limit=20000),
+    "char_gru": dict(epochs=1, hidden=32, layers=2, embed=16, seq_len=32, text_limit=20000),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", choices=IMAGE_KINDS + TEXT_KINDS)
+    p.add_argument("--name", help="artifact name (default: KIND)")
+    p.add_argument("--out", help="artifact directory (default: artifacts/NAME)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--optimizer", choices=["sgd", "nesterov", "adam"])
+    p.add_argument("--momentum", type=float, default=0.9, help="for sgd / nesterov")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", choices=["none", "step", "cosine"])
+    p.add_argument("--step-size", type=int, default=10, help="epochs between step decays")
+    p.add_argument("--gamma", type=float, default=0.1, help="step decay factor")
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="tiny config for tests (seconds)")
+    # images
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random shifts (+-2 px) and rotations (+-10 deg); never flips digits")
+    p.add_argument("--limit", type=int, help="use a stratified subset of N MNIST digits")
+    p.add_argument("--fc-width", type=int, help="vgg_fc7: FC6/FC7 width")
+    p.add_argument("--base-width", type=int, help="vgg_fc7: channels of the first block")
+    p.add_argument("--blocks", type=int, help="vgg_fc7: conv blocks")
+    # text
+    p.add_argument("--text", help="UTF-8 training text (default: the stdlib docs in pydoc_data)")
+    p.add_argument("--text-limit", type=int, help="use only the first N characters")
+    p.add_argument("--seq-len", type=int, help="truncated-BPTT window (characters)")
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--layers", type=int)
+    p.add_argument("--embed", type=int)
+    args = p.parse_args(argv)
+    for key, value in {**DEFAULTS[args.kind], **(TINY[args.kind] if args.tiny else {})}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.name = args.name or args.kind
+    args.out = Path(args.out or Path("artifacts") / args.name)
+    return args
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, steps_per_epoch: int):
+    params = model.parameters()
+    if args.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
+                              nesterov=args.optimizer == "nesterov", weight_decay=args.weight_decay)
+    total = args.epochs * steps_per_epoch
+    if args.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
+    elif args.schedule == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args.step_size * steps_per_epoch,
+                                                gamma=args.gamma)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return opt, sched
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, max_shift_px: float = 2.0,
+            max_deg: float = 10.0) -> torch.Tensor:
+    """Random small rotation + shift per image (zero = black background), before standardizing."""
+    n, _, h, _ = x.shape
+    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(max_deg)
+    shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * (2 * max_shift_px / h)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+
+@torch.no_grad()
+def evaluate_images(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    batch: int = 256) -> tuple[float, float]:
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(x), batch):
+        logits = model(x[i:i + batch])
+        loss += F.cross_entropy(logits, y[i:i + batch], reduction="sum").item()
+        correct += (logits.argmax(1) == y[i:i + batch]).sum().item()
+    return loss / len(x), correct / len(x)
+
+
+def train_image(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    split = data.load_mnist(seed=args.seed, limit=args.limit)
+    spec = {"channels": 1, "content_size": 28, "pad": 2, "input_size": 32, "resample": "bilinear"}
+    x_train_unit = to_unit(split.x_train, spec)
+    spec["mean"], spec["std"] = data.image_stats(x_train_unit)
+    x_train = torch.from_numpy(x_train_unit)
+    x_test = torch.from_numpy(standardize(to_unit(split.x_test, spec), spec))
+    y_train, y_test = torch.from_numpy(split.y_train), torch.from_numpy(split.y_test)
+    mean = torch.tensor(spec["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(spec["std"]).view(1, -1, 1, 1)
+
+    config = {"arch": args.kind, "in_channels": 1, "input_size": 32, "num_classes": 10,
+              "dropout": args.dropout}
+    if args.kind == "vgg_fc7":
+        config.update(fc_width=args.fc_width, base_width=args.base_width, blocks=args.blocks)
+    model = build_model(config)
+    steps = math.ceil(len(x_train) / args.batch_size)
+    opt, sched = make_optimizer(model, args, steps)
+    gen = torch.Generator().manual_seed(args.seed)
+    curves: dict[str, list[float]] = {k: [] for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr")}
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        order = torch.randperm(len(x_train), generator=gen)
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = tqdm(range(steps), desc=f"{args.name} epoch {epoch}/{args.epochs}", unit="batch", leave=False)
+        for b in bar:
+            idx = order[b * args.batch_size:(b + 1) * args.batch_size]
+            xb = x_train[idx]
+            if args.augment:
+                xb = augment(xb, gen)
+            xb, yb = (xb - mean) / std, y_train[idx]
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad()
+            loss.backward()
+            if args.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+            sched.step()
+            total_loss += loss.item() * len(yb)
+            correct += (logits.argmax(1) == yb).sum().item()
+            seen += len(yb)
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
+        test_loss, test_acc = evaluate_images(model, x_test, y_test)
+        for key, value in zip(curves, (total_loss / seen, correct / seen, test_loss, test_acc,
+                                       opt.param_groups[0]["lr"]), strict=True):
+            curves[key].append(value)
+        print(f"{args.name} epoch {epoch}/{args.epochs}: train loss {total_loss / seen:.4f} "
+              f"acc {correct / seen:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f}", flush=True)
+    model.eval()
+    metrics = {"test_accuracy": curves["test_acc"][-1], "test_loss": curves["test_loss"][-1]}
+    if args.kind == "vgg_fc7":
+        from models.transfer import transfer_accuracy
+
+        metrics["uci_transfer_accuracy"] = transfer_accuracy(model, spec, seed=args.seed)
+        print(f"{args.name}: FC7 -> logistic regression on UCI 8x8 digits: "
+              f"{metrics['uci_transfer_accuracy']:.4f}", flush=True)
+    card = {
+        "kind": "image_classifier" if args.kind == "lenet5" else "image_feature_extractor",
+        "config": config,
+        "labels": [str(i) for i in range(10)],
+        "preprocessing": spec,
+        "dataset": {"source": split.source, "split": split.split},
+        "curves": curves,
+        "metrics": metrics,
+    }
+    return model, card
+
+
+def encode(text: str, vocab: str) -> torch.Tensor:
+    index = {ch: i for i, ch in enumerate(vocab)}
+    return torch.tensor([index[ch] for ch in text], dtype=torch.long)
+
+
+def batchify(tokens: torch.Tensor, batch: int) -> torch.Tensor:
+    """Cut the token stream into ``batch`` contiguous streams [batch, L] for truncated BPTT."""
+    length = len(tokens) // batch
+    return tokens[:length * batch].view(batch, length)
+
+
+def detach_state(state):
+    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+
+
+@torch.no_grad()
+def evaluate_bpc(model: torch.nn.Module, streams: torch.Tensor, seq_len: int) -> float:
+    model.eval()
+    state, nats, count = None, 0.0, 0
+    for i in range(0, streams.shape[1] - 1, seq_len):
+        x = streams[:, i:i + seq_len]
+        y = streams[:, i + 1:i + 1 + seq_len]
+        x = x[:, :y.shape[1]]
+        logits, state = model(x, state)
+        nats += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
+        count += y.numel()
+    return nats / count / math.log(2)
+
+
+def unigram_bpc(train: str, valid: str, vocab: str) -> float:
+    """Cross-entropy (bits/char) of the validation text under the training text's char frequencies."""
+    counts = np.ones(len(vocab))  # add-one smoothing
+    index = {ch: i for i, ch in enumerate(vocab)}
+    for ch in train:
+        counts[index[ch]] += 1
+    probs = counts / counts.sum()
+    valid_idx = np.array([index[ch] for ch in valid])
+    return float(-np.log2(probs[valid_idx]).mean())
+
+
+@torch.no_grad()
+def sample_text(model: torch.nn.Module, vocab: str, prompt: str, n: int, temperature: float,
+                seed: int) -> str:
+    gen = torch.Generator().manual_seed(seed)
+    model.eval()
+    logits, state = model(encode(prompt, vocab)[None])
+    out = []
+    for _ in range(n):
+        probs = torch.softmax(logits[0, -1] / temperature, dim=-1)
+        token = torch.multinomial(probs, 1, generator=gen)
+        out.append(vocab[token.item()])
+        logits, state = model(token.view(1, 1), state)
+    return "".join(out)
+
+
+def train_text(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    text, source = data.load_text(args.text)
+    if args.text_limit:
+        text = text[:args.text_limit]
+    vocab = "".join(sorted(set(text)))
+    train_str, valid_str = data.split_text(text)
+    train_streams = batchify(encode(train_str, vocab), args.batch_size)
+    valid_streams = batchify(encode(valid_str, vocab), 16)
+    config = {"arch": args.kind, "vocab_size": len(vocab), "embed_dim": args.embed,
+              "hidden_size": args.hidden, "num_layers": args.layers, "dropout": args.dropout}
+    model = build_model(config)
+    steps = math.ceil((train_streams.shape[1] - 1) / args.seq_len)
+    opt, sched = make_optimizer(model, args, steps)
+    baseline = unigram_bpc(train_str, valid_str, vocab)
+    curves: dict[str, list[float]] = {"train_bpc": [], "valid_bpc": [], "lr": []}
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        state, nats, count = None, 0.0, 0
+        bar = tqdm(range(steps), desc=f"{args.name} epoch {epoch}/{args.epochs}", unit="window", leave=False)
+        for s in bar:
+            i = s * args.seq_len
+            y = train_streams[:, i + 1:i + 1 + args.seq_len]
+            x = train_streams[:, i:i + y.shape[1]]
+            # Truncated BPTT: carry the state across windows but not its gradient.
+            state = detach_state(state) if state is not None else None
+            logits, state = model(x, state)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            if args.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+            sched.step()
+            nats += loss.item() * y.numel()
+            count += y.numel()
+            bar.set_postfix(bpc=f"{nats / count / math.log(2):.3f}")
+        valid_bpc = evaluate_bpc(model, valid_streams, args.seq_len)
+        for key, value in zip(curves, (nats / count / math.log(2), valid_bpc, opt.param_groups[0]["lr"]),
+                              strict=True):
+            curves[key].append(value)
+        print(f"{args.name} epoch {epoch}/{args.epochs}: train bpc {curves['train_bpc'][-1]:.3f} | "
+              f"valid bpc {valid_bpc:.3f} (unigram {baseline:.3f})", flush=True)
+    model.eval()
+    valid_bpc = curves["valid_bpc"][-1]
+    metrics = {"valid_bpc": valid_bpc, "unigram_bpc": baseline,
+               "bpc_reduction_vs_unigram": 1 - valid_bpc / baseline}
+    card = {
+        "kind": "char_lm",
+        "config": config,
+        "vocab": vocab,
+        "dataset": {"source": source, "characters": len(text),
+                    "split": {"train_chars": len(train_str), "valid_chars": len(valid_str),
+                              "held_out": "last 10%, contiguous"}},
+        "curves": curves,
+        "metrics": metrics,
+        "sample": {"prompt": "The ", "temperature": 0.8, "seed": args.seed,
+                   "text": sample_text(model, vocab, "The ", 300, 0.8, args.seed)},
+    }
+    return model, card
+
+
+def plot_curves(curves: dict[str, list[float]], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in curves if k != "lr"]
+    groups = [[k for k in keys if "loss" in k or "bpc" in k], [k for k in keys if "acc" in k]]
+    groups = [g for g in groups if g]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.5), squeeze=False)
+    for ax, group in zip(axes[0], groups, strict=True):
+        for key in group:
+            ax.plot(range(1, len(curves[key]) + 1), curves[key], marker="o", label=key)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True)
+    start = time.perf_counter()
+    model, card = (train_image if args.kind in IMAGE_KINDS else train_text)(args)
+    seconds = time.perf_counter() - start
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    card = {"name": args.name, **card, "seed": args.seed, "training": options,
+            "train_seconds": round(seconds, 1), "torch_version": torch.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out = save_artifact(args.out, model, card, extra_files=lambda tmp: plot_curves(
+        card["curves"], f"{args.name} ({args.kind})", tmp / "curves.png"))
+    print(f"{args.name}: wrote {out} in {seconds:.0f} s; metrics {card['metrics']}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
