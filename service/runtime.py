@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -129,3 +130,19 @@ def load_runtime(name: str, tag: str | None = None, providers: list[str] | None 
                            f"(or python -m export artifacts/{name})") from e
     metadata = dict(model.info.metadata)
     return ModelRuntime(name, model.tag.version, model.path_of(metadata["onnx_file"]), metadata, providers)
+
+
+class ModelRepository(Protocol):
+    """What the protocol front-ends (REST, KServe v2 REST and gRPC) need from the service.
+
+    Implemented by the service (service/service.py); ``infer`` records the inference metrics and may
+    route a request through the adaptive-batching service, so every front-end gets both.
+    """
+
+    def names(self) -> list[str]: ...
+
+    def get(self, name: str) -> ModelRuntime: ...  # raises NotFound naming the unknown model
+
+    def is_ready(self, name: str) -> bool: ...
+
+    async def infer(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
