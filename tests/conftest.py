@@ -34,3 +34,27 @@ def tiny_artifacts(session_dir: Path) -> dict[str, Path]:
             train([kind, "--tiny", "--out", str(target)])
         out[kind] = target
     return out
+
+
+@pytest.fixture(scope="session")
+def live_server(tiny_store, session_dir: Path):
+    """The real ``bentoml serve service.service:NNServe`` serving the tiny_store models, started once per
+    session on free ports. Yields a ``tests.serving.LiveServer``: ``http_url``, ``grpc_port``
+    (``grpc_url``), ``log()`` for assertion messages. Stopped (SIGINT, then killed) at session end."""
+    from tests.serving import running_server
+
+    # Generous batching latency budget: the CI box is shared and busy, and a request the adaptive
+    # batcher cannot serve within max_latency_ms gets a 503 (load shedding), not what these tests probe.
+    env = {"BENTOML_HOME": os.environ["BENTOML_HOME"], "NNSERVE_MAX_LATENCY_MS": "5000"}
+    with running_server(session_dir / "server.log", env) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_artifacts: dict[str, Path], session_dir: Path) -> dict[str, str]:
+    """The four tiny artifacts exported (fp32, parity-checked) into this session's BentoML store:
+    {kind: "name:version"}. Few latency runs: the numbers are not what tests look at."""
+    from export.pipeline import Options, export_artifact
+
+    opts = Options(bench_runs=3, report_dir=session_dir / "exported")
+    return {kind: export_artifact(path, opts).tags["fp32"] for kind, path in tiny_artifacts.items()}

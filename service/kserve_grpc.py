@@ -1,0 +1,193 @@
+"""Open Inference Protocol (KServe v2) over gRPC: ``inference.GRPCInferenceService`` on a grpc.aio server.
+
+Runs inside the BentoML service process (started from its startup hook). The protobuf messages and the
+servicer base class are the generated stubs shipped in tritonclient, so the wire format is Triton's own.
+RPCs not served here (model config, statistics, repository control, shared memory, ...) answer
+UNIMPLEMENTED with a message listing the ones that are. Inputs arrive as ``raw_input_contents`` or typed
+``contents``; outputs always go back as ``raw_output_contents``, as Triton does.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from service import kserve
+from service.kserve import RequestTensor
+from service.runtime import ClientError, ModelRepository
+
+log = logging.getLogger("nnserve.kserve.grpc")
+
+SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+GRPC_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+               413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+               503: grpc.StatusCode.UNAVAILABLE}
+
+
+def grpc_status(exc: Exception) -> grpc.StatusCode:
+    status = kserve.http_status(exc)
+    if status in GRPC_STATUS:
+        return GRPC_STATUS[status]
+    return grpc.StatusCode.INVALID_ARGUMENT if 400 <= status < 500 else grpc.StatusCode.INTERNAL
+
+
+def failure_message(exc: Exception, where: str) -> str:
+    if not isinstance(exc, kserve.EXPECTED_FAILURES):  # a server fault, not the client's: log it
+        log.exception("KServe v2 gRPC %s failed", where)
+        return f"internal error: {type(exc).__name__}: {exc}"
+    return str(exc)
+
+
+def rpc(method):
+    """Turn exceptions into gRPC status codes with the message as details (unary RPCs)."""
+    @functools.wraps(method)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        try:
+            return await method(self, request, context)
+        except Exception as e:
+            code, details = grpc_status(e), failure_message(e, method.__name__)
+        await context.abort(code, details)  # raises; never returns
+
+    return wrapper
+
+
+def reject_shared_memory(parameters, where: str) -> None:
+    for key in SHARED_MEMORY_PARAMETERS:
+        if key in parameters:
+            raise ClientError(f"{where}: shared memory is not supported by this server; send the data inline")
+
+
+def decode_inputs(runtime, request: pb.ModelInferRequest) -> list[RequestTensor]:
+    """Check the described inputs against the model, then decode raw or typed contents."""
+    if not request.inputs:
+        raise ClientError("ModelInferRequest has no inputs")
+    tensors = [RequestTensor(t.name, t.datatype, list(t.shape)) for t in request.inputs]
+    for t in request.inputs:
+        reject_shared_memory(t.parameters, f"input {t.name!r}")
+    kserve.check_header(runtime, tensors)
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(tensors):
+        raise ClientError(f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs; "
+                          "give every input raw, or none")
+    for i, (t, message) in enumerate(zip(tensors, request.inputs, strict=True)):
+        if raw:
+            t.array = kserve.array_from_bytes(t, raw[i])
+            continue
+        field = kserve.DATATYPES[t.datatype][1]
+        if field is None:
+            raise ClientError(f"input {t.name!r} is {t.datatype}, which only raw_input_contents can carry")
+        t.array = kserve.array_from_values(t, list(getattr(message.contents, field)))
+    return tensors
+
+
+def requested_outputs(runtime, request: pb.ModelInferRequest) -> list[str]:
+    for out in request.outputs:
+        reject_shared_memory(out.parameters, f"output {out.name!r}")
+        if "classification" in out.parameters:
+            raise ClientError(f"output {out.name!r}: the classification extension is not supported; "
+                              "ask for the raw output")
+    return kserve.select_outputs(runtime, [out.name for out in request.outputs])
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, repository: ModelRepository) -> None:
+        self.repository = repository
+
+    @rpc
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc
+    async def ServerReady(self, request, context):
+        repo = self.repository
+        return pb.ServerReadyResponse(ready=all(repo.is_ready(name) for name in repo.names()))
+
+    @rpc
+    async def ModelReady(self, request, context):
+        runtime = kserve.get_model(self.repository, request.name, request.version)
+        return pb.ModelReadyResponse(ready=self.repository.is_ready(runtime.name))
+
+    @rpc
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(**kserve.server_metadata())
+
+    @rpc
+    async def ModelMetadata(self, request, context):
+        runtime = kserve.get_model(self.repository, request.name, request.version)
+        meta = kserve.model_metadata(runtime)
+        return pb.ModelMetadataResponse(
+            name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+            inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]],
+            outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["outputs"]])
+
+    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        runtime = kserve.get_model(self.repository, request.model_name, request.model_version)
+        tensors = decode_inputs(runtime, request)
+        names = requested_outputs(runtime, request)
+        outputs = await kserve.infer(self.repository, runtime, tensors, names)
+        response = pb.ModelInferResponse(model_name=runtime.name, model_version=runtime.version, id=request.id)
+        for name, array in outputs.items():
+            response.outputs.add(name=name, datatype=kserve.kserve_datatype(array.dtype), shape=list(array.shape))
+            response.raw_output_contents.append(array.tobytes())  # tobytes() is C order, whatever the layout
+        return response
+
+    @rpc
+    async def ModelInfer(self, request, context):
+        return await self.infer(request)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Bidirectional stream (tritonclient's start_stream): one response per request; a bad request
+        answers with ``error_message`` and the stream goes on, as Triton does."""
+        async for request in request_iterator:
+            try:
+                yield pb.ModelStreamInferResponse(infer_response=await self.infer(request))
+            except Exception as e:
+                yield pb.ModelStreamInferResponse(error_message=failure_message(e, "ModelStreamInfer"))
+
+
+def add_unimplemented_rpcs(servicer_class: type) -> None:
+    """Give the RPCs we do not serve a clear UNIMPLEMENTED message (the generated base class answers
+    UNIMPLEMENTED too, but with "Unexpected NotImplementedError" as the message)."""
+    served = [name for name in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
+              if name in servicer_class.__dict__]
+    for name in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name:
+        if name in servicer_class.__dict__:
+            continue
+
+        async def unimplemented(self, request, context, name=name):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                f"{name} is not implemented by this server; it serves {', '.join(served)}")
+
+        setattr(servicer_class, name, unimplemented)
+
+
+add_unimplemented_rpcs(InferenceServicer)
+
+
+async def start_grpc_server(repository: ModelRepository, port: int) -> grpc.aio.Server:
+    """Start serving on ``port`` (all interfaces). SO_REUSEPORT lets every BentoML worker bind the same port;
+    the kernel spreads connections across them."""
+    server = grpc.aio.server(options=[
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", kserve.MAX_REQUEST_BYTES),
+        ("grpc.max_send_message_length", -1),
+    ])
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(repository), server)
+    for address in (f"[::]:{port}", f"0.0.0.0:{port}"):  # the IPv4 wildcard for hosts without IPv6
+        try:
+            server.add_insecure_port(address)
+            break
+        except RuntimeError as e:
+            bind_error = e
+    else:
+        raise RuntimeError(f"KServe v2 gRPC cannot listen on port {port}; is a process that did not set "
+                           "SO_REUSEPORT (or a different server) holding it?") from bind_error
+    await server.start()
+    log.info("KServe v2 gRPC (inference.GRPCInferenceService) listening on port %d", port)
+    return server

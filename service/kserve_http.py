@@ -1,0 +1,246 @@
+"""Open Inference Protocol (KServe v2) over REST, as a Starlette app the BentoML service mounts at ``/v2``.
+
+Speaks what ``tritonclient.http`` sends and parses: plain JSON tensors (``data`` lists) and Triton's binary
+tensor extension (a JSON header of ``Inference-Header-Content-Length`` bytes followed by the raw tensors;
+inputs carry ``parameters.binary_data_size``, outputs are asked for with ``parameters.binary_data`` or the
+request parameter ``binary_data_output``). Every client mistake is a 4xx with ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from service import kserve
+from service.kserve import RequestTensor
+from service.runtime import ClientError, ModelRepository
+
+log = logging.getLogger("nnserve.kserve.http")
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_REQUEST_BYTES = kserve.MAX_REQUEST_BYTES
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+
+
+def error(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refused past MAX_REQUEST_BYTES; gzip/deflate bodies (tritonclient's
+    ``request_compression_algorithm``) are inflated with the same bound."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
+        raise PayloadTooLarge(f"request body of {declared} bytes is over the {MAX_REQUEST_BYTES}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_REQUEST_BYTES:
+            raise PayloadTooLarge(f"request body is over the {MAX_REQUEST_BYTES}-byte limit")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding in ("gzip", "deflate"):
+        # wbits: 16+ = gzip container, MAX_WBITS = zlib container (what Python's zlib.compress writes).
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+        try:
+            body = inflater.decompress(body, MAX_REQUEST_BYTES + 1)
+        except zlib.error as e:
+            raise ClientError(f"request body is not valid {encoding} data ({e})") from e
+        if len(body) > MAX_REQUEST_BYTES:
+            raise PayloadTooLarge(f"decompressed request body is over the {MAX_REQUEST_BYTES}-byte limit")
+    elif encoding != "identity":
+        raise ClientError(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
+    return body
+
+
+def split_body(request: Request, body: bytes) -> tuple[dict, bytes]:
+    """JSON inference header and the binary tensor section that follows it (may be empty)."""
+    raw_length = request.headers.get(HEADER_LENGTH)
+    if raw_length is None:
+        header_bytes, binary = body, b""
+    else:
+        if not raw_length.strip().isdigit() or int(raw_length) > len(body):
+            raise ClientError(f"{HEADER_LENGTH} header is {raw_length!r}; expected the byte length of the JSON "
+                              f"header, at most the body length {len(body)}")
+        header_bytes, binary = body[:int(raw_length)], body[int(raw_length):]
+    if not header_bytes:
+        raise ClientError("empty request body; expected a JSON inference request with 'inputs'")
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ClientError(f"inference request header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise ClientError("inference request must be a JSON object with 'inputs'")
+    return header, binary
+
+
+def parameters_of(obj: dict, where: str) -> dict:
+    params = obj.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ClientError(f"{where}: 'parameters' must be a JSON object")
+    for key in ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"):
+        if key in params:
+            raise ClientError(f"{where}: shared memory is not supported by this server; send the data inline")
+    return params
+
+
+def parse_inputs(runtime, header: dict, binary: bytes) -> list[RequestTensor]:
+    """Check the described inputs against the model, then decode their data (JSON or binary section)."""
+    items = header.get("inputs")
+    if not isinstance(items, list) or not items:
+        raise ClientError("inference request needs a non-empty 'inputs' list")
+    tensors, sources = [], []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ClientError(f"inputs[{i}] must be an object with 'name', 'datatype', 'shape' and data")
+        name = item["name"]
+        tensors.append(RequestTensor(name, item.get("datatype"), item.get("shape")))
+        sources.append((item, parameters_of(item, f"input {name!r}")))
+    kserve.check_header(runtime, tensors)
+    offset = 0
+    for t, (item, params) in zip(tensors, sources, strict=True):
+        size = params.get("binary_data_size")
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise ClientError(f"input {t.name!r}: binary_data_size {size!r} does not fit the "
+                                  f"{len(binary) - offset} bytes left after the JSON header")
+            t.array = kserve.array_from_bytes(t, binary[offset:offset + size])
+            offset += size
+        elif "data" in item:
+            t.array = kserve.array_from_values(t, item["data"])
+        else:
+            raise ClientError(f"input {t.name!r} has neither 'data' nor parameters.binary_data_size")
+    if offset != len(binary):
+        raise ClientError(f"{len(binary) - offset} bytes after the JSON header belong to no input "
+                          f"(check binary_data_size and {HEADER_LENGTH})")
+    return tensors
+
+
+def parse_outputs(runtime, header: dict) -> tuple[list[str], dict[str, bool]]:
+    """Output names to return and, per name, whether to send it binary."""
+    params = parameters_of(header, "request")
+    default_binary = params.get("binary_data_output", False)
+    if not isinstance(default_binary, bool):
+        raise ClientError("request parameter 'binary_data_output' must be true or false")
+    items = header.get("outputs") or []
+    if not isinstance(items, list):
+        raise ClientError("'outputs' must be a list of {'name': ...} objects")
+    requested, binary = [], {}
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ClientError(f"outputs[{i}] must be an object with a 'name'")
+        out_params = parameters_of(item, f"output {item['name']!r}")
+        if out_params.get("classification"):
+            raise ClientError(f"output {item['name']!r}: the classification extension is not supported; "
+                              "ask for the raw output")
+        flag = out_params.get("binary_data", default_binary)
+        if not isinstance(flag, bool):
+            raise ClientError(f"output {item['name']!r}: parameters.binary_data must be true or false")
+        requested.append(item["name"])
+        binary[item["name"]] = flag
+    names = kserve.select_outputs(runtime, requested)
+    return names, {name: binary.get(name, default_binary) for name in names}
+
+
+def infer_response(runtime, header: dict, outputs: dict[str, np.ndarray], binary: dict[str, bool]) -> Response:
+    """JSON response, or JSON header + raw bytes when any output goes binary (Triton's layout)."""
+    described, raw = [], []
+    for name, array in outputs.items():
+        entry = {"name": name, "datatype": kserve.kserve_datatype(array.dtype), "shape": list(array.shape)}
+        if binary[name]:
+            data = np.ascontiguousarray(array).tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            raw.append(data)
+        else:
+            entry["data"] = array.ravel().tolist()
+        described.append(entry)
+    body = {"model_name": runtime.name, "model_version": runtime.version, "outputs": described}
+    if "id" in header:
+        body["id"] = header["id"]
+    json_bytes = json.dumps(body, separators=(",", ":")).encode()
+    if not raw:
+        return Response(json_bytes, media_type="application/json")
+    return Response(b"".join([json_bytes, *raw]), media_type="application/octet-stream",
+                    headers={HEADER_LENGTH: str(len(json_bytes))})
+
+
+def create_app(get_repository: Callable[[], ModelRepository], prefix: str = "") -> Starlette:
+    """KServe v2 REST routes under ``prefix``.
+
+    The service mounts this at ``/v2`` (prefix ""). A Starlette Mount at ``/v2`` never sees the bare path
+    ``/v2`` (server metadata): Starlette answers it with a 307 to ``/v2/``, which tritonclient does not
+    follow. Mounting at ``/`` with ``prefix="/v2"`` serves ``GET /v2`` directly; BentoML's own routes
+    still win because mounted apps are tried last and only claim paths they have a route for.
+    """
+    async def server_metadata(request: Request) -> Response:
+        return JSONResponse(kserve.server_metadata())
+
+    async def live(request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(request: Request) -> Response:
+        repo = get_repository()
+        is_ready = all(repo.is_ready(name) for name in repo.names())
+        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+    async def model_metadata(request: Request) -> Response:
+        p = request.path_params
+        runtime = kserve.get_model(get_repository(), p["name"], p.get("version", ""))
+        return JSONResponse(kserve.model_metadata(runtime))
+
+    async def model_ready(request: Request) -> Response:
+        p = request.path_params
+        runtime = kserve.get_model(get_repository(), p["name"], p.get("version", ""))
+        is_ready = get_repository().is_ready(runtime.name)
+        return JSONResponse({"name": runtime.name, "ready": is_ready}, status_code=200 if is_ready else 503)
+
+    async def model_infer(request: Request) -> Response:
+        p = request.path_params
+        repo = get_repository()
+        runtime = kserve.get_model(repo, p["name"], p.get("version", ""))
+        header, binary = split_body(request, await read_body(request))
+        tensors = parse_inputs(runtime, header, binary)
+        names, binary_outputs = parse_outputs(runtime, header)
+        outputs = await kserve.infer(repo, runtime, tensors, names)
+        return infer_response(runtime, header, outputs, binary_outputs)
+
+    async def expected_failure(request: Request, exc: Exception) -> Response:
+        status = kserve.http_status(exc)
+        if status >= 500 and status != 503:
+            log.error("KServe v2 %s %s failed: %s", request.method, request.url.path, exc)
+        return error(str(exc), status)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            return error(f"no KServe v2 route {request.method} {request.url.path}", 404)
+        return error(exc.detail, exc.status_code)
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.exception("KServe v2 %s %s failed", request.method, request.url.path)
+        return error(f"internal error: {type(exc).__name__}: {exc}", 500)
+
+    model = prefix + "/models/{name}"
+    versioned = model + "/versions/{version}"
+    routes = [Route(prefix or "/", server_metadata, methods=["GET"]),
+              Route(prefix + "/health/live", live, methods=["GET"]),
+              Route(prefix + "/health/ready", ready, methods=["GET"])]
+    for base in (model, versioned):
+        routes += [Route(base, model_metadata, methods=["GET"]),
+                   Route(base + "/ready", model_ready, methods=["GET"]),
+                   Route(base + "/infer", model_infer, methods=["POST"])]
+    # Exception (a server fault) goes last: Starlette answers it and then re-raises it so it gets logged.
+    handlers = {cls: expected_failure for cls in kserve.EXPECTED_FAILURES}
+    return Starlette(routes=routes, exception_handlers={**handlers, HTTPException: http_error, Exception: server_error})

@@ -1,0 +1,120 @@
+"""Prometheus metrics of the serving path (names and labels: docs/metrics.md), exposed on BentoML's ``/metrics``.
+
+BentoML runs every worker with ``PROMETHEUS_MULTIPROC_DIR`` set and ``/metrics`` merges all processes'
+files, so a metric recorded in the image-model worker shows up on the entry service's ``/metrics``.
+The metric objects are created on first use, in the worker: prometheus_client picks its multiprocess
+value store when first imported, which must not happen in a process without that variable.
+
+Latency buckets are explicit (50 us .. 5 s): our models answer in microseconds to milliseconds, below
+the 5 ms where BentoML's default buckets start.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from types import SimpleNamespace
+
+LATENCY_BUCKETS = (50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
+                   0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+UNKNOWN = ("unknown", "")  # model/version labels of a request naming no served model (bounded cardinality)
+
+
+@functools.cache
+def registry() -> SimpleNamespace:
+    from prometheus_client import Counter, Gauge, Histogram  # late import: see the module docstring
+
+    model = ["model", "version"]
+    request = ["endpoint", *model]
+    return SimpleNamespace(
+        requests=Counter("nnserve_requests", "Requests by endpoint, model and outcome "
+                         "(ok, client_error, unavailable, server_error).", [*request, "outcome"]),
+        in_flight=Gauge("nnserve_in_flight_requests", "Requests being processed.", request,
+                        multiprocess_mode="livesum"),
+        request_seconds=Histogram("nnserve_request_duration_seconds", "Request latency inside the service, "
+                                  "from handler start to response.", request, buckets=LATENCY_BUCKETS),
+        preprocess_seconds=Histogram("nnserve_preprocess_duration_seconds", "Image decode + preprocessing.",
+                                     model, buckets=LATENCY_BUCKETS),
+        batch_wait_seconds=Histogram("nnserve_batch_wait_duration_seconds", "Time in the adaptive batcher: "
+                                     "from hand-off to result, minus the batch's inference time.",
+                                     model, buckets=LATENCY_BUCKETS),
+        inference_seconds=Histogram("nnserve_inference_duration_seconds", "One ONNX Runtime call (a whole "
+                                    "batch or decode step).", [*model, "batcher"], buckets=LATENCY_BUCKETS),
+        batch_size=Histogram("nnserve_batch_size", "Items per ONNX Runtime call.", [*model, "batcher"],
+                             buckets=BATCH_BUCKETS),
+        generated_chars=Counter("nnserve_generated_characters", "Characters sampled by /generate.", model),
+        active_streams=Gauge("nnserve_generation_streams_active", "Generation requests being decoded "
+                             "(streamed or not).", model, multiprocess_mode="livesum"),
+    )
+
+
+def observe_batch(model, batcher: str, size: int, seconds: float) -> None:
+    """One ONNX Runtime call of ``size`` items. batcher: adaptive (image models), continuous (decode
+    steps of /generate) or none (a /v2 request run as sent)."""
+    m = registry()
+    m.inference_seconds.labels(model.name, model.version, batcher).observe(seconds)
+    m.batch_size.labels(model.name, model.version, batcher).observe(size)
+
+
+def outcome(status: int) -> str:
+    if status < 400:
+        return "ok"
+    if status == 503:
+        return "unavailable"
+    return "client_error" if status < 500 else "server_error"
+
+
+class RequestMetrics:
+    """One request's metrics: call ``begin(model)`` once the model is known, ``finish(status)`` always."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.start = time.perf_counter()
+        self.labels: tuple[str, str] | None = None
+        self.timings: dict[str, float] = {}  # stage -> seconds, for the response's timings_ms
+
+    def begin(self, model) -> None:
+        self.labels = (model.name, model.version)
+        registry().in_flight.labels(self.endpoint, *self.labels).inc()
+
+    def observe(self, stage: str, seconds: float) -> None:
+        """stage: preprocess or batch_wait (histograms), or inference (timed where the model runs)."""
+        self.timings[stage] = seconds
+        if stage in ("preprocess", "batch_wait"):
+            getattr(registry(), f"{stage}_seconds").labels(*self.labels).observe(seconds)
+
+    def timings_ms(self) -> dict[str, float]:
+        return {stage: round(seconds * 1e3, 3) for stage, seconds in self.timings.items()}
+
+    def finish(self, status: int) -> float:
+        """Count the request by outcome; returns its duration in seconds (also timings["total"])."""
+        seconds = self.timings["total"] = time.perf_counter() - self.start
+        m = registry()
+        labels = self.labels or UNKNOWN
+        m.requests.labels(self.endpoint, *labels, outcome(status)).inc()
+        if self.labels is not None:
+            m.in_flight.labels(self.endpoint, *self.labels).dec()
+            m.request_seconds.labels(self.endpoint, *self.labels).observe(seconds)
+        return seconds
+
+
+class StreamMetrics:
+    """One generation: counted as active from ``start()`` to ``stop()``; counts the characters it yields."""
+
+    def __init__(self, model) -> None:
+        self.labels = (model.name, model.version)
+        self.active = False
+
+    def start(self) -> StreamMetrics:
+        registry().active_streams.labels(*self.labels).inc()
+        self.active = True
+        return self
+
+    def chars(self, n: int) -> None:
+        registry().generated_chars.labels(*self.labels).inc(n)
+
+    def stop(self) -> None:
+        if self.active:
+            registry().active_streams.labels(*self.labels).dec()
+            self.active = False

@@ -1,0 +1,361 @@
+"""Continuous batching for /generate: batched decode steps give exactly the unbatched text, requests
+join at step boundaries and leave when done or abandoned, failures stay with the requests they hit.
+
+Runs the real tiny char_lstm / char_gru exported to the test session's model store (``tiny_store``).
+Batch-size assertions rely only on asyncio's FIFO scheduling, never on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import numpy as np
+import pytest
+
+from service.generation import (
+    MAX_NEW_CHARS,
+    MAX_PROMPT_CHARS,
+    ContinuousBatcher,
+    GenerationError,
+    GenerationRequest,
+    sample_token,
+)
+from service.runtime import ClientError, ModelRuntime, load_runtime
+
+CHAR_KINDS = ("char_lstm", "char_gru")
+HANG_GUARD_S = 20  # not a timing assertion: turns a hung step loop into a failure instead of a stuck suite
+
+
+@pytest.fixture(scope="module")
+def runtimes(tiny_store: dict[str, str]) -> dict[str, ModelRuntime]:
+    return {kind: load_runtime(kind, tiny_store[kind]) for kind in CHAR_KINDS}
+
+
+def onnx_path(tag: str) -> str:
+    import bentoml
+
+    model = bentoml.models.get(tag)
+    return model.path_of(model.info.metadata["onnx_file"])
+
+
+@pytest.fixture(params=CHAR_KINDS)
+def runtime(request, runtimes: dict[str, ModelRuntime]) -> ModelRuntime:
+    return runtimes[request.param]
+
+
+def generate_alone(runtime: ModelRuntime, request: GenerationRequest) -> str:
+    """Reference: the plain unbatched loop (batch 1 throughout), written independently of the batcher."""
+    vocab = runtime.metadata["vocab"]
+    state_names = [t.name for t in runtime.inputs if t.name != "tokens"]
+    rng = np.random.default_rng(request.seed)
+    feeds = runtime.example_feeds(1)
+    feeds["tokens"] = np.array([[vocab.index(ch) for ch in request.prompt]], dtype=np.int64)
+    out = runtime.run(feeds)
+    text = []
+    while True:
+        token = sample_token(out["logits"][0, -1], request.temperature, request.top_k, rng)
+        text.append(vocab[token])
+        if len(text) == request.max_new_chars:
+            return "".join(text)
+        out = runtime.run({"tokens": np.array([[token]], dtype=np.int64),
+                           **{name: out[f"{name}_out"] for name in state_names}})
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, HANG_GUARD_S))
+
+
+async def collect(batcher: ContinuousBatcher, request: GenerationRequest) -> str:
+    return "".join([ch async for ch in batcher.generate(request)])
+
+
+def prompt_for(runtime: ModelRuntime) -> str:
+    vocab = runtime.metadata["vocab"]
+    return "The " if all(ch in vocab for ch in "The ") else vocab[:4]
+
+
+# -- requests and validation (no model needed) ------------------------------------------------------
+
+VOCAB = "Tabcefh ."
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"prompt": ""}, "prompt must not be empty"),
+    ({"prompt": 42}, "prompt must be a string"),
+    ({"prompt": "a" * (MAX_PROMPT_CHARS + 1)}, f"the limit is {MAX_PROMPT_CHARS}"),
+    ({"max_new_chars": 0}, "max_new_chars must be an integer in [1, 2000]"),
+    ({"max_new_chars": MAX_NEW_CHARS + 1}, "max_new_chars"),
+    ({"max_new_chars": 3.5}, "max_new_chars"),
+    ({"max_new_chars": True}, "max_new_chars"),
+    ({"temperature": 0}, "temperature must be a finite number > 0"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"top_k": 0}, "top_k must be an integer >= 1"),
+    ({"top_k": 2.0}, "top_k"),
+    ({"seed": -1}, "seed must be a non-negative integer"),
+    ({"seed": "7"}, "seed"),
+    ({"stream": "yes"}, "stream must be true or false"),
+])
+def test_validate_rejects_out_of_range_parameters(changes: dict, message: str) -> None:
+    request = GenerationRequest(**{"prompt": "The cab", **changes})
+    with pytest.raises(ClientError) as info:
+        request.validate(VOCAB)
+    assert message in str(info.value)
+    assert info.value.status == 400
+
+
+def test_validate_names_characters_outside_the_vocabulary() -> None:
+    with pytest.raises(ClientError) as info:
+        GenerationRequest("The café\tcab é").validate(VOCAB)
+    message = str(info.value)
+    assert "2 character(s) outside the model vocabulary" in message
+    assert "'é' (U+00E9)" in message and "'\\t' (U+0009)" in message
+
+
+def test_validate_accepts_limits_and_from_dict_checks_fields() -> None:
+    GenerationRequest("T" * MAX_PROMPT_CHARS, max_new_chars=MAX_NEW_CHARS, temperature=1e-9, top_k=1,
+                      seed=0).validate(VOCAB)
+    GenerationRequest("a b", temperature=5, top_k=10_000, seed=2**70).validate(VOCAB)
+    request = GenerationRequest.from_dict({"prompt": "ab", "seed": 3, "stream": True})
+    assert (request.prompt, request.seed, request.stream, request.max_new_chars) == ("ab", 3, True, 200)
+    with pytest.raises(ClientError, match=r"unknown field\(s\) \['max_tokens'\]"):
+        GenerationRequest.from_dict({"prompt": "ab", "max_tokens": 5})
+    with pytest.raises(ClientError, match="missing field 'prompt'"):
+        GenerationRequest.from_dict({"seed": 1})
+    with pytest.raises(ClientError, match="must be a JSON object"):
+        GenerationRequest.from_dict(["ab"])
+
+
+def test_sample_token_temperature_top_k_and_seed() -> None:
+    logits = np.array([0.5, 3.0, 2.9, -1.0, 1.0], dtype=np.float32)
+    # top_k=1 and a vanishing temperature are greedy whatever the seed.
+    for seed in range(5):
+        assert sample_token(logits, 1.0, 1, np.random.default_rng(seed)) == 1
+        assert sample_token(logits, 1e-30, None, np.random.default_rng(seed)) == 1
+    # top_k=2 only ever picks the two best tokens.
+    rng = np.random.default_rng(0)
+    assert {sample_token(logits, 10.0, 2, rng) for _ in range(300)} == {1, 2}
+    # Same seed, same draws.
+    draws = [[sample_token(logits, 1.0, None, rng) for _ in range(50)] for rng in
+             (np.random.default_rng(7), np.random.default_rng(7))]
+    assert draws[0] == draws[1]
+    # Frequencies follow softmax(logits / temperature).
+    temperature, rng = 2.0, np.random.default_rng(1)
+    counts = np.bincount([sample_token(logits, temperature, None, rng) for _ in range(20_000)], minlength=5)
+    expected = np.exp(logits / temperature) / np.exp(logits / temperature).sum()
+    np.testing.assert_allclose(counts / counts.sum(), expected, atol=0.015)
+
+
+# -- continuous batching on the real tiny models ----------------------------------------------------
+
+def test_concurrent_requests_equal_each_request_alone(runtime: ModelRuntime) -> None:
+    prompt = prompt_for(runtime)
+    lengths = [30, 5, 50, 17, 1]
+    requests = [GenerationRequest(prompt, max_new_chars=n, seed=seed, temperature=t, top_k=k)
+                for n, seed, t, k in zip(lengths, [1, 2, 3, 4, 5], [0.8, 1.0, 1.5, 0.5, 1.0],
+                                         [None, 5, None, 20, None], strict=True)]
+    requests.append(GenerationRequest(prompt[::-1] * 3, max_new_chars=40, seed=6))  # longer prompt
+    lengths.append(40)
+    steps: list[int] = []
+
+    async def main() -> list[str]:
+        batcher = ContinuousBatcher(runtime, on_step=lambda size, seconds: steps.append(size))
+        try:
+            return await asyncio.gather(*(collect(batcher, r) for r in requests))
+        finally:
+            await batcher.close()
+
+    texts = run(main())
+    assert texts == [generate_alone(runtime, r) for r in requests]
+    assert [len(t) for t in texts] == lengths
+    assert len({t[:5] for t in texts if len(t) >= 5}) > 1  # different seeds gave different texts
+    # All joined at the first step boundary (prefill, first character); decode step j then batches
+    # exactly the requests that still need a character after j: each left when it was done.
+    assert steps == [sum(n > j for n in lengths) for j in range(1, max(lengths))]
+
+
+def test_request_joins_a_running_batch_at_the_next_step(runtime: ModelRuntime) -> None:
+    prompt = prompt_for(runtime)
+    long = GenerationRequest(prompt, max_new_chars=120, seed=10, temperature=0.9)
+    short = GenerationRequest(prompt + prompt, max_new_chars=12, seed=11, top_k=8)
+    steps: list[int] = []
+
+    async def main() -> tuple[str, str]:
+        batcher = ContinuousBatcher(runtime, on_step=lambda size, seconds: steps.append(size))
+        try:
+            async with contextlib.aclosing(batcher.generate(long)) as long_stream:
+                first = await anext(long_stream)  # the long request is now in the batch
+                short_text = await collect(batcher, short)
+                assert batcher.active == 1  # the short one left, the long one is still decoding
+                long_text = first + "".join([ch async for ch in long_stream])
+            return long_text, short_text
+        finally:
+            await batcher.close()
+
+    long_text, short_text = run(main())
+    assert long_text == generate_alone(runtime, long)
+    assert short_text == generate_alone(runtime, short)
+    assert steps.count(2) == short.max_new_chars - 1  # every decode step of the short one was shared
+    assert len(steps) == long.max_new_chars - 1 and set(steps) == {1, 2}
+
+
+def test_max_batch_size_queues_the_rest(runtime: ModelRuntime) -> None:
+    prompt = prompt_for(runtime)
+    requests = [GenerationRequest(prompt, max_new_chars=8 + i, seed=20 + i) for i in range(5)]
+    steps: list[int] = []
+
+    async def main() -> list[str]:
+        batcher = ContinuousBatcher(runtime, max_batch_size=2, on_step=lambda size, seconds: steps.append(size))
+        try:
+            return await asyncio.gather(*(collect(batcher, r) for r in requests))
+        finally:
+            await batcher.close()
+
+    assert run(main()) == [generate_alone(runtime, r) for r in requests]
+    assert max(steps) == 2
+
+
+def test_abandoned_stream_frees_its_slot(runtime: ModelRuntime) -> None:
+    prompt = prompt_for(runtime)
+    steps: list[int] = []
+
+    async def main() -> None:
+        batcher = ContinuousBatcher(runtime, on_step=lambda size, seconds: steps.append(size))
+        try:
+            # 1. The consumer closes the iterator (client disconnected mid-stream).
+            stream = batcher.generate(GenerationRequest(prompt, max_new_chars=MAX_NEW_CHARS, seed=1))
+            assert len([await anext(stream) for _ in range(3)]) == 3
+            assert batcher.active == 1
+            await stream.aclose()
+            assert (batcher.active, batcher.waiting) == (0, 0)
+
+            # 2. The consuming task is cancelled.
+            got_some = asyncio.Event()
+
+            async def consume() -> None:
+                async for _ in batcher.generate(GenerationRequest(prompt, max_new_chars=MAX_NEW_CHARS, seed=2)):
+                    got_some.set()
+
+            task = asyncio.create_task(consume())
+            await got_some.wait()
+            assert batcher.active == 1
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert (batcher.active, batcher.waiting) == (0, 0)
+
+            # 3. The batcher keeps serving; the abandoned requests are no longer in its batches.
+            steps.clear()
+            after = GenerationRequest(prompt, max_new_chars=10, seed=3)
+            assert await collect(batcher, after) == generate_alone(runtime, after)
+            assert steps[-(after.max_new_chars - 1):] == [1] * (after.max_new_chars - 1)
+            assert len(steps) <= after.max_new_chars  # at most one step was still in flight
+        finally:
+            await batcher.close()
+
+    run(main())
+
+
+def test_random_seed_is_reported_and_reproduces_the_text(runtime: ModelRuntime) -> None:
+    request = GenerationRequest(prompt_for(runtime), max_new_chars=25, seed=None)
+
+    async def main() -> str:
+        batcher = ContinuousBatcher(runtime)
+        try:
+            return await collect(batcher, request)
+        finally:
+            await batcher.close()
+
+    text = run(main())
+    assert isinstance(request.seed, int) and request.seed >= 0
+    assert text == generate_alone(runtime, request)
+
+
+def test_client_error_before_first_character_and_batcher_unaffected(runtime: ModelRuntime) -> None:
+    outside = next(ch for ch in "\u2603\u00e9~\x00" if ch not in runtime.metadata["vocab"])
+    good = GenerationRequest(prompt_for(runtime), max_new_chars=6, seed=4)
+
+    async def main() -> str:
+        batcher = ContinuousBatcher(runtime)
+        try:
+            with pytest.raises(ClientError, match="outside the model vocabulary"):
+                await collect(batcher, GenerationRequest("a" + outside))
+            with pytest.raises(ClientError, match="temperature"):
+                await collect(batcher, GenerationRequest("a", temperature=0))
+            assert (batcher.active, batcher.waiting) == (0, 0)
+            return await collect(batcher, good)
+        finally:
+            await batcher.close()
+
+    assert run(main()) == generate_alone(runtime, good)
+
+
+def test_failed_prefill_fails_only_its_request(runtimes: dict[str, ModelRuntime], tiny_store: dict[str, str]) -> None:
+    # A real misconfiguration: store metadata whose vocab is one character longer than the graph's
+    # embedding, so that character's token id makes ONNX Runtime's Gather fail.
+    real = runtimes["char_lstm"]
+    metadata = {**real.metadata, "vocab": real.metadata["vocab"] + "\u2603"}
+    broken = ModelRuntime(real.name, real.version, onnx_path(tiny_store["char_lstm"]), metadata)
+    prompt = prompt_for(real)
+    good = [GenerationRequest(prompt, max_new_chars=9, seed=s) for s in (1, 2)]
+
+    async def main() -> list[str | BaseException]:
+        batcher = ContinuousBatcher(broken)
+        try:
+            bad = GenerationRequest(prompt + "\u2603", max_new_chars=9, seed=3)
+            return await asyncio.gather(collect(batcher, good[0]), collect(batcher, bad),
+                                        collect(batcher, good[1]), return_exceptions=True)
+        finally:
+            await batcher.close()
+
+    first, failed, second = run(main())
+    assert isinstance(failed, GenerationError) and "generation failed" in str(failed)
+    assert [first, second] == [generate_alone(real, r) for r in good]
+
+
+def test_failed_decode_step_fails_its_requests_not_the_batcher(runtimes: dict[str, ModelRuntime],
+                                                               tiny_store: dict[str, str]) -> None:
+    # A real ONNX Runtime failure mid-stream: the LSTM runtime's session is swapped for the GRU graph,
+    # which rejects the LSTM's `c` input. The requests in that step fail; after the fix it serves again.
+    lstm, gru = runtimes["char_lstm"], runtimes["char_gru"]
+    runtime = ModelRuntime(lstm.name, lstm.version, onnx_path(tiny_store["char_lstm"]), lstm.metadata)
+    good_session = runtime.session
+    prompt = prompt_for(lstm)
+    after = GenerationRequest(prompt, max_new_chars=7, seed=8)
+
+    async def main() -> str:
+        batcher = ContinuousBatcher(runtime)
+        try:
+            streams = [batcher.generate(GenerationRequest(prompt, max_new_chars=50, seed=s)) for s in (1, 2)]
+            for stream in streams:
+                await anext(stream)  # both prefilled and in the batch
+            runtime.session = gru.session
+            for stream in streams:
+                with pytest.raises(GenerationError, match="generation failed"):
+                    async for _ in stream:
+                        pass
+            assert (batcher.active, batcher.waiting) == (0, 0)
+            runtime.session = good_session
+            return await collect(batcher, after)
+        finally:
+            await batcher.close()
+
+    assert run(main()) == generate_alone(lstm, after)
+
+
+def test_close_ends_running_requests_with_an_error(runtime: ModelRuntime) -> None:
+    async def main() -> None:
+        batcher = ContinuousBatcher(runtime)
+        stream = batcher.generate(GenerationRequest(prompt_for(runtime), max_new_chars=MAX_NEW_CHARS, seed=1))
+        await anext(stream)
+        await batcher.close()
+        with pytest.raises(GenerationError, match="shutting down"):
+            async for _ in stream:
+                pass
+        with pytest.raises(GenerationError, match="shutting down"):
+            await collect(batcher, GenerationRequest(prompt_for(runtime)))
+
+    run(main())
