@@ -112,11 +112,12 @@ def dynamic_axes(wrapper: nn.Module) -> dict[str, dict[int, str]]:
 
 
 def export_onnx(wrapper: nn.Module, card: dict, path: Path, check: bool = True,
-                constant_folding: bool = True) -> onnx.ModelProto:
+                exporter_folds_bn: bool = True) -> onnx.ModelProto:
     """Export, then run the full checker and strict shape inference; returns the loaded graph.
 
-    ``constant_folding=False, check=False`` gives the "before" graph of the report: what a naive export
-    of the unfolded module looks like (the exporter's own eval-mode Conv+BN peephole is off then).
+    ``exporter_folds_bn=False`` gives the "before" graph of the report: constants folded as usual, but
+    the exporter's own eval-mode Conv+BN peephole (run only for ``TrainingMode.EVAL``) is off, so the
+    unfolded module's BatchNormalization nodes show.
     """
     with warnings.catch_warnings():
         # The legacy-exporter DeprecationWarning (see module docstring) and the GRU batch-size warning,
@@ -125,10 +126,13 @@ def export_onnx(wrapper: nn.Module, card: dict, path: Path, check: bool = True,
         warnings.filterwarnings("ignore", message=".*batch_size other than 1.*")
         # nn.LSTM/GRU's input-size checks, traced as constants: they only validate, the graph is unaffected.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # PRESERVE on an eval module (the "before" graph) is eval: constant folding mutates nothing trainable.
+        warnings.filterwarnings("ignore", message=".*constant folding be turned off.*")
         torch.onnx.export(wrapper, example_inputs(wrapper, card), str(path), dynamo=False,
                           opset_version=OPSET, input_names=wrapper.input_names,
                           output_names=wrapper.output_names, dynamic_axes=dynamic_axes(wrapper),
-                          do_constant_folding=constant_folding)
+                          training=torch.onnx.TrainingMode.EVAL if exporter_folds_bn else
+                          torch.onnx.TrainingMode.PRESERVE)
     return check_graph(path) if check else onnx.load(str(path))
 
 

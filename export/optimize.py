@@ -19,6 +19,7 @@ from tqdm import tqdm
 log = logging.getLogger("nnserve.export")
 
 LATENCY_BATCHES = (1, 32)
+BLOCK = 5
 MIN_SPEEDUP = 0.02  # below 2% we call it noise on a shared CPU and keep the plain, portable graph
 
 
@@ -44,24 +45,41 @@ def bench_feeds(metadata: dict, batch: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-def latency_ms(path: Path, metadata: dict, runs: int, label: str) -> dict:
-    """Median (and p90) latency in ms per batch size; also the session load time."""
-    start = time.perf_counter()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    result: dict = {"load_ms": round(1000 * (time.perf_counter() - start), 1)}
+def compare_latency(paths: dict[str, Path], metadata: dict, runs: int) -> dict[str, dict]:
+    """Median (and min, p90) latency in ms per batch size for each graph, plus session load time.
+
+    The graphs take turns in blocks of BLOCK runs, so a busy shared CPU slows them all alike and the
+    comparison stays fair even when the absolute numbers wobble. (Turns of single runs are unfair:
+    ORT's idle worker threads spin for a while after a run and steal the next session's cores.)
+    """
+    sessions, result = {}, {}
+    for label, path in paths.items():
+        start = time.perf_counter()
+        sessions[label] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        result[label] = {"load_ms": round(1000 * (time.perf_counter() - start), 1)}
     for batch in LATENCY_BATCHES:
         feeds = bench_feeds(metadata, batch)
-        for _ in range(max(3, runs // 10)):  # warm-up: first runs per shape allocate
-            session.run(None, feeds)
-        times = []
-        for _ in tqdm(range(runs), desc=f"latency {label} batch {batch}", unit="run", leave=False):
-            t0 = time.perf_counter()
-            session.run(None, feeds)
-            times.append(1000 * (time.perf_counter() - t0))
-        result[f"batch_{batch}"] = {"median_ms": round(statistics.median(times), 4),
-                                    "p90_ms": round(float(np.percentile(times, 90)), 4), "runs": runs}
-    log.info("latency %s: %s", label, ", ".join(
-        f"batch {b} {result[f'batch_{b}']['median_ms']:.3f} ms" for b in LATENCY_BATCHES))
+        times: dict[str, list[float]] = {label: [] for label in sessions}
+        for _ in range(max(3, runs // 10)):  # warm-up: the first runs per shape allocate
+            for session in sessions.values():
+                session.run(None, feeds)
+        rounds = max(1, runs // BLOCK)
+        for _ in tqdm(range(rounds), desc=f"latency batch {batch} ({', '.join(sessions)})", unit="round",
+                      leave=False):
+            for label, session in sessions.items():
+                session.run(None, feeds)  # untimed: the previous session's threads may still be spinning
+                for _ in range(BLOCK):
+                    t0 = time.perf_counter()
+                    session.run(None, feeds)
+                    times[label].append(1000 * (time.perf_counter() - t0))
+        for label, samples in times.items():
+            result[label][f"batch_{batch}"] = {"median_ms": round(statistics.median(samples), 4),
+                                               "min_ms": round(min(samples), 4),
+                                               "p90_ms": round(float(np.percentile(samples, 90)), 4),
+                                               "runs": len(samples)}
+    for label, lat in result.items():
+        log.info("latency %s: %s", label, ", ".join(
+            f"batch {b} {lat[f'batch_{b}']['median_ms']:.3f} ms" for b in LATENCY_BATCHES))
     return result
 
 

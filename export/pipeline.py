@@ -122,7 +122,7 @@ def export_artifact(artifact_dir: str | Path, opts: Options) -> Result:
         work = Path(tmp)
         fp32_dir, int8_dir = work / "fp32", work / "int8"
         fp32_dir.mkdir()
-        before = export_onnx(reference, card, work / "unfolded.onnx", check=False, constant_folding=False)
+        before = export_onnx(reference, card, work / "unfolded.onnx", check=False, exporter_folds_bn=False)
         log.info("%s: exporting ONNX (opset %d)", name, OPSET)
         graph = export_onnx(wrapper, card, work / "exported.onnx")
         assert_no_bn_dropout(graph)
@@ -130,23 +130,30 @@ def export_artifact(artifact_dir: str | Path, opts: Options) -> Result:
         log.info("%s: parity certificate (ORT CPU vs PyTorch)", name)
         certificate = parity.certify(reference, work / "exported.onnx", card, samples, opts.max_abs_error)
 
-        # Offline ORT optimization: keep it only if measured faster.
-        log.info("%s: ORT graph optimization and latency (%d runs per batch size)", name, opts.bench_runs)
+        probe_meta = store_metadata(card, "fp32", graph, {}, {}, source)  # I/O specs for benchmark inputs
         optimize.optimize_graph(work / "exported.onnx", work / "optimized.onnx")
-        probe_meta = store_metadata(card, "fp32", graph, {}, {}, source)
-        latency = {"fp32": optimize.latency_ms(work / "exported.onnx", probe_meta, opts.bench_runs, "fp32"),
-                   "optimized": optimize.latency_ms(work / "optimized.onnx", probe_meta, opts.bench_runs,
-                                                    "optimized")}
+        candidates = {"fp32": work / "exported.onnx", "optimized": work / "optimized.onnx"}
+        int8_report = None
+        if opts.int8:
+            from export.quantize import quantize
+
+            int8_dir.mkdir()
+            int8_report = quantize(work / "exported.onnx", int8_dir / ONNX_FILE, card, samples, probe_meta, opts)
+            candidates["int8"] = int8_dir / ONNX_FILE
+            if not int8_report["passed"]:
+                result.problems.append(f"{name}-int8 not registered: {int8_report['verdict']}")
+
+        log.info("%s: CPU latency of %s (%d runs per batch size)", name, list(candidates), opts.bench_runs)
+        latency = optimize.compare_latency(candidates, probe_meta, opts.bench_runs)
+        # Offline ORT optimization: kept only if measured faster.
         use_optimized, why = optimize.choose_optimized(latency["fp32"], latency["optimized"])
         log.info("%s: %s -> serving the %s graph", name, why, "optimized" if use_optimized else "plain")
+        certificate_optimized = None
+        shutil.copy2(work / "exported.onnx", fp32_dir / (PORTABLE_FILE if use_optimized else ONNX_FILE))
         if use_optimized:
             certificate_optimized = parity.certify(reference, work / "optimized.onnx", card, samples,
                                                    opts.max_abs_error)
             shutil.copy2(work / "optimized.onnx", fp32_dir / ONNX_FILE)
-            shutil.copy2(work / "exported.onnx", fp32_dir / PORTABLE_FILE)
-        else:
-            certificate_optimized = None
-            shutil.copy2(work / "exported.onnx", fp32_dir / ONNX_FILE)
 
         report = {
             "name": name, "kind": card["kind"], **source, "opset": OPSET, "exporter": EXPORTER,
@@ -161,19 +168,16 @@ def export_artifact(artifact_dir: str | Path, opts: Options) -> Result:
                            "optimized": (work / "optimized.onnx").stat().st_size},
             "test_metrics": card.get("metrics", {}),
         }
+        if int8_report is not None:
+            int8_report["latency_change"] = {  # int8 / fp32 median latency
+                f"batch_{b}": round(latency["int8"][f"batch_{b}"]["median_ms"] /
+                                    latency["fp32"][f"batch_{b}"]["median_ms"], 3) for b in optimize.LATENCY_BATCHES}
+            report["int8"] = int8_report
         metrics = dict(card.get("metrics", {}))
         if "onnx_accuracy" in certificate:
             metrics["onnx_test_accuracy"] = certificate["onnx_accuracy"]
         extra = {"portable_onnx_file": PORTABLE_FILE} if use_optimized else {}
 
-        if opts.int8:
-            from export.quantize import quantize
-
-            int8_dir.mkdir()
-            report["int8"] = quantize(work / "exported.onnx", int8_dir / ONNX_FILE, card, samples, probe_meta,
-                                      opts, latency)
-            if not report["int8"]["passed"]:
-                result.problems.append(f"{name}-int8 not registered: {report['int8']['verdict']}")
         if opts.tensorrt:
             from export.tensorrt import tensorrt_report
 
@@ -192,21 +196,20 @@ def export_artifact(artifact_dir: str | Path, opts: Options) -> Result:
 
         fp32_meta = store_metadata(card, "fp32", graph, without_checks(certificate), metrics, source, extra)
         write_json(fp32_dir / REPORT_FILE, report)
-        if opts.report_dir is not None:
-            write_json(Path(opts.report_dir) / f"{name}.json", report)
-        result.report = report
-        if not opts.register:
-            return result
         fp32_tag = existing.get("fp32")
-        if "fp32" not in result.skipped:
+        if opts.register and "fp32" not in result.skipped:
             fp32_tag = result.tags["fp32"] = register(name, fp32_dir, fp32_meta)
-        if opts.int8 and "int8" not in result.skipped and report["int8"]["passed"]:
+        if opts.register and opts.int8 and "int8" not in result.skipped and report["int8"]["passed"]:
             int8_graph = onnx.load(str(int8_dir / ONNX_FILE))
             int8_metrics = {**metrics, **report["int8"]["metrics"]}
             int8_meta = store_metadata(card, "int8", int8_graph, report["int8"]["parity"], int8_metrics, source,
                                        {"quantization": report["int8"]["method"], "fp32_tag": fp32_tag})
             write_json(int8_dir / REPORT_FILE, report)
             result.tags["int8"] = register(f"{name}-int8", int8_dir, int8_meta)
+    report["registered"] = result.tags
+    if opts.report_dir is not None:
+        write_json(Path(opts.report_dir) / f"{name}.json", report)
+    result.report = report
     log.info("%s: done in %.1f s: %s", name, time.perf_counter() - started, result.tags)
     return result
 

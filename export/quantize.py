@@ -27,7 +27,6 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from tqdm import tqdm
 
-from export import optimize
 from export.graph import op_counts
 from export.parity import cpu_session
 from export.samples import ImageSamples, TextSamples
@@ -86,8 +85,8 @@ def bits_per_char(path: Path, metadata: dict, samples: TextSamples) -> float:
     return float(nats / count / math.log(2))
 
 
-def quantize(fp32_path: Path, out_path: Path, card: dict, samples, metadata: dict, opts, fp32_latency: dict) -> dict:
-    """Write the INT8 graph to ``out_path``; return its report (method, metrics, latency, gate verdict)."""
+def quantize(fp32_path: Path, out_path: Path, card: dict, samples, metadata: dict, opts) -> dict:
+    """Write the INT8 graph to ``out_path``; return its report (method, quality vs fp32, gate verdict)."""
     # quant_pre_process: symbolic shape inference + ORT-level cleanup, recommended before quantizing.
     prepared = out_path.with_name("prepared.onnx")
     quant_pre_process(str(fp32_path), str(prepared))
@@ -132,13 +131,8 @@ def quantize(fp32_path: Path, out_path: Path, card: dict, samples, metadata: dic
         report["parity"] = {"reference": "fp32 ONNX graph", "held_out_samples": len(samples.y_test),
                             "fp32_accuracy": fp32_acc, "int8_accuracy": int8_acc, "top1_drop_points": drop,
                             "top1_agreement_with_fp32": float((fp32_pred == int8_pred).mean()), "passed": passed}
-    report["latency_cpu"] = optimize.latency_ms(out_path, metadata, opts.bench_runs, "int8")
-    report["latency_change"] = {
-        f"batch_{b}": round(report["latency_cpu"][f"batch_{b}"]["median_ms"] / fp32_latency["fp32"][f"batch_{b}"]
-                            ["median_ms"], 3) for b in optimize.LATENCY_BATCHES}
     report["passed"], report["verdict"] = passed, verdict
-    log.info("%s: INT8 %s: %s; latency int8/fp32 %s", card["name"], "accepted" if passed else "REJECTED", verdict,
-             report["latency_change"])
+    log.info("%s: INT8 %s: %s", card["name"], "accepted" if passed else "REJECTED", verdict)
     return report
 
 

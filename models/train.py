@@ -26,13 +26,13 @@ TEXT_KINDS = ("char_lstm", "char_gru")
 
 # Default options per kind: chosen to meet the quality bars in docs/models.md in minutes on 2 cores.
 DEFAULTS = {
-    "lenet5": dict(epochs=30, batch_size=64, lr=2e-3, optimizer="adam", schedule="cosine", dropout=0.25),
+    "lenet5": dict(epochs=60, batch_size=64, lr=3e-3, optimizer="adam", schedule="cosine", dropout=0.1),
     "vgg_fc7": dict(epochs=8, batch_size=64, lr=1e-3, optimizer="adam", schedule="cosine", dropout=0.5,
                     fc_width=4096, base_width=32, blocks=3),
-    "char_lstm": dict(epochs=4, batch_size=64, lr=3e-3, optimizer="adam", schedule="cosine", dropout=0.1,
-                      hidden=256, layers=2, embed=64, seq_len=100),
-    "char_gru": dict(epochs=4, batch_size=64, lr=3e-3, optimizer="adam", schedule="cosine", dropout=0.1,
-                     hidden=256, layers=2, embed=64, seq_len=100),
+    "char_lstm": dict(epochs=6, batch_size=32, lr=3e-3, optimizer="adam", schedule="cosine", dropout=0.1,
+                      hidden=160, layers=2, embed=48, seq_len=64),
+    "char_gru": dict(epochs=6, batch_size=32, lr=3e-3, optimizer="adam", schedule="cosine", dropout=0.1,
+                      hidden=160, layers=2, embed=48, seq_len=64),
 }
 # Tiny configurations for tests: seconds, not minutes.
 TINY = {

@@ -32,6 +32,9 @@ log = logging.getLogger("nnserve.generation")
 MAX_PROMPT_CHARS = 2000  # prefilled in one call: bounds that call's time and memory
 MAX_NEW_CHARS = 2000  # bounds how long one request holds a batch slot
 MAX_LISTED_CHARS = 20  # unknown prompt characters named in an error message
+# Prompt characters prefilled per step boundary (at least one request): bounds how long joining
+# requests can stall the decode step of those already streaming.
+PREFILL_CHARS_PER_STEP = MAX_PROMPT_CHARS
 
 
 @dataclass
@@ -178,8 +181,8 @@ class ContinuousBatcher:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-        finally:
-            pass
+        finally:  # done, failed, closed or cancelled: give the slot back now, not at the next step
+            self._drop(slot)
 
     async def close(self) -> None:
         """Stop the step loop; requests still running end with GenerationError."""
@@ -204,9 +207,13 @@ class ContinuousBatcher:
                 await self._wakeup.wait()
                 continue
             # Step boundary: admit waiting requests into free slots (FIFO), then run one step.
-            joining = []
+            joining, prefill_chars = [], 0
             while self._waiting and len(self._active) + len(joining) < self.max_batch_size:
+                prompt_chars = self._waiting[0].tokens.size
+                if joining and prefill_chars + prompt_chars > PREFILL_CHARS_PER_STEP:
+                    break  # the rest join at the next boundary
                 joining.append(self._waiting.popleft())
+                prefill_chars += prompt_chars
             decoding = list(self._active)
             self._active.extend(joining)
             try:

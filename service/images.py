@@ -26,6 +26,12 @@ MAX_IMAGE_PIXELS = int(os.environ.get("NNSERVE_MAX_IMAGE_PIXELS", str(4096 * 409
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "TGA", "ICO", "PCX", "SGI", "QOI")
 
 
+# Pillow reports a corrupt header as "cannot identify image file", like any non-image. These signatures
+# tell the two apart so the error names the real problem (a corrupt PNG is not an unsupported format).
+SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF",
+              b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"BM": "BMP"}
+
+
 class UnsupportedImage(ClientError):
     status = 415
 
@@ -42,8 +48,11 @@ def decode_image(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int
         try:
             image = Image.open(io.BytesIO(data), formats=FORMATS)  # parses the header only
         except UnidentifiedImageError as e:
+            claimed = next((fmt for magic, fmt in SIGNATURES.items() if data.startswith(magic)), None)
+            if claimed:
+                raise ClientError(f"corrupt {claimed} image: its header cannot be parsed") from e
             raise UnsupportedImage(f"the upload is not an image in a supported format ({', '.join(FORMATS)}); "
-                                   f"starts with {data[:8]!r}") from e
+                                   f"it starts with {data[:8]!r}") from e
         except Image.DecompressionBombError as e:
             raise PayloadTooLarge(f"the image has too many pixels: {e}") from e
         except (OSError, SyntaxError, ValueError) as e:

@@ -40,8 +40,9 @@ class PayloadTooLarge(ClientError):
     status = 413
 
 
-class NotReady(ClientError):
-    """The model exists but is not loaded or warmed up yet: not the caller's mistake, retry later (503)."""
+class Unavailable(ClientError):
+    """Not the caller's mistake, but the same shape (status + message naming it): the model is still
+    loading, or its batcher is shedding load. Retry later (503)."""
 
     status = 503
 
@@ -134,6 +135,20 @@ class ModelSpec:
                                                      for d, e in zip(array.shape, spec.shape, strict=True)):
                 raise ClientError(f"input {name!r} of model {self.name!r} has shape {list(array.shape)}, "
                                   f"expected {spec.shape} (-1 = any size >= 1)")
+        if self.kind == "char_lm":
+            self._check_text_feeds(feeds)
+
+    def _check_text_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+        """Token ids inside the vocabulary (ONNX Gather would wrap negative ids silently) and one batch
+        size for tokens [B, T] and every state [layers, B, hidden]."""
+        tokens, vocab_size = feeds["tokens"], len(self.metadata["vocab"])
+        if tokens.min() < 0 or tokens.max() >= vocab_size:
+            raise ClientError(f"token ids of model {self.name!r} must be in [0, {vocab_size}), "
+                              f"got values from {tokens.min()} to {tokens.max()}")
+        for name, state in feeds.items():
+            if name != "tokens" and state.shape[1] != tokens.shape[0]:
+                raise ClientError(f"input {name!r} of model {self.name!r} has batch {state.shape[1]} (dim 1) "
+                                  f"but tokens has batch {tokens.shape[0]}")
 
     def describe(self) -> dict:
         """JSON-able summary for ``GET /models`` and logs: identity, provider, tensors, kind-specific facts."""

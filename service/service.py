@@ -26,7 +26,8 @@ from typing import Annotated, Literal
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException
+from bentoml.exceptions import BentoMLException, ServiceUnavailable
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from pydantic import Field
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -43,9 +44,9 @@ from service.runtime import (
     ModelRuntime,
     ModelSpec,
     NotFound,
-    NotReady,
     PayloadTooLarge,
     RemoteModel,
+    Unavailable,
     load_remote,
     load_runtime,
 )
@@ -60,7 +61,8 @@ TEXT_MODELS = ("char_lstm", "char_gru")  # run by NNServe (continuous batching o
 GRPC_PORT = int(os.environ.get("NNSERVE_GRPC_PORT", "8001"))
 WORKERS = int(os.environ.get("NNSERVE_WORKERS", "1"))
 MAX_BATCH_SIZE = int(os.environ.get("NNSERVE_MAX_BATCH_SIZE", "32"))
-MAX_LATENCY_MS = int(os.environ.get("NNSERVE_MAX_LATENCY_MS", "100"))
+# A load-shedding bound, not a wait: a request the batcher expects to miss it is answered 503.
+MAX_LATENCY_MS = int(os.environ.get("NNSERVE_MAX_LATENCY_MS", "500"))
 GENERATION_BATCH_SIZE = int(os.environ.get("NNSERVE_GENERATION_BATCH_SIZE", "32"))
 FEATURE_OUTPUT = "fc7"  # the feature-extractor output named in docs/architecture.md
 SERVICE_CONFIG = {
@@ -76,7 +78,14 @@ def warmup_sizes(max_batch: int) -> tuple[int, ...]:
     return tuple(sorted({2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch} | {max_batch}))
 
 
-@bentoml.service(workers=1, threads=1, **SERVICE_CONFIG)
+# BentoML 1.4.39's client for a dependency replaces its HTTP session every max_requests calls (default 100)
+# or max_age seconds and closes the old one at once, failing the calls still in flight on it; under
+# concurrent load that is a burst of errors every 100 requests. One long-lived session instead; the rare
+# transport failure left (a keep-alive connection closed as it is reused) is retried in run_image.
+IMAGE_MODELS_CONNECTION = {"max_requests": 2**31 - 1, "max_age": 86400.0}
+
+
+@bentoml.service(workers=1, threads=1, runner_connection=IMAGE_MODELS_CONNECTION, **SERVICE_CONFIG)
 class ImageModels:
     """lenet5 and vgg_fc7 with adaptive batching. Each API takes a float32 batch [N, C, H, W] and returns
     one entry per item: that item's outputs, plus the batch's size and inference seconds (for metrics)."""
@@ -130,7 +139,7 @@ class Repository:
         if name in self.service.image_models_remote:
             return self.service.image_models_remote[name]
         if name in IMAGE_MODELS:
-            raise NotReady(f"model {name!r} is still loading")
+            raise Unavailable(f"model {name!r} is still loading")
         raise NotFound(f"unknown model {str(name)[:100]!r}; served models: {', '.join(DEFAULT_MODELS)}")
 
     def is_ready(self, name: str) -> bool:
@@ -161,8 +170,12 @@ class Repository:
     @staticmethod
     def _run_here(model: ModelRuntime, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
-        outputs = model.run(feeds)
-        metrics.observe_batch(model, "none", len(next(iter(feeds.values()))), time.perf_counter() - start)
+        try:
+            outputs = model.run(feeds)
+        except InvalidArgument as e:  # ONNX Runtime refused the input: a client mistake check_feeds missed
+            raise ClientError(f"model {model.name!r} rejected the input: {e}") from e
+        batch = feeds[model.inputs[0].name].shape[0]
+        metrics.observe_batch(model, "none", batch, time.perf_counter() - start)
         return outputs
 
 
@@ -243,14 +256,18 @@ class NNServe:
         return self.grpc_server is not None and all(self.repository.is_ready(n) for n in DEFAULT_MODELS)
 
     async def _learn_image_models(self) -> None:
-        """Ask ImageModels what it serves (retrying while it loads and warms up)."""
+        """Ask ImageModels what it serves, retrying while it loads and warms up (and while BentoML has not
+        yet set up the client of this dependency: that happens right after the startup hooks)."""
+        started = last_report = time.monotonic()
         while True:
             try:
                 signatures = await self.image_models.to_async.signatures()
                 break
-            except Exception as e:  # not up yet: connection refused, 503, ...
-                log.info("waiting for ImageModels: %s", e)
-                await asyncio.sleep(0.5)
+            except Exception as e:  # not up yet: client not set up, connection refused, 503, ...
+                if time.monotonic() - last_report > 10:
+                    log.info("still waiting for ImageModels after %.0f s: %s", time.monotonic() - started, e)
+                    last_report = time.monotonic()
+                await asyncio.sleep(0.2)
         for name, signature in signatures.items():
             self.image_models_remote[name] = model = load_remote(name, signature)
             log.info("image model %s (%s) served by ImageModels on %s", model.tag, model.store_tag, model.provider)
@@ -258,7 +275,7 @@ class NNServe:
     # -- helpers shared by the endpoints ---------------------------------------------------------
 
     def model_for(self, name: str, endpoint: str, kinds: tuple[str, ...]) -> ModelSpec:
-        """The served model ``name`` if ``endpoint`` can use its kind (NotFound / NotReady / ClientError)."""
+        """The served model ``name`` if ``endpoint`` can use its kind (NotFound / Unavailable / ClientError)."""
         model = self.repository.get(name)
         if model.kind not in kinds:
             ready = [self.repository.get(n) for n in DEFAULT_MODELS if self.repository.is_ready(n)]
@@ -281,13 +298,30 @@ class NNServe:
         """A batch [N, C, H, W] through ImageModels' adaptive batcher: the outputs, and the size of the
         batch it ran in (the largest, if BentoML split it over two)."""
         start = time.perf_counter()
-        rows = await getattr(self.image_models.to_async, model.name)(batch)
+        rows = await self._call_image_models(model.name, batch)
         elapsed = time.perf_counter() - start
         inference = max(row["inference_s"] for row in rows)
         request.observe("batch_wait", max(0.0, elapsed - inference))
         request.observe("inference", inference)
         outputs = {name: np.stack([row["outputs"][name] for row in rows]) for name in rows[0]["outputs"]}
         return outputs, max(row["batch_size"] for row in rows)
+
+    async def _call_image_models(self, name: str, batch: np.ndarray, attempts: int = 3) -> list[dict]:
+        """One call of ImageModels' batchable API ``name``. Inference has no side effects, so a call that
+        failed in transport (no HTTP answer: connection closed under it) is retried; an HTTP error is not."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return await getattr(self.image_models.to_async, name)(batch)
+            except ServiceUnavailable as e:  # BentoML's batcher shed it (its own message is a generic one)
+                raise Unavailable(f"model {name!r} is overloaded: its batcher could not serve the request within "
+                                  f"{MAX_LATENCY_MS} ms (NNSERVE_MAX_LATENCY_MS); retry later") from e
+            except BentoMLException:  # any other HTTP answer from ImageModels
+                raise
+            except Exception as e:
+                if attempt == attempts:
+                    raise
+                log.warning("call to ImageModels.%s failed in transport (%s: %s); retry %d of %d",
+                            name, type(e).__name__, e, attempt, attempts - 1)
 
     # -- REST endpoints ---------------------------------------------------------------------------
 

@@ -40,12 +40,14 @@ def tiny_artifacts(session_dir: Path) -> dict[str, Path]:
 def live_server(tiny_store, session_dir: Path):
     """The real ``bentoml serve service.service:NNServe`` serving the tiny_store models, started once per
     session on free ports. Yields a ``tests.serving.LiveServer``: ``http_url``, ``grpc_port``
-    (``grpc_url``), ``log()`` for assertion messages. Stopped (SIGINT, then killed) at session end."""
+    (``grpc_url``), ``log()`` for assertion messages. Stopped (SIGTERM, then killed) at session end."""
     from tests.serving import running_server
 
     # Generous batching latency budget: the CI box is shared and busy, and a request the adaptive
     # batcher cannot serve within max_latency_ms gets a 503 (load shedding), not what these tests probe.
-    env = {"BENTOML_HOME": os.environ["BENTOML_HOME"], "NNSERVE_MAX_LATENCY_MS": "5000"}
+    env = {"BENTOML_HOME": os.environ["BENTOML_HOME"], "NNSERVE_MAX_LATENCY_MS": "2000"}
+    # Serve exactly the tiny_store versions, whatever else tests register in the store meanwhile.
+    env.update({f"NNSERVE_{kind.upper()}_TAG": tag for kind, tag in tiny_store.items()})
     with running_server(session_dir / "server.log", env) as server:
         yield server
 

@@ -149,7 +149,8 @@ def test_unfoldable_batchnorm_fails_naming_the_layer():
 def test_graph_check_rejects_batchnorm_nodes(tmp_path):
     card = {"kind": "image_classifier", "config": {"arch": "small"},
             "preprocessing": {"channels": 1, "input_size": 8}}
-    unfolded = export_onnx(wrap(small_cnn(), card), card, tmp_path / "raw.onnx", check=False, constant_folding=False)
+    unfolded = export_onnx(wrap(small_cnn(), card), card, tmp_path / "raw.onnx", check=False,
+                           exporter_folds_bn=False)
     assert op_counts(unfolded).get("BatchNormalization") == 2
     with pytest.raises(GraphError, match="BatchNormalization"):
         assert_no_bn_dropout(unfolded)

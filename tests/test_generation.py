@@ -16,6 +16,7 @@ import pytest
 from service.generation import (
     MAX_NEW_CHARS,
     MAX_PROMPT_CHARS,
+    PREFILL_CHARS_PER_STEP,
     ContinuousBatcher,
     GenerationError,
     GenerationRequest,
@@ -24,7 +25,7 @@ from service.generation import (
 from service.runtime import ClientError, ModelRuntime, load_runtime
 
 CHAR_KINDS = ("char_lstm", "char_gru")
-HANG_GUARD_S = 20  # not a timing assertion: turns a hung step loop into a failure instead of a stuck suite
+HANG_GUARD_S = 300  # not a timing assertion: turns a hung step loop into a failure instead of a stuck suite
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +145,9 @@ def test_sample_token_temperature_top_k_and_seed() -> None:
     assert draws[0] == draws[1]
     # Frequencies follow softmax(logits / temperature).
     temperature, rng = 2.0, np.random.default_rng(1)
-    counts = np.bincount([sample_token(logits, temperature, None, rng) for _ in range(20_000)], minlength=5)
+    counts = np.bincount([sample_token(logits, temperature, None, rng) for _ in range(8_000)], minlength=5)
     expected = np.exp(logits / temperature) / np.exp(logits / temperature).sum()
-    np.testing.assert_allclose(counts / counts.sum(), expected, atol=0.015)
+    np.testing.assert_allclose(counts / counts.sum(), expected, atol=0.02)
 
 
 # -- continuous batching on the real tiny models ----------------------------------------------------
@@ -216,6 +217,24 @@ def test_max_batch_size_queues_the_rest(runtime: ModelRuntime) -> None:
 
     assert run(main()) == [generate_alone(runtime, r) for r in requests]
     assert max(steps) == 2
+
+
+def test_long_prompts_are_prefilled_over_several_step_boundaries(runtime: ModelRuntime) -> None:
+    prompt = prompt_for(runtime)
+    long_prompt = prompt * (PREFILL_CHARS_PER_STEP // len(prompt) // 2 + 1)  # two exceed one step's budget
+    requests = [GenerationRequest(long_prompt, max_new_chars=6, seed=30 + i) for i in range(3)]
+    steps: list[int] = []
+
+    async def main() -> list[str]:
+        batcher = ContinuousBatcher(runtime, on_step=lambda size, seconds: steps.append(size))
+        try:
+            return await asyncio.gather(*(collect(batcher, r) for r in requests))
+        finally:
+            await batcher.close()
+
+    assert run(main()) == [generate_alone(runtime, r) for r in requests]
+    # Boundary 1 prefills only the first; boundary 2 prefills the second while the first decodes, ...
+    assert steps == [1, 2, 3, 3, 3, 2, 1]
 
 
 def test_abandoned_stream_frees_its_slot(runtime: ModelRuntime) -> None:
@@ -359,3 +378,12 @@ def test_close_ends_running_requests_with_an_error(runtime: ModelRuntime) -> Non
             await collect(batcher, GenerationRequest(prompt_for(runtime)))
 
     run(main())
+
+
+def test_generation_module_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, service.generation; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

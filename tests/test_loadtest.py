@@ -1,0 +1,73 @@
+"""The locust load test (loadtest/locustfile.py) against the session's real server.
+
+Locust runs as a subprocess, as users run it: importing it here would gevent-monkey-patch pytest itself.
+Nothing here asserts on timings: the passing run gets budgets no machine can miss, the failing run
+budgets no machine can meet (or an error rate no run can stay under).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LOCUSTFILE = REPO_ROOT / "loadtest" / "locustfile.py"
+DEFAULT_BUDGETS = json.loads((REPO_ROOT / "loadtest" / "budgets.json").read_text())
+USER_CLASSES = ("ClassifyUser", "FeaturesUser", "GenerateUser", "GenerateStreamUser", "KServeUser")
+NEVER_MISSED = {"p50_ms": 600_000, "p95_ms": 600_000, "p99_ms": 600_000, "max_error_rate": 0.0}
+
+
+def run_locust(server, tmp_path: Path, name: str, budgets: dict, users: int, seconds: int,
+               classes: tuple[str, ...], generate_chars: int = 20) -> tuple[int, str, dict[str, dict]]:
+    """Headless locust; returns (exit code, its output, CSV stats rows by endpoint name)."""
+    budgets_path = tmp_path / f"{name}-budgets.json"
+    budgets_path.write_text(json.dumps(budgets))
+    prefix = tmp_path / name
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+           "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--stop-timeout", "5",
+           "--host", server.http_url, "--csv", str(prefix), "--budgets", str(budgets_path),
+           "--generate-chars", str(generate_chars), *classes]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    stats_csv = Path(f"{prefix}_stats.csv")
+    assert stats_csv.exists(), f"locust wrote no stats (exit {done.returncode}):\n{output[-5000:]}"
+    with open(stats_csv) as f:
+        rows = {row["Name"]: row for row in csv.DictReader(f)}
+    return done.returncode, output, rows
+
+
+def test_every_endpoint_under_load_without_failures(live_server, tmp_path):
+    budgets = {endpoint: NEVER_MISSED for endpoint in DEFAULT_BUDGETS}
+    rc, output, rows = run_locust(live_server, tmp_path, "all", budgets, users=len(USER_CLASSES), seconds=8,
+                                  classes=USER_CLASSES)
+    context = f"locust output:\n{output[-5000:]}\nserver log:\n{live_server.log(5000)}"
+    assert rc == 0, context
+    assert "all budgets met" in output, context
+    endpoints = set(rows) - {"Aggregated"}
+    # Every endpoint of the default budget table was exercised, and nothing outside the table was sent.
+    assert endpoints == set(DEFAULT_BUDGETS), context
+    for endpoint in endpoints:
+        assert int(rows[endpoint]["Request Count"]) > 0, f"{endpoint}: no requests\n{context}"
+    assert int(rows["Aggregated"]["Failure Count"]) == 0, context
+
+
+def test_broken_budgets_fail_the_run_naming_the_endpoint(live_server, tmp_path):
+    # /classify: a p50 of 1 microsecond is impossible. /generate: 5000 characters is over the service's
+    # limit, so every request is a 400 failure: a 100% error rate against a 0% budget.
+    budgets = {"/classify": {**NEVER_MISSED, "p50_ms": 0.001}, "/generate": NEVER_MISSED}
+    rc, output, rows = run_locust(live_server, tmp_path, "broken", budgets, users=2, seconds=3,
+                                  classes=("ClassifyUser", "GenerateUser"), generate_chars=5000)
+    context = f"locust output:\n{output[-5000:]}"
+    assert rc == 1, context
+    assert int(rows["/classify"]["Failure Count"]) == 0, context
+    assert int(rows["/generate"]["Failure Count"]) == int(rows["/generate"]["Request Count"]) > 0, context
+    assert "BUDGET EXCEEDED /classify: p50" in output, context
+    assert "BUDGET EXCEEDED /generate: error rate 100.00%" in output, context
+    assert "all budgets met" not in output, context
