@@ -1,14 +1,15 @@
 """Side-by-side benchmarks -> docs/bench.md and docs/img/bench-*.png (``make bench``).
 
-    python -m loadtest.bench                      # the record: ~5-8 min on 2 cores
-    python -m loadtest.bench --duration 3 --users 1,4 --streams 4 --runs 20 --max-seconds 0.5 --out /tmp/b
+    python -m loadtest.bench          # the record (make bench)
+    python -m loadtest.bench --duration 4 --users 1,8 --streams 4 --runs 30 --max-seconds 0.5 --out /tmp/b  # smoke
 
 Three parts, all against the models of the current BentoML store (BENTOML_HOME, ``make export``):
 
 1. In process, CPU: lenet5 and vgg_fc7 at batch 1 and 32, PyTorch eager (the training artifact the store
-   entry was exported from) vs ONNX Runtime: the exported fp32 graph with graph optimizations off, the
-   same with ORT's default (online) optimizations, the offline ORT-optimized graph, and ``<name>-int8`` if
-   registered. Real held-out digits; warm-up first, then the median of many timed runs.
+   entry was exported from) vs ONNX Runtime: the exported fp32 graph with ORT's default (online)
+   optimizations, the same with graph optimizations off, the offline ORT-optimized graph, and
+   ``<name>-int8`` if registered; one intra-op thread, plus PyTorch and ORT fp32 on every core. Real
+   held-out digits; warm-up first, then the median of many timed runs.
 2. ``/classify`` on a live ``bentoml serve`` (own free ports, stopped at the end, whatever happens) under
    locust at several concurrency levels: throughput, latency percentiles, and the adaptive batcher's
    batch sizes (``nnserve_batch_size`` histogram on /metrics, before/after difference).
@@ -16,7 +17,8 @@ Three parts, all against the models of the current BentoML store (BENTOML_HOME, 
    steps): characters/s, first-character and full latency, decode batch sizes.
 
 Locust runs as a subprocess (it monkey-patches the process with gevent). Every phase is bounded:
-``--runs`` / ``--max-seconds`` per in-process case, locust ``-t --duration`` per level.
+``--runs`` / ``--max-seconds`` per in-process case (28 cases at most), locust ``-t --duration`` per level
+(6 levels) plus its start-up; with the defaults that adds up to about 6 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -134,8 +136,8 @@ class Variant:
     torch: bool = False  # torch's thread count is process-wide: set before timing
 
 
-def model_variants(name: str, workdir: Path, all_threads: int) -> tuple[list[Variant], str, list[str]]:
-    """The variants of one image model, its store tag, and notes on variants left out.
+def model_variants(name: str, workdir: Path, all_threads: int) -> tuple[list[Variant], object, list[str]]:
+    """The variants of one image model, its store entry, and notes on variants left out.
 
     Single-threaded rows compare per-core cost and hold up on a shared box; the ``all_threads`` rows show
     what intra-op threading adds (the server runs ORT with every core)."""
@@ -143,9 +145,9 @@ def model_variants(name: str, workdir: Path, all_threads: int) -> tuple[list[Var
     import torch
 
     from export.optimize import optimize_graph
-    from service.runtime import model_tag
+    from service.runtime import model_tag, store_model
 
-    entry = bentoml.models.get(model_tag(name))
+    entry = store_model(model_tag(name))  # a RuntimeError saying "run make export" if it is missing
     meta = entry.info.metadata
     served = Path(entry.path_of(meta["onnx_file"]))
     # export keeps the plain graph next to an optimized model.onnx; otherwise model.onnx is the plain one.
@@ -183,23 +185,20 @@ def model_variants(name: str, workdir: Path, all_threads: int) -> tuple[list[Var
     except bentoml.exceptions.NotFound:
         skipped.append(f"{name} INT8: no {name}-int8 in the store (`python -m export --int8` registers it when "
                        "it passes the accuracy gate)")
-    return variants, str(entry.tag), skipped
+    return variants, entry, skipped
 
 
 BASELINE = "ORT fp32, 1 thread"
 
 
 def bench_in_process(args: argparse.Namespace, workdir: Path) -> tuple[list[Case], list[str]]:
-    import bentoml
     import torch
-
-    from service.runtime import model_tag
 
     cases, notes = [], []
     for name in IMAGE_MODELS:
-        variants, tag, skipped = model_variants(name, workdir, args.threads)
-        notes += [f"{name}: {tag}"] + [f"not measured: {s}" for s in skipped]
-        batches = image_batches(bentoml.models.get(model_tag(name)).info.metadata["preprocessing"])
+        variants, entry, skipped = model_variants(name, workdir, args.threads)
+        notes += [f"{name}: {entry.tag}"] + [f"not measured: {s}" for s in skipped]
+        batches = image_batches(entry.info.metadata["preprocessing"])
         for variant in variants:
             if variant.torch:
                 torch.set_num_threads(variant.threads)
@@ -249,7 +248,7 @@ class Histogram:
 
 
 def scrape(url: str) -> dict:
-    """/metrics -> {("nnserve_batch_size", model, batcher): Histogram, ("chars", model): float}."""
+    """/metrics -> {("nnserve_batch_size", model, batcher): Histogram}, summed over model versions."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
@@ -267,10 +266,6 @@ def scrape(url: str) -> dict:
                     hist.total += s.value
                 elif s.name.endswith("_count"):
                     hist.count += s.value
-        elif family.name == "nnserve_generated_characters":
-            for s in family.samples:
-                key = ("chars", s.labels["model"])
-                found[key] = found.get(key, 0.0) + s.value
     return found
 
 
@@ -573,4 +568,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except RuntimeError as e:  # store entry missing, server or locust failed: the message says which
+        log(f"FAILED, nothing written: {e}")
+        sys.exit(1)

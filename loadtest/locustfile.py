@@ -1,9 +1,9 @@
 """Locust load test of nnserve with latency budgets.
 
-    locust -f loadtest/locustfile.py --headless -u 6 -r 6 -t 30s --host http://127.0.0.1:3000
+    locust -f loadtest/locustfile.py --headless -u 5 -r 5 -t 60s --host http://127.0.0.1:3000
     locust -f loadtest/locustfile.py --headless -u 8 -r 8 -t 20s --host ... ClassifyUser   # one endpoint
 
-One user class per endpoint (equal weights, so ``-u 6`` runs one of each): ``/classify`` (multipart PNG
+One user class per endpoint (equal weights, so ``-u 5`` runs one of each): ``/classify`` (multipart PNG
 of a real held-out MNIST digit), ``/features`` (npy), ``/generate`` plain and streamed, and KServe v2
 ``/v2/models/lenet5/infer`` (binary tensors). Users run a closed loop (no wait): ``-u N`` keeps N
 requests in flight. Every response is checked (status, shape, length); a wrong one counts as a failure.
@@ -62,14 +62,18 @@ class Workload:
 
 DIGITS: np.ndarray | None = None  # uint8 [N, 28, 28] held-out digits
 PROMPTS: list[str] = []
+BUDGETS: dict[str, dict[str, float]] | None = None  # None: --budgets none
 WORKLOAD: Workload | None = None
 
 
 @events.init.add_listener
-def load_inputs(**_kwargs) -> None:
+def load_inputs(environment, **_kwargs) -> None:
     """The slow part (importing scikit-learn, splitting MNIST: seconds on a busy box) runs here, before
-    locust starts the -t clock; test_start only asks the server about its models."""
-    global DIGITS, PROMPTS
+    locust starts the -t clock; test_start only asks the server about its models. The budget table is
+    read here too, so a broken one stops the run before it starts, not after."""
+    global DIGITS, PROMPTS, BUDGETS
+    path = environment.parsed_options.budgets
+    BUDGETS = None if path.lower() == "none" else load_budgets(path)
     started = time.perf_counter()
     DIGITS, _ = held_out_digits()
     PROMPTS = prompts()
@@ -287,15 +291,14 @@ def check_budgets(stats, budgets: dict[str, dict[str, float]]) -> list[str]:
 @events.quitting.add_listener
 def enforce_budgets(environment, **_kwargs) -> None:
     """Set the exit code from the budgets; an earlier failure (no workload) or a crashed user wins."""
-    path = environment.parsed_options.budgets
-    if environment.process_exit_code or path.lower() == "none":
+    if environment.process_exit_code or BUDGETS is None:
         return
     checked = sum(1 for e in environment.stats.entries.values() if e.num_requests)
-    violations = check_budgets(environment.stats, load_budgets(path)) if checked else ["no request was made"]
+    violations = check_budgets(environment.stats, BUDGETS) if checked else ["no request was made"]
     for line in violations:
         log.error("BUDGET EXCEEDED %s", line)
     if violations:
         environment.process_exit_code = 1
     elif not environment.runner.exceptions:
-        log.info("all budgets met (%d endpoints, %s)", checked, path)
+        log.info("all budgets met (%d endpoints, %s)", checked, environment.parsed_options.budgets)
         environment.process_exit_code = 0  # failures within the error-rate budget do not fail the run

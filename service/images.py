@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -34,6 +35,25 @@ SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "
 
 class UnsupportedImage(ClientError):
     status = 415
+
+
+class UploadSizeLimit:
+    """ASGI middleware on the upload routes: a body whose Content-Length is over the limit gets its 413 before
+    it is read (BentoML would first spool the whole multipart body to disk). Allows for multipart overhead."""
+
+    def __init__(self, app, paths: tuple[str, ...], max_bytes: int = MAX_UPLOAD_BYTES + (64 << 10)) -> None:
+        self.app, self.paths, self.max_bytes = app, paths, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.max_bytes:
+                from starlette.responses import JSONResponse
+
+                body = {"error": f"the request body has {int(length)} bytes; uploads are limited to {MAX_UPLOAD_BYTES}"}
+                await JSONResponse(body, status_code=413)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def decode_image(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -68,6 +88,15 @@ def decode_image(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
             raise ClientError(f"truncated or corrupt {image.format} image: {e}") from e
     return image
+
+
+def preprocess_file(path: Path, spec: dict) -> np.ndarray:
+    """An uploaded file (BentoML spools uploads to disk) -> the model input; its size is checked before
+    it is read into memory."""
+    size = path.stat().st_size
+    if size > MAX_UPLOAD_BYTES:
+        raise PayloadTooLarge(f"the uploaded image has {size} bytes; the limit is {MAX_UPLOAD_BYTES}")
+    return preprocess_upload(path.read_bytes(), spec)
 
 
 def preprocess_upload(data: bytes, spec: dict) -> np.ndarray:

@@ -44,7 +44,6 @@ from service.runtime import (
     ModelRuntime,
     ModelSpec,
     NotFound,
-    PayloadTooLarge,
     RemoteModel,
     Unavailable,
     load_remote,
@@ -284,12 +283,9 @@ class NNServe:
         return model
 
     async def preprocess(self, image: Path, model: ModelSpec, request: metrics.RequestMetrics) -> np.ndarray:
-        """Upload file -> model input [1, C, H, W] (decoding runs in a thread: a large JPEG takes a while)."""
-        size = image.stat().st_size
-        if size > images.MAX_UPLOAD_BYTES:  # checked before reading it into memory
-            raise PayloadTooLarge(f"the uploaded image has {size} bytes; the limit is {images.MAX_UPLOAD_BYTES}")
+        """Upload file -> model input [1, C, H, W] (in a thread: decoding a large JPEG takes a while)."""
         start = time.perf_counter()
-        x = await asyncio.to_thread(images.preprocess_upload, image.read_bytes(), model.metadata["preprocessing"])
+        x = await asyncio.to_thread(images.preprocess_file, image, model.metadata["preprocessing"])
         request.observe("preprocess", time.perf_counter() - start)
         return x[None]
 
@@ -442,14 +438,21 @@ class NNServe:
 
     @staticmethod
     async def _stream(first: str, chars, request: metrics.RequestMetrics, stream_metrics: metrics.StreamMetrics):
-        status = 500
+        status = 500  # failed mid-stream: the client gets a cut-off body, the server log the error
         try:
             yield first
-            async with contextlib.aclosing(chars):
+            async with contextlib.aclosing(chars):  # closing it frees the request's batch slot at once
                 async for ch in chars:
                     stream_metrics.chars(1)
                     yield ch
             status = 200
-        finally:  # ended, failed mid-stream, or the client went away
+        except (GeneratorExit, asyncio.CancelledError):
+            status = 499  # the client went away (nginx's "client closed request"): counted as client_error
+            raise
+        finally:
             stream_metrics.stop()
             request.finish(status)
+
+
+# Oversized uploads are refused from their Content-Length, before BentoML spools them to disk.
+NNServe.add_asgi_middleware(images.UploadSizeLimit, paths=("/classify", "/features"))

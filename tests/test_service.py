@@ -12,6 +12,7 @@ import concurrent.futures
 import io
 import json
 import re
+import time
 from pathlib import Path
 
 import bentoml
@@ -265,6 +266,8 @@ def test_image_client_errors_name_the_problem(url, digits):
         assert response.status_code == status, (kwargs.get("data"), response.text)
         assert words in response.text, response.text
         assert "error" in response.json()
+    too_big = requests.post(f"{url}/classify", files={"image": ("big.png", b"\0" * (11 << 20))}, timeout=60)
+    assert too_big.status_code == 413 and "limited to" in too_big.json()["error"]
     response = requests.post(f"{url}/features", files={"image": ("d.png", good)}, data={"model": "lenet5"}, timeout=60)
     assert response.status_code == 400 and "image_classifier" in response.json()["error"]
     response = requests.post(f"{url}/features", files={"image": ("d.png", good)}, data={"format": "xml"}, timeout=60)
@@ -372,3 +375,24 @@ def test_dashboard_and_docs_use_the_metrics_the_server_exports(url):
     documented = set(re.findall(r"`(nnserve_\w+)`", (root / "docs" / "metrics.md").read_text()))
     families = {re.sub(r"_(bucket|sum|count)$", "", name) for name in exported if name.startswith("nnserve_")}
     assert families <= documented, families - documented
+
+
+def test_a_client_leaving_a_stream_frees_it(url, tiny_store):
+    """Close a streamed generation after its first characters: the server counts it as a client error,
+    the active-streams gauge returns to 0 (its batch slot is free) and the server keeps serving."""
+    lstm = dict(model="char_lstm", version=tiny_store["char_lstm"].split(":")[1])
+    left = dict(endpoint="generate", outcome="client_error", **lstm)
+    before = metric(scrape(url), "nnserve_requests_total", **left)
+    with requests.post(f"{url}/generate", json={"prompt": "The ", "max_new_chars": 2000, "stream": True},
+                       stream=True, timeout=60) as response:
+        assert response.status_code == 200
+        assert next(response.iter_content(chunk_size=1))
+    deadline = time.monotonic() + 60  # a generous bound on a busy box; usually well under a second
+    while time.monotonic() < deadline:
+        after = scrape(url)
+        if metric(after, "nnserve_requests_total", **left) > before:
+            break
+        time.sleep(0.2)
+    assert metric(after, "nnserve_requests_total", **left) == before + 1, "the abandoned stream was not counted"
+    assert metric(after, "nnserve_generation_streams_active", **lstm) == 0
+    assert generate(url, prompt="The", max_new_chars=5).status_code == 200

@@ -123,6 +123,16 @@ def test_upload_over_the_byte_limit(spec, digits):
     assert info.value.status == 413
 
 
+def test_uploaded_file_over_the_byte_limit_is_refused_before_reading(spec, digits, tmp_path, monkeypatch):
+    path = tmp_path / "digit.png"
+    path.write_bytes(encode(Image.fromarray(digits[0])))
+    np.testing.assert_array_equal(images.preprocess_file(path, spec), training_tensor(digits[0], spec))
+    monkeypatch.setattr(images, "MAX_UPLOAD_BYTES", path.stat().st_size - 1)
+    with pytest.raises(ClientError) as info:
+        images.preprocess_file(path, spec)
+    assert info.value.status == 413
+
+
 def test_ghostscript_formats_are_refused(spec):
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
     with pytest.raises(ClientError) as info:
