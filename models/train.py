@@ -103,6 +103,15 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, steps_per_e
     return opt, sched
 
 
+def optimizer_step(model: torch.nn.Module, loss: torch.Tensor, opt, sched, clip: float) -> None:
+    opt.zero_grad()
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    sched.step()
+
+
 def augment(x: torch.Tensor, gen: torch.Generator, max_shift_px: float = 2.0,
             max_deg: float = 10.0) -> torch.Tensor:
     """Random small rotation + shift per image (zero = black background), before standardizing."""
@@ -160,12 +169,7 @@ def train_image(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
             xb, yb = (xb - mean) / std, y_train[idx]
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
-            opt.zero_grad()
-            loss.backward()
-            if args.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            opt.step()
-            sched.step()
+            optimizer_step(model, loss, opt, sched, args.clip)
             total_loss += loss.item() * len(yb)
             correct += (logits.argmax(1) == yb).sum().item()
             seen += len(yb)
@@ -278,12 +282,7 @@ def train_text(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
             state = detach_state(state) if state is not None else None
             logits, state = model(x, state)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            if args.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            opt.step()
-            sched.step()
+            optimizer_step(model, loss, opt, sched, args.clip)
             nats += loss.item() * y.numel()
             count += y.numel()
             bar.set_postfix(bpc=f"{nats / count / math.log(2):.3f}")
