@@ -536,7 +536,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.serving import running_server  # the one way to start and stop the real server (tests share it)
+    from loadtest.server import running_server
 
     args = parse_args(argv)
     command = shlex.join(["python", "-m", "loadtest.bench", *(sys.argv[1:] if argv is None else argv)])
@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
             cases, notes = bench_in_process(args, workdir)
         if "server" not in args.skip:
             log("parts 2 and 3: starting bentoml serve (loads and warms up every model)")
-            # Own session + stop in finally (tests.serving): the server goes away even on Ctrl-C or an error.
+            # Own session + stop in finally (loadtest.server): the server goes away even on Ctrl-C or an error.
             with running_server(workdir / "server.log") as server:
                 log(f"server ready at {server.http_url}")
                 models = served_models(server.http_url)

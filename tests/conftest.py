@@ -39,9 +39,9 @@ def tiny_artifacts(session_dir: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def live_server(tiny_store, session_dir: Path):
     """The real ``bentoml serve service.service:NNServe`` serving the tiny_store models, started once per
-    session on free ports. Yields a ``tests.serving.LiveServer``: ``http_url``, ``grpc_port``
+    session on free ports. Yields a ``loadtest.server.LiveServer``: ``http_url``, ``grpc_port``
     (``grpc_url``), ``log()`` for assertion messages. Stopped (SIGTERM, then killed) at session end."""
-    from tests.serving import running_server
+    from loadtest.server import running_server
 
     # Generous batching latency budget: the CI box is shared and busy, and a request the adaptive
     # batcher cannot serve within max_latency_ms gets a 503 (load shedding), not what these tests probe.

@@ -1,4 +1,4 @@
-"""Start the real server (`bentoml serve service.service:NNServe`) in a subprocess for integration tests.
+"""Start the real server (`bentoml serve service.service:NNServe`) in a subprocess: tests and benchmarks.
 
 One server per test session (a start costs several seconds): free HTTP and gRPC ports, its own
 BENTOML_HOME (the tests' model store), output to a log file that failing tests can show, ready once
