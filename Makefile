@@ -27,9 +27,9 @@ train: setup
 	  else $(PY) -m models.train $$m || exit 1; fi; \
 	done
 
-# Export + verify + register the default models not yet in the BentoML model store.
+# Export + verify + register the default models (fp32 and the <name>-int8 variants) not yet in the store.
 export: train
-	$(PY) -m export $(addprefix artifacts/,$(MODELS)) --if-missing
+	$(PY) -m export $(addprefix artifacts/,$(MODELS)) --int8 --if-missing
 
 serve: export
 	NNSERVE_GRPC_PORT=$(GRPC_PORT) $(VENV)/bin/bentoml serve service.service:NNServe --port $(HTTP_PORT)

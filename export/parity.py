@@ -3,6 +3,12 @@
 Comparing against the *unfolded* module certifies folding and export together. Errors are reported
 as max abs and max relative error, the latter being max |onnx - torch| / max |torch| (relative to the
 output's scale; elementwise ratios explode on outputs near zero and say nothing).
+
+Every output must be within ``max_abs_error`` absolutely, except the LSTM cell state ``c_out``: it is
+unbounded (it integrates over the sequence; the default char_lstm's reaches ~170 after the 200 greedy
+steps) and float32 spacing at 128 is 1.5e-5, so an absolute 1e-4 there would ask for ~7 ulps after 200
+recurrent steps. Its bound is ``max_abs_error * max(1, max |c|)``; logits and ``h`` (|h| < 1) keep the
+absolute bound.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from export.samples import ImageSamples, TextSamples
 log = logging.getLogger("nnserve.export")
 
 MAX_ABS_ERROR = 1e-4
+SCALED_OUTPUTS = ("c_out",)  # tolerance scales with max |reference| (see the module docstring)
 BATCH_SIZES = (1, 7, 64)
 RNN_STEPS = 200
 PROMPT_CHARS = 64
@@ -55,14 +62,23 @@ def errors(reference: list[np.ndarray], candidate: list[np.ndarray], names: list
     out = {}
     for name, ref, got in zip(names, reference, candidate, strict=True):
         diff = float(np.abs(ref.astype(np.float64) - got).max())
-        out[name] = {"max_abs": diff, "max_rel": diff / max(float(np.abs(ref).max()), 1e-12)}
+        scale = float(np.abs(ref).max())
+        out[name] = {"max_abs": diff, "max_rel": diff / max(scale, 1e-12), "scale": scale}
     return out
 
 
-def summarize(checks: list[dict], names: list[str]) -> tuple[float, float]:
-    max_abs = max(c["errors"][n]["max_abs"] for c in checks for n in names)
-    max_rel = max(c["errors"][n]["max_rel"] for c in checks for n in names)
-    return max_abs, max_rel
+def tolerance(name: str, error: dict, max_abs_error: float) -> float:
+    return max_abs_error * max(1.0, error["scale"]) if name in SCALED_OUTPUTS else max_abs_error
+
+
+def summarize(checks: list[dict], names: list[str], max_abs_error: float) -> dict:
+    """Max abs / rel error over every check and output, and whether each output stayed within its bound."""
+    worst = {n: max((c["errors"][n] for c in checks), key=lambda e: e["max_abs"] / tolerance(n, e, max_abs_error))
+             for n in names}
+    return {"max_abs": max(c["errors"][n]["max_abs"] for c in checks for n in names),
+            "max_rel": max(c["errors"][n]["max_rel"] for c in checks for n in names),
+            "within_tolerance": all(e["max_abs"] <= tolerance(n, e, max_abs_error) for n, e in worst.items()),
+            "tolerances": {n: tolerance(n, e, max_abs_error) for n, e in worst.items() if n in SCALED_OUTPUTS}}
 
 
 def predictions(run, feeds_list: list[dict]) -> np.ndarray:
@@ -84,14 +100,14 @@ def image_parity(wrapper: nn.Module, session: ort.InferenceSession, samples: Ima
     chunks = [{"input": samples.x_test[i:i + 64]} for i in range(0, len(samples.x_test), 64)]
     torch_pred = predictions(lambda f: run_torch(wrapper, f), chunks)
     onnx_pred = predictions(lambda f: run_onnx(session, f), chunks)
-    max_abs, max_rel = summarize(checks, names)
+    summary = summarize(checks, names, max_abs_error)
     agreement = float((torch_pred == onnx_pred).mean())
     return {
-        "tolerance_max_abs": max_abs_error, "max_abs": max_abs, "max_rel": max_rel,
+        "tolerance_max_abs": max_abs_error, "max_abs": summary["max_abs"], "max_rel": summary["max_rel"],
         "held_out_samples": len(samples.y_test), "top1_agreement": agreement,
         "torch_accuracy": float((torch_pred == samples.y_test).mean()),
         "onnx_accuracy": float((onnx_pred == samples.y_test).mean()),
-        "checks": checks, "passed": max_abs <= max_abs_error and agreement == 1.0,
+        "checks": checks, "passed": summary["within_tolerance"] and agreement == 1.0,
     }
 
 
@@ -120,11 +136,15 @@ def rnn_parity(wrapper: nn.Module, session: ort.InferenceSession, samples: TextS
     torch_feeds = {"tokens": tokens, **rnn_state_feeds(wrapper, 1)}
     onnx_feeds = dict(torch_feeds)
     torch_text, onnx_text = [], []
-    step_max = {n: {"max_abs": 0.0, "max_rel": 0.0} for n in names}
+    worst_step = {n: {"max_abs": 0.0, "max_rel": 0.0, "scale": 0.0} for n in names}
+
+    def ratio(name: str, error: dict) -> float:
+        return error["max_abs"] / tolerance(name, error, max_abs_error)
+
     for _ in tqdm(range(steps + 1), desc="parity: greedy decode", unit="step", leave=False):
         ref, got = run_torch(wrapper, torch_feeds), run_onnx(session, onnx_feeds)
         for name, err in errors(ref, got, names).items():
-            step_max[name] = {k: max(step_max[name][k], err[k]) for k in err}
+            worst_step[name] = max(worst_step[name], err, key=lambda e, n=name: ratio(n, e))
         torch_next, onnx_next = int(ref[0][0, -1].argmax()), int(got[0][0, -1].argmax())
         torch_text.append(samples.vocab[torch_next])
         onnx_text.append(samples.vocab[onnx_next])
@@ -132,14 +152,15 @@ def rnn_parity(wrapper: nn.Module, session: ort.InferenceSession, samples: TextS
         torch_feeds = {"tokens": np.array([[torch_next]]), **dict(zip(wrapper.input_names[1:], ref[1:], strict=True))}
         onnx_feeds = {"tokens": np.array([[onnx_next]]), **dict(zip(wrapper.input_names[1:], got[1:], strict=True))}
     checks.append({"batch": 1, "inputs": "held_out_prompt_then_greedy", "steps": steps,
-                   "errors": step_max})
-    max_abs, max_rel = summarize(checks, names)
+                   "errors": worst_step})  # per output, the step closest to (or over) its bound
+    summary = summarize(checks, names, max_abs_error)
     identical = torch_text == onnx_text
     return {
-        "tolerance_max_abs": max_abs_error, "max_abs": max_abs, "max_rel": max_rel,
+        "tolerance_max_abs": max_abs_error, "max_abs": summary["max_abs"], "max_rel": summary["max_rel"],
+        "scaled_tolerances": summary["tolerances"], "within_tolerance": summary["within_tolerance"],
         "prompt": prompt, "greedy_steps": steps, "greedy_identical": identical,
         "torch_continuation": "".join(torch_text[:steps]), "onnx_continuation": "".join(onnx_text[:steps]),
-        "checks": checks, "passed": max_abs <= max_abs_error and identical,
+        "checks": checks, "passed": summary["within_tolerance"] and identical,
     }
 
 
@@ -152,7 +173,8 @@ def certify(wrapper: nn.Module, onnx_path: Path, card: dict, samples, max_abs_er
         cert = image_parity(wrapper, session, samples, max_abs_error)
     cert = {"reference": "PyTorch eval module (BN unfolded)", "runtime": f"onnxruntime {ort.__version__} CPU",
             **cert}
-    summary = (f"max abs error {cert['max_abs']:.3g} (tolerance {max_abs_error:g}), "
+    scaled = "".join(f" ({n}: {t:.3g}, scaled by its magnitude)" for n, t in cert.get("scaled_tolerances", {}).items())
+    summary = (f"max abs error {cert['max_abs']:.3g} (tolerance {max_abs_error:g}{scaled}), "
                f"max rel error {cert['max_rel']:.3g}, " +
                (f"greedy {cert['greedy_steps']}-char continuation identical: {cert['greedy_identical']}"
                 if "greedy_identical" in cert else

@@ -20,7 +20,7 @@ from export.__main__ import main as export_main
 from export.fold import FoldError, prepare_for_export
 from export.graph import GraphError, assert_no_bn_dropout, export_onnx, io_specs, op_counts, wrap
 from export.optimize import bench_feeds
-from export.parity import cpu_session, errors
+from export.parity import cpu_session, errors, summarize
 from export.pipeline import Options, export_artifact
 from export.store import StoreError, register
 from export.tensorrt import build_engine, ort_gpu_providers, run_engine
@@ -188,6 +188,18 @@ def test_parity_failure_registers_nothing_and_reports_the_numbers(tiny_artifacts
     assert rc == 1
     assert "parity FAILED: max abs error" in caplog.text and "tolerance 1e-12" in caplog.text
     assert store_versions("parity-strict") == []
+
+
+def test_only_the_unbounded_lstm_cell_state_gets_a_magnitude_scaled_bound():
+    # The default char_lstm's numbers: c reaches ~174 after 200 greedy steps, 1.7e-4 off (~1e-6 relative).
+    def check(name, max_abs, scale):
+        return [{"errors": {name: {"max_abs": max_abs, "max_rel": max_abs / scale, "scale": scale}}}]
+
+    assert summarize(check("c_out", 1.7e-4, 174.0), ["c_out"], 1e-4)["within_tolerance"]
+    assert not summarize(check("c_out", 2e-2, 174.0), ["c_out"], 1e-4)["within_tolerance"]
+    assert not summarize(check("c_out", 1.7e-4, 0.9), ["c_out"], 1e-4)["within_tolerance"]
+    for bounded in ("logits", "h_out"):
+        assert not summarize(check(bounded, 1.7e-4, 174.0), [bounded], 1e-4)["within_tolerance"]
 
 
 def test_exception_inside_registration_leaves_the_store_unchanged(tiny_store, tmp_path):
