@@ -172,6 +172,11 @@ class ModelRuntime(ModelSpec):
         threads = int(os.environ.get("NNSERVE_INTRA_OP_THREADS", "0"))
         if threads:
             options.intra_op_num_threads = threads
+        # ORT's intra-op threads spin-wait for work by default. Here four sessions in two processes (plus
+        # the HTTP workers) share the cores, and spinning threads steal CPU from those with work: measured
+        # under mixed load on 2 cores, spinning off tripled image-endpoint throughput (docs/service.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning",
+                                         os.environ.get("NNSERVE_ORT_SPINNING", "0"))
         chosen = choose_providers(providers)
         self.session = ort.InferenceSession(onnx_path, options, providers=chosen,
                                             provider_options=[provider_options(p) for p in chosen])

@@ -56,6 +56,15 @@ def test_runtime_reports_its_provider_and_tensors(lenet5, tiny_store):
     assert lenet5.warmup((1, 3)) >= 0
 
 
+def test_ort_thread_spinning_is_off_unless_configured(tiny_store, monkeypatch):
+    def spinning(runtime) -> str:
+        return runtime.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+    assert spinning(load_runtime("lenet5", tiny_store["lenet5"])) == "0"
+    monkeypatch.setenv("NNSERVE_ORT_SPINNING", "1")
+    assert spinning(load_runtime("lenet5", tiny_store["lenet5"])) == "1"
+
+
 @pytest.mark.parametrize("feeds, words", [
     ({"input": np.zeros((1, 1, 28, 28), np.float32)}, "shape [1, 1, 28, 28]"),
     ({"input": np.zeros((1, 1, 32, 32), np.float64)}, "must be float32"),
