@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from service import images, metrics
+from service import bentoml_fixes, images, metrics
 from service.generation import MAX_NEW_CHARS, MAX_PROMPT_CHARS, ContinuousBatcher, GenerationRequest
 from service.kserve_grpc import start_grpc_server
 from service.kserve_http import create_app as create_kserve_app
@@ -50,6 +50,7 @@ from service.runtime import (
     load_runtime,
 )
 
+bentoml_fixes.apply()  # before BentoML builds its ASGI apps (see the module)
 log = logging.getLogger("nnserve.service")
 # BentoML's server logging config sets the root logger to WARNING; our INFO lines (chosen execution
 # provider, warm-up times, ...) belong in the server log.

@@ -117,3 +117,54 @@ def test_check_feeds_guards_text_models(char_gru, tokens, state_batch, words):
         char_gru.check_feeds(feeds)
     assert words in str(info.value)
     char_gru.check_feeds(char_gru.example_feeds(2, seq_len=3))  # the well-formed feeds pass
+
+
+# ---- service/bentoml_fixes.py: BentoML's request timeout timer is cancelled once the request is over ----
+
+def run_through_timeout_middleware(app, timeout: float, requests: int) -> tuple[list[dict], list]:
+    """Drive BentoML's TimeoutMiddleware (as the server wraps every request) in a fresh event loop:
+    the messages sent back, and its timeout timers still pending when the requests are done."""
+    import asyncio
+
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    from service import bentoml_fixes
+
+    bentoml_fixes.apply()
+    middleware, sent = TimeoutMiddleware(app, timeout=timeout), []
+
+    async def main() -> list:
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        for _ in range(requests):
+            await middleware({"type": "http", "path": "/"}, receive, send)
+        timers = asyncio.get_running_loop()._scheduled  # noqa: SLF001 (what leaked is the point)
+        return [h for h in timers if not h.cancelled() and h._callback == middleware._set_timer_out]  # noqa: SLF001
+
+    return sent, asyncio.run(main())
+
+
+async def ok_app(scope, receive, send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_finished_requests_leave_no_timeout_timer_behind():
+    sent, pending = run_through_timeout_middleware(ok_app, timeout=300, requests=50)
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [200] * 50
+    assert pending == []  # unpatched BentoML 1.4.39: 50 timers, each holding its request for 300 s
+
+
+def test_a_request_over_the_timeout_still_gets_504():
+    import asyncio
+
+    async def slow_app(scope, receive, send) -> None:
+        await asyncio.sleep(30)
+
+    sent, pending = run_through_timeout_middleware(slow_app, timeout=0.05, requests=1)
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [504]
+    assert pending == []
