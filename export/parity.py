@@ -71,9 +71,14 @@ def tolerance(name: str, error: dict, max_abs_error: float) -> float:
     return max_abs_error * max(1.0, error["scale"]) if name in SCALED_OUTPUTS else max_abs_error
 
 
+def bound_used(name: str, error: dict, max_abs_error: float) -> float:
+    """The fraction of its bound an output's error uses (> 1: over it)."""
+    return error["max_abs"] / tolerance(name, error, max_abs_error)
+
+
 def summarize(checks: list[dict], names: list[str], max_abs_error: float) -> dict:
     """Max abs / rel error over every check and output, and whether each output stayed within its bound."""
-    worst = {n: max((c["errors"][n] for c in checks), key=lambda e: e["max_abs"] / tolerance(n, e, max_abs_error))
+    worst = {n: max((c["errors"][n] for c in checks), key=lambda e, n=n: bound_used(n, e, max_abs_error))
              for n in names}
     return {"max_abs": max(c["errors"][n]["max_abs"] for c in checks for n in names),
             "max_rel": max(c["errors"][n]["max_rel"] for c in checks for n in names),
@@ -137,14 +142,10 @@ def rnn_parity(wrapper: nn.Module, session: ort.InferenceSession, samples: TextS
     onnx_feeds = dict(torch_feeds)
     torch_text, onnx_text = [], []
     worst_step = {n: {"max_abs": 0.0, "max_rel": 0.0, "scale": 0.0} for n in names}
-
-    def ratio(name: str, error: dict) -> float:
-        return error["max_abs"] / tolerance(name, error, max_abs_error)
-
     for _ in tqdm(range(steps + 1), desc="parity: greedy decode", unit="step", leave=False):
         ref, got = run_torch(wrapper, torch_feeds), run_onnx(session, onnx_feeds)
         for name, err in errors(ref, got, names).items():
-            worst_step[name] = max(worst_step[name], err, key=lambda e, n=name: ratio(n, e))
+            worst_step[name] = max(worst_step[name], err, key=lambda e, n=name: bound_used(n, e, max_abs_error))
         torch_next, onnx_next = int(ref[0][0, -1].argmax()), int(got[0][0, -1].argmax())
         torch_text.append(samples.vocab[torch_next])
         onnx_text.append(samples.vocab[onnx_next])
