@@ -52,7 +52,8 @@ IMAGE_MODELS = ("lenet5", "vgg_fc7")
 BATCHES = (1, 32)
 CLASSIFY = "/classify"
 FIRST_CHAR, COMPLETE = "/generate [stream] first char", "/generate [stream] complete"
-BUDGET_USERS = ("ClassifyUser", "FeaturesUser", "GenerateUser", "GenerateStreamUser", "KServeUser")
+# The locustfile's user classes, one per endpoint (the locustfile itself cannot be imported: gevent).
+USER_CLASSES = ("ClassifyUser", "FeaturesUser", "GenerateUser", "GenerateStreamUser", "KServeUser")
 
 
 def log(message: str) -> None:
@@ -347,9 +348,9 @@ def bench_generate(url: str, args: argparse.Namespace, workdir: Path) -> list[di
 def bench_budgets(url: str, args: argparse.Namespace, workdir: Path) -> dict:
     """The load test with budgets, as docs/bench.md documents it: one user per endpoint, all at once;
     the verdict is the locustfile's own (its ``BUDGET EXCEEDED`` lines), not recomputed here."""
-    users = len(BUDGET_USERS)
+    users = len(USER_CLASSES)
     log(f"load test with budgets: {users} users (one per endpoint) for {args.budget_duration} s")
-    rows, log_text = run_locust(url, list(BUDGET_USERS), users, args.budget_duration, args, workdir,
+    rows, log_text = run_locust(url, list(USER_CLASSES), users, args.budget_duration, args, workdir,
                                 budgets=str(BUDGETS))
     violations = [line.split("BUDGET EXCEEDED ", 1)[1] for line in log_text.splitlines() if "BUDGET EXCEEDED" in line]
     endpoints = [{"endpoint": name, "requests": number(row, "Request Count"), "failures": number(row, "Failure Count"),

@@ -152,6 +152,21 @@ def test_sample_token_temperature_top_k_and_seed() -> None:
 
 # -- continuous batching on the real tiny models ----------------------------------------------------
 
+def generate_together(runtime: ModelRuntime, requests: list[GenerationRequest],
+                      **batcher_options) -> tuple[list[str], list[int]]:
+    """All ``requests`` at once through one ContinuousBatcher: their texts, and each decode step's batch size."""
+    steps: list[int] = []
+
+    async def main() -> list[str]:
+        batcher = ContinuousBatcher(runtime, on_step=lambda size, seconds: steps.append(size), **batcher_options)
+        try:
+            return await asyncio.gather(*(collect(batcher, r) for r in requests))
+        finally:
+            await batcher.close()
+
+    return run(main()), steps
+
+
 def test_concurrent_requests_equal_each_request_alone(runtime: ModelRuntime) -> None:
     prompt = prompt_for(runtime)
     lengths = [30, 5, 50, 17, 1]
@@ -160,16 +175,7 @@ def test_concurrent_requests_equal_each_request_alone(runtime: ModelRuntime) -> 
                                          [None, 5, None, 20, None], strict=True)]
     requests.append(GenerationRequest(prompt[::-1] * 3, max_new_chars=40, seed=6))  # longer prompt
     lengths.append(40)
-    steps: list[int] = []
-
-    async def main() -> list[str]:
-        batcher = ContinuousBatcher(runtime, on_step=lambda size, seconds: steps.append(size))
-        try:
-            return await asyncio.gather(*(collect(batcher, r) for r in requests))
-        finally:
-            await batcher.close()
-
-    texts = run(main())
+    texts, steps = generate_together(runtime, requests)
     assert texts == [generate_alone(runtime, r) for r in requests]
     assert [len(t) for t in texts] == lengths
     assert len({t[:5] for t in texts if len(t) >= 5}) > 1  # different seeds gave different texts
@@ -206,16 +212,8 @@ def test_request_joins_a_running_batch_at_the_next_step(runtime: ModelRuntime) -
 def test_max_batch_size_queues_the_rest(runtime: ModelRuntime) -> None:
     prompt = prompt_for(runtime)
     requests = [GenerationRequest(prompt, max_new_chars=8 + i, seed=20 + i) for i in range(5)]
-    steps: list[int] = []
-
-    async def main() -> list[str]:
-        batcher = ContinuousBatcher(runtime, max_batch_size=2, on_step=lambda size, seconds: steps.append(size))
-        try:
-            return await asyncio.gather(*(collect(batcher, r) for r in requests))
-        finally:
-            await batcher.close()
-
-    assert run(main()) == [generate_alone(runtime, r) for r in requests]
+    texts, steps = generate_together(runtime, requests, max_batch_size=2)
+    assert texts == [generate_alone(runtime, r) for r in requests]
     assert max(steps) == 2
 
 
@@ -223,16 +221,8 @@ def test_long_prompts_are_prefilled_over_several_step_boundaries(runtime: ModelR
     prompt = prompt_for(runtime)
     long_prompt = prompt * (PREFILL_CHARS_PER_STEP // len(prompt) // 2 + 1)  # two exceed one step's budget
     requests = [GenerationRequest(long_prompt, max_new_chars=6, seed=30 + i) for i in range(3)]
-    steps: list[int] = []
-
-    async def main() -> list[str]:
-        batcher = ContinuousBatcher(runtime, on_step=lambda size, seconds: steps.append(size))
-        try:
-            return await asyncio.gather(*(collect(batcher, r) for r in requests))
-        finally:
-            await batcher.close()
-
-    assert run(main()) == [generate_alone(runtime, r) for r in requests]
+    texts, steps = generate_together(runtime, requests)
+    assert texts == [generate_alone(runtime, r) for r in requests]
     # Boundary 1 prefills only the first; boundary 2 prefills the second while the first decodes, ...
     assert steps == [1, 2, 3, 3, 3, 2, 1]
 

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.bench import BUDGETS, LOCUSTFILE, REPO_ROOT, USER_CLASSES
+
 pytestmark = pytest.mark.integration
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-LOCUSTFILE = REPO_ROOT / "loadtest" / "locustfile.py"
-DEFAULT_BUDGETS = json.loads((REPO_ROOT / "loadtest" / "budgets.json").read_text())
-USER_CLASSES = ("ClassifyUser", "FeaturesUser", "GenerateUser", "GenerateStreamUser", "KServeUser")
+DEFAULT_BUDGETS = json.loads(BUDGETS.read_text())
 NEVER_MISSED = {"p50_ms": 600_000, "p95_ms": 600_000, "p99_ms": 600_000, "max_error_rate": 0.0}
 
 
