@@ -1,15 +1,21 @@
 """Text generation for the char LSTM/GRU models with continuous batching of decode steps.
 
-Every concurrent ``/generate`` request shares one batched ONNX Runtime call per decode step: the
-step loop stacks the active requests' last tokens and RNN states along the batch axis, runs the
-model once, splits the outputs back and samples one character per request with that request's own
-``numpy.random.Generator``. A request joins at the next step boundary (its prompt is prefilled there
-in one T>1 call, which also samples its first character) and leaves when it has produced
-``max_new_chars`` or its consumer went away. Rows of a batched RNN step do not interact, so a
-request's text is the same whether it ran alone or beside others (see docs/generation.md).
+Every concurrent ``/generate`` request shares one batched ONNX Runtime call per decode step. The step
+loop runs on its own thread and sleeps until there is work (no thread hop per step): it stacks the
+active requests' last tokens and RNN states along the batch axis, runs the model once, and samples
+one character per request in one vectorised pass, each row with a uniform draw from that request's
+own ``numpy.random.Generator``. A request joins at the next step boundary: the prompts of joining
+requests are prefilled there, those of equal length together in one [B, T] call (an RNN cannot pad
+without changing the state), which also samples their first character. It leaves when it has its
+``max_new_chars`` or its reader went away. Rows of a batched step do not interact, so a request's
+text is the same alone or beside others (see docs/generation.md).
 
-BentoML's adaptive batching merges whole requests; it cannot interleave the steps of long-running
-streams, which is why this loop is hand-written. It never imports torch.
+Characters reach the event loop in batches: each request has a buffer the step thread appends to,
+and its reader is woken at most once until it has taken what is there, so a stream sends every
+character that is ready in one chunk, however fast the model runs.
+
+Hand-written: BentoML's batching merges whole requests; it cannot interleave the steps of
+long-running streams. This module never imports torch.
 """
 
 from __future__ import annotations
@@ -18,14 +24,17 @@ import asyncio
 import logging
 import math
 import secrets
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from service.runtime import ClientError, ModelRuntime
+from service.errors import ClientError
+from service.runtime import ModelRuntime
 
 log = logging.getLogger("nnserve.generation")
 
@@ -97,18 +106,33 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def sample_token(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
-    """Sample a token id from one row of logits [V] with temperature and optional top-k.
+def sample_tokens(logits: np.ndarray, temperatures: np.ndarray, top_ks: np.ndarray,
+                  uniforms: np.ndarray) -> np.ndarray:
+    """One token id per row of ``logits`` [B, V]: softmax(logits / temperature) restricted to the row's
+    ``top_k`` likeliest tokens (0 = all; ties at the k-th value are all kept), sampled by inverse CDF
+    with the row's uniform draw in [0, 1). Row-wise arithmetic only, so a row's token does not depend
+    on the other rows of the batch.
 
-    Shifting by the max before dividing keeps every positive temperature finite (the best token gets
-    exp(0) = 1). All logits equal to the k-th largest are kept, so ties can keep more than k tokens.
-    """
-    z = (logits.astype(np.float64) - logits.max()) / temperature
-    if top_k is not None and top_k < z.size:
-        kth = np.partition(z, -top_k)[-top_k]
-        z = np.where(z >= kth, z, -np.inf)
-    probs = np.exp(z)
-    return int(rng.choice(z.size, p=probs / probs.sum()))
+    Shifting by the row max before dividing keeps every positive temperature finite (the best token
+    gets exp(0) = 1)."""
+    z = (logits.astype(np.float64) - logits.max(axis=1, keepdims=True)) / temperatures[:, None]
+    vocab = z.shape[1]
+    limited = (top_ks > 0) & (top_ks < vocab)
+    if limited.any():
+        descending = -np.sort(-z[limited], axis=1)
+        kth = descending[np.arange(descending.shape[0]), top_ks[limited] - 1]
+        z[limited] = np.where(z[limited] >= kth[:, None], z[limited], -np.inf)
+    cdf = np.cumsum(np.exp(z), axis=1)
+    tokens = (cdf <= (uniforms * cdf[:, -1])[:, None]).sum(axis=1)
+    # u * total can round up to total: fall back to the last token with probability > 0.
+    last = vocab - 1 - np.argmax(np.isfinite(z[:, ::-1]), axis=1)
+    return np.minimum(tokens, last)
+
+
+def sample_token(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
+    """``sample_tokens`` for one row of logits [V] and one request's generator."""
+    return int(sample_tokens(logits[None], np.array([temperature], dtype=np.float64),
+                             np.array([top_k or 0], dtype=np.int64), np.array([rng.random()]))[0])
 
 
 class GenerationError(RuntimeError):
@@ -117,20 +141,31 @@ class GenerationError(RuntimeError):
 
 @dataclass(eq=False)
 class _Slot:
-    """One request's place in the batch: its own state, sampler and output queue."""
+    """One request: its place in the batch, its state and sampler, and the characters not yet read."""
 
     tokens: np.ndarray  # prompt token ids [T]
     temperature: float
-    top_k: int | None
+    top_k: int  # 0 = no limit
     rng: np.random.Generator
     remaining: int  # characters still to sample
+    loop: asyncio.AbstractEventLoop
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # set (on the loop) when there is news
     token: int = -1  # last sampled token, fed to the next decode step
     state: dict[str, np.ndarray] | None = None  # {"h": [L,1,H], "c": ...}; None until prefilled
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # str per character, then None or an error
+    buffer: list[str] = field(default_factory=list)  # sampled, not yet read
+    finished: bool = False
+    error: Exception | None = None
+    notified: bool = False  # a wake-up is on its way to the reader
+    cancelled: bool = False
 
 
 class ContinuousBatcher:
-    """Decode-step batching for one char_lm runtime. Use ``async for ch in batcher.generate(request)``."""
+    """Decode-step batching for one char_lm runtime::
+
+        stream = batcher.submit(request)  # validates (ClientError) and queues it
+        async for chunk in stream: ...    # str chunks: every character sampled since the last one
+
+    Closing the iterator (or cancelling its task) frees the request's slot at once."""
 
     def __init__(self, runtime: ModelRuntime, max_batch_size: int = 32,
                  on_step: Callable[[int, float], None] | None = None) -> None:
@@ -144,9 +179,11 @@ class ContinuousBatcher:
         self._state_names = [t.name for t in runtime.inputs if t.name != "tokens"]  # h (+ c), as in metadata
         self._waiting: deque[_Slot] = deque()  # submitted, not yet in the batch
         self._active: list[_Slot] = []  # prefilled, decoding
-        self._wakeup = asyncio.Event()
-        self._loop_task: asyncio.Task | None = None
+        self._lock = threading.Condition()
+        self._holds = 0
         self._closed = False
+        self._thread = threading.Thread(target=self._step_loop, name=f"generation-{runtime.name}", daemon=True)
+        self._thread.start()
 
     @property
     def active(self) -> int:
@@ -158,96 +195,186 @@ class ContinuousBatcher:
         """Requests waiting for the next step boundary (or for a free slot)."""
         return len(self._waiting)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
-        """Yield the sampled characters one by one. Raises ClientError (bad request) before the first
-        character, GenerationError if the model call fails. Closing or cancelling the iterator frees the
-        request's slot at once (use ``contextlib.aclosing`` so that happens promptly)."""
+    def submit(self, request: GenerationRequest) -> AsyncIterator[str]:
+        """Validate and queue ``request`` (call on the event loop that will read it). Raises ClientError
+        for a bad request, GenerationError once closed. ``request.seed`` is set if it was None."""
         request.validate(self.vocab)
-        if self._closed:
-            raise GenerationError("the generation service is shutting down")
         if request.seed is None:  # written back so the caller can report it and reproduce the text
             request.seed = secrets.randbits(63)
         slot = _Slot(tokens=np.array([self._index[ch] for ch in request.prompt], dtype=np.int64),
-                     temperature=float(request.temperature), top_k=request.top_k,
-                     rng=np.random.default_rng(request.seed), remaining=request.max_new_chars)
-        self._waiting.append(slot)
-        self._ensure_loop()
-        self._wakeup.set()
+                     temperature=float(request.temperature), top_k=request.top_k or 0,
+                     rng=np.random.default_rng(request.seed), remaining=request.max_new_chars,
+                     loop=asyncio.get_running_loop())
+        with self._lock:
+            if self._closed:
+                raise GenerationError("the generation service is shutting down")
+            self._waiting.append(slot)
+            self._lock.notify()
+        return self._read(slot)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
+        """``submit`` and read in one: yields chunks of characters."""
+        async for chunk in self.submit(request):
+            yield chunk
+
+    @contextmanager
+    def held(self):
+        """No step starts while held: requests submitted inside join at the same step boundary (tests)."""
+        with self._lock:
+            self._holds += 1
         try:
-            while True:
-                item = await slot.out.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:  # done, failed, closed or cancelled: give the slot back now, not at the next step
-            self._drop(slot)
+            yield self
+        finally:
+            with self._lock:
+                self._holds -= 1
+                self._lock.notify()
 
     async def close(self) -> None:
         """Stop the step loop; requests still running end with GenerationError."""
-        self._closed = True
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
-            self._loop_task = None
-        for slot in [*self._waiting, *self._active]:
-            self._finish(slot, GenerationError("the generation service is shutting down"))
+        with self._lock:
+            self._closed = True
+            slots = [*self._waiting, *self._active]
+            self._waiting.clear()
+            self._active.clear()
+            self._lock.notify_all()
+        await asyncio.to_thread(self._thread.join)
+        self._finish(slots, GenerationError("the generation service is shutting down"))
 
-    # -- step loop (event-loop side) -------------------------------------------------------------
+    # -- reader side (event loop) -----------------------------------------------------------------------
 
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._step_loop(), name="generation-steps")
+    async def _read(self, slot: _Slot) -> AsyncIterator[str]:
+        try:
+            while True:
+                slot.ready.clear()
+                with self._lock:
+                    text = "".join(slot.buffer)
+                    slot.buffer.clear()
+                    slot.notified = False
+                    finished, error = slot.finished, slot.error
+                if text:
+                    yield text
+                elif finished:
+                    if error is not None:
+                        raise error
+                    return
+                else:
+                    await slot.ready.wait()
+        finally:  # done, failed, closed or cancelled: give the slot back now, not at the next step
+            with self._lock:
+                slot.cancelled = True
+                if slot in self._active:
+                    self._active.remove(slot)
+                elif slot in self._waiting:
+                    self._waiting.remove(slot)
 
-    async def _step_loop(self) -> None:
+    # -- step loop (its own thread) ---------------------------------------------------------------------
+
+    def _step_loop(self) -> None:
         while True:
-            if not self._waiting and not self._active:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            # Step boundary: admit waiting requests into free slots (FIFO), then run one step.
-            joining, prefill_chars = [], 0
-            while self._waiting and len(self._active) + len(joining) < self.max_batch_size:
-                prompt_chars = self._waiting[0].tokens.size
-                if joining and prefill_chars + prompt_chars > PREFILL_CHARS_PER_STEP:
-                    break  # the rest join at the next boundary
-                joining.append(self._waiting.popleft())
-                prefill_chars += prompt_chars
-            decoding = list(self._active)
-            self._active.extend(joining)
+            with self._lock:
+                while not self._closed and (self._holds or not (self._waiting or self._active)):
+                    self._lock.wait()
+                if self._closed:
+                    return
+                joining = self._admit()
+                decoding = list(self._active)
+                self._active.extend(joining)
             try:
-                # ORT calls block: run them in a worker thread so the server stays responsive.
-                prefilled, sampled, seconds = await asyncio.to_thread(self._step, joining, decoding)
-                if isinstance(sampled, Exception):  # the batched call failed: fail its rows only
-                    sampled = [sampled] * len(decoding)
-                elif decoding:
-                    self._report_step(len(decoding), seconds)
-                for slot, result in zip([*joining, *decoding], [*prefilled, *sampled], strict=True):
-                    self._deliver(slot, result)
+                self._step(joining, decoding)
             except Exception as e:  # a bug here must fail this step's requests, never hang them
                 log.exception("generation step for %s failed", self.runtime.tag)
-                for slot in [*joining, *decoding]:
-                    self._finish(slot, GenerationError(f"generation failed: {type(e).__name__}: {e}"))
+                self._finish([*joining, *decoding], GenerationError(f"generation failed: {type(e).__name__}: {e}"))
 
-    def _deliver(self, slot: _Slot, result: str | Exception) -> None:
-        if isinstance(result, Exception):
-            self._finish(slot, GenerationError(f"generation failed: {type(result).__name__}: {result}"))
-            return
-        slot.out.put_nowait(result)
-        slot.remaining -= 1
-        if slot.remaining <= 0:
-            self._finish(slot, None)
+    def _admit(self) -> list[_Slot]:
+        """Waiting requests that join at this boundary: FIFO into free slots, within the prefill budget."""
+        joining, prefill_chars = [], 0
+        while self._waiting and len(self._active) + len(joining) < self.max_batch_size:
+            prompt_chars = self._waiting[0].tokens.size
+            if joining and prefill_chars + prompt_chars > PREFILL_CHARS_PER_STEP:
+                break  # the rest join at the next boundary
+            joining.append(self._waiting.popleft())
+            prefill_chars += prompt_chars
+        return joining
 
-    def _finish(self, slot: _Slot, error: Exception | None) -> None:
-        self._drop(slot)
-        slot.out.put_nowait(error)
+    def _step(self, joining: list[_Slot], decoding: list[_Slot]) -> None:
+        """Prefill the joining requests (equal prompt lengths together), then one batched decode step for
+        the others. A failed call fails only the requests it concerns."""
+        results: list[tuple[list[_Slot], np.ndarray | Exception]] = []
+        by_length: dict[int, list[_Slot]] = {}
+        for slot in joining:
+            by_length.setdefault(slot.tokens.size, []).append(slot)
+        for group in by_length.values():
+            try:
+                results.append((group, self._prefill(group)))
+            except Exception as e:
+                log.exception("prefill of %d request(s) for %s failed", len(group), self.runtime.tag)
+                results.append((group, e))
+        if decoding:
+            start = time.perf_counter()
+            try:
+                results.append((decoding, self._decode(decoding)))
+                self._report_step(len(decoding), time.perf_counter() - start)
+            except Exception as e:
+                log.exception("decode step for %s failed (batch of %d)", self.runtime.tag, len(decoding))
+                results.append((decoding, e))
+        self._deliver(results)
 
-    def _drop(self, slot: _Slot) -> None:
-        if slot in self._active:
-            self._active.remove(slot)
-        elif slot in self._waiting:
-            self._waiting.remove(slot)
+    def _prefill(self, group: list[_Slot]) -> np.ndarray:
+        feeds = self.runtime.example_feeds(len(group))  # zero initial state of the right shape and dtype
+        feeds["tokens"] = np.stack([slot.tokens for slot in group])
+        out = self.runtime.run(feeds)
+        for i, slot in enumerate(group):
+            slot.state = {name: out[f"{name}_out"][:, i:i + 1] for name in self._state_names}
+        return self._sample(group, out["logits"][:, -1])
+
+    def _decode(self, batch: list[_Slot]) -> np.ndarray:
+        feeds = {"tokens": np.array([[slot.token] for slot in batch], dtype=np.int64)}
+        for name in self._state_names:  # state is [layers, batch, hidden]: stack on axis 1
+            feeds[name] = np.concatenate([slot.state[name] for slot in batch], axis=1)
+        out = self.runtime.run(feeds)
+        for i, slot in enumerate(batch):
+            slot.state = {name: out[f"{name}_out"][:, i:i + 1] for name in self._state_names}
+        return self._sample(batch, out["logits"][:, -1])
+
+    def _sample(self, batch: list[_Slot], logits: np.ndarray) -> np.ndarray:
+        tokens = sample_tokens(logits, np.array([s.temperature for s in batch], dtype=np.float64),
+                               np.array([s.top_k for s in batch], dtype=np.int64),
+                               np.array([s.rng.random() for s in batch]))
+        for slot, token in zip(batch, tokens, strict=True):
+            slot.token = int(token)
+        return tokens
+
+    def _deliver(self, results: list[tuple[list[_Slot], np.ndarray | Exception]]) -> None:
+        """Hand the step's characters (or errors) to the readers; requests that are done leave the batch."""
+        wake: list[_Slot] = []
+        with self._lock:
+            for slots, outcome in results:
+                for i, slot in enumerate(slots):
+                    if slot.cancelled or slot.finished:
+                        continue
+                    if isinstance(outcome, Exception):
+                        slot.error = GenerationError(f"generation failed: {type(outcome).__name__}: {outcome}")
+                        slot.finished = True
+                    else:
+                        slot.buffer.append(self.vocab[outcome[i]])
+                        slot.remaining -= 1
+                        slot.finished = slot.remaining <= 0
+                    if slot.finished and slot in self._active:
+                        self._active.remove(slot)
+                    if not slot.notified:
+                        slot.notified = True
+                        wake.append(slot)
+        _wake(wake)
+
+    def _finish(self, slots: list[_Slot], error: Exception) -> None:
+        with self._lock:
+            for slot in slots:
+                if slot in self._active:
+                    self._active.remove(slot)
+                if not slot.finished:
+                    slot.finished, slot.error = True, error
+                slot.notified = True
+        _wake(slots)
 
     def _report_step(self, batch_size: int, seconds: float) -> None:
         if self.on_step is None:
@@ -257,46 +384,36 @@ class ContinuousBatcher:
         except Exception:  # a metrics bug must not stop generation
             log.exception("on_step callback failed")
 
-    # -- model calls (worker thread) --------------------------------------------------------------
 
-    def _step(self, joining: list[_Slot], decoding: list[_Slot]
-              ) -> tuple[list[str | Exception], list[str] | Exception, float]:
-        """Prefill each joining request (batch 1, T = prompt length), then one batched decode step for
-        the others. Failures come back as values so each fails only the requests it concerns. Each
-        slot is touched by one thread at a time: the loop awaits this call."""
-        prefilled: list[str | Exception] = []
-        for slot in joining:
-            try:
-                prefilled.append(self._prefill(slot))
-            except Exception as e:
-                log.exception("prefill for %s failed", self.runtime.tag)
-                prefilled.append(e)
-        start = time.perf_counter()
+def _wake(slots: list[_Slot]) -> None:
+    """Set each reader's event on its own loop: one thread-safe call per loop, not per request."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Slot]] = {}
+    for slot in slots:
+        by_loop.setdefault(slot.loop, []).append(slot)
+    for loop, group in by_loop.items():
         try:
-            sampled: list[str] | Exception = self._decode(decoding) if decoding else []
-        except Exception as e:
-            log.exception("decode step for %s failed (batch of %d)", self.runtime.tag, len(decoding))
-            sampled = e
-        return prefilled, sampled, time.perf_counter() - start
+            loop.call_soon_threadsafe(_set_ready, group)
+        except RuntimeError:  # the loop is closed: nobody reads any more
+            pass
 
-    def _prefill(self, slot: _Slot) -> str:
-        feeds = self.runtime.example_feeds(1)  # zero initial state of the right shape and dtype
-        feeds["tokens"] = slot.tokens[None, :]
-        out = self.runtime.run(feeds)
-        slot.state = {name: out[f"{name}_out"] for name in self._state_names}
-        return self._sample(slot, out["logits"][0, -1])
 
-    def _decode(self, batch: list[_Slot]) -> list[str]:
-        feeds = {"tokens": np.array([[slot.token] for slot in batch], dtype=np.int64)}
-        for name in self._state_names:  # state is [layers, batch, hidden]: stack on axis 1
-            feeds[name] = np.concatenate([slot.state[name] for slot in batch], axis=1)
-        out = self.runtime.run(feeds)
-        chars = []
-        for i, slot in enumerate(batch):
-            slot.state = {name: out[f"{name}_out"][:, i:i + 1] for name in self._state_names}
-            chars.append(self._sample(slot, out["logits"][i, -1]))
-        return chars
+def _set_ready(slots: list[_Slot]) -> None:
+    for slot in slots:
+        slot.ready.set()
 
-    def _sample(self, slot: _Slot, logits: np.ndarray) -> str:
-        slot.token = sample_token(logits, slot.temperature, slot.top_k, slot.rng)
-        return self.vocab[slot.token]
+
+def measure_step_loop(runtime: ModelRuntime, batch_size: int, steps: int) -> float:
+    """The limit the service can approach: characters per second of this module's own decode step +
+    vectorised sampling at a fixed batch size, on the calling thread, no HTTP, no event loop."""
+    batcher = ContinuousBatcher.__new__(ContinuousBatcher)  # the step methods only; no thread started
+    batcher.runtime, batcher.vocab = runtime, runtime.metadata["vocab"]
+    batcher._state_names = [t.name for t in runtime.inputs if t.name != "tokens"]
+    zero = runtime.example_feeds(1)
+    slots = [_Slot(tokens=np.zeros(1, np.int64), temperature=1.0, top_k=0, rng=np.random.default_rng(i),
+                   remaining=steps, loop=None, ready=None, token=0,  # type: ignore[arg-type]
+                   state={n: zero[n] for n in batcher._state_names}) for i in range(batch_size)]
+    batcher._decode(slots)  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        batcher._decode(slots)
+    return batch_size * steps / (time.perf_counter() - start)

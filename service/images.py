@@ -10,18 +10,17 @@ or corrupt data.
 from __future__ import annotations
 
 import io
-import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from models.preprocess import image_to_uint8, preprocess_uint8
-from service.runtime import ClientError, PayloadTooLarge
+from service.errors import ClientError, PayloadTooLarge, UnsupportedMedia
+from service.settings import Settings
 
-MAX_UPLOAD_BYTES = int(os.environ.get("NNSERVE_MAX_UPLOAD_BYTES", str(10 << 20)))  # 10 MiB
-MAX_IMAGE_PIXELS = int(os.environ.get("NNSERVE_MAX_IMAGE_PIXELS", str(4096 * 4096)))
+MAX_UPLOAD_BYTES = Settings.max_upload_bytes  # defaults; the server passes its configured limits
+MAX_IMAGE_PIXELS = Settings.max_image_pixels
 # Raster formats Pillow decodes itself. Left out on purpose: EPS (Pillow runs Ghostscript on it) and
 # formats Pillow cannot read at all; a format outside this list is a 415-style client error.
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "TGA", "ICO", "PCX", "SGI", "QOI")
@@ -31,29 +30,6 @@ FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "TGA", "ICO", "PC
 # tell the two apart so the error names the real problem (a corrupt PNG is not an unsupported format).
 SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF",
               b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"BM": "BMP"}
-
-
-class UnsupportedImage(ClientError):
-    status = 415
-
-
-class UploadSizeLimit:
-    """ASGI middleware on the upload routes: a body whose Content-Length is over the limit gets its 413 before
-    it is read (BentoML would first spool the whole multipart body to disk). Allows for multipart overhead."""
-
-    def __init__(self, app, paths: tuple[str, ...], max_bytes: int = MAX_UPLOAD_BYTES + (64 << 10)) -> None:
-        self.app, self.paths, self.max_bytes = app, paths, max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"] in self.paths:
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_bytes:
-                from starlette.responses import JSONResponse
-
-                body = {"error": f"the request body has {int(length)} bytes; uploads are limited to {MAX_UPLOAD_BYTES}"}
-                await JSONResponse(body, status_code=413)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def decode_image(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -71,7 +47,10 @@ def decode_image(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int
             claimed = next((fmt for magic, fmt in SIGNATURES.items() if data.startswith(magic)), None)
             if claimed:
                 raise ClientError(f"corrupt {claimed} image: its header cannot be parsed") from e
-            raise UnsupportedImage(f"the upload is not an image in a supported format ({', '.join(FORMATS)}); "
+            if data[:8].lower().startswith((b"http://", b"https://", b"ftp://", b"file:")):
+                raise UnsupportedMedia("the image field holds a URL, not an image: upload the file's bytes "
+                                       "(curl -F image=@digit.png); the server never fetches URLs") from e
+            raise UnsupportedMedia(f"the upload is not an image in a supported format ({', '.join(FORMATS)}); "
                                    f"it starts with {data[:8]!r}") from e
         except Image.DecompressionBombError as e:
             raise PayloadTooLarge(f"the image has too many pixels: {e}") from e
@@ -90,20 +69,12 @@ def decode_image(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int
     return image
 
 
-def preprocess_file(path: Path, spec: dict) -> np.ndarray:
-    """An uploaded file (BentoML spools uploads to disk) -> the model input; its size is checked before
-    it is read into memory."""
-    size = path.stat().st_size
-    if size > MAX_UPLOAD_BYTES:
-        raise PayloadTooLarge(f"the uploaded image has {size} bytes; the limit is {MAX_UPLOAD_BYTES}")
-    return preprocess_upload(path.read_bytes(), spec)
-
-
-def preprocess_upload(data: bytes, spec: dict) -> np.ndarray:
+def preprocess_upload(data: bytes, spec: dict, max_bytes: int = MAX_UPLOAD_BYTES,
+                      max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Upload bytes -> float32 [C, input_size, input_size], exactly as training preprocesses an image."""
-    image = decode_image(data)
+    image = decode_image(data, max_bytes, max_pixels)
     try:
         pixels = image_to_uint8(image, spec)
     except (OSError, ValueError) as e:  # e.g. a mode Pillow cannot convert
-        raise UnsupportedImage(f"cannot convert a {image.mode} {image.format} image: {e}") from e
+        raise UnsupportedMedia(f"cannot convert a {image.mode} {image.format} image: {e}") from e
     return preprocess_uint8(pixels[None], spec)[0]

@@ -8,21 +8,22 @@ message naming the problem, before anything reaches ONNX Runtime.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from importlib import metadata as package_metadata
+from typing import TYPE_CHECKING
 
 import numpy as np
-from bentoml.exceptions import BentoMLException
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from service.runtime import ClientError, ModelRepository, ModelSpec, NotFound
+from service.errors import ClientError, NotFound, Unavailable
+from service.runtime import ModelRuntime
+
+if TYPE_CHECKING:
+    from service.repository import Repository
 
 SERVER_NAME = "nnserve"
 PLATFORM = "onnxruntime_onnx"  # what Triton reports for ONNX models
 EXTENSIONS = ["binary_tensor_data"]
-# One request (REST body after decompression, gRPC message): a bound on what a client can make us hold.
-MAX_REQUEST_BYTES = int(os.environ.get("NNSERVE_KSERVE_MAX_REQUEST_BYTES", str(64 << 20)))
 
 # KServe datatype -> (numpy dtype, gRPC InferTensorContents field). Hand-written rather than using
 # tritonclient.utils' two converters because this one table also says which typed gRPC field holds the data
@@ -66,7 +67,7 @@ def server_metadata() -> dict:
     return {"name": SERVER_NAME, "version": server_version(), "extensions": list(EXTENSIONS)}
 
 
-def get_model(repository: ModelRepository, name: str, version: str = "") -> ModelSpec:
+def get_model(repository: Repository, name: str, version: str = "") -> ModelRuntime:
     """The served model ``name``; an empty version means the one being served. Raises NotFound."""
     runtime = repository.get(name)
     if version and version != runtime.version:
@@ -74,7 +75,7 @@ def get_model(repository: ModelRepository, name: str, version: str = "") -> Mode
     return runtime
 
 
-def model_metadata(runtime: ModelSpec) -> dict:
+def model_metadata(runtime: ModelRuntime) -> dict:
     """KServe model metadata: names, datatypes and shapes (-1 = dynamic) straight from the store metadata."""
     def tensors(specs):
         return [{"name": s.name, "datatype": kserve_datatype(s.dtype), "shape": list(s.shape)} for s in specs]
@@ -83,24 +84,13 @@ def model_metadata(runtime: ModelSpec) -> dict:
             "inputs": tensors(runtime.inputs), "outputs": tensors(runtime.outputs)}
 
 
-class ModelNotReady(Exception):
-    """The model exists but is still loading or warming up (503 / UNAVAILABLE)."""
-
-
-# Failures that are not a server fault: the client's mistake, a model still warming up, or BentoML shedding
-# load (its adaptive batcher raises ServiceUnavailable when a request cannot meet max_latency).
-EXPECTED_FAILURES = (ClientError, ModelNotReady, BentoMLException)
+# Failures that are not a server fault: the client's mistake, a model loading, a full queue.
+EXPECTED_FAILURES = (ClientError,)
 
 
 def http_status(exc: Exception) -> int:
     """HTTP status for a failure; 500 means a server fault."""
-    if isinstance(exc, ClientError):
-        return exc.status
-    if isinstance(exc, ModelNotReady):
-        return 503
-    if isinstance(exc, BentoMLException):
-        return int(exc.error_code)
-    return 500
+    return exc.status if isinstance(exc, ClientError) else 500
 
 
 @dataclass
@@ -113,7 +103,7 @@ class RequestTensor:
     array: np.ndarray | None = None
 
 
-def check_header(runtime: ModelSpec, tensors: list[RequestTensor]) -> None:
+def check_header(runtime: ModelRuntime, tensors: list[RequestTensor]) -> None:
     """Names, datatypes and shapes against the model's input specs (before any data is decoded)."""
     specs = {s.name: s for s in runtime.inputs}
     seen = set()
@@ -141,7 +131,7 @@ def check_header(runtime: ModelSpec, tensors: list[RequestTensor]) -> None:
     check_shared_dims(runtime, tensors)
 
 
-def check_shared_dims(runtime: ModelSpec, tensors: list[RequestTensor]) -> None:
+def check_shared_dims(runtime: ModelRuntime, tensors: list[RequestTensor]) -> None:
     """Dynamic dimensions the ONNX graph names alike (e.g. the batch of ``tokens`` and of ``h``) must agree.
 
     The store metadata only says -1; the graph's own symbolic dimension names say which ones are shared.
@@ -194,7 +184,7 @@ def array_from_values(t: RequestTensor, values) -> np.ndarray:
     return loose.astype(dtype).reshape(t.shape)
 
 
-def select_outputs(runtime: ModelSpec, requested: list[str]) -> list[str]:
+def select_outputs(runtime: ModelRuntime, requested: list[str]) -> list[str]:
     """Requested output names (all outputs when none are requested), checked against the model."""
     names = [s.name for s in runtime.outputs]
     for name in requested:
@@ -203,11 +193,26 @@ def select_outputs(runtime: ModelSpec, requested: list[str]) -> list[str]:
     return list(requested) or names
 
 
-async def infer(repository: ModelRepository, runtime: ModelSpec, tensors: list[RequestTensor],
+def check_values(runtime: ModelRuntime, tensors: list[RequestTensor]) -> None:
+    """What the shapes cannot say: float inputs are finite (a NaN would come back as invalid JSON) and
+    token ids are inside the vocabulary (ONNX Gather would wrap negative ids silently)."""
+    for t in tensors:
+        if t.array.dtype.kind == "f" and not np.isfinite(t.array).all():
+            raise ClientError(f"input {t.name!r} contains NaN or infinite values; send finite numbers")
+    if runtime.kind == "char_lm":
+        tokens = next(t.array for t in tensors if t.name == "tokens")
+        vocab_size = len(runtime.metadata["vocab"])
+        if tokens.min() < 0 or tokens.max() >= vocab_size:
+            raise ClientError(f"token ids of model {runtime.name!r} must be in [0, {vocab_size}), "
+                              f"got values from {tokens.min()} to {tokens.max()}")
+
+
+async def infer(repository: Repository, runtime: ModelRuntime, tensors: list[RequestTensor],
                 output_names: list[str]) -> dict[str, np.ndarray]:
     """Run checked inputs through the repository (which batches and records metrics)."""
     if not repository.is_ready(runtime.name):
-        raise ModelNotReady(f"model {runtime.name!r} is not ready yet")
+        raise Unavailable(f"model {runtime.name!r} is not ready yet", retry_after=1)
+    check_values(runtime, tensors)
     feeds = {t.name: t.array for t in tensors}
     try:
         outputs = await repository.infer(runtime.name, feeds)

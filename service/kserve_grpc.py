@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import TYPE_CHECKING
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from service import kserve
+from service.errors import ClientError
 from service.kserve import RequestTensor
-from service.runtime import ClientError, ModelRepository
+
+if TYPE_CHECKING:
+    from service.repository import Repository
 
 log = logging.getLogger("nnserve.kserve.grpc")
 
@@ -96,7 +100,7 @@ def requested_outputs(runtime, request: pb.ModelInferRequest) -> list[str]:
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: Repository) -> None:
         self.repository = repository
 
     @rpc
@@ -170,12 +174,12 @@ def add_unimplemented_rpcs(servicer_class: type) -> None:
 add_unimplemented_rpcs(InferenceServicer)
 
 
-async def start_grpc_server(repository: ModelRepository, port: int) -> grpc.aio.Server:
+async def start_grpc_server(repository: Repository, port: int, max_request_bytes: int) -> grpc.aio.Server:
     """Start serving on ``port`` (all interfaces). SO_REUSEPORT lets every BentoML worker bind the same port;
     the kernel spreads connections across them."""
     server = grpc.aio.server(options=[
         ("grpc.so_reuseport", 1),
-        ("grpc.max_receive_message_length", kserve.MAX_REQUEST_BYTES),
+        ("grpc.max_receive_message_length", max_request_bytes),
         ("grpc.max_send_message_length", -1),
     ])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(repository), server)

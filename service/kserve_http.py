@@ -12,6 +12,7 @@ import json
 import logging
 import zlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from starlette.applications import Starlette
@@ -21,46 +22,38 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service import kserve
+from service.errors import ClientError, PayloadTooLarge
 from service.kserve import RequestTensor
-from service.runtime import ClientError, ModelRepository
+from service.uploads import read_limited
+
+if TYPE_CHECKING:
+    from service.repository import Repository
 
 log = logging.getLogger("nnserve.kserve.http")
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-MAX_REQUEST_BYTES = kserve.MAX_REQUEST_BYTES
 
 
-class PayloadTooLarge(ClientError):
-    status = 413
+def error(exc: Exception, status: int) -> JSONResponse:
+    retry_after = getattr(exc, "retry_after", None)
+    return JSONResponse({"error": str(exc)}, status_code=status,
+                        headers={"Retry-After": str(retry_after)} if retry_after else None)
 
 
-def error(message: str, status: int) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-async def read_body(request: Request) -> bytes:
-    """The request body, refused past MAX_REQUEST_BYTES; gzip/deflate bodies (tritonclient's
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused past ``max_bytes``; gzip/deflate bodies (tritonclient's
     ``request_compression_algorithm``) are inflated with the same bound."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
-        raise PayloadTooLarge(f"request body of {declared} bytes is over the {MAX_REQUEST_BYTES}-byte limit")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_REQUEST_BYTES:
-            raise PayloadTooLarge(f"request body is over the {MAX_REQUEST_BYTES}-byte limit")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    body = await read_limited(request, max_bytes)
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding in ("gzip", "deflate"):
         # wbits: 16+ = gzip container, MAX_WBITS = zlib container (what Python's zlib.compress writes).
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
         try:
-            body = inflater.decompress(body, MAX_REQUEST_BYTES + 1)
+            body = inflater.decompress(body, max_bytes + 1)
         except zlib.error as e:
             raise ClientError(f"request body is not valid {encoding} data ({e})") from e
-        if len(body) > MAX_REQUEST_BYTES:
-            raise PayloadTooLarge(f"decompressed request body is over the {MAX_REQUEST_BYTES}-byte limit")
+        if len(body) > max_bytes:
+            raise PayloadTooLarge(f"decompressed request body is over the {max_bytes}-byte limit")
     elif encoding != "identity":
         raise ClientError(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
     return body
@@ -177,7 +170,8 @@ def infer_response(runtime, header: dict, outputs: dict[str, np.ndarray], binary
                     headers={HEADER_LENGTH: str(len(json_bytes))})
 
 
-def create_app(get_repository: Callable[[], ModelRepository], prefix: str = "") -> Starlette:
+def create_app(get_repository: Callable[[], Repository], prefix: str = "",
+               max_request_bytes: int = 64 << 20) -> Starlette:
     """KServe v2 REST routes under ``prefix``.
 
     The service mounts this at ``/v2`` (prefix ""). A Starlette Mount at ``/v2`` never sees the bare path
@@ -211,7 +205,7 @@ def create_app(get_repository: Callable[[], ModelRepository], prefix: str = "") 
         p = request.path_params
         repo = get_repository()
         runtime = kserve.get_model(repo, p["name"], p.get("version", ""))
-        header, binary = split_body(request, await read_body(request))
+        header, binary = split_body(request, await read_body(request, max_request_bytes))
         tensors = parse_inputs(runtime, header, binary)
         names, binary_outputs = parse_outputs(runtime, header)
         outputs = await kserve.infer(repo, runtime, tensors, names)
@@ -221,16 +215,16 @@ def create_app(get_repository: Callable[[], ModelRepository], prefix: str = "") 
         status = kserve.http_status(exc)
         if status >= 500 and status != 503:
             log.error("KServe v2 %s %s failed: %s", request.method, request.url.path, exc)
-        return error(str(exc), status)
+        return error(exc, status)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 404:
-            return error(f"no KServe v2 route {request.method} {request.url.path}", 404)
-        return error(exc.detail, exc.status_code)
+            return error(ClientError(f"no KServe v2 route {request.method} {request.url.path}"), 404)
+        return error(ClientError(exc.detail), exc.status_code)
 
     async def server_error(request: Request, exc: Exception) -> Response:
         log.exception("KServe v2 %s %s failed", request.method, request.url.path)
-        return error(f"internal error: {type(exc).__name__}: {exc}", 500)
+        return error(RuntimeError(f"internal error: {type(exc).__name__}: {exc}"), 500)
 
     model = prefix + "/models/{name}"
     versioned = model + "/versions/{version}"

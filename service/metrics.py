@@ -1,7 +1,7 @@
 """Prometheus metrics of the serving path (names and labels: docs/metrics.md), exposed on BentoML's ``/metrics``.
 
 BentoML runs every worker with ``PROMETHEUS_MULTIPROC_DIR`` set and ``/metrics`` merges all processes'
-files, so a metric recorded in the image-model worker shows up on the entry service's ``/metrics``.
+files, so every worker's metrics show up whichever worker answers ``/metrics``.
 The metric objects are created on first use, in the worker: prometheus_client picks its multiprocess
 value store when first imported, which must not happen in a process without that variable.
 
@@ -11,8 +11,10 @@ the 5 ms where BentoML's default buckets start.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 LATENCY_BUCKETS = (50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
@@ -36,9 +38,11 @@ def registry() -> SimpleNamespace:
                                   "from handler start to response.", request, buckets=LATENCY_BUCKETS),
         preprocess_seconds=Histogram("nnserve_preprocess_duration_seconds", "Image decode + preprocessing.",
                                      model, buckets=LATENCY_BUCKETS),
-        batch_wait_seconds=Histogram("nnserve_batch_wait_duration_seconds", "Time in the adaptive batcher: "
-                                     "from hand-off to result, minus the batch's inference time.",
+        batch_wait_seconds=Histogram("nnserve_batch_wait_duration_seconds", "Time in the dynamic batcher's "
+                                     "queue: from enqueue until the request's batch starts.",
                                      model, buckets=LATENCY_BUCKETS),
+        queued=Gauge("nnserve_queued_requests", "Requests waiting in the dynamic batcher's queue (sampled at "
+                     "each batch).", model, multiprocess_mode="livesum"),
         inference_seconds=Histogram("nnserve_inference_duration_seconds", "One ONNX Runtime call (a whole "
                                     "batch or decode step).", [*model, "batcher"], buckets=LATENCY_BUCKETS),
         batch_size=Histogram("nnserve_batch_size", "Items per ONNX Runtime call.", [*model, "batcher"],
@@ -49,12 +53,14 @@ def registry() -> SimpleNamespace:
     )
 
 
-def observe_batch(model, batcher: str, size: int, seconds: float) -> None:
-    """One ONNX Runtime call of ``size`` items. batcher: adaptive (image models), continuous (decode
-    steps of /generate) or none (a /v2 request run as sent)."""
+def observe_batch(model, batcher: str, size: int, seconds: float, queued: int | None = None) -> None:
+    """One ONNX Runtime call of ``size`` items. batcher: dynamic (whole requests) or continuous (decode
+    steps of /generate); ``queued``: requests still waiting when it started."""
     m = registry()
     m.inference_seconds.labels(model.name, model.version, batcher).observe(seconds)
     m.batch_size.labels(model.name, model.version, batcher).observe(size)
+    if queued is not None:
+        m.queued.labels(model.name, model.version).set(queued)
 
 
 def outcome(status: int) -> str:
@@ -83,6 +89,15 @@ class RequestMetrics:
         self.timings[stage] = seconds
         if stage in ("preprocess", "batch_wait"):
             getattr(registry(), f"{stage}_seconds").labels(*self.labels).observe(seconds)
+
+    @contextlib.contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Observe the time spent in the ``with`` block as ``stage`` (also when it raises)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.observe(stage, time.perf_counter() - start)
 
     def timings_ms(self) -> dict[str, float]:
         return {stage: round(seconds * 1e3, 3) for stage, seconds in self.timings.items()}

@@ -1,0 +1,85 @@
+"""OpenAPI for the routes nnserve serves itself (REST and KServe v2), merged into BentoML's own document so
+the one page at ``/`` documents every endpoint. Hand-written: these routes are plain Starlette, which
+generates no schema."""
+
+from __future__ import annotations
+
+from service.generation import MAX_NEW_CHARS, MAX_PROMPT_CHARS
+
+ERROR = {"description": "The problem, named: `{\"error\": \"...\"}` (503 adds Retry-After)",
+         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+ERRORS = {str(code): ERROR for code in (400, 404, 413, 415, 503)}
+
+
+def form(properties: dict, required: list[str]) -> dict:
+    return {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "properties": properties, "required": required}}}}
+
+
+IMAGE = {"type": "string", "format": "binary",
+         "description": "The image file's bytes (PNG, JPEG, GIF, BMP, TIFF, WebP, ...); URLs are never fetched"}
+
+PATHS = {
+    "/classify": {"post": {
+        "summary": "Classify an image", "tags": ["REST"],
+        "description": "The top_k labels with softmax probabilities, highest first. Preprocessing is the model's "
+                       "training transform, read from its store metadata. "
+                       "`curl -F image=@digit.png -F top_k=3 localhost:3000/classify`",
+        "requestBody": form({"image": IMAGE,
+                             "model": {"type": "string", "default": "lenet5", "description": "lenet5 or vgg_fc7"},
+                             "top_k": {"type": "integer", "minimum": 1, "default": 5}}, ["image"]),
+        "responses": {"200": {"description": "`model` (name:version), `predictions` [{label, probability}], "
+                                             "`batch_size`, `timings_ms`",
+                              "content": {"application/json": {"schema": {"type": "object"}}}}, **ERRORS}}},
+    "/features": {"post": {
+        "summary": "FC7 feature vector of an image", "tags": ["REST"],
+        "description": "4096 floats for the default vgg_fc7; `format=npy` answers a float32 .npy file.",
+        "requestBody": form({"image": IMAGE,
+                             "model": {"type": "string", "default": "vgg_fc7"},
+                             "normalize": {"type": "boolean", "default": False, "description": "L2-normalise"},
+                             "format": {"type": "string", "enum": ["json", "npy"], "default": "json"}}, ["image"]),
+        "responses": {"200": {"description": "`model`, `dim`, `features`, `batch_size`, `timings_ms` (or .npy)",
+                              "content": {"application/json": {"schema": {"type": "object"}},
+                                          "application/x-npy": {}}}, **ERRORS}}},
+    "/generate": {"post": {
+        "summary": "Continue a prompt character by character", "tags": ["REST"],
+        "description": "Continuous batching across concurrent requests; same seed, same text. With "
+                       "`stream: true` the characters arrive as chunked text/plain, or as Server-Sent Events "
+                       "with `Accept: text/event-stream` (an `end` event closes the stream).",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "additionalProperties": False, "required": ["prompt"], "properties": {
+                "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS},
+                "max_new_chars": {"type": "integer", "minimum": 1, "maximum": MAX_NEW_CHARS, "default": 200},
+                "temperature": {"type": "number", "exclusiveMinimum": 0, "default": 1.0},
+                "top_k": {"type": ["integer", "null"], "minimum": 1, "default": None},
+                "seed": {"type": ["integer", "null"], "minimum": 0, "default": None},
+                "model": {"type": "string", "default": "char_lstm", "description": "char_lstm or char_gru"},
+                "stream": {"type": "boolean", "default": False}}}}}},
+        "responses": {"200": {"description": "`{model, text, seed, timings_ms}`, or the stream",
+                              "content": {"application/json": {"schema": {"type": "object"}},
+                                          "text/plain": {}, "text/event-stream": {}}}, **ERRORS}}},
+    "/models": {"get": {
+        "summary": "Every served model", "tags": ["REST"],
+        "description": "Version, store tag, kind, state (loading / ready / failed with the reason), execution "
+                       "provider, tensors, parity certificate, labels or vocabulary size.",
+        "responses": {"200": {"description": "`{models: [...]}`"}}}},
+    "/v2/models/{name}/infer": {"post": {
+        "summary": "KServe v2 / Open Inference Protocol inference", "tags": ["KServe v2"],
+        "description": "JSON tensors or Triton's binary tensor extension (Inference-Header-Content-Length). "
+                       "Also: GET /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/ready], "
+                       "/v2/models/{name}/versions/{version}/...; gRPC on NNSERVE_GRPC_PORT (docs/kserve.md).",
+        "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}},
+                                                      "application/octet-stream": {}}},
+        "responses": {"200": {"description": "`{model_name, model_version, outputs: [...]}`"}, **ERRORS}}},
+}
+
+
+def merge(base: dict) -> dict:
+    """BentoML's document plus our paths and the Error schema."""
+    spec = {**base, "paths": {**base.get("paths", {}), **PATHS}}
+    components = dict(spec.get("components", {}))
+    components["schemas"] = {**components.get("schemas", {}), "Error": {
+        "type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}
+    spec["components"] = components
+    return spec

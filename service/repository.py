@@ -1,0 +1,129 @@
+"""Every served model in this worker process: its ONNX Runtime session, its dynamic batcher and (text
+models) its generation loop, plus its state: loading, ready, or failed with the reason.
+
+Models load in a background thread when the service starts, so health endpoints answer at once; a
+model that cannot load is marked failed (its reason shown by ``GET /models`` and the KServe
+readiness routes) while the others serve. All front ends (REST, KServe v2 REST and gRPC) call
+``infer`` or the batchers here; the repository knows nothing of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+
+import numpy as np
+
+from service import metrics
+from service.adapters import warmup_sizes
+from service.batching import BatchingConfig, BatchStats, DynamicBatcher
+from service.errors import ClientError, NotFound, Unavailable
+from service.generation import ContinuousBatcher
+from service.runtime import ModelRuntime, load_runtime
+from service.settings import Settings
+
+log = logging.getLogger("nnserve.repository")
+
+
+class Repository:
+    def __init__(self, settings: Settings, names: tuple[str, ...] | None = None) -> None:
+        self.settings = settings
+        self._names = tuple(names or settings.model_tags)
+        self.models: dict[str, ModelRuntime] = {}
+        self.batchers: dict[str, DynamicBatcher] = {}
+        self.generators: dict[str, ContinuousBatcher] = {}
+        self.failures: dict[str, str] = {}  # name -> why it could not load
+        self.loaded = threading.Event()  # every model is ready or failed
+        self.batching = BatchingConfig(
+            max_batch_size=settings.max_batch_size, max_queue_delay_s=settings.max_queue_delay_ms / 1e3,
+            preferred_batch_sizes=settings.preferred_batch_sizes, max_queue_size=settings.max_queue_size,
+            queue_timeout_s=settings.queue_timeout_ms / 1e3)
+
+    def start_loading(self) -> threading.Thread:
+        thread = threading.Thread(target=self.load_all, name="model-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def load_all(self) -> None:
+        for name in self._names:
+            try:
+                self._load(name)
+            except Exception as e:  # a broken model must not take the others down
+                self.failures[name] = f"{type(e).__name__}: {e}"
+                log.error("model %s failed to load and is not served: %s", name, self.failures[name])
+        self.loaded.set()
+
+    def _load(self, name: str) -> None:
+        runtime = load_runtime(name, self.settings.model_tags[name], settings=self.settings)
+        sizes = warmup_sizes(self.settings.generation_batch_size if runtime.kind == "char_lm"
+                             else self.settings.max_batch_size)
+        runtime.warmup(sizes)
+        self.batchers[name] = DynamicBatcher(name, runtime.run, runtime.adapter.batch_axis, self.batching,
+                                             on_batch=functools.partial(metrics.observe_batch, runtime, "dynamic"))
+        if runtime.kind == "char_lm":
+            self.generators[name] = ContinuousBatcher(
+                runtime, self.settings.generation_batch_size,
+                on_step=functools.partial(metrics.observe_batch, runtime, "continuous"))
+        self.models[name] = runtime  # last: a model is ready once everything it needs exists
+
+    def close(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.close()
+
+    # -- what front ends ask ------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def is_ready(self, name: str) -> bool:
+        return name in self.models
+
+    def all_ready(self) -> bool:
+        return all(name in self.models for name in self._names)
+
+    def state(self, name: str) -> str:
+        return "ready" if name in self.models else "failed" if name in self.failures else "loading"
+
+    def get(self, name: str) -> ModelRuntime:
+        """The served model ``name``: NotFound if unknown, Unavailable while loading or if it failed."""
+        if name in self.models:
+            return self.models[name]
+        if name in self.failures:
+            raise Unavailable(f"model {name!r} failed to load: {self.failures[name]}")
+        if name in self._names:
+            raise Unavailable(f"model {name!r} is still loading", retry_after=1)
+        raise NotFound(f"unknown model {str(name)[:100]!r}; served models: {', '.join(self._names)}")
+
+    def model_for(self, name: str, endpoint: str, kinds: tuple[str, ...]) -> ModelRuntime:
+        """The served model ``name`` if ``endpoint`` can use its kind."""
+        model = self.get(name)
+        if model.kind not in kinds:
+            fitting = [m.name for m in self.models.values() if m.kind in kinds]
+            raise ClientError(f"model {name!r} is a {model.kind} model; {endpoint} serves {', '.join(fitting)}")
+        return model
+
+    def describe(self) -> list[dict]:
+        return [self.models[n].describe() | {"state": "ready"} if n in self.models
+                else {"name": n, "state": self.state(n), "reason": self.failures.get(n)} for n in self._names]
+
+    async def run(self, name: str, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], BatchStats]:
+        """Checked inputs through the model's dynamic batcher."""
+        return await self.batchers[name].infer(feeds)
+
+    async def infer(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """KServe v2 (REST and gRPC): feeds already validated against the metadata; counted as endpoint v2."""
+        request = metrics.RequestMetrics("v2")
+        status = 500
+        try:
+            model = self.get(name)
+            request.begin(model)
+            outputs, stats = await self.run(name, feeds)
+            request.observe("batch_wait", stats.queue_s)
+            status = 200
+            return outputs
+        except ClientError as e:
+            status = e.status
+            raise
+        finally:
+            request.finish(status)

@@ -1,0 +1,238 @@
+"""The REST endpoints: ``/classify``, ``/features``, ``/generate``, ``GET /models`` and the merged OpenAPI
+``/docs.json``, as one Starlette app that the BentoML service mounts.
+
+These routes are plain Starlette rather than ``@bentoml.api``: measured on 2 cores, BentoML's API
+machinery (its file input, pydantic validation, per-request bookkeeping) cost 2x the throughput of the
+same work in a mounted route (docs/bench.md). The request format is unchanged
+(``curl -F image=@digit.png localhost:3000/classify``); BentoML's Python client cannot call these
+routes: use any HTTP client (docs/service.md).
+
+Each request: body read once within its limit, parsed once, image decoded once (in the event loop when
+small, else in a thread), then the model's dynamic batcher. Every client mistake is a 4xx JSON
+``{"error": ...}`` naming it; a full queue is 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from service import images, metrics, openapi
+from service.errors import ClientError
+from service.generation import GenerationRequest
+from service.repository import Repository
+from service.uploads import (
+    bool_field,
+    check_fields,
+    choice_field,
+    int_field,
+    parse_multipart,
+    read_limited,
+    text_field,
+)
+
+log = logging.getLogger("nnserve.rest")
+
+IMAGE_KINDS = ("image_classifier", "image_feature_extractor")
+FEATURE_OUTPUT = "fc7"  # the feature-extractor output named in docs/architecture.md
+INLINE_DECODE_BYTES = 32 << 10  # smaller uploads decode in the event loop: a thread hop costs more
+MULTIPART_OVERHEAD = 64 << 10  # form framing and the other fields, on top of the upload limit
+MAX_JSON_BYTES = 64 << 10  # a /generate body: a 2000-character prompt and a few numbers
+
+
+def error_response(request: metrics.RequestMetrics | None, error: Exception) -> JSONResponse:
+    """The JSON error for a failed request, counted by outcome. Client mistakes log one DEBUG line; a
+    server fault logs its traceback."""
+    if isinstance(error, ClientError):
+        status, message = error.status, str(error)
+        log.debug("%s: %d %s", request.endpoint if request else "-", status, message)
+    else:
+        status, message = 500, f"internal error: {type(error).__name__}: {error}"
+        log.error("%s failed", request.endpoint if request else "-", exc_info=error)
+    if request is not None:
+        request.finish(status)
+    retry_after = getattr(error, "retry_after", None)
+    return JSONResponse({"error": message}, status_code=status,
+                        headers={"Retry-After": str(retry_after)} if retry_after else None)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits.astype(np.float64) - logits.max())
+    return z / z.sum()
+
+
+def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[], dict]) -> Starlette:
+    """The REST routes. ``base_spec()`` is BentoML's own OpenAPI document, which /docs.json extends."""
+
+    async def read_image_form(request: Request, allowed: tuple[str, ...]) -> dict:
+        settings = get_repository().settings
+        body = await read_limited(request, settings.max_upload_bytes + MULTIPART_OVERHEAD, "upload")
+        parts = parse_multipart(body, request.headers.get("content-type", ""))
+        check_fields(parts, allowed)
+        if "image" not in parts:
+            raise ClientError("missing form field 'image': the image file (curl -F image=@digit.png ...)")
+        return parts
+
+    async def image_input(data: bytes, model, request: metrics.RequestMetrics) -> np.ndarray:
+        """Upload bytes -> model input [1, C, H, W] (decoded once; large uploads in a worker thread)."""
+        settings = get_repository().settings
+        spec = model.metadata["preprocessing"]
+        with request.timed("preprocess"):
+            if len(data) <= INLINE_DECODE_BYTES:
+                x = images.preprocess_upload(data, spec, settings.max_upload_bytes, settings.max_image_pixels)
+            else:
+                x = await asyncio.to_thread(images.preprocess_upload, data, spec, settings.max_upload_bytes,
+                                            settings.max_image_pixels)
+        return x[None]
+
+    async def run_image(model, x: np.ndarray, request: metrics.RequestMetrics) -> tuple[dict, int]:
+        outputs, stats = await get_repository().run(model.name, {model.inputs[0].name: x})
+        request.observe("batch_wait", stats.queue_s)
+        request.observe("inference", stats.inference_s)
+        return outputs, stats.batch_size
+
+    async def classify(request: Request) -> Response:
+        record = metrics.RequestMetrics("classify")
+        try:
+            parts = await read_image_form(request, ("image", "model", "top_k"))
+            model = get_repository().model_for(text_field(parts, "model", "lenet5"), "/classify", IMAGE_KINDS)
+            record.begin(model)
+            top_k = int_field(parts, "top_k", 5, minimum=1)
+            outputs, batch_size = await run_image(model, await image_input(parts["image"].data, model, record),
+                                                  record)
+        except Exception as e:
+            return error_response(record, e)
+        probabilities = softmax(outputs["logits"][0])
+        labels = model.metadata["labels"]
+        best = np.argsort(-probabilities, kind="stable")[:top_k]
+        record.finish(200)
+        return JSONResponse({"model": model.tag, "batch_size": batch_size, "timings_ms": record.timings_ms(),
+                             "predictions": [{"label": labels[i], "probability": float(probabilities[i])}
+                                             for i in best]})
+
+    async def features(request: Request) -> Response:
+        record = metrics.RequestMetrics("features")
+        try:
+            parts = await read_image_form(request, ("image", "model", "normalize", "format"))
+            model = get_repository().model_for(text_field(parts, "model", "vgg_fc7"), "/features",
+                                               ("image_feature_extractor",))
+            record.begin(model)
+            normalize = bool_field(parts, "normalize", False)
+            fmt = choice_field(parts, "format", ("json", "npy"))
+            outputs, batch_size = await run_image(model, await image_input(parts["image"].data, model, record),
+                                                  record)
+        except Exception as e:
+            return error_response(record, e)
+        vector = outputs[FEATURE_OUTPUT][0].astype(np.float32)
+        if normalize:
+            vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        record.finish(200)
+        if fmt == "npy":
+            buffer = io.BytesIO()
+            np.save(buffer, vector)
+            return Response(buffer.getvalue(), media_type="application/x-npy",
+                            headers={"X-Model": model.tag, "X-Feature-Dim": str(vector.size)})
+        return JSONResponse({"model": model.tag, "dim": int(vector.size), "features": vector.tolist(),
+                             "batch_size": batch_size, "timings_ms": record.timings_ms()})
+
+    async def generate(request: Request) -> Response:
+        record = metrics.RequestMetrics("generate")
+        stream_metrics = None
+        try:
+            body = await read_limited(request, MAX_JSON_BYTES)
+            try:
+                job = GenerationRequest.from_dict(json.loads(body))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                raise ClientError(f"the body must be a JSON object ({type(e).__name__}: {str(e)[:200]})") from e
+            if not isinstance(job.model, str):
+                raise ClientError(f"model must be a string, got {type(job.model).__name__}")
+            repository = get_repository()
+            model = repository.model_for(job.model, "/generate", ("char_lm",))
+            record.begin(model)
+            chunks = repository.generators[model.name].submit(job)
+            stream_metrics = metrics.StreamMetrics(model).start()
+            # Wait for the first characters before answering: a request that cannot start gets its error.
+            first = await anext(chunks)
+        except Exception as e:
+            if stream_metrics is not None:
+                stream_metrics.stop()
+            return error_response(record, e)
+        stream_metrics.chars(len(first))
+        headers = {"X-Model": model.tag, "X-Seed": str(job.seed)}
+        if job.stream:
+            sse = "text/event-stream" in request.headers.get("accept", "")
+            body = stream_body(first, chunks, record, stream_metrics, sse, {"model": model.tag, "seed": job.seed})
+            return StreamingResponse(body, headers=headers,
+                                     media_type="text/event-stream" if sse else "text/plain; charset=utf-8")
+        text = [first]
+        try:
+            async for chunk in chunks:
+                text.append(chunk)
+                stream_metrics.chars(len(chunk))
+        except Exception as e:
+            return error_response(record, e)
+        finally:
+            stream_metrics.stop()
+        record.finish(200)
+        return JSONResponse({"model": model.tag, "text": "".join(text), "seed": job.seed,
+                             "timings_ms": record.timings_ms()})
+
+    async def list_models(request: Request) -> Response:
+        return JSONResponse({"models": get_repository().describe()})
+
+    async def docs_json(request: Request) -> Response:
+        return JSONResponse(openapi.merge(base_spec()))
+
+    return Starlette(routes=[
+        Route("/classify", classify, methods=["POST"]),
+        Route("/features", features, methods=["POST"]),
+        Route("/generate", generate, methods=["POST"]),
+        Route("/models", list_models, methods=["GET"]),
+        Route("/docs.json", docs_json, methods=["GET"]),
+    ])
+
+
+async def stream_body(first: str, chunks: AsyncIterator[str], record: metrics.RequestMetrics,
+                      stream_metrics: metrics.StreamMetrics, sse: bool, final: dict) -> AsyncIterator[str]:
+    """The streamed characters, each chunk everything sampled since the last one was sent. Chunked text,
+    or Server-Sent Events: a ``data:`` event per chunk (one ``data:`` line per line of text), then an
+    ``end`` event with the model, seed and character count (or an ``error`` event)."""
+    status, count = 500, 0  # failed mid-stream: the client gets a cut-off body, the server log the error
+    try:
+        chunk = first
+        while True:
+            count += len(chunk)
+            yield sse_event(chunk) if sse else chunk
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            stream_metrics.chars(len(chunk))
+        if sse:
+            yield sse_event(json.dumps({**final, "chars": count}), "end")
+        status = 200
+    except (GeneratorExit, asyncio.CancelledError):
+        status = 499  # the client went away (nginx's "client closed request"): counted as client_error
+        raise
+    except Exception as e:
+        log.error("generation stream failed", exc_info=e)
+        if sse:
+            yield sse_event(json.dumps({"error": str(e)}), "error")
+    finally:
+        await chunks.aclose()  # frees the request's batch slot at once
+        stream_metrics.stop()
+        record.finish(status)
+
+
+def sse_event(data: str, event: str | None = None) -> str:
+    lines = "".join(f"data: {line}\n" for line in data.split("\n"))
+    return (f"event: {event}\n" if event else "") + lines + "\n"
