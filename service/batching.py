@@ -5,7 +5,8 @@ hop per request: the event loop only enqueues and is woken once per batch with e
 
 - ``max_batch_size``: items per model call. A request with more items is split into chunks of at most
   that size, queued one after another (two in flight, so the model never idles between them) and
-  reassembled: a request of any size runs; it is never told to retry for something that cannot fit.
+  reassembled: a request of any size runs; it is never told to retry for something that cannot fit
+  (only its first chunk is subject to the queue bound).
 - ``max_queue_delay``: how long the oldest request may wait for others to join. A fixed, configured
   wait: nothing is learned from past batches, so no state outlives the load. 0 (the default, as in
   Triton) runs whatever is queued as soon as the model is free: batches then grow with the load alone.
@@ -108,11 +109,12 @@ class DynamicBatcher:
         chunks = [{k: self._slice(k, v, s, s + size) for k, v in feeds.items()} for s in starts]
         semaphore = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
 
-        async def run_chunk(chunk: Feeds) -> tuple[Feeds, BatchStats]:
+        async def run_chunk(chunk: Feeds, admitted: bool) -> tuple[Feeds, BatchStats]:
             async with semaphore:
-                return await self._submit(chunk, self._items(chunk))
+                return await self._submit(chunk, self._items(chunk), admitted)
 
-        tasks = [asyncio.ensure_future(run_chunk(c)) for c in chunks]
+        # The first chunk is admitted like any request; the rest of an admitted request are not turned away.
+        tasks = [asyncio.ensure_future(run_chunk(c, i > 0)) for i, c in enumerate(chunks)]
         try:
             results = await asyncio.gather(*tasks)
         except BaseException:  # one chunk failed or the caller went away: drop the rest too
@@ -151,7 +153,7 @@ class DynamicBatcher:
         return tuple((k, v.dtype.str, v.shape[:self._axis(k)] + v.shape[self._axis(k) + 1:])
                      for k, v in sorted(feeds.items()))
 
-    async def _submit(self, feeds: Feeds, items: int) -> tuple[Feeds, BatchStats]:
+    async def _submit(self, feeds: Feeds, items: int, admitted: bool = False) -> tuple[Feeds, BatchStats]:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         timeout = self.config.queue_timeout_s
@@ -160,7 +162,7 @@ class DynamicBatcher:
         with self._lock:
             if self._closed:
                 raise Unavailable(f"model {self.name!r} is shutting down")
-            if len(self._queue) >= self.config.max_queue_size:
+            if len(self._queue) >= self.config.max_queue_size and not admitted:
                 raise Unavailable(f"model {self.name!r} is overloaded: {len(self._queue)} requests are queued "
                                   f"(NNSERVE_MAX_QUEUE_SIZE={self.config.max_queue_size}); retry later",
                                   self.config.retry_after_s)

@@ -212,11 +212,6 @@ class ContinuousBatcher:
             self._lock.notify()
         return self._read(slot)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
-        """``submit`` and read in one: yields chunks of characters."""
-        async for chunk in self.submit(request):
-            yield chunk
-
     @contextmanager
     def held(self):
         """No step starts while held: requests submitted inside join at the same step boundary (tests)."""

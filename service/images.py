@@ -78,3 +78,10 @@ def preprocess_upload(data: bytes, spec: dict, max_bytes: int = MAX_UPLOAD_BYTES
     except (OSError, ValueError) as e:  # e.g. a mode Pillow cannot convert
         raise UnsupportedMedia(f"cannot convert a {image.mode} {image.format} image: {e}") from e
     return preprocess_uint8(pixels[None], spec)[0]
+
+
+def blank_png(size: int = 8) -> bytes:
+    """A small valid PNG (warm-up input)."""
+    buffer = io.BytesIO()
+    Image.new("L", (size, size)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -92,12 +92,10 @@ class RequestMetrics:
 
     @contextlib.contextmanager
     def timed(self, stage: str) -> Iterator[None]:
-        """Observe the time spent in the ``with`` block as ``stage`` (also when it raises)."""
+        """Observe the time spent in the ``with`` block as ``stage`` (if it completes)."""
         start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.observe(stage, time.perf_counter() - start)
+        yield
+        self.observe(stage, time.perf_counter() - start)
 
     def timings_ms(self) -> dict[str, float]:
         return {stage: round(seconds * 1e3, 3) for stage, seconds in self.timings.items()}

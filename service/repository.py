@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from service import metrics
+from service import images, metrics
 from service.adapters import warmup_sizes
 from service.batching import BatchingConfig, BatchStats, DynamicBatcher
 from service.errors import ClientError, NotFound, Unavailable
@@ -59,6 +59,8 @@ class Repository:
         sizes = warmup_sizes(self.settings.generation_batch_size if runtime.kind == "char_lm"
                              else self.settings.max_batch_size)
         runtime.warmup(sizes)
+        if runtime.is_image:  # Pillow loads its decoders on first use: not on a client's request
+            images.preprocess_upload(images.blank_png(), runtime.metadata["preprocessing"])
         self.batchers[name] = DynamicBatcher(name, runtime.run, runtime.adapter.batch_axis, self.batching,
                                              on_batch=functools.partial(metrics.observe_batch, runtime, "dynamic"))
         if runtime.kind == "char_lm":

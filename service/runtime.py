@@ -20,6 +20,7 @@ from service.settings import Settings
 
 log = logging.getLogger("nnserve.runtime")
 
+_reported_skips: set[str] = set()
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
@@ -33,7 +34,8 @@ def choose_providers(requested: list[str] | tuple[str, ...] | None = None) -> li
     for provider in requested:
         if provider in available:
             chosen.append(provider)
-        else:
+        elif provider not in _reported_skips:  # once per process, not once per model
+            _reported_skips.add(provider)
             log.info("execution provider %s skipped: not available in this onnxruntime build "
                      "(available: %s)", provider, sorted(available))
     if "CPUExecutionProvider" not in chosen:

@@ -44,9 +44,12 @@ class Part:
 def parse_multipart(body: bytes, content_type: str) -> dict[str, Part]:
     """``multipart/form-data`` body -> {field name: Part}. A field given twice is an error."""
     media_type, params = parse_options_header(content_type)
+    if not body:
+        raise ClientError("empty request body: expected multipart/form-data with the image file in field 'image' "
+                          "(curl -F image=@digit.png ...)")
     if media_type != b"multipart/form-data":
-        raise UnsupportedMedia(f"expected a multipart/form-data body (curl -F image=@digit.png ...), got "
-                               f"Content-Type {content_type[:100]!r}")
+        raise UnsupportedMedia(f"expected a multipart/form-data body with the image file in field 'image' "
+                               f"(curl -F image=@digit.png ...), got Content-Type {content_type[:100]!r}")
     boundary = params.get(b"boundary")
     if not boundary:
         raise ClientError("the multipart/form-data Content-Type has no boundary parameter")

@@ -1,8 +1,10 @@
 """Continuous batching for /generate: batched decode steps give exactly the unbatched text, requests
-join at step boundaries and leave when done or abandoned, failures stay with the requests they hit.
+join at step boundaries (equal-length prompts prefilled together) and leave when done or abandoned,
+failures stay with the requests they hit, characters reach the reader coalesced.
 
 Runs the real tiny char_lstm / char_gru exported to the test session's model store (``tiny_store``).
-Batch-size assertions rely only on asyncio's FIFO scheduling, never on timing.
+The step loop runs on its own thread: batch-size assertions submit their requests while the loop is
+``held()``, so they join at one boundary whatever the timing.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import numpy as np
 import pytest
 
+from service.errors import ClientError
 from service.generation import (
     MAX_NEW_CHARS,
     MAX_PROMPT_CHARS,
@@ -20,9 +23,11 @@ from service.generation import (
     ContinuousBatcher,
     GenerationError,
     GenerationRequest,
+    measure_step_loop,
     sample_token,
+    sample_tokens,
 )
-from service.runtime import ClientError, ModelRuntime, load_runtime
+from service.runtime import ModelRuntime, load_runtime
 
 CHAR_KINDS = ("char_lstm", "char_gru")
 HANG_GUARD_S = 300  # not a timing assertion: turns a hung step loop into a failure instead of a stuck suite
@@ -68,7 +73,11 @@ def run(coro):
 
 
 async def collect(batcher: ContinuousBatcher, request: GenerationRequest) -> str:
-    return "".join([ch async for ch in batcher.generate(request)])
+    return "".join([chunk async for chunk in batcher.submit(request)])
+
+
+async def read(stream) -> str:
+    return "".join([chunk async for chunk in stream])
 
 
 def prompt_for(runtime: ModelRuntime) -> str:
@@ -160,7 +169,9 @@ def generate_together(runtime: ModelRuntime, requests: list[GenerationRequest],
     async def main() -> list[str]:
         batcher = ContinuousBatcher(runtime, on_step=lambda size, seconds: steps.append(size), **batcher_options)
         try:
-            return await asyncio.gather(*(collect(batcher, r) for r in requests))
+            with batcher.held():  # all join at the first step boundary
+                streams = [batcher.submit(r) for r in requests]
+            return await asyncio.gather(*(read(s) for s in streams))
         finally:
             await batcher.close()
 
@@ -186,18 +197,18 @@ def test_concurrent_requests_equal_each_request_alone(runtime: ModelRuntime) -> 
 
 def test_request_joins_a_running_batch_at_the_next_step(runtime: ModelRuntime) -> None:
     prompt = prompt_for(runtime)
-    long = GenerationRequest(prompt, max_new_chars=120, seed=10, temperature=0.9)
+    long = GenerationRequest(prompt, max_new_chars=MAX_NEW_CHARS, seed=10, temperature=0.9)
     short = GenerationRequest(prompt + prompt, max_new_chars=12, seed=11, top_k=8)
     steps: list[int] = []
 
     async def main() -> tuple[str, str]:
         batcher = ContinuousBatcher(runtime, on_step=lambda size, seconds: steps.append(size))
         try:
-            async with contextlib.aclosing(batcher.generate(long)) as long_stream:
+            async with contextlib.aclosing(batcher.submit(long)) as long_stream:
                 first = await anext(long_stream)  # the long request is now in the batch
                 short_text = await collect(batcher, short)
                 assert batcher.active == 1  # the short one left, the long one is still decoding
-                long_text = first + "".join([ch async for ch in long_stream])
+                long_text = first + "".join([chunk async for chunk in long_stream])
             return long_text, short_text
         finally:
             await batcher.close()
@@ -207,6 +218,48 @@ def test_request_joins_a_running_batch_at_the_next_step(runtime: ModelRuntime) -
     assert short_text == generate_alone(runtime, short)
     assert steps.count(2) == short.max_new_chars - 1  # every decode step of the short one was shared
     assert len(steps) == long.max_new_chars - 1 and set(steps) == {1, 2}
+
+
+def test_equal_length_prompts_are_prefilled_together(runtime: ModelRuntime) -> None:
+    """Joining prompts of equal length share one [B, T] prefill call; other lengths get their own."""
+    prompt = prompt_for(runtime)
+    calls: list[tuple[int, int]] = []
+    real_run = runtime.run
+
+    def spy(feeds, outputs=None):
+        if feeds["tokens"].shape[1] > 1:
+            calls.append(feeds["tokens"].shape)
+        return real_run(feeds, outputs)
+
+    requests = [GenerationRequest(prompt, max_new_chars=5, seed=s) for s in (1, 2, 3)]
+    requests.append(GenerationRequest(prompt * 2, max_new_chars=5, seed=4))
+    runtime.run = spy
+    try:
+        texts, _ = generate_together(runtime, requests)
+    finally:
+        del runtime.run
+    assert sorted(calls) == sorted([(3, len(prompt)), (1, 2 * len(prompt))])
+    assert texts == [generate_alone(runtime, r) for r in requests]
+
+
+def test_characters_ready_together_reach_the_reader_in_one_chunk(runtime: ModelRuntime) -> None:
+    """A reader that is not keeping up gets everything sampled meanwhile as one chunk, not one per character."""
+    request = GenerationRequest(prompt_for(runtime), max_new_chars=300, seed=5)
+
+    async def main() -> list[str]:
+        batcher = ContinuousBatcher(runtime)
+        try:
+            stream = batcher.submit(request)
+            chunks = [await anext(stream)]
+            while batcher.active:  # let the step loop run ahead of this reader
+                await asyncio.sleep(0.01)
+            return chunks + [chunk async for chunk in stream]
+        finally:
+            await batcher.close()
+
+    chunks = run(main())
+    assert "".join(chunks) == generate_alone(runtime, request)
+    assert len(chunks) <= 3, [len(c) for c in chunks]  # the rest came as one chunk
 
 
 def test_max_batch_size_queues_the_rest(runtime: ModelRuntime) -> None:
@@ -235,8 +288,8 @@ def test_abandoned_stream_frees_its_slot(runtime: ModelRuntime) -> None:
         batcher = ContinuousBatcher(runtime, on_step=lambda size, seconds: steps.append(size))
         try:
             # 1. The consumer closes the iterator (client disconnected mid-stream).
-            stream = batcher.generate(GenerationRequest(prompt, max_new_chars=MAX_NEW_CHARS, seed=1))
-            assert len([await anext(stream) for _ in range(3)]) == 3
+            stream = batcher.submit(GenerationRequest(prompt, max_new_chars=MAX_NEW_CHARS, seed=1))
+            assert await anext(stream)
             assert batcher.active == 1
             await stream.aclose()
             assert (batcher.active, batcher.waiting) == (0, 0)
@@ -245,7 +298,7 @@ def test_abandoned_stream_frees_its_slot(runtime: ModelRuntime) -> None:
             got_some = asyncio.Event()
 
             async def consume() -> None:
-                async for _ in batcher.generate(GenerationRequest(prompt, max_new_chars=MAX_NEW_CHARS, seed=2)):
+                async for _ in batcher.submit(GenerationRequest(prompt, max_new_chars=MAX_NEW_CHARS, seed=2)):
                     got_some.set()
 
             task = asyncio.create_task(consume())
@@ -261,7 +314,7 @@ def test_abandoned_stream_frees_its_slot(runtime: ModelRuntime) -> None:
             after = GenerationRequest(prompt, max_new_chars=10, seed=3)
             assert await collect(batcher, after) == generate_alone(runtime, after)
             assert steps[-(after.max_new_chars - 1):] == [1] * (after.max_new_chars - 1)
-            assert len(steps) <= after.max_new_chars  # at most one step was still in flight
+            assert len(steps) <= after.max_new_chars + 1  # at most one step of each was still in flight
         finally:
             await batcher.close()
 
@@ -315,8 +368,9 @@ def test_failed_prefill_fails_only_its_request(runtimes: dict[str, ModelRuntime]
         batcher = ContinuousBatcher(broken)
         try:
             bad = GenerationRequest(prompt + "\u2603", max_new_chars=9, seed=3)
-            return await asyncio.gather(collect(batcher, good[0]), collect(batcher, bad),
-                                        collect(batcher, good[1]), return_exceptions=True)
+            with batcher.held():
+                streams = [batcher.submit(r) for r in (good[0], bad, good[1])]
+            return await asyncio.gather(*(read(s) for s in streams), return_exceptions=True)
         finally:
             await batcher.close()
 
@@ -338,7 +392,7 @@ def test_failed_decode_step_fails_its_requests_not_the_batcher(runtimes: dict[st
     async def main() -> str:
         batcher = ContinuousBatcher(runtime)
         try:
-            streams = [batcher.generate(GenerationRequest(prompt, max_new_chars=50, seed=s)) for s in (1, 2)]
+            streams = [batcher.submit(GenerationRequest(prompt, max_new_chars=50, seed=s)) for s in (1, 2)]
             for stream in streams:
                 await anext(stream)  # both prefilled and in the batch
             runtime.session = gru.session
@@ -358,7 +412,7 @@ def test_failed_decode_step_fails_its_requests_not_the_batcher(runtimes: dict[st
 def test_close_ends_running_requests_with_an_error(runtime: ModelRuntime) -> None:
     async def main() -> None:
         batcher = ContinuousBatcher(runtime)
-        stream = batcher.generate(GenerationRequest(prompt_for(runtime), max_new_chars=MAX_NEW_CHARS, seed=1))
+        stream = batcher.submit(GenerationRequest(prompt_for(runtime), max_new_chars=MAX_NEW_CHARS, seed=1))
         await anext(stream)
         await batcher.close()
         with pytest.raises(GenerationError, match="shutting down"):
@@ -368,6 +422,25 @@ def test_close_ends_running_requests_with_an_error(runtime: ModelRuntime) -> Non
             await collect(batcher, GenerationRequest(prompt_for(runtime)))
 
     run(main())
+
+
+def test_vectorised_sampling_rows_do_not_depend_on_the_batch() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(7, 40)).astype(np.float32) * 3
+    temperatures = np.array([0.5, 1.0, 2.0, 1e-9, 1.0, 0.8, 3.0])
+    top_ks = np.array([0, 5, 0, 0, 1, 40, 100])
+    uniforms = rng.random(7)
+    together = sample_tokens(logits, temperatures, top_ks, uniforms)
+    alone = [sample_tokens(logits[i:i + 1], temperatures[i:i + 1], top_ks[i:i + 1], uniforms[i:i + 1])[0]
+             for i in range(7)]
+    assert together.tolist() == alone
+    assert together[3] == logits[3].argmax() and together[4] == logits[4].argmax()  # greedy rows
+    assert uniforms.max() < 1 and sample_tokens(logits[:1], temperatures[:1], top_ks[:1],
+                                                np.array([np.nextafter(1.0, 0)]))[0] < 40
+
+
+def test_measure_step_loop_reports_a_rate(runtimes: dict[str, ModelRuntime]) -> None:
+    assert measure_step_loop(runtimes["char_lstm"], batch_size=4, steps=20) > 0
 
 
 def test_generation_module_does_not_import_torch() -> None:

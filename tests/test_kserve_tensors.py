@@ -9,8 +9,8 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from service import kserve
+from service.errors import ClientError
 from service.kserve import RequestTensor
-from service.runtime import ClientError
 
 
 @pytest.mark.parametrize("datatype", sorted(kserve.DATATYPES))

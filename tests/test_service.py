@@ -164,7 +164,7 @@ def test_features_json_and_npy(url, digits, tiny_store):
     np.testing.assert_allclose(vector, fc7 / np.linalg.norm(fc7), rtol=1e-5, atol=1e-6)
 
 
-# -- adaptive batching -------------------------------------------------------------------------------
+# -- dynamic batching --------------------------------------------------------------------------------
 
 
 def test_concurrent_classify_requests_are_merged_into_batches(url, digits):
@@ -182,10 +182,10 @@ def test_concurrent_classify_requests_are_merged_into_batches(url, digits):
             break
     assert max(seen) > 1, f"no request was batched with another: {seen}"
     after = scrape(url)
-    merged = (metric(after, "nnserve_batch_size_count", model="lenet5", batcher="adaptive")
-              - metric(after, "nnserve_batch_size_bucket", model="lenet5", batcher="adaptive", le="1.0"))
-    merged_before = (metric(before, "nnserve_batch_size_count", model="lenet5", batcher="adaptive")
-                     - metric(before, "nnserve_batch_size_bucket", model="lenet5", batcher="adaptive", le="1.0"))
+    merged = (metric(after, "nnserve_batch_size_count", model="lenet5", batcher="dynamic")
+              - metric(after, "nnserve_batch_size_bucket", model="lenet5", batcher="dynamic", le="1.0"))
+    merged_before = (metric(before, "nnserve_batch_size_count", model="lenet5", batcher="dynamic")
+                     - metric(before, "nnserve_batch_size_bucket", model="lenet5", batcher="dynamic", le="1.0"))
     assert merged > merged_before, "the batch-size histogram recorded no batch larger than 1"
 
 
@@ -259,7 +259,10 @@ def test_image_client_errors_name_the_problem(url, digits):
         (dict(files={"image": ("d.png", good)}, data={"top_k": "0"}), 400, "top_k"),
         (dict(files={"image": ("d.png", good)}, data={"top_k": "many"}), 400, "top_k"),
         (dict(), 400, "image"),  # empty body
-        (dict(data={"model": "lenet5"}), 400, "image"),  # no file
+        (dict(data={"model": "lenet5"}), 415, "image"),  # a url-encoded form: no file
+        (dict(files={"model": (None, "lenet5")}), 400, "missing form field 'image'"),
+        (dict(files={"image": ("d.png", good)}, data={"colour": "red"}), 400, "unknown form field"),
+        (dict(files={"image": (None, "http://169.254.169.254/latest")}), 415, "never fetches URLs"),
     ]
     for kwargs, status, words in cases:
         response = requests.post(f"{url}/classify", timeout=60, **kwargs)
@@ -267,7 +270,7 @@ def test_image_client_errors_name_the_problem(url, digits):
         assert words in response.text, response.text
         assert "error" in response.json()
     too_big = requests.post(f"{url}/classify", files={"image": ("big.png", b"\0" * (11 << 20))}, timeout=60)
-    assert too_big.status_code == 413 and "limited to" in too_big.json()["error"]
+    assert too_big.status_code == 413 and "limit" in too_big.json()["error"]
     response = requests.post(f"{url}/features", files={"image": ("d.png", good)}, data={"model": "lenet5"}, timeout=60)
     assert response.status_code == 400 and "image_classifier" in response.json()["error"]
     response = requests.post(f"{url}/features", files={"image": ("d.png", good)}, data={"format": "xml"}, timeout=60)
@@ -328,7 +331,7 @@ def test_metrics_cover_requests_latency_batches_and_generation(url, digits, tiny
     for name in ("nnserve_preprocess_duration_seconds_count", "nnserve_batch_wait_duration_seconds_count"):
         assert grew(name, **lenet5) == 1, name  # the bad upload fails inside preprocessing
     assert grew("nnserve_request_duration_seconds_count", endpoint="classify", **lenet5) == 2
-    assert grew("nnserve_inference_duration_seconds_count", batcher="adaptive", **lenet5) >= 1
+    assert grew("nnserve_inference_duration_seconds_count", batcher="dynamic", **lenet5) >= 1
     assert grew("nnserve_inference_duration_seconds_count", batcher="continuous", **lstm) >= 24  # decode steps
     assert grew("nnserve_batch_size_count", batcher="continuous", **lstm) >= 24
     # Present with their labels even when idle: gauges of in-flight requests and active streams.
@@ -336,13 +339,13 @@ def test_metrics_cover_requests_latency_batches_and_generation(url, digits, tiny
     assert metric(after, "nnserve_generation_streams_active", **lstm) == 0
     # Microsecond buckets (BentoML's default starts at 5 ms), on ours and on BentoML's request histogram.
     assert ("nnserve_inference_duration_seconds_bucket",
-            tuple(sorted({"batcher": "adaptive", "le": "5e-05", **lenet5}.items()))) in after
+            tuple(sorted({"batcher": "dynamic", "le": "5e-05", **lenet5}.items()))) in after
     assert any(n == "bentoml_service_request_duration_seconds_bucket" and dict(items).get("le") == "5e-05"
                for n, items in after), live_server.log()
 
 
 def test_grpc_inference_shares_the_batcher_and_the_metrics(url, live_server, tiny_store):
-    """A KServe v2 gRPC call on an image model goes through ImageModels (adaptive batching) and is counted
+    """A KServe v2 gRPC call on an image model goes through the model's dynamic batcher and is counted
     per model under endpoint "v2", like the REST front ends."""
     import tritonclient.grpc as grpcclient
 
@@ -358,7 +361,7 @@ def test_grpc_inference_shares_the_batcher_and_the_metrics(url, live_server, tin
     version = tiny_store["lenet5"].split(":")[1]
     ok = dict(endpoint="v2", model="lenet5", version=version, outcome="ok")
     assert metric(after, "nnserve_requests_total", **ok) - metric(before, "nnserve_requests_total", **ok) == 1
-    sizes = dict(model="lenet5", version=version, batcher="adaptive")
+    sizes = dict(model="lenet5", version=version, batcher="dynamic")
     assert metric(after, "nnserve_batch_size_sum", **sizes) - metric(before, "nnserve_batch_size_sum", **sizes) >= 3
 
 

@@ -19,7 +19,8 @@ from PIL import Image
 
 from models.preprocess import RESAMPLE, standardize, to_unit
 from service import images
-from service.runtime import ClientError
+from service.errors import ClientError
+from service.uploads import parse_multipart
 
 
 @pytest.fixture(scope="module")
@@ -123,14 +124,34 @@ def test_upload_over_the_byte_limit(spec, digits):
     assert info.value.status == 413
 
 
-def test_uploaded_file_over_the_byte_limit_is_refused_before_reading(spec, digits, tmp_path, monkeypatch):
-    path = tmp_path / "digit.png"
-    path.write_bytes(encode(Image.fromarray(digits[0])))
-    np.testing.assert_array_equal(images.preprocess_file(path, spec), training_tensor(digits[0], spec))
-    monkeypatch.setattr(images, "MAX_UPLOAD_BYTES", path.stat().st_size - 1)
+@pytest.mark.parametrize("body, content_type, status, words", [
+    (b"", "multipart/form-data; boundary=b", 400, "empty request body"),
+    (b"x", "application/x-www-form-urlencoded", 415, "multipart/form-data"),
+    (b"x", "multipart/form-data", 400, "no boundary"),
+    (b"--b\r\nContent-Disposi\x01tion: x\r\n\r\nx\r\n--b--\r\n", "multipart/form-data; boundary=b", 400,
+     "malformed multipart"),
+    (b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n--b--\r\n", "multipart/form-data; boundary=b", 400,
+     "no Content-Disposition"),
+    (b"--b\r\nContent-Disposition: form-data; filename=" + b"a" * 8000 + b"\r\n\r\nx\r\n--b--\r\n",
+     "multipart/form-data; boundary=b", 400, "header size"),
+    (b"--b\r\nContent-Disposition: form-data; name=image\r\n\r\nx\r\n--b\r\n"
+     b"Content-Disposition: form-data; name=image\r\n\r\ny\r\n--b--\r\n", "multipart/form-data; boundary=b", 400,
+     "more than once"),
+])
+def test_malformed_multipart_is_a_client_error_naming_the_problem(body, content_type, status, words):
     with pytest.raises(ClientError) as info:
-        images.preprocess_file(path, spec)
-    assert info.value.status == 413
+        parse_multipart(body, content_type)
+    assert info.value.status == status and words in str(info.value)
+
+
+def test_multipart_parts_keep_their_bytes_and_filenames(digits):
+    data = encode(Image.fromarray(digits[0]))
+    body = (b"--xyz\r\nContent-Disposition: form-data; name=\"image\"; filename=\"d.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--xyz\r\n"
+            b"Content-Disposition: form-data; name=\"top_k\"\r\n\r\n3\r\n--xyz--\r\n")
+    parts = parse_multipart(body, "multipart/form-data; boundary=xyz")
+    assert parts["image"].data == data and parts["image"].filename == "d.png"
+    assert parts["top_k"].data == b"3" and parts["top_k"].filename is None
 
 
 def test_ghostscript_formats_are_refused(spec):

@@ -1,15 +1,18 @@
-"""service/runtime.py without a server: provider choice, tags from configuration, the input guard in
-front of the adaptive batcher, and the remote view of a model that another process runs."""
+"""service/runtime.py, adapters.py and settings.py without a server: provider choice, settings from the
+environment, what each model kind's adapter knows, and the BentoML timer fix."""
 
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import fields
 
-import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.runtime import ClientError, choose_providers, load_remote, load_runtime, model_tag
+from service.adapters import warmup_sizes
+from service.runtime import choose_providers, load_runtime
+from service.settings import Settings, SettingsError
 
 
 def test_providers_keep_the_requested_order_and_only_available_ones(caplog):
@@ -28,13 +31,6 @@ def test_providers_from_the_environment(monkeypatch):
     monkeypatch.setenv("NNSERVE_PROVIDERS", "CUDAExecutionProvider, CPUExecutionProvider")
     want = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers() else []
     assert choose_providers() == [*want, "CPUExecutionProvider"]
-
-
-def test_model_tag_is_configurable_per_model(monkeypatch):
-    assert model_tag("lenet5") == "lenet5:latest"
-    monkeypatch.setenv("NNSERVE_LENET5_TAG", "lenet5-int8:abc")
-    assert model_tag("lenet5") == "lenet5-int8:abc"
-    assert model_tag("vgg_fc7") == "vgg_fc7:latest"
 
 
 def test_missing_model_says_how_to_create_it():
@@ -61,62 +57,59 @@ def test_ort_thread_spinning_is_off_unless_configured(tiny_store, monkeypatch):
         return runtime.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
 
     assert spinning(load_runtime("lenet5", tiny_store["lenet5"])) == "0"
-    monkeypatch.setenv("NNSERVE_ORT_SPINNING", "1")
+    monkeypatch.setenv("NNSERVE_ORT_SPINNING", "1")  # read through Settings.from_env()
     assert spinning(load_runtime("lenet5", tiny_store["lenet5"])) == "1"
 
 
-@pytest.mark.parametrize("feeds, words", [
-    ({"input": np.zeros((1, 1, 28, 28), np.float32)}, "shape [1, 1, 28, 28]"),
-    ({"input": np.zeros((1, 1, 32, 32), np.float64)}, "must be float32"),
-    ({"input": np.zeros((0, 1, 32, 32), np.float32)}, "shape [0, 1, 32, 32]"),
-    ({"input": np.zeros((1, 32, 32), np.float32)}, "shape [1, 32, 32]"),
-    ({"pixels": np.zeros((1, 1, 32, 32), np.float32)}, "takes inputs ['input']"),
-    ({"input": [[0.0]]}, "must be float32, got list"),
-])
-def test_check_feeds_rejects_what_would_break_a_merged_batch(lenet5, feeds, words):
-    with pytest.raises(ClientError) as info:
-        lenet5.check_feeds(feeds)
-    assert words in str(info.value)
-
-
-def test_check_feeds_accepts_any_batch(lenet5):
-    for batch in (1, 5):
-        lenet5.check_feeds({"input": np.zeros((batch, 1, 32, 32), np.float32)})
-
-
-def test_remote_model_describes_the_model_as_the_running_process_reported(lenet5):
-    remote = load_remote("lenet5", lenet5.signature())
-    assert remote.describe() == lenet5.describe()
-    assert [i.name for i in remote.session.get_inputs()] == [i.name for i in lenet5.session.get_inputs()]
-    assert remote.session.get_inputs()[0].shape == lenet5.session.get_inputs()[0].shape
-    assert not hasattr(remote, "run")  # it only describes: the other process runs it
+def test_adapters_own_the_batch_axes_and_example_inputs(lenet5, tiny_store):
+    gru = load_runtime("char_gru", tiny_store["char_gru"])
+    assert [lenet5.adapter.batch_axis(t.name) for t in lenet5.inputs + lenet5.outputs] == [0, 0]
+    assert {t.name: gru.adapter.batch_axis(t.name) for t in gru.inputs + gru.outputs} == {
+        "tokens": 0, "h": 1, "logits": 0, "h_out": 1}
+    feeds = gru.example_feeds(3, seq_len=5)
+    assert feeds["tokens"].shape == (3, 5) and feeds["h"].shape[1] == 3
+    assert lenet5.example_feeds(2)["input"].shape == (2, 1, 32, 32)
+    assert gru.describe()["vocab_size"] == len(gru.metadata["vocab"])
+    assert lenet5.describe()["parity"] == lenet5.metadata["parity"]  # the export's certificate
 
 
 def test_warmup_sizes_cover_the_served_batch_shapes():
-    from service.service import warmup_sizes
-
     assert warmup_sizes(32) == (1, 2, 4, 8, 16, 32)
     assert warmup_sizes(24) == (1, 2, 4, 8, 16, 24)
     assert warmup_sizes(1) == (1,)
 
 
-@pytest.fixture(scope="module")
-def char_gru(tiny_store):
-    return load_runtime("char_gru", tiny_store["char_gru"])
+def test_settings_from_the_environment_are_typed_and_validated():
+    settings = Settings.from_env({"NNSERVE_WORKERS": "3", "NNSERVE_MAX_QUEUE_DELAY_MS": "2.5",
+                                  "NNSERVE_PREFERRED_BATCH_SIZES": "4, 8", "NNSERVE_ACCESS_LOG": "true",
+                                  "NNSERVE_LENET5_TAG": "lenet5-int8:abc"})
+    assert (settings.workers, settings.max_queue_delay_ms, settings.preferred_batch_sizes) == (3, 2.5, (4, 8))
+    assert settings.access_log is True and settings.model_tags["lenet5"] == "lenet5-int8:abc"
+    assert settings.model_tags["vgg_fc7"] == "vgg_fc7:latest"
+    assert "NNSERVE_MAX_QUEUE_SIZE = 128" in settings.describe()
+    for env, words in [({"NNSERVE_WORKERS": "two"}, "NNSERVE_WORKERS='two' is not a valid int"),
+                       ({"NNSERVE_WORKERS": "0"}, "NNSERVE_WORKERS must be >= 1"),
+                       ({"NNSERVE_ACCESS_LOG": "maybe"}, "NNSERVE_ACCESS_LOG"),
+                       ({"NNSERVE_PREFERRED_BATCH_SIZES": "64"}, "NNSERVE_PREFERRED_BATCH_SIZES"),
+                       ({"NNSERVE_LOG_LEVEL": "LOUD"}, "NNSERVE_LOG_LEVEL")]:
+        with pytest.raises(SettingsError, match=words):
+            Settings.from_env(env)
 
 
-@pytest.mark.parametrize("tokens, state_batch, words", [
-    ([[-1]], 1, "must be in [0,"),  # ONNX Gather would wrap a negative id silently
-    ([[10 ** 6]], 1, "must be in [0,"),
-    ([[1], [2]], 1, "has batch 1 (dim 1) but tokens has batch 2"),
-])
-def test_check_feeds_guards_text_models(char_gru, tokens, state_batch, words):
-    feeds = char_gru.example_feeds(state_batch)
-    feeds["tokens"] = np.array(tokens, dtype=np.int64)
-    with pytest.raises(ClientError) as info:
-        char_gru.check_feeds(feeds)
-    assert words in str(info.value)
-    char_gru.check_feeds(char_gru.example_feeds(2, seq_len=3))  # the well-formed feeds pass
+def test_every_setting_is_documented_in_one_table():
+    from pathlib import Path
+
+    documented = (Path(__file__).resolve().parent.parent / "docs" / "service.md").read_text()
+    for f in fields(Settings):
+        name = "NNSERVE_<NAME>_TAG" if f.name == "model_tags" else f"NNSERVE_{f.name.upper()}"
+        assert f"`{name}`" in documented, name
+
+
+def test_threads_per_session_never_oversubscribe_the_cores():
+    cores = os.cpu_count() or 1
+    assert Settings(workers=1).threads_per_session() == cores
+    assert Settings(workers=cores * 2).threads_per_session() == 1
+    assert Settings(workers=1, intra_op_threads=3).threads_per_session() == 3
 
 
 # ---- service/bentoml_fixes.py: BentoML's request timeout timer is cancelled once the request is over ----
