@@ -55,6 +55,8 @@ defaults
     retries 3
     option redispatch 1
     retry-on conn-failure empty-response response-timeout
+    # Wait for the whole request body before picking a server, so every request can be replayed.
+    option http-buffer-request
 frontend nnserve
     bind 127.0.0.1:{port}
     default_backend replicas
@@ -500,24 +502,34 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
                     "load_avg_start": os.getloadavg(), "args": {k: str(v) for k, v in vars(args).items()}}
     report["env"] = env
+
+    def say(what: str) -> None:  # progress on stderr; the report goes to stdout and --out
+        print(f"[cluster {time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
+
+    say("starting HAProxy and replicas r1, r2")
     with cluster(env) as c:
         c.start_haproxy()
         for name in ("r1", "r2"):
             c.spawn(name)
         report["startup_s"] = [round(c.wait_ready(name), 1) for name in ("r1", "r2")]
+        say("throughput, 1 then 2 replicas")
         report["throughput"] = [scenario_throughput(c, image, n, args.seconds, args.threads) for n in (1, 2)]
+        say("SIGKILL r2 under load, restart it")
         report["kill"] = scenario_kill(c, image, "r2", args.seconds, args.threads)
+        say("SIGTERM r2 without draining it first")
         report["sigterm_without_drain"] = scenario_drain(c, image, "r2", args.threads, args.streams,
                                                          args.stream_chars, 0.0, use_balancer=False)
         c.spawn("r2")
         c.wait_ready("r2")
         c.wait_status("r2", "UP")
+        say("drain r2 (balancer drain, preStop pause, SIGTERM) with streams open")
         report["drain"] = scenario_drain(c, image, "r2", args.threads, args.streams, args.stream_chars,
                                          args.pre_stop)
         c.spawn("r2")
         c.wait_ready("r2")
         c.wait_status("r2", "UP")
         new_env = {"NNSERVE_LENET5_TAG": args.new_lenet5_tag} if args.new_lenet5_tag else {}
+        say("rolling r1, r2 -> r3, r4 (new lenet5 version)")
         report["roll"] = scenario_roll(c, image, ["r1", "r2"], ["r3", "r4"], new_env, args.threads, args.pre_stop)
     report["load_avg_end"] = os.getloadavg()
     text = json.dumps(report, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
