@@ -9,7 +9,7 @@ HTTP_PORT ?= 3000
 GRPC_PORT ?= 8001
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup train export serve test lint bench bento clean
+.PHONY: setup train export serve test lint bench bento clean cluster deploy-validate
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,19 @@ bench: export
 
 bento: export
 	$(VENV)/bin/bentoml build
+
+# Kubernetes manifests (deploy/k8s): render every overlay offline, schema-validate, lint (docs/deploy.md).
+deploy-validate: setup
+	$(PY) -m deploy.validate
+
+# Local scale-out behind HAProxy: 1 vs 2 replicas, SIGKILL, drain, restart, rolling update (docs/deploy.md).
+# Default: the tiny test models in a temporary store; CLUSTER_ARGS="--seconds 20" uses the store's models.
+CLUSTER_ARGS ?= --tiny --seconds 20
+cluster: setup
+	@command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || \
+	  { echo "haproxy missing: installing the Debian package (needs root; else: apt-get install -y haproxy)"; \
+	    apt-get install -y haproxy || { apt-get update && apt-get install -y haproxy; }; }
+	$(PY) -m deploy.cluster $(CLUSTER_ARGS)
 
 clean:
 	rm -rf artifacts exported .pytest_cache .ruff_cache
