@@ -16,12 +16,14 @@ import json
 import re
 import sys
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from deploy.render import render
+from service.settings import DEFAULT_MODELS, Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 K8S = REPO_ROOT / "deploy" / "k8s"
@@ -37,14 +39,9 @@ SERVED_PATHS = {"/livez", "/readyz", "/metrics", "/models", "/docs.json", "/v2",
                 "/v2/health/ready"}
 PROBE_PATHS = {"startupProbe": "/livez", "readinessProbe": "/readyz", "livenessProbe": "/livez"}
 LONGEST_STREAM_S = 60  # a 2000-character /generate on a busy CPU; the grace period must outlast it
-# Settings the server reads (docs/service.md): a typo in the ConfigMap would be silently ignored.
-KNOWN_SETTINGS = {
-    "NNSERVE_WORKERS", "NNSERVE_INTRA_OP_THREADS", "NNSERVE_MAX_BATCH_SIZE", "NNSERVE_MAX_QUEUE_DELAY_MS",
-    "NNSERVE_MAX_QUEUE_SIZE", "NNSERVE_QUEUE_TIMEOUT_MS", "NNSERVE_GENERATION_BATCH_SIZE", "NNSERVE_GRPC_PORT",
-    "NNSERVE_LOG_LEVEL", "NNSERVE_MAX_LATENCY_MS", "NNSERVE_ORT_SPINNING", "NNSERVE_PROVIDERS",
-    "NNSERVE_TRT_CACHE_DIR", "NNSERVE_TRT_FP16", "NNSERVE_MAX_UPLOAD_BYTES", "NNSERVE_MAX_IMAGE_PIXELS",
-    "NNSERVE_KSERVE_MAX_REQUEST_BYTES",
-}
+# Settings the server reads (service/settings.py, the one source): a typo in the ConfigMap would be ignored.
+KNOWN_SETTINGS = {f"NNSERVE_{f.name.upper()}" for f in fields(Settings) if f.name != "model_tags"} | {
+    f"NNSERVE_{name.upper()}_TAG" for name in DEFAULT_MODELS}
 
 
 def exported_metrics() -> set[str]:

@@ -76,6 +76,10 @@ class Settings:
         if any(not 1 <= size <= self.max_batch_size for size in self.preferred_batch_sizes):
             raise SettingsError(f"NNSERVE_PREFERRED_BATCH_SIZES must be in [1, NNSERVE_MAX_BATCH_SIZE="
                                 f"{self.max_batch_size}], got {list(self.preferred_batch_sizes)}")
+        if 0 < self.queue_timeout_ms <= self.max_queue_delay_ms:
+            raise SettingsError(f"NNSERVE_QUEUE_TIMEOUT_MS ({self.queue_timeout_ms}) must be larger than "
+                                f"NNSERVE_MAX_QUEUE_DELAY_MS ({self.max_queue_delay_ms}) or 0: a lone request would "
+                                "always time out waiting for company")
         if not 1 <= self.grpc_port <= 65535:
             raise SettingsError(f"NNSERVE_GRPC_PORT must be a TCP port, got {self.grpc_port}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -23,19 +23,23 @@ except RuntimeError:
 
 @pytest.fixture(scope="module")
 def version_b(tiny_artifacts, tiny_store, session_dir) -> str:
-    """A second version of lenet5 in the store (the same artifact exported again)."""
+    """A second version of lenet5 in the store (the same artifact exported again), deleted afterwards so
+    that ``lenet5:latest`` is again what other tests registered."""
+    import bentoml
+
     from export.pipeline import Options, export_artifact
 
     opts = Options(bench_runs=3, report_dir=session_dir / "exported-b")
     tag = export_artifact(tiny_artifacts["lenet5"], opts).tags["fp32"]
     assert tag != tiny_store["lenet5"]
-    return tag
+    yield tag
+    bentoml.models.delete(tag)
 
 
 @pytest.fixture(scope="module")
 def env(tiny_store) -> dict[str, str]:
-    # As live_server: a generous batching bound, so a busy CI box sheds no request with 503.
-    return {"BENTOML_HOME": os.environ["BENTOML_HOME"], "NNSERVE_MAX_LATENCY_MS": "2000",
+    # As live_server: a generous queue timeout, so a busy CI box sheds no request with 503.
+    return {"BENTOML_HOME": os.environ["BENTOML_HOME"], "NNSERVE_QUEUE_TIMEOUT_MS": "60000",
             **{f"NNSERVE_{kind.upper()}_TAG": tag for kind, tag in tiny_store.items()}}
 
 

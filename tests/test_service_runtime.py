@@ -91,7 +91,8 @@ def test_settings_from_the_environment_are_typed_and_validated():
                        ({"NNSERVE_WORKERS": "0"}, "NNSERVE_WORKERS must be >= 1"),
                        ({"NNSERVE_ACCESS_LOG": "maybe"}, "NNSERVE_ACCESS_LOG"),
                        ({"NNSERVE_PREFERRED_BATCH_SIZES": "64"}, "NNSERVE_PREFERRED_BATCH_SIZES"),
-                       ({"NNSERVE_LOG_LEVEL": "LOUD"}, "NNSERVE_LOG_LEVEL")]:
+                       ({"NNSERVE_LOG_LEVEL": "LOUD"}, "NNSERVE_LOG_LEVEL"),
+                       ({"NNSERVE_MAX_QUEUE_DELAY_MS": "2000"}, "NNSERVE_QUEUE_TIMEOUT_MS")]:
         with pytest.raises(SettingsError, match=words):
             Settings.from_env(env)
 
