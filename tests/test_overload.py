@@ -8,7 +8,9 @@ requests deterministically meet a full queue: the first waits out the delay, the
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +23,13 @@ pytestmark = pytest.mark.integration
 def server(tiny_store, session_dir):
     from loadtest.server import running_server
 
-    env = {"BENTOML_HOME": os.environ["BENTOML_HOME"], "NNSERVE_WORKERS": "1", "NNSERVE_MAX_QUEUE_SIZE": "1",
+    # Its own BENTOML_HOME (sharing the model store): a server clears the Prometheus multiprocess
+    # directory under BENTOML_HOME when it starts, which would wipe the session server's metrics.
+    home = session_dir / "overload-home"
+    home.mkdir(exist_ok=True)
+    if not (home / "models").exists():
+        (home / "models").symlink_to(Path(os.environ["BENTOML_HOME"]) / "models")
+    env = {"BENTOML_HOME": str(home), "NNSERVE_WORKERS": "1", "NNSERVE_MAX_QUEUE_SIZE": "1",
            "NNSERVE_MAX_QUEUE_DELAY_MS": "1500", "NNSERVE_QUEUE_TIMEOUT_MS": "30000",
            **{f"NNSERVE_{kind.upper()}_TAG": tag for kind, tag in tiny_store.items()}}
     with running_server(session_dir / "overload-server.log", env) as live:
@@ -33,8 +41,6 @@ def infer(url: str, batch: int) -> requests.Response:
     body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
                         "parameters": {"binary_data_size": x.nbytes}}],
             "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}
-    import json
-
     header = json.dumps(body).encode()
     return requests.post(f"{url}/v2/models/lenet5/infer", data=header + x.tobytes(), timeout=120,
                          headers={"Inference-Header-Content-Length": str(len(header)),
