@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_ms = batch_time_ms(max_batch, args.threads)
         r.target_notes.append(f"batch time in the overload bound: lenet5 ORT at batch {max_batch} "
                               f"({args.threads} threads, in process), median {batch_ms:.2f} ms; max_queue_delay "
-                              f"{delay if delay is not None else 'unknown'} ms")
+                              f"{f'{delay} ms' if delay is not None else 'unknown'}")
     levels = sorted(args.connections)
     r.targets = targets.evaluate(r.runs, levels[0], levels[-1], r.generate, r.step_limits, r.overload,
                                  float(delay) if delay is not None else None, batch_ms, r.recovery)
