@@ -85,7 +85,7 @@ def run_nnserve(args: argparse.Namespace, env: dict[str, str], workdir: Path, r:
         r.models, tags = server_info.served_models(url)
         r.settings = server_info.server_settings(url, env)
         r.memory["ready"] = server_info.server_memory(server)
-        files = request_files(workdir, tags.get("lenet5", "lenet5:latest"))
+        files, x_one, input_name = lenet5_inputs(workdir, tags.get("lenet5", "lenet5:latest"))
         if "stacks" not in args.skip:
             found, r.answers[stacks.NNSERVE] = stacks.measure(
                 stacks.NNSERVE, url, (stacks.CLASSIFY, stacks.FEATURES, stacks.V2), files, args.connections,
@@ -95,7 +95,6 @@ def run_nnserve(args: argparse.Namespace, env: dict[str, str], workdir: Path, r:
             r.generate = generate.bench_streams(url, args.streams, args.duration, args.generate_chars, workdir)
         if "recovery" not in args.skip:
             log(f"large request ({args.large_items} items), then single-item requests")
-            x_one, input_name = files_input(tags.get("lenet5", "lenet5:latest"))
             r.recovery = recovery.run_recovery(url, files.v2_json.read_bytes(), x_one, input_name,
                                                items=args.large_items)
         if "overload" not in args.skip:
@@ -107,28 +106,22 @@ def run_nnserve(args: argparse.Namespace, env: dict[str, str], workdir: Path, r:
             r.budgets = budgets.bench_budgets(url, args.budget_duration, args.generate_chars, workdir)
         r.memory["after load"] = server_info.server_memory(server)
     log("nnserve stopped")
-    r.labels[stacks.NNSERVE] = "nnserve"
-    r.tags = tags
+    r.labels[stacks.NNSERVE], r.tags = "nnserve", tags
 
 
-def files_input(tag: str):
-    """One held-out digit preprocessed for lenet5 [1, C, H, W], and the model's input name."""
+def lenet5_inputs(workdir: Path, tag: str):
+    """The request files every server gets (RequestFiles), and for the large request one held-out digit
+    preprocessed for lenet5 [1, C, H, W] with the model's input name; all from the store entry ``tag``."""
     import bentoml
 
+    from loadtest.bench.wrk import request_files
     from loadtest.data import held_out_digits
     from models.preprocess import preprocess_uint8
 
     meta = bentoml.models.get(tag).info.metadata
-    return preprocess_uint8(held_out_digits()[0][:1], meta["preprocessing"]), meta["inputs"][0]["name"]
-
-
-def request_files(workdir: Path, tag: str):
-    import bentoml
-
-    from loadtest.bench.wrk import request_files as write_files
-
-    meta = bentoml.models.get(tag).info.metadata
-    return write_files(workdir, meta["preprocessing"], meta["inputs"][0]["name"])
+    input_name = meta["inputs"][0]["name"]
+    x_one = preprocess_uint8(held_out_digits()[0][:1], meta["preprocessing"])
+    return request_files(workdir, meta["preprocessing"], input_name), x_one, input_name
 
 
 def run_baselines(args: argparse.Namespace, workdir: Path, r: Results) -> None:
@@ -141,7 +134,7 @@ def run_baselines(args: argparse.Namespace, workdir: Path, r: Results) -> None:
     tags = r.tags
     pins = {f"BASELINE_{name.upper()}_TAG": tags.get(name) or str(bentoml.models.get(f"{name}:latest").tag)
             for name in ("lenet5", "vgg_fc7")}
-    files = request_files(workdir, pins["BASELINE_LENET5_TAG"])
+    files, _, _ = lenet5_inputs(workdir, pins["BASELINE_LENET5_TAG"])
     found, answers = stacks.measure_baselines(args.baselines, files, args.connections, args.duration, workdir,
                                               pins)
     r.runs += found

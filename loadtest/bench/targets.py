@@ -70,18 +70,27 @@ def evaluate(runs: list[StackRun], low: int, high: int, generate: list[dict], st
                           ">= 1.5x MLServer", None))
     by_streams = {g["streams"]: g for g in generate}
     one, many = by_streams.get(1), max(by_streams.values(), key=lambda g: g["streams"], default=None)
-    if one:
+    if not one:
+        targets.append(Target("/generate 1 stream", "not measured", ">= 5,000 chars/s", None))
+    else:
         targets.append(Target("/generate 1 stream", f"{one['chars_per_s']:,.0f} chars/s"
                               + limit_note(one["chars_per_s"], step_limits.get(1)),
                               ">= 5,000 chars/s", one["chars_per_s"] >= 5000))
-    if many and many["streams"] > 1:
+    if not many or many["streams"] == 1:
+        targets += [Target("/generate 16 streams", "not measured", ">= 25,000 chars/s", None),
+                    Target("/generate first char p95 at 16 streams", "not measured", "<= 20 ms", None)]
+    else:
         n = many["streams"]
         targets.append(Target(f"/generate {n} streams", f"{many['chars_per_s']:,.0f} chars/s aggregate"
                               + limit_note(many["chars_per_s"], step_limits.get(n)),
                               ">= 25,000 chars/s", many["chars_per_s"] >= 25000))
         targets.append(Target(f"/generate first char p95 at {n} streams", f"{fmt(many['first_p95'], 0)} ms",
                               "<= 20 ms", many["first_p95"] <= 20))
-    if overload:
+    if not overload:
+        targets += [Target("overload: accepted p99", "not measured", "<= 4 x max_queue_delay + batch time", None),
+                    Target("overload: 503s with Retry-After, p99", "not measured", "<= 20 ms", None),
+                    Target("overload: any other status or failure", "not measured", "none", None)]
+    else:
         bound = None if max_queue_delay_ms is None or batch_ms is None else 4 * max_queue_delay_ms + batch_ms
         targets.append(Target(
             f"overload ({overload.clients} clients): accepted p99",
@@ -97,7 +106,9 @@ def evaluate(runs: list[StackRun], low: int, high: int, generate: list[dict], st
         others = overload.others
         targets.append(Target("overload: any other status or failure",
                               ", ".join(f"{k}: {v}" for k, v in others.items()) or "none", "none", not others))
-    if recovery:
+    if not recovery:
+        targets.append(Target("large request then small: recovery", "not measured", "< 1 s", None))
+    else:
         ok = recovery.large_status == 200 and recovery.small_errors == 0
         problems = "" if ok else f" (large: {recovery.large_status}, small errors {recovery.small_errors})"
         targets.append(Target(f"large request ({recovery.items:,} items) then small: recovery",
