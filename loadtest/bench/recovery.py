@@ -33,6 +33,7 @@ class RecoveryResult:
     large_ms: float = float("nan")
     samples: list[tuple[float, float]] = field(default_factory=list)  # (sent at s after the large one, ms)
     recovery_s: float = float("nan")
+    recovered: bool = True  # False: the last single-item request was still slow
     small_errors: int = 0
 
     @property
@@ -89,7 +90,9 @@ def run_recovery(url: str, small_json: bytes, x_one: np.ndarray, input_name: str
     sender.join(timeout=120)
     slow_ends = [sent + ms / 1000 for sent, ms in result.samples if ms > result.slow_threshold_ms]
     result.recovery_s = max(slow_ends, default=0.0)
+    result.recovered = not result.samples or result.samples[-1][1] <= result.slow_threshold_ms
     log(f"  large request ({items} items): status {result.large_status} in {result.large_ms:.0f} ms; "
         f"idle median {result.idle_median_ms:.2f} ms; single-item worst {result.worst_small_ms:.1f} ms; "
-        f"back under {result.slow_threshold_ms:.2f} ms after {result.recovery_s:.3f} s")
+        f"back under {result.slow_threshold_ms:.2f} ms after {result.recovery_s:.3f} s"
+        + ("" if result.recovered else " (still slow at the end)"))
     return result

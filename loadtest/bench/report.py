@@ -23,6 +23,7 @@ HOW_TO = """## How to run
 ```bash
 make bench                      # the record: installs wrk (apt-get, as root) and the `bench` extra, writes this file
 .venv/bin/python -m loadtest.bench --duration 3 --skip in-process --out /tmp/b   # a quick look, not the record
+make bench BENCH_ARGS="--duration 10 --connections 1,8,32"   # options for the make target
 ```
 
 Prerequisites: the default models in the BentoML store (`make export`, which `make bench` runs), `wrk`
@@ -211,7 +212,8 @@ def recovery_section(r: Results) -> list[str]:
              f"{fmt(c.large_ms, 0)} ms. Single-item v2 JSON requests, back to back: idle median "
              f"{c.idle_median_ms:.2f} ms before; while and after the large one, {len(c.samples)} requests, the "
              f"slowest {fmt(c.worst_small_ms)} ms, {c.small_errors} errors. Latency back under 2x idle "
-             f"({c.slow_threshold_ms:.2f} ms) for good **{c.recovery_s:.3f} s** after the large request was sent.",
+             f"({c.slow_threshold_ms:.2f} ms) for good **{c.recovery_s:.3f} s** after the large request was sent"
+             + ("." if c.recovered else " (the last one was still slow: not recovered within the window)."),
              "", "| sent at s | latency ms |", "|---:|---:|"]
     # Every sample would be hundreds of rows: the first 10, then every slow one after them.
     shown = [s for i, s in enumerate(c.samples) if i < 10 or s[1] > c.slow_threshold_ms][:40]
