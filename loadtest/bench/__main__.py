@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"{f'{delay} ms' if delay is not None else 'unknown'}")
     levels = sorted(args.connections)
     r.targets = targets.evaluate(r.runs, levels[0], levels[-1], r.generate, r.step_limits, r.overload,
-                                 float(delay) if delay is not None else None, batch_ms, r.recovery)
+                                 as_float(delay), batch_ms, r.recovery)
     r.info.update(load_end=load_average(), seconds=time.perf_counter() - started)
     r.images = plot(r.cases, r.runs, r.labels, r.generate, args.out / "img")
     write_atomic(args.out / "bench.md", report(args, r).encode())
@@ -187,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     for t in r.targets:
         log(f"  {t.verdict:12s} {t.what}: {t.measured} (goal {t.target})")
     return 0
+
+
+def as_float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:  # a setting reported in a shape we do not know: the target says "unknown"
+        return None
 
 
 def find_setting(settings: dict[str, str], fragment: str) -> str | None:
