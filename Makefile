@@ -40,8 +40,18 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# The record (docs/bench.md): needs wrk (installed here with apt-get when run as root) and the `bench` extra
+# (the baseline servers: LitServe, FastAPI, uvicorn[standard]), installed into .venv.
 bench: export
-	$(PY) -m loadtest.bench
+	@if ! command -v wrk >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }; \
+	  fi; \
+	  command -v wrk >/dev/null 2>&1 || { echo "make bench needs wrk: run 'apt-get install -y wrk' as root" \
+	    "(Debian/Ubuntu) or put wrk 4.x on PATH" >&2; exit 1; }; \
+	fi
+	$(PY) -m pip install --quiet -e ".[train,dev,bench]"
+	$(PY) -m loadtest.bench $(BENCH_ARGS)
 
 bento: export
 	$(VENV)/bin/bentoml build

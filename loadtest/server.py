@@ -1,4 +1,5 @@
-"""Start the real server (`bentoml serve service.service:NNServe`) in a subprocess: tests and benchmarks.
+"""Start the real server (`bentoml serve service.service:NNServe`), or a baseline server, in a subprocess:
+tests and benchmarks.
 
 One server per test session (a start costs several seconds): free HTTP and gRPC ports, its own
 BENTOML_HOME (the tests' model store), output to a log file that failing tests can show, ready once
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -54,21 +56,17 @@ class LiveServer:
 
 def _ready(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return False
 
 
-def start_server(log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 240.0) -> LiveServer:
-    """Start ``bentoml serve`` and wait until ``/readyz`` says 200 (models loaded and warmed up)."""
-    http_port, grpc_port = free_port(), free_port()
-    while grpc_port == http_port:
-        grpc_port = free_port()
-    full_env = {**os.environ, "NNSERVE_GRPC_PORT": str(grpc_port), "BENTOML_DO_NOT_TRACK": "True",
-                "PYTHONUNBUFFERED": "1", **(env or {})}
-    bentoml_cli = Path(sys.executable).parent / "bentoml"
-    cmd = [str(bentoml_cli), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(http_port)]
+def start_process(cmd: list[str], http_port: int, log_path: Path, env: dict[str, str] | None = None,
+                  ready_path: str = "/readyz", timeout_s: float = 240.0, grpc_port: int = 0) -> LiveServer:
+    """Start any HTTP server command (nnserve, or a baseline of loadtest/baselines) listening on
+    ``http_port`` and wait until ``ready_path`` answers 200."""
+    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "PYTHONUNBUFFERED": "1", **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:
         # Own session: a Ctrl-C meant for pytest does not hit the server half-way; stop_server stops it.
@@ -76,15 +74,26 @@ def start_server(log_path: Path, env: dict[str, str] | None = None, timeout_s: f
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     server = LiveServer(f"http://127.0.0.1:{http_port}", grpc_port, process, log_path)
     deadline = time.monotonic() + timeout_s
-    while not _ready(server.http_url):
+    while not _ready(server.http_url + ready_path):
         if not server.alive():
-            raise RuntimeError(f"bentoml serve exited with {process.returncode} before it was ready; "
+            raise RuntimeError(f"{shlex.join(cmd)} exited with {process.returncode} before it was ready; "
                                f"log {log_path}:\n{server.log()}")
         if time.monotonic() > deadline:
             stop_server(server)
-            raise RuntimeError(f"bentoml serve not ready after {timeout_s:.0f} s; log {log_path}:\n{server.log()}")
+            raise RuntimeError(f"{shlex.join(cmd)} not ready after {timeout_s:.0f} s; log {log_path}:\n{server.log()}")
         time.sleep(0.5)
     return server
+
+
+def start_server(log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 240.0) -> LiveServer:
+    """Start ``bentoml serve`` and wait until ``/readyz`` says 200 (models loaded and warmed up)."""
+    http_port, grpc_port = free_port(), free_port()
+    while grpc_port == http_port:
+        grpc_port = free_port()
+    bentoml_cli = Path(sys.executable).parent / "bentoml"
+    cmd = [str(bentoml_cli), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(http_port)]
+    return start_process(cmd, http_port, log_path, {"NNSERVE_GRPC_PORT": str(grpc_port), **(env or {})},
+                         timeout_s=timeout_s, grpc_port=grpc_port)
 
 
 def stop_server(server: LiveServer, grace_s: float = 30.0) -> int | None:

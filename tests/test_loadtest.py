@@ -7,15 +7,13 @@ budgets no machine can meet (or an error rate no run can stay under).
 
 from __future__ import annotations
 
-import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from loadtest.bench import BUDGETS, LOCUSTFILE, REPO_ROOT, USER_CLASSES
+from loadtest.locust_runner import BUDGETS, USER_CLASSES
+from loadtest.locust_runner import run_locust as locust
 
 pytestmark = pytest.mark.integration
 
@@ -25,21 +23,13 @@ NEVER_MISSED = {"p50_ms": 600_000, "p95_ms": 600_000, "p99_ms": 600_000, "max_er
 
 def run_locust(server, tmp_path: Path, name: str, budgets: dict, users: int, seconds: int,
                classes: tuple[str, ...], generate_chars: int = 20) -> tuple[int, str, dict[str, dict]]:
-    """Headless locust; returns (exit code, its output, CSV stats rows by endpoint name)."""
+    """The bench's run_locust with a budget table written for this test; (exit code, output, CSV rows)."""
     budgets_path = tmp_path / f"{name}-budgets.json"
     budgets_path.write_text(json.dumps(budgets))
-    prefix = tmp_path / name
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
-           "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--stop-timeout", "5",
-           "--host", server.http_url, "--csv", str(prefix), "--budgets", str(budgets_path),
-           "--generate-chars", str(generate_chars), *classes]
-    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    output = done.stdout + done.stderr
-    stats_csv = Path(f"{prefix}_stats.csv")
-    assert stats_csv.exists(), f"locust wrote no stats (exit {done.returncode}):\n{output[-5000:]}"
-    with open(stats_csv) as f:
-        rows = {row["Name"]: row for row in csv.DictReader(f)}
-    return done.returncode, output, rows
+    run = locust(server.http_url, classes, users, seconds, tmp_path, name=name, budgets=budgets_path,
+                 generate_chars=generate_chars)
+    assert run.rows, f"locust wrote no stats (exit {run.returncode}):\n{run.output[-5000:]}"
+    return run.returncode, run.output, run.rows
 
 
 def test_every_endpoint_under_load_without_failures(live_server, tmp_path):

@@ -1,0 +1,77 @@
+"""What every baseline shares: the store model, an ORT session configured like nnserve's, decode +
+preprocessing exactly as nnserve does it, and the top-k answer.
+
+Which store entry to serve comes from the environment (``BASELINE_LENET5_TAG``, ``BASELINE_VGG_FC7_TAG``,
+default ``<name>:latest``): the bench passes the exact tags nnserve reported, so every server runs the same
+graph. ``BASELINE_ORT_THREADS`` sets ORT's intra-op threads (the launcher sizes it as cores / workers).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from models.preprocess import image_to_uint8, preprocess_uint8
+
+
+def ort_threads(workers: int = 1) -> int:
+    """``BASELINE_ORT_THREADS``, else the cores shared out between the server's worker processes."""
+    return int(os.environ.get("BASELINE_ORT_THREADS", "0")) or max(1, (os.cpu_count() or 1) // workers)
+
+
+@dataclass
+class StoreModel:
+    """An image model of the BentoML store, run by ONNX Runtime as nnserve runs it."""
+
+    tag: str
+    metadata: dict
+    session: ort.InferenceSession
+
+    @classmethod
+    def load(cls, name: str, threads: int) -> StoreModel:
+        import bentoml
+
+        entry = bentoml.models.get(os.environ.get(f"BASELINE_{name.upper()}_TAG", f"{name}:latest"))
+        metadata = dict(entry.info.metadata)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        # Same as nnserve's ModelRuntime: spinning threads steal the CPU the HTTP side needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(entry.path_of(metadata["onnx_file"]), options,
+                                       providers=["CPUExecutionProvider"])
+        model = cls(str(entry.tag), metadata, session)
+        model.run(np.zeros((1, *model.input_shape), dtype=np.float32))  # first call per shape is slow
+        return model
+
+    @property
+    def input_name(self) -> str:
+        return self.metadata["inputs"][0]["name"]
+
+    @property
+    def input_shape(self) -> list[int]:
+        return self.metadata["inputs"][0]["shape"][1:]
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Upload bytes -> float32 [C, H, W]: Pillow decode, then models.preprocess as in nnserve."""
+        spec = self.metadata["preprocessing"]
+        image = Image.open(io.BytesIO(data))
+        return preprocess_uint8(image_to_uint8(image, spec)[None], spec)[0]
+
+    def run(self, batch: np.ndarray, output: str | None = None) -> np.ndarray:
+        """One ORT call on a float32 [N, C, H, W] batch; the first output unless ``output`` names one."""
+        names = [output] if output else None
+        return self.session.run(names, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    def top_k(self, logits: np.ndarray, k: int = 5) -> dict:
+        """One item's logits -> ``{"model", "predictions": [{label, probability}]}``, as nnserve answers."""
+        z = np.exp(logits.astype(np.float64) - logits.max())
+        probabilities = z / z.sum()
+        labels = self.metadata["labels"]
+        best = np.argsort(-probabilities, kind="stable")[:max(1, k)]
+        return {"model": self.tag, "predictions": [{"label": labels[i], "probability": float(probabilities[i])}
+                                                   for i in best]}

@@ -1,0 +1,19 @@
+"""Side-by-side benchmarks -> docs/bench.md and docs/img/bench-*.png (``make bench``).
+
+    python -m loadtest.bench                                   # the record (make bench)
+    python -m loadtest.bench --duration 3 --runs 30 --max-seconds 0.5 --overload-seconds 3 \\
+        --budget-duration 5 --skip-step-loop --out /tmp/b      # smoke: a minute or two, not the record
+
+One module per part, run in this order by ``__main__``; each server runs alone (started, measured, stopped):
+
+- ``inprocess``: PyTorch eager vs ONNX Runtime variants, no server.
+- ``generate.bench_step_loop``: the bare generation step-loop limit, no server.
+- on one nnserve server: ``stacks`` (wrk on /classify, /features, /v2), ``generate.bench_streams`` (locust),
+  ``recovery`` (a 10,000-item request, then small ones), ``overload`` (300 clients, asyncio), ``budgets``
+  (the locust load test with budgets), ``server_info`` (models, settings, memory);
+- ``stacks.measure_baselines``: each baseline server of ``loadtest/baselines`` in turn;
+- ``targets`` (the issue's goals, met or MISSED), ``plots`` and ``report`` -> docs/bench.md.
+
+Every phase is bounded (``--duration`` per wrk row and locust level, ``--overload-seconds``,
+``--budget-duration``, ``--runs``/``--max-seconds`` per in-process case), plus server start-ups.
+"""

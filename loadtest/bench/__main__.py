@@ -1,0 +1,222 @@
+"""``python -m loadtest.bench``: run every part (see the package docstring) and write docs/bench.md."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+from loadtest.bench import __doc__ as PACKAGE_DOC
+from loadtest.bench.common import REPO_ROOT, load_average, log, machine, write_atomic
+from loadtest.bench.report import Results, report
+
+PARTS = ("in-process", "nnserve", "stacks", "generate", "recovery", "overload", "budgets", "baselines")
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=PACKAGE_DOC,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs", help="bench.md goes here, plots in OUT/img")
+    p.add_argument("--runs", type=int, default=300, help="timed calls per in-process case (median reported)")
+    p.add_argument("--max-seconds", type=float, default=4.0, help="time limit per in-process case")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="intra-op threads of the multi-threaded in-process rows (default: all cores)")
+    p.add_argument("--duration", type=int, default=20, help="seconds per wrk row and per /generate level")
+    p.add_argument("--connections", type=int_list, default=[1, 32],
+                   help="wrk concurrency levels (closed loop), comma-separated; targets use the lowest and highest")
+    p.add_argument("--baselines", type=lambda s: [b for b in s.split(",") if b], default=["bentoml", "litserve",
+                                                                                            "fastapi"],
+                   help="baseline servers to measure, comma-separated (loadtest/baselines)")
+    p.add_argument("--streams", type=int_list, default=[1, 16], help="concurrent /generate streams, comma-separated")
+    p.add_argument("--generate-chars", type=int, default=200, help="characters per /generate request")
+    p.add_argument("--step-loop-steps", type=int, default=500, help="decode steps per step-loop measurement")
+    p.add_argument("--skip-step-loop", action="store_true",
+                   help="leave out the bare step-loop limit (service.generation.measure_step_loop)")
+    p.add_argument("--overload-clients", type=int, default=300, help="concurrent clients of the overload run")
+    p.add_argument("--overload-seconds", type=float, default=10, help="seconds of the overload run")
+    p.add_argument("--large-items", type=int, default=10_000, help="items of the large KServe v2 request")
+    p.add_argument("--budget-duration", type=int, default=30, help="seconds of the load test with budgets")
+    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for the nnserve server (e.g. NNSERVE_MAX_QUEUE_DELAY_MS=5), repeatable; "
+                        "passed through as is")
+    p.add_argument("--skip", choices=PARTS, action="append", default=[],
+                   help="leave a part out (repeatable); nnserve = every part that needs the nnserve server")
+    return p.parse_args(argv)
+
+
+def server_env(args: argparse.Namespace) -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in args.server_env]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"--server-env takes KEY=VALUE, got {args.server_env}")
+    return dict(pairs)
+
+
+def batch_time_ms(batch: int, threads: int) -> float:
+    """Median time of one lenet5 ORT call at ``batch`` items, as the server runs it (in process, every core,
+    spinning off): the "batch time" of the overload target."""
+    import numpy as np
+
+    from loadtest.baselines.common import StoreModel
+    from loadtest.bench.inprocess import time_calls
+
+    model = StoreModel.load("lenet5", threads)
+    x = np.zeros((batch, *model.input_shape), dtype=np.float32)
+    return float(np.median(time_calls(lambda: model.run(x), runs=50, max_seconds=2.0)))
+
+
+def run_nnserve(args: argparse.Namespace, env: dict[str, str], workdir: Path, r: Results) -> None:
+    """Every part that needs the nnserve server, on one server."""
+    from loadtest.bench import budgets, generate, overload, recovery, server_info, stacks, wrk
+    from loadtest.server import running_server
+
+    log("starting nnserve (bentoml serve; loads and warms up every model)")
+    with running_server(workdir / "nnserve.log", env) as server:
+        url = server.http_url
+        log(f"nnserve ready at {url}")
+        r.models, tags = server_info.served_models(url)
+        r.settings = server_info.server_settings(url, env)
+        r.memory["ready"] = server_info.server_memory(server)
+        files, x_one, input_name = lenet5_inputs(workdir, tags.get("lenet5", "lenet5:latest"))
+        if "stacks" not in args.skip:
+            found, r.answers[stacks.NNSERVE] = stacks.measure(
+                stacks.NNSERVE, url, (stacks.CLASSIFY, stacks.FEATURES, stacks.V2), files, args.connections,
+                args.duration, metrics=True)
+            r.runs += found
+        if "generate" not in args.skip:
+            r.generate = generate.bench_streams(url, args.streams, args.duration, args.generate_chars, workdir)
+        if "recovery" not in args.skip:
+            log(f"large request ({args.large_items} items), then single-item requests")
+            r.recovery = recovery.run_recovery(url, files.v2_json.read_bytes(), x_one, input_name,
+                                               items=args.large_items)
+        if "overload" not in args.skip:
+            log(f"overload: {args.overload_clients} clients on /classify for {args.overload_seconds:g} s")
+            body, content_type = wrk.multipart_body(files.png.read_bytes())
+            r.overload = overload.run_overload(url + stacks.CLASSIFY, body, content_type, args.overload_clients,
+                                               args.overload_seconds)
+        if "budgets" not in args.skip:
+            r.budgets = budgets.bench_budgets(url, args.budget_duration, args.generate_chars, workdir)
+        r.memory["after load"] = server_info.server_memory(server)
+    log("nnserve stopped")
+    r.labels[stacks.NNSERVE], r.tags = "nnserve", tags
+
+
+def lenet5_inputs(workdir: Path, tag: str):
+    """The request files every server gets (RequestFiles), and for the large request one held-out digit
+    preprocessed for lenet5 [1, C, H, W] with the model's input name; all from the store entry ``tag``."""
+    import bentoml
+
+    from loadtest.bench.wrk import request_files
+    from loadtest.data import held_out_digits
+    from models.preprocess import preprocess_uint8
+
+    meta = bentoml.models.get(tag).info.metadata
+    input_name = meta["inputs"][0]["name"]
+    x_one = preprocess_uint8(held_out_digits()[0][:1], meta["preprocessing"])
+    return request_files(workdir, meta["preprocessing"], input_name), x_one, input_name
+
+
+def run_baselines(args: argparse.Namespace, workdir: Path, r: Results) -> None:
+    import bentoml
+
+    from loadtest.baselines.launch import BASELINES
+    from loadtest.bench import stacks
+
+    # Pin the exact store entries nnserve served (or the latest ones), so every server runs the same graph.
+    tags = r.tags
+    pins = {f"BASELINE_{name.upper()}_TAG": tags.get(name) or str(bentoml.models.get(f"{name}:latest").tag)
+            for name in ("lenet5", "vgg_fc7")}
+    files, _, _ = lenet5_inputs(workdir, pins["BASELINE_LENET5_TAG"])
+    found, answers = stacks.measure_baselines(args.baselines, files, args.connections, args.duration, workdir,
+                                              pins)
+    r.runs += found
+    r.answers.update(answers)
+    r.labels.update({name: BASELINES[name][0] for name in args.baselines})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from loadtest.bench import generate, inprocess, targets
+    from loadtest.bench.plots import plot
+    from loadtest.bench.wrk import wrk_binary
+
+    args = parse_args(argv)
+    env = server_env(args)
+    command = shlex.join(["python", "-m", "loadtest.bench", *(sys.argv[1:] if argv is None else argv)])
+    started = time.perf_counter()
+    r = Results(info={"command": command, "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+                      "load_start": load_average(), **machine()})
+    log(f"{command}: load average {r.info['load_start']}; output to {args.out}")
+    if not {"nnserve", "stacks"} & set(args.skip) or "baselines" not in args.skip:
+        wrk_binary()  # fail now, not after minutes of other parts
+    with tempfile.TemporaryDirectory(prefix="nnserve-bench-") as tmp:
+        workdir = Path(tmp)
+        if "in-process" not in args.skip:
+            log("part 1: PyTorch eager vs ONNX Runtime, in process")
+            r.cases, r.case_notes = inprocess.bench_in_process(args, workdir)
+        if "generate" not in args.skip and not args.skip_step_loop:
+            log("generation step-loop limit (in process, no server)")
+            r.step_limits = generate.bench_step_loop(sorted(set(args.streams)), args.step_loop_steps)
+        elif args.skip_step_loop:
+            r.step_note = "Step-loop limit not measured this run (`--skip-step-loop`)."
+        if "nnserve" not in args.skip:
+            run_nnserve(args, env, workdir, r)
+        if "baselines" not in args.skip and args.baselines:
+            run_baselines(args, workdir, r)
+    batch_ms, delay = None, env.get("NNSERVE_MAX_QUEUE_DELAY_MS") or find_setting(r.settings, "max_queue_delay")
+    if r.overload:
+        max_batch = int(env.get("NNSERVE_MAX_BATCH_SIZE") or find_setting(r.settings, "max_batch_size") or 32)
+        batch_ms = batch_time_ms(max_batch, args.threads)
+        r.target_notes.append(f"batch time in the overload bound: lenet5 ORT at batch {max_batch} "
+                              f"({args.threads} threads, in process), median {batch_ms:.2f} ms; max_queue_delay "
+                              f"{f'{delay} ms' if delay is not None else 'unknown'}")
+    levels = sorted(args.connections)
+    r.targets = targets.evaluate(r.runs, levels[0], levels[-1], r.generate, r.step_limits, r.overload,
+                                 as_float(delay), batch_ms, r.recovery)
+    r.info.update(load_end=load_average(), seconds=time.perf_counter() - started)
+    r.images = plot(r.cases, r.runs, r.labels, r.generate, args.out / "img")
+    write_atomic(args.out / "bench.md", report(args, r).encode())
+    log(f"wrote {args.out / 'bench.md'} and {', '.join(r.images) or 'no plot'} in {r.info['seconds']:.0f} s")
+    for t in r.targets:
+        log(f"  {t.verdict:12s} {t.what}: {t.measured} (goal {t.target})")
+    return 0
+
+
+def as_float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:  # a setting reported in a shape we do not know: the target says "unknown"
+        return None
+
+
+def find_setting(settings: dict[str, str], fragment: str) -> str | None:
+    """A setting's value from what the server reported or was passed (keys vary: env names or JSON keys)."""
+    import json
+
+    for key, value in settings.items():
+        if fragment in key.lower():
+            return value
+        try:
+            nested = json.loads(value)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(nested, dict):
+            found = next((v for k, v in nested.items() if fragment in k.lower()), None)
+            if found is not None:
+                return str(found)
+    return None
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except RuntimeError as e:  # store entry missing, a server, wrk or locust failed: the message says which
+        log(f"FAILED, nothing written: {e}")
+        sys.exit(1)

@@ -1,0 +1,278 @@
+"""docs/bench.md from one run's results: how to run, what each part measures, then every measured number.
+
+Only numbers measured by the run go in; a part that did not run says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+
+from loadtest.bench.common import fmt, percentile
+from loadtest.bench.inprocess import REFERENCE, Case
+from loadtest.bench.overload import OverloadResult
+from loadtest.bench.recovery import RecoveryResult
+from loadtest.bench.stacks import StackRun
+from loadtest.bench.targets import Target
+from loadtest.locust_runner import BUDGETS
+
+HOW_TO = """## How to run
+
+```bash
+make bench                      # the record: installs wrk (apt-get, as root) and the `bench` extra, writes this file
+.venv/bin/python -m loadtest.bench --duration 3 --skip in-process --out /tmp/b   # a quick look, not the record
+make bench BENCH_ARGS="--duration 10 --connections 1,8,32"   # options for the make target
+```
+
+Prerequisites: the default models in the BentoML store (`make export`, which `make bench` runs), `wrk`
+(`apt-get install -y wrk`; `make bench` installs it when run as root and otherwise stops saying so), and the
+`bench` extra of pyproject.toml (LitServe, FastAPI, uvicorn[standard]; `make bench` installs it into
+`.venv`). Run it on a quiet machine: every server shares the cores with its load generator, and other work
+on the box shows up in the numbers (the load average is printed below). `--help` lists every option
+(durations, concurrency levels, `--skip PART`, `--server-env KEY=VALUE` for nnserve's settings).
+
+What each part measures:
+
+1. **In process**: PyTorch eager vs ONNX Runtime variants of lenet5 and vgg_fc7, batch 1 and 32, no HTTP.
+2. **Serving stacks under wrk**: the same requests (a held-out MNIST digit as a multipart PNG upload, top 5;
+   a KServe v2 JSON tensor) against nnserve and three baselines serving the same store model with the same
+   preprocessing (`loadtest/baselines/`): BentoML by the book (one service, batchable API), LitServe (its
+   batching: 32 items / 5 ms) and plain FastAPI + ORT (2 uvicorn workers, no batching; also `/features` on
+   vgg_fc7). Each server runs alone (started, measured, stopped). wrk (`loadtest/wrk/post.lua`) runs a closed
+   loop: N connections, each sending its next request when the previous answer arrives.
+3. **Generation**: streamed `/generate` with 1 and N concurrent streams (locust: streams are checked for
+   length and their first byte timed), and the bare step-loop limit (the server's decode step + sampling in
+   one thread, no HTTP) that the live numbers are compared with.
+4. **Overload**: many more clients than the queue bounds admit, on `/classify`: accepted requests' latency,
+   the 503s (fast, with `Retry-After`) and anything else. Per-status latency needs a client that times each
+   answer: a small asyncio client (aiohttp), whose own CPU time is printed.
+5. **Large request then small**: one 10,000-item KServe v2 request, with single-item requests timed around
+   it: how long until their latency is back to idle.
+6. **Budgets and memory**: the locust load test of every endpoint at once against `loadtest/budgets.json`,
+   and the server processes' resident memory.
+
+Notes on method:
+
+- The step-loop limit calls `service.generation.measure_step_loop(runtime, batch_size, steps)`;
+  `--skip-step-loop` leaves it out.
+- wrk counts answers with status >= 400 as errors (`status_errors`); no server here answers 3xx.
+- MLServer is not part of the bench: MLServer 1.7.1 pins fastapi < 0.116, which conflicts with the `bench`
+  extra, and it has no ONNX runtime of its own (it needs a custom `MLModel`). The `/v2` target against it
+  reads "not measured".
+- uvicorn[standard] (the `bench` extra) brings uvloop and httptools, which uvicorn picks by default: after
+  `make bench`, every server in the bench, nnserve and BentoML's included, runs on the same HTTP stack (the
+  versions are listed above).
+"""
+
+
+@dataclass
+class Results:
+    info: dict
+    cases: list[Case] = field(default_factory=list)
+    case_notes: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    settings: dict[str, str] = field(default_factory=dict)
+    runs: list[StackRun] = field(default_factory=list)
+    answers: dict[str, dict[str, str]] = field(default_factory=dict)  # server -> endpoint -> answer
+    labels: dict[str, str] = field(default_factory=dict)  # server -> label
+    tags: dict[str, str] = field(default_factory=dict)  # model name -> store tag nnserve served
+    generate: list[dict] = field(default_factory=list)
+    step_limits: dict[int, float] = field(default_factory=dict)
+    step_note: str = ""
+    overload: OverloadResult | None = None
+    recovery: RecoveryResult | None = None
+    budgets: dict = field(default_factory=dict)
+    memory: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    targets: list[Target] = field(default_factory=list)
+    target_notes: list[str] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+
+
+def report(args: argparse.Namespace, r: Results) -> str:
+    info = r.info
+    lines = ["# Benchmarks", "",
+             "Written by `python -m loadtest.bench` (`make bench`); rerun it rather than editing this file. "
+             "Every number below was measured by the run described here.", "",
+             f"- command: `{info['command']}`",
+             f"- date: {info['date']} (took {info['seconds']:.0f} s)",
+             f"- machine: {info['cpu']}; {info['os']}",
+             f"- load average (1/5/15 min) at start {info['load_start']}, at end {info['load_end']}: the machine may "
+             "be shared, so compare rows of one run, not runs of different days",
+             f"- {info['versions']}",
+             f"- BentoML store: {os.environ.get('BENTOML_HOME', '~/bentoml')}", ""]
+    lines += HOW_TO.splitlines()
+    if r.targets:
+        lines += ["", "## Targets", "", "| target | measured | goal | verdict |", "|---|---|---|---|"]
+        lines += [f"| {t.what} | {t.measured} | {t.target} | {t.verdict} |" for t in r.targets]
+        if r.target_notes:
+            lines += [""] + [f"- {n}" for n in r.target_notes]
+    if r.models:
+        lines += ["", "## nnserve under test", "", "`bentoml serve service.service:NNServe` on 127.0.0.1. Models:", ""]
+        lines += [f"- {m}" for m in r.models]
+        lines += ["", "Settings (reported by `GET /models`, and the NNSERVE_* variables passed to it): "
+                  + (", ".join(f"`{k}={v}`" for k, v in r.settings.items()) or "none passed: the service's defaults")]
+    lines += in_process_section(args, r)
+    lines += stacks_section(args, r)
+    lines += generate_section(args, r)
+    lines += overload_section(r)
+    lines += recovery_section(r)
+    lines += budgets_section(args, r)
+    lines += memory_section(r)
+    return "\n".join(lines) + "\n"
+
+
+def in_process_section(args: argparse.Namespace, r: Results) -> list[str]:
+    if not r.cases:
+        return []
+    lines = ["", "## 1. PyTorch eager vs ONNX Runtime (CPU, in process)", "",
+             "Held-out MNIST digits preprocessed as the service does; 10 warm-up calls, then up to "
+             f"{args.runs} timed calls (at most {args.max_seconds:g} s) per row; one intra-op thread unless "
+             "the variant says more (the server gives ORT every core).", "",
+             "| model | variant | batch | median ms | p90 ms | runs | µs / image | speed vs ORT fp32 | note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for c in r.cases:
+        base = next(b.median_ms for b in r.cases if (b.model, b.variant, b.batch) == (c.model, REFERENCE, c.batch))
+        lines.append(f"| {c.model} | {c.variant} | {c.batch} | {c.median_ms:.3f} | {c.p90_ms:.3f} | "
+                     f"{len(c.times_ms)} | {1000 * c.median_ms / c.batch:.1f} | {base / c.median_ms:.2f}x | "
+                     f"{c.note} |")
+    lines += ["", f"Speed relative to `{REFERENCE}`, the exported graph with ORT's default (online) "
+              "optimizations (2.00x = twice as fast). Models:", ""]
+    lines += [f"- {note}" for note in r.case_notes]
+    if "bench-ort.png" in r.images:
+        lines += ["", "![ORT variants](img/bench-ort.png)"]
+    return lines
+
+
+def stacks_section(args: argparse.Namespace, r: Results) -> list[str]:
+    if not r.runs:
+        return []
+    lines = ["", "## 2. Serving stacks under wrk", "",
+             f"`wrk -t1 -cN -d{args.duration}s -s loadtest/wrk/post.lua` per row (closed loop, N connections), one "
+             "server up at a time. errors = answers with status >= 400 + socket errors/timeouts. nnserve's mean "
+             "batch and batch sizes come from its `nnserve_batch_size{batcher=\"adaptive\"}` histogram "
+             "(difference over the row; `3-4:7` = 7 batches of 3 or 4).", "",
+             "| server | endpoint | clients | requests | req/s | p50 ms | p95 ms | p99 ms | errors | mean batch "
+             "| batches |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for run in r.runs:
+        w = run.result
+        lines.append(f"| {r.labels.get(run.server, run.server)} | `{run.endpoint}` | {w.connections} | {w.requests:,} "
+                     f"| {fmt(w.rps)} | {fmt(w.p50_ms, 2)} | {fmt(w.p95_ms, 2)} | {fmt(w.p99_ms, 2)} | {w.errors} "
+                     f"| {fmt(run.mean_batch, 2)} | {run.batches or '-'} |")
+    lines += ["", "Answer to the checked request sent before each server's runs (same model and preprocessing, so "
+              "the same answer everywhere):", ""]
+    for server, answers in r.answers.items():
+        lines.append(f"- {r.labels.get(server, server)}: "
+                     + "; ".join(f"`{e}` {a}" for e, a in answers.items()))
+    if "bench-stacks.png" in r.images:
+        lines += ["", "![serving stacks](img/bench-stacks.png)"]
+    return lines
+
+
+def generate_section(args: argparse.Namespace, r: Results) -> list[str]:
+    if not r.generate and not r.step_limits and not r.step_note:
+        return []
+    lines = ["", "## 3. /generate (char_lstm, streamed): continuous batching", ""]
+    if r.generate:
+        lines += [f"locust `GenerateStreamUser`, {args.duration} s per row; each request asks for "
+                  f"{args.generate_chars} characters; decode batch sizes from "
+                  "`nnserve_batch_size{batcher=\"continuous\"}`. Step-loop limit: "
+                  "`service.generation.measure_step_loop` at the same batch size.", "",
+                  "| streams | completed | failures | chars/s | step-loop limit chars/s | fraction | first char p50 "
+                  "/ p95 ms | full stream p50 / p95 ms | mean decode batch | batches |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for g in r.generate:
+            limit = r.step_limits.get(g["streams"])
+            fraction = f"{g['chars_per_s'] / limit:.0%}" if limit else "-"
+            lines.append(f"| {g['streams']} | {fmt(g['completed'], 0)} | {fmt(g['failures'], 0)} | "
+                         f"{fmt(g['chars_per_s'], 0)} | {fmt(limit, 0)} | "
+                         f"{fraction} | "
+                         f"{fmt(g['first_p50'], 0)} / {fmt(g['first_p95'], 0)} | "
+                         f"{fmt(g['full_p50'], 0)} / {fmt(g['full_p95'], 0)} | {fmt(g['mean_batch'], 2)} | "
+                         f"{g['batches']} |")
+    if r.step_note:
+        lines += ["", r.step_note]
+    if "bench-generate.png" in r.images:
+        lines += ["", "![/generate](img/bench-generate.png)"]
+    return lines
+
+
+def overload_section(r: Results) -> list[str]:
+    o = r.overload
+    if o is None:
+        return []
+    lines = ["", "## 4. Overload", "",
+             f"{o.clients} concurrent clients (asyncio + aiohttp, closed loop) on `/classify` for {o.seconds:g} s; "
+             f"the client process used {o.client_cpu_s:.1f} s of CPU meanwhile (taken from the server's cores).", "",
+             "| status | count | p50 ms | p99 ms | with Retry-After |", "|---|---:|---:|---:|---:|"]
+    for status in sorted(o.latencies_ms):
+        values = o.latencies_ms[status]
+        lines.append(f"| {status} | {len(values):,} | {fmt(percentile(values, 50))} | "
+                     f"{fmt(o.p99(status))} | {o.retry_after[status]:,} |")
+    for kind, count in o.failures.items():
+        lines.append(f"| no answer ({kind}) | {count:,} | - | - | - |")
+    return lines
+
+
+def recovery_section(r: Results) -> list[str]:
+    c = r.recovery
+    if c is None:
+        return []
+    lines = ["", "## 5. Large request, then small ones", "",
+             f"One KServe v2 request with {c.items:,} lenet5 items (binary tensor) answered {c.large_status} in "
+             f"{fmt(c.large_ms, 0)} ms. Single-item v2 JSON requests, back to back: idle median "
+             f"{c.idle_median_ms:.2f} ms before; while and after the large one, {len(c.samples)} requests, the "
+             f"slowest {fmt(c.worst_small_ms)} ms, {c.small_errors} errors. Latency back under 2x idle "
+             f"({c.slow_threshold_ms:.2f} ms) for good **{c.recovery_s:.3f} s** after the large request was sent"
+             + ("." if c.recovered else " (the last one was still slow: not recovered within the window)."),
+             "", "| sent at s | latency ms |", "|---:|---:|"]
+    # Every sample would be hundreds of rows: the first 10, then every slow one after them.
+    shown = [s for i, s in enumerate(c.samples) if i < 10 or s[1] > c.slow_threshold_ms][:40]
+    lines += [f"| {sent:.3f} | {ms:.2f} |" for sent, ms in shown]
+    return lines
+
+
+def budgets_section(args: argparse.Namespace, r: Results) -> list[str]:
+    budgets = r.budgets
+    budget_table = json.loads(BUDGETS.read_text())
+    seconds = budgets.get("seconds", args.budget_duration)
+    lines = ["", "## 6. Load test with budgets (pass/fail)", "",
+             f"`locust -f loadtest/locustfile.py --headless -u 5 -r 5 -t {seconds}s --host URL` "
+             "(one user per endpoint, all at once) exits 1 and logs `BUDGET EXCEEDED <endpoint>: ...` for each "
+             "endpoint over its budget in `loadtest/budgets.json` (`--budgets FILE` for another table, "
+             "`--budgets none` to skip)."]
+    if budgets:
+        verdict = "all budgets met" if not budgets["violations"] else "budgets EXCEEDED: " + "; ".join(
+            budgets["violations"])
+        lines += ["", f"This run ({budgets['users']} users, {seconds} s, on the server above): **{verdict}**.",
+                  "Measured, with the budget in parentheses:", "",
+                  "| endpoint | requests | failures | p50 ms | p95 ms | p99 ms |", "|---|---:|---:|---:|---:|---:|"]
+        for e in budgets["endpoints"]:
+            b = budget_table.get(e["endpoint"], {})
+            cells = [f"{fmt(e[k], 0)} ({b.get(f'{k}_ms', '-')})" for k in ("p50", "p95", "p99")]
+            lines.append(f"| `{e['endpoint']}` | {fmt(e['requests'], 0)} | {fmt(e['failures'], 0)} "
+                         f"(max {b.get('max_error_rate', 0):.0%}) | {' | '.join(cells)} |")
+    else:
+        lines += ["", "Not run this time; the budgets:", "",
+                  "| endpoint | p50 ms | p95 ms | p99 ms | max error rate |", "|---|---:|---:|---:|---:|"]
+        for endpoint, budget in budget_table.items():
+            lines.append(f"| `{endpoint}` | {budget.get('p50_ms', '-')} | {budget.get('p95_ms', '-')} | "
+                         f"{budget.get('p99_ms', '-')} | {budget.get('max_error_rate', 0):.0%} |")
+    return lines
+
+
+def memory_section(r: Results) -> list[str]:
+    if not r.memory:
+        return []
+    moments = list(r.memory)
+    lines = ["", "## 7. nnserve memory", "",
+             "Resident set size (RSS, MiB; shared pages count in each process) of the server's processes, "
+             f"{' and '.join(moments)}.", "",
+             f"| process | {' | '.join(moments)} |", f"|---|{'---:|' * len(moments)}"]
+    roles = [role for role, _ in r.memory[moments[0]]]
+    for i, role in enumerate(roles):
+        values = [f"{r.memory[m][i][1]:.0f}" if i < len(r.memory[m]) else "-" for m in moments]
+        lines.append(f"| {role} | {' | '.join(values)} |")
+    lines.append(f"| total | {' | '.join(f'{sum(v for _, v in r.memory[m]):.0f}' for m in moments)} |")
+    return lines

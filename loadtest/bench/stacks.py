@@ -1,0 +1,98 @@
+"""Parts 2-3: the same requests against nnserve and every baseline server, under wrk.
+
+``/classify`` (lenet5, PNG upload) on nnserve and each baseline; ``/features`` (vgg_fc7, npy answer) on
+nnserve and FastAPI; KServe v2 ``/v2/models/lenet5/infer`` (JSON tensor) on nnserve. Each at every
+``--connections`` level (closed loop), after one checked request: the answer's top label must be the same
+on every server (same model, same preprocessing), else the comparison would be meaningless.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from loadtest.bench.common import log
+from loadtest.bench.promscrape import batch_histogram, scrape
+from loadtest.bench.wrk import RequestFiles, WrkResult, multipart_body, run_wrk
+
+NNSERVE = "nnserve"
+CLASSIFY, FEATURES, V2 = "/classify", "/features", "/v2/models/lenet5/infer"
+BATCHED_MODEL = {CLASSIFY: "lenet5", FEATURES: "vgg_fc7", V2: "lenet5"}  # nnserve's adaptive batcher
+
+
+@dataclass
+class StackRun:
+    server: str  # nnserve or a baseline name
+    endpoint: str
+    result: WrkResult
+    mean_batch: float = float("nan")  # nnserve only, from /metrics
+    batches: str = ""
+
+
+def top_label(answer: object) -> str:
+    """The first prediction's label, from nnserve's ``{"predictions": [...]}`` or a one-item list of it
+    (BentoML's batchable API answers the request's slice of the batch)."""
+    if isinstance(answer, list) and len(answer) == 1:
+        answer = answer[0]
+    return answer["predictions"][0]["label"]
+
+
+def check_answer(url: str, endpoint: str, files: RequestFiles) -> str:
+    """One request of the kind wrk will send; what it answered (the top label, or the feature size)."""
+    fields = {"format": "npy"} if endpoint == FEATURES else {}
+    if endpoint == V2:
+        body, content_type = files.v2_json.read_bytes(), "application/json"
+    else:
+        body, content_type = multipart_body(files.png.read_bytes(), fields)
+    request = urllib.request.Request(url + endpoint, data=body, headers={"Content-Type": content_type})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        data = response.read()
+    if endpoint == FEATURES:
+        return f"{len(data)}-byte npy vector"
+    if endpoint == V2:
+        outputs = {o["name"]: o for o in json.loads(data)["outputs"]}
+        logits = outputs["logits"]["data"]
+        return f"class index {max(range(len(logits)), key=logits.__getitem__)}"
+    return f"label {top_label(json.loads(data))}"
+
+
+def wrk_args(endpoint: str, files: RequestFiles) -> list[str]:
+    return {CLASSIFY: files.classify_args, FEATURES: files.features_args, V2: files.v2_args}[endpoint]()
+
+
+def measure(server: str, url: str, endpoints: tuple[str, ...], files: RequestFiles, connections: list[int],
+            seconds: float, metrics: bool = False) -> tuple[list[StackRun], dict[str, str]]:
+    """Every endpoint at every concurrency level; ``metrics``: nnserve's batch histograms too."""
+    runs, answers = [], {}
+    for endpoint in endpoints:
+        answers[endpoint] = check_answer(url, endpoint, files)
+        for c in connections:
+            before = scrape(url) if metrics else {}
+            result = run_wrk(url + endpoint, wrk_args(endpoint, files), c, seconds)
+            run = StackRun(server, endpoint, result)
+            if metrics:
+                hist = batch_histogram(before, scrape(url), BATCHED_MODEL[endpoint], "adaptive")
+                run.mean_batch, run.batches = hist.mean, hist.describe()
+            log(f"  {server:9s} {endpoint:24s} c={c:<3d} {result.rps:8.1f} req/s  p50 {result.p50_ms:7.2f} ms  "
+                f"p95 {result.p95_ms:7.2f}  p99 {result.p99_ms:7.2f}  errors {result.errors}"
+                + (f"  mean batch {run.mean_batch:.2f}" if metrics else ""))
+            runs.append(run)
+    return runs, answers
+
+
+def measure_baselines(names: list[str], files: RequestFiles, connections: list[int], seconds: float,
+                      workdir: Path, env: dict[str, str]) -> tuple[list[StackRun], dict[str, dict[str, str]]]:
+    """Each baseline alone: start it, check one answer, measure its routes, stop it."""
+    from loadtest.baselines.launch import BASELINES, running_baseline
+
+    runs, answers = [], {}
+    for name in names:
+        label, routes, _ = BASELINES[name]
+        log(f"baseline {name}: {label}: starting")
+        with running_baseline(name, workdir / f"baseline-{name}.log", env) as server:
+            found, answers[name] = measure(name, server.http_url, routes, files, connections, seconds)
+            runs += found
+        log(f"baseline {name} stopped")
+    return runs, answers

@@ -1,0 +1,117 @@
+"""The issue's targets, each checked against this run's measurements: met, MISSED, or not measured."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loadtest.bench.common import fmt
+from loadtest.bench.overload import OverloadResult
+from loadtest.bench.recovery import RecoveryResult
+from loadtest.bench.stacks import CLASSIFY, FEATURES, NNSERVE, V2, StackRun
+from loadtest.bench.wrk import WrkResult
+
+
+@dataclass
+class Target:
+    what: str
+    measured: str
+    target: str
+    met: bool | None  # None: not measured (or not computable from this run)
+
+    @property
+    def verdict(self) -> str:
+        return "not measured" if self.met is None else ("met" if self.met else "**MISSED**")
+
+
+def find(runs: list[StackRun], server: str, endpoint: str, connections: int) -> WrkResult | None:
+    return next((r.result for r in runs if (r.server, r.endpoint, r.result.connections)
+                 == (server, endpoint, connections)), None)
+
+
+def ratio_target(what: str, ours: WrkResult | None, theirs: WrkResult | None, theirs_name: str, factor: float,
+                 latency: bool = False) -> Target:
+    """Throughput >= factor x theirs, or (latency) p50 <= factor x theirs."""
+    if ours is None or theirs is None:
+        return Target(what, "not measured" + ("" if theirs else f" ({theirs_name} not run)"),
+                      f"{'<=' if latency else '>='} {factor:g}x {theirs_name}", None)
+    if latency:
+        r = ours.p50_ms / theirs.p50_ms
+        return Target(what, f"{ours.p50_ms:.2f} ms vs {theirs.p50_ms:.2f} ms = {r:.2f}x",
+                      f"<= {factor:g}x {theirs_name}", r <= factor)
+    r = ours.rps / theirs.rps
+    return Target(what, f"{ours.rps:,.0f} vs {theirs.rps:,.0f} req/s = {r:.2f}x", f">= {factor:g}x {theirs_name}",
+                  r >= factor)
+
+
+def limit_note(chars_per_s: float, limit: float | None) -> str:
+    return f" ({chars_per_s / limit:.0%} of the step-loop limit {limit:,.0f})" if limit else \
+        " (step-loop limit not measured)"
+
+
+def evaluate(runs: list[StackRun], low: int, high: int, generate: list[dict], step_limits: dict[int, float],
+             overload: OverloadResult | None, max_queue_delay_ms: float | None, batch_ms: float | None,
+             recovery: RecoveryResult | None) -> list[Target]:
+    targets = [
+        ratio_target(f"/classify {low} client p50", find(runs, NNSERVE, CLASSIFY, low),
+                     find(runs, "fastapi", CLASSIFY, low), "FastAPI", 1.25, latency=True),
+        ratio_target(f"/classify {high} clients throughput", find(runs, NNSERVE, CLASSIFY, high),
+                     find(runs, "fastapi", CLASSIFY, high), "FastAPI", 1.0),
+        ratio_target(f"/classify {high} clients throughput", find(runs, NNSERVE, CLASSIFY, high),
+                     find(runs, "litserve", CLASSIFY, high), "LitServe", 2.0),
+    ]
+    ours = find(runs, NNSERVE, CLASSIFY, high)
+    targets.append(Target(f"/classify {high} clients p95", f"{ours.p95_ms:.1f} ms" if ours else "not measured",
+                          "<= 50 ms", None if ours is None else ours.p95_ms <= 50))
+    targets.append(ratio_target(f"/features {high} clients throughput", find(runs, NNSERVE, FEATURES, high),
+                                find(runs, "fastapi", FEATURES, high), "FastAPI", 3.0))
+    v2 = find(runs, NNSERVE, V2, high)
+    targets.append(Target(f"/v2 lenet5 {high} clients throughput",
+                          f"nnserve {v2.rps:,.0f} req/s; MLServer not measured" if v2 else "not measured",
+                          ">= 1.5x MLServer", None))
+    by_streams = {g["streams"]: g for g in generate}
+    one, many = by_streams.get(1), max(by_streams.values(), key=lambda g: g["streams"], default=None)
+    if not one:
+        targets.append(Target("/generate 1 stream", "not measured", ">= 5,000 chars/s", None))
+    else:
+        targets.append(Target("/generate 1 stream", f"{one['chars_per_s']:,.0f} chars/s"
+                              + limit_note(one["chars_per_s"], step_limits.get(1)),
+                              ">= 5,000 chars/s", one["chars_per_s"] >= 5000))
+    if not many or many["streams"] == 1:
+        targets += [Target("/generate 16 streams", "not measured", ">= 25,000 chars/s", None),
+                    Target("/generate first char p95 at 16 streams", "not measured", "<= 20 ms", None)]
+    else:
+        n = many["streams"]
+        targets.append(Target(f"/generate {n} streams", f"{many['chars_per_s']:,.0f} chars/s aggregate"
+                              + limit_note(many["chars_per_s"], step_limits.get(n)),
+                              ">= 25,000 chars/s", many["chars_per_s"] >= 25000))
+        targets.append(Target(f"/generate first char p95 at {n} streams", f"{fmt(many['first_p95'], 0)} ms",
+                              "<= 20 ms", many["first_p95"] <= 20))
+    if not overload:
+        targets += [Target("overload: accepted p99", "not measured", "<= 4 x max_queue_delay + batch time", None),
+                    Target("overload: 503s with Retry-After, p99", "not measured", "<= 20 ms", None),
+                    Target("overload: any other status or failure", "not measured", "none", None)]
+    else:
+        bound = None if max_queue_delay_ms is None or batch_ms is None else 4 * max_queue_delay_ms + batch_ms
+        targets.append(Target(
+            f"overload ({overload.clients} clients): accepted p99",
+            f"{fmt(overload.p99(200))} ms ({overload.accepted} accepted)",
+            f"<= 4 x max_queue_delay + batch time = {fmt(bound)} ms" if bound is not None
+            else "<= 4 x max_queue_delay + batch time (max_queue_delay unknown: pass NNSERVE_MAX_QUEUE_DELAY_MS)",
+            None if bound is None or not overload.accepted else overload.p99(200) <= bound))
+        targets.append(Target(
+            "overload: 503s with Retry-After, p99",
+            f"{overload.rejected} x 503, {fmt(overload.p99(503))} ms, Retry-After on "
+            f"{overload.retry_after[503]}", "<= 20 ms, all with Retry-After",
+            None if not overload.rejected else overload.p99(503) <= 20 and overload.all_503_retry_after))
+        others = overload.others
+        targets.append(Target("overload: any other status or failure",
+                              ", ".join(f"{k}: {v}" for k, v in others.items()) or "none", "none", not others))
+    if not recovery:
+        targets.append(Target("large request then small: recovery", "not measured", "< 1 s", None))
+    else:
+        ok = recovery.large_status == 200 and recovery.small_errors == 0 and recovery.recovered
+        problems = "" if ok else (f" (large request answered {recovery.large_status}, small errors "
+                                  f"{recovery.small_errors}{'' if recovery.recovered else ', still slow at the end'})")
+        targets.append(Target(f"large request ({recovery.items:,} items) then small: recovery",
+                              f"{recovery.recovery_s:.3f} s{problems}", "< 1 s", recovery.recovery_s < 1 and ok))
+    return targets
