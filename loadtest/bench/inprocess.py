@@ -109,9 +109,10 @@ def model_variants(name: str, workdir: Path, all_threads: int) -> tuple[list[Var
     import torch
 
     from export.optimize import optimize_graph
-    from service.runtime import model_tag, store_model
+    from service.runtime import store_model
+    from service.settings import Settings
 
-    entry = store_model(model_tag(name))  # a RuntimeError saying "run make export" if it is missing
+    entry = store_model(Settings.from_env().model_tags[name])  # a RuntimeError saying "run make export" if it is missing
     meta = entry.info.metadata
     served = Path(entry.path_of(meta["onnx_file"]))
     # export keeps the plain graph next to an optimized model.onnx; otherwise model.onnx is the plain one.

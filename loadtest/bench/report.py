@@ -151,7 +151,7 @@ def stacks_section(args: argparse.Namespace, r: Results) -> list[str]:
     lines = ["", "## 2. Serving stacks under wrk", "",
              f"`wrk -t1 -cN -d{args.duration}s -s loadtest/wrk/post.lua` per row (closed loop, N connections), one "
              "server up at a time. errors = answers with status >= 400 + socket errors/timeouts. nnserve's mean "
-             "batch and batch sizes come from its `nnserve_batch_size{batcher=\"adaptive\"}` histogram "
+             "batch and batch sizes come from its `nnserve_batch_size{batcher=\"dynamic\"}` histogram "
              "(difference over the row; `3-4:7` = 7 batches of 3 or 4).", "",
              "| server | endpoint | clients | requests | req/s | p50 ms | p95 ms | p99 ms | errors | mean batch "
              "| batches |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]

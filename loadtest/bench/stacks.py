@@ -19,7 +19,7 @@ from loadtest.bench.wrk import RequestFiles, WrkResult, multipart_body, run_wrk
 
 NNSERVE = "nnserve"
 CLASSIFY, FEATURES, V2 = "/classify", "/features", "/v2/models/lenet5/infer"
-BATCHED_MODEL = {CLASSIFY: "lenet5", FEATURES: "vgg_fc7", V2: "lenet5"}  # nnserve's adaptive batcher
+BATCHED_MODEL = {CLASSIFY: "lenet5", FEATURES: "vgg_fc7", V2: "lenet5"}  # nnserve's dynamic batcher
 
 
 @dataclass
@@ -73,7 +73,7 @@ def measure(server: str, url: str, endpoints: tuple[str, ...], files: RequestFil
             result = run_wrk(url + endpoint, wrk_args(endpoint, files), c, seconds)
             run = StackRun(server, endpoint, result)
             if metrics:
-                hist = batch_histogram(before, scrape(url), BATCHED_MODEL[endpoint], "adaptive")
+                hist = batch_histogram(before, scrape(url), BATCHED_MODEL[endpoint], "dynamic")
                 run.mean_batch, run.batches = hist.mean, hist.describe()
             log(f"  {server:9s} {endpoint:24s} c={c:<3d} {result.rps:8.1f} req/s  p50 {result.p50_ms:7.2f} ms  "
                 f"p95 {result.p95_ms:7.2f}  p99 {result.p99_ms:7.2f}  errors {result.errors}"
