@@ -54,6 +54,36 @@ class LiveServer:
         return self.process.poll() is None
 
 
+def own_bentoml_home(home: Path, models: Path) -> Path:
+    """A BENTOML_HOME for one more server that shares the model store ``models`` (a symlink to it).
+
+    Each server needs its own home: ``bentoml serve`` clears the Prometheus multiprocess directory under
+    BENTOML_HOME when it starts, which would wipe the metrics of a server already running on that home.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "models").exists():
+        (home / "models").symlink_to(models)
+    return home
+
+
+def server_processes(server: LiveServer) -> list:
+    """psutil.Process of the arbiter (``bentoml serve``) and of every process under it (the workers)."""
+    import psutil
+
+    arbiter = psutil.Process(server.process.pid)
+    return [arbiter, *arbiter.children(recursive=True)]
+
+
+def worker_pids(server: LiveServer) -> list[int]:
+    """PIDs of the worker processes: circus starts them as children of the arbiter."""
+    import psutil
+
+    try:
+        return sorted(p.pid for p in psutil.Process(server.process.pid).children())
+    except psutil.NoSuchProcess:
+        return []
+
+
 def _ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -85,15 +115,17 @@ def start_process(cmd: list[str], http_port: int, log_path: Path, env: dict[str,
     return server
 
 
-def start_server(log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 240.0) -> LiveServer:
-    """Start ``bentoml serve`` and wait until ``/readyz`` says 200 (models loaded and warmed up)."""
+def start_server(log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 240.0,
+                 ready_path: str = "/readyz") -> LiveServer:
+    """Start ``bentoml serve`` and wait until ``ready_path`` says 200 (``/readyz``: models loaded and
+    warmed up; ``/livez`` for a server that is not meant to become ready)."""
     http_port, grpc_port = free_port(), free_port()
     while grpc_port == http_port:
         grpc_port = free_port()
     bentoml_cli = Path(sys.executable).parent / "bentoml"
     cmd = [str(bentoml_cli), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(http_port)]
     return start_process(cmd, http_port, log_path, {"NNSERVE_GRPC_PORT": str(grpc_port), **(env or {})},
-                         timeout_s=timeout_s, grpc_port=grpc_port)
+                         ready_path=ready_path, timeout_s=timeout_s, grpc_port=grpc_port)
 
 
 def stop_server(server: LiveServer, grace_s: float = 30.0) -> int | None:
@@ -124,8 +156,9 @@ def stop_server(server: LiveServer, grace_s: float = 30.0) -> int | None:
 
 
 @contextlib.contextmanager
-def running_server(log_path: Path, env: dict[str, str] | None = None) -> Iterator[LiveServer]:
-    server = start_server(log_path, env)
+def running_server(log_path: Path, env: dict[str, str] | None = None,
+                   ready_path: str = "/readyz") -> Iterator[LiveServer]:
+    server = start_server(log_path, env, ready_path=ready_path)
     try:
         yield server
     finally:

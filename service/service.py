@@ -17,7 +17,7 @@ import logging
 
 import bentoml
 
-from service import bentoml_fixes, metrics, rest
+from service import bentoml_fixes, drain, metrics, rest
 from service.kserve_grpc import start_grpc_server
 from service.kserve_http import create_app as create_kserve_app
 from service.repository import Repository
@@ -25,6 +25,7 @@ from service.settings import Settings
 
 bentoml_fixes.apply()  # before BentoML builds its ASGI apps (see the module)
 SETTINGS = Settings.from_env()  # validated here: a bad NNSERVE_* value stops the server with its name
+drain.bound_graceful_shutdown(SETTINGS.drain_timeout_s)  # before the worker builds its uvicorn Config
 log = logging.getLogger("nnserve.service")
 # BentoML's server logging config sets the root logger to WARNING; our INFO lines (settings, chosen
 # execution provider, warm-up times, ...) belong in the server log.

@@ -39,6 +39,8 @@ class Settings:
     kserve_max_request_bytes: int = 64 << 20
     # Network and logs
     grpc_port: int = 8001
+    # Shutdown: on SIGTERM open requests and streams get this long to finish, then are cut (service/drain.py)
+    drain_timeout_s: float = 60.0  # the longest stream (2000 characters) on a busy CPU; k8s grace period 90 s
     access_log: bool = False  # BentoML's per-request access log line (off: it costs ~20% throughput)
     log_level: str = "INFO"
     # TensorRT execution provider
@@ -66,7 +68,7 @@ class Settings:
 
     def validate(self) -> None:
         positive = ("workers", "max_batch_size", "max_queue_size", "generation_batch_size", "max_upload_bytes",
-                    "max_image_pixels", "kserve_max_request_bytes")
+                    "max_image_pixels", "kserve_max_request_bytes", "drain_timeout_s")
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"NNSERVE_{name.upper()} must be >= 1, got {getattr(self, name)}")

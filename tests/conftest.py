@@ -3,6 +3,7 @@ per-session temp dir, and models are tiny configurations trained in seconds."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -60,3 +61,23 @@ def tiny_store(tiny_artifacts: dict[str, Path], session_dir: Path) -> dict[str, 
 
     opts = Options(bench_runs=3, report_dir=session_dir / "exported")
     return {kind: export_artifact(path, opts).tags["fp32"] for kind, path in tiny_artifacts.items()}
+
+
+@pytest.fixture(scope="session")
+def own_server(tiny_store: dict[str, str], session_dir: Path):
+    """Start one more real server for a test: ``with own_server("name", {"NNSERVE_...": ...}) as live:``.
+
+    It serves the tiny_store models (``env`` may override any tag) on free ports, with its own
+    BENTOML_HOME sharing the session's model store (see loadtest.server.own_bentoml_home), so starting it
+    leaves the session server's metrics alone; log in ``<session_dir>/<name>-server.log``."""
+    from loadtest.server import own_bentoml_home, running_server
+
+    @contextlib.contextmanager
+    def start(name: str, env: dict[str, str] | None = None, ready_path: str = "/readyz"):
+        home = own_bentoml_home(session_dir / f"{name}-home", Path(os.environ["BENTOML_HOME"]) / "models")
+        tags = {f"NNSERVE_{kind.upper()}_TAG": tag for kind, tag in tiny_store.items()}
+        full_env = {"BENTOML_HOME": str(home), **tags, **(env or {})}
+        with running_server(session_dir / f"{name}-server.log", full_env, ready_path) as live:
+            yield live
+
+    return start

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,19 +18,10 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def server(tiny_store, session_dir):
-    from loadtest.server import running_server
-
-    # Its own BENTOML_HOME (sharing the model store): a server clears the Prometheus multiprocess
-    # directory under BENTOML_HOME when it starts, which would wipe the session server's metrics.
-    home = session_dir / "overload-home"
-    home.mkdir(exist_ok=True)
-    if not (home / "models").exists():
-        (home / "models").symlink_to(Path(os.environ["BENTOML_HOME"]) / "models")
-    env = {"BENTOML_HOME": str(home), "NNSERVE_WORKERS": "1", "NNSERVE_MAX_QUEUE_SIZE": "1",
-           "NNSERVE_MAX_QUEUE_DELAY_MS": "1500", "NNSERVE_QUEUE_TIMEOUT_MS": "30000",
-           **{f"NNSERVE_{kind.upper()}_TAG": tag for kind, tag in tiny_store.items()}}
-    with running_server(session_dir / "overload-server.log", env) as live:
+def server(own_server):
+    env = {"NNSERVE_WORKERS": "1", "NNSERVE_MAX_QUEUE_SIZE": "1", "NNSERVE_MAX_QUEUE_DELAY_MS": "1500",
+           "NNSERVE_QUEUE_TIMEOUT_MS": "30000"}
+    with own_server("overload", env) as live:
         yield live
 
 

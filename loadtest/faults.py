@@ -1,0 +1,309 @@
+"""Fault scenarios against a real ``bentoml serve``: a worker killed under load, a model that cannot load,
+SIGTERM with streams in flight. ``tests/test_faults.py`` asserts on what they return; ``python -m
+loadtest.faults`` runs them on the store's models and prints the figures of docs/reliability.md as JSON.
+
+Every client is a Python thread with ``requests``, only to 127.0.0.1, bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from loadtest.server import LiveServer, own_bentoml_home, running_server, worker_pids
+
+PROBE_TIMEOUT_S = 5.0  # a health probe that takes longer counts as not answered
+
+
+@dataclass
+class Outcome:
+    """One client request: start and end on time.monotonic(), HTTP status or the exception's name."""
+    start: float
+    end: float
+    status: int | str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+def digit_png() -> bytes:
+    from loadtest.data import held_out_digits, png_bytes
+
+    return png_bytes(held_out_digits()[0][0])
+
+
+class ClassifyLoad:
+    """``threads`` closed-loop ``/classify`` clients (one request in flight each) until ``stop()``."""
+
+    def __init__(self, url: str, image: bytes, threads: int) -> None:
+        self.url, self.image = url, image
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def __enter__(self) -> ClassifyLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    def _run(self) -> None:
+        session = requests.Session()
+        while not self._stop.is_set():
+            start = time.monotonic()
+            try:
+                response = session.post(f"{self.url}/classify", files={"image": self.image}, timeout=30)
+                status: int | str = response.status_code
+            except requests.RequestException as e:
+                status = type(e).__name__
+                session = requests.Session()  # its connection went with the worker
+            self.outcomes.append(Outcome(start, time.monotonic(), status))
+
+
+class HealthProbe:
+    """``/livez`` and ``/readyz`` every ``interval_s`` on fresh connections until ``stop()``."""
+
+    def __init__(self, url: str, interval_s: float = 0.05) -> None:
+        self.url, self.interval_s = url, interval_s
+        self.outcomes: dict[str, list[Outcome]] = {"/livez": [], "/readyz": []}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for path, outcomes in self.outcomes.items():
+                start = time.monotonic()
+                try:
+                    status: int | str = requests.get(self.url + path, timeout=PROBE_TIMEOUT_S).status_code
+                except requests.RequestException as e:
+                    status = type(e).__name__
+                outcomes.append(Outcome(start, time.monotonic(), status))
+            self._stop.wait(self.interval_s)
+
+
+def kill_worker_under_load(server: LiveServer, image: bytes, threads: int = 4, before_s: float = 2.0,
+                           after_s: float = 5.0) -> dict:
+    """SIGKILL one worker while ``threads`` clients send /classify; health probed throughout.
+
+    Returns the counts and times (seconds from the kill) the reliability doc reports: failed requests,
+    first success after the kill, end of the last failure, first whole second with no failure."""
+    before = worker_pids(server)
+    with HealthProbe(server.http_url) as probe, ClassifyLoad(server.http_url, image, threads) as load:
+        time.sleep(before_s)
+        victim = before[0]
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(after_s)
+    after = worker_pids(server)
+    failed = [o for o in load.outcomes if not o.ok]
+    successes_after = [o.end - killed_at for o in load.outcomes if o.ok and o.start >= killed_at]
+    return {
+        "threads": threads, "workers_before": before, "victim": victim, "workers_after": after,
+        "requests": len(load.outcomes), "failed": len(failed),
+        "failed_statuses": sorted({str(o.status) for o in failed}),
+        "failed_in_flight_at_kill": sum(o.start <= killed_at <= o.end for o in failed),
+        "first_success_after_kill_s": min(successes_after, default=None),
+        "last_failure_end_s": max((o.end - killed_at for o in failed), default=None),
+        "first_clean_second": first_clean_second(load.outcomes, killed_at),
+        "health": {path: summarize(outcomes) for path, outcomes in probe.outcomes.items()},
+    }
+
+
+def first_clean_second(outcomes: list[Outcome], since: float) -> int | None:
+    """Index n of the first second [since + n, since + n + 1) in which requests ended and none failed."""
+    seconds: dict[int, list[bool]] = {}
+    for o in outcomes:
+        if o.end >= since:
+            seconds.setdefault(int(o.end - since), []).append(o.ok)
+    return next((n for n in sorted(seconds) if all(seconds[n])), None)
+
+
+def summarize(outcomes: list[Outcome]) -> dict:
+    """Answers by status, and the slowest answer in seconds."""
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[str(o.status)] = counts.get(str(o.status), 0) + 1
+    return {"statuses": counts, "max_s": round(max((o.end - o.start for o in outcomes), default=0.0), 3)}
+
+
+def truncated_copy(source_tag: str, name: str) -> str:
+    """Register a copy of the store model ``source_tag`` as ``name`` with its ONNX file cut to half its
+    size (a failed copy or disk); returns the new tag. Uses the store of this process's BENTOML_HOME."""
+    import bentoml
+
+    source = bentoml.models.get(source_tag)
+    metadata = dict(source.info.metadata)
+    with bentoml.models.create(name, metadata=metadata, labels=dict(source.info.labels)) as model:
+        for path in Path(source.path).iterdir():
+            if path.is_file() and path.name != "model.yaml":
+                shutil.copy2(path, model.path_of(path.name))
+        onnx = Path(model.path_of(metadata["onnx_file"]))
+        onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])
+    return str(model.tag)
+
+
+def wait_loaded(server: LiveServer, timeout_s: float = 120.0) -> list[dict]:
+    """GET /models once no model is loading any more (ready or failed) in the worker that answers."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        models = requests.get(f"{server.http_url}/models", timeout=30).json()["models"]
+        if all(m["state"] != "loading" for m in models) or time.monotonic() > deadline:
+            return models
+        time.sleep(0.2)
+
+
+def corrupt_model_report(server: LiveServer, image: bytes, watch_s: float = 5.0) -> dict:
+    """What a server serving a truncated lenet5 answers once loading is over; worker PIDs watched for
+    ``watch_s`` (a crash loop would replace them). Start the server with ready_path="/livez"."""
+    wait_loaded(server)
+    pids = worker_pids(server)
+    time.sleep(watch_s)
+    url = server.http_url
+
+    def answer(response: requests.Response) -> dict:
+        try:
+            body = response.json()
+        except ValueError:
+            body = response.text[:500]
+        return {"status": response.status_code, "body": body}
+
+    metrics = requests.get(f"{url}/metrics", timeout=30).text
+    return {
+        "workers_before": pids, "workers_after": worker_pids(server),
+        "classify_lenet5": answer(requests.post(f"{url}/classify", files={"image": image}, timeout=30)),
+        "features_vgg_fc7": answer(requests.post(f"{url}/features", files={"image": image}, timeout=30)),
+        "generate_char_lstm": answer(requests.post(f"{url}/generate", timeout=30,
+                                                   json={"prompt": "The ", "max_new_chars": 20, "seed": 1})),
+        "models": answer(requests.get(f"{url}/models", timeout=30)),
+        "v2_lenet5_ready": answer(requests.get(f"{url}/v2/models/lenet5/ready", timeout=30)),
+        "readyz": answer(requests.get(f"{url}/readyz", timeout=30)),
+        "livez": answer(requests.get(f"{url}/livez", timeout=30)),
+        "metric_lines": [line for line in metrics.splitlines() if line.startswith("nnserve_model_ready")],
+    }
+
+
+def sigterm_with_streams(server: LiveServer, streams: int, max_new_chars: int, exit_bound_s: float) -> dict:
+    """Open ``streams`` streamed /generate requests, SIGTERM the arbiter once the first characters have
+    arrived, try a new request, and wait (at most ``exit_bound_s``) for the process to exit."""
+    results: dict[int, dict] = {}
+    started = threading.Event()
+
+    def stream(i: int) -> None:
+        chars, status, error = 0, None, ""
+        try:
+            with requests.post(f"{server.http_url}/generate", stream=True, timeout=120,
+                               json={"prompt": "The ", "max_new_chars": max_new_chars, "seed": i,
+                                     "stream": True}) as response:
+                status = response.status_code
+                for chunk in response.iter_content(None, decode_unicode=True):
+                    started.set()
+                    chars += len(chunk)
+        except requests.RequestException as e:
+            error = type(e).__name__
+        results[i] = {"status": status, "chars": chars, "complete": status == 200 and chars == max_new_chars,
+                      "error": error}
+
+    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    if not started.wait(60):
+        raise RuntimeError(f"no stream started within 60 s:\n{server.log()}")
+    sent_at = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)  # the workers have the signal
+    try:  # a client that has not heard of the shutdown yet
+        new_request = str(requests.get(f"{server.http_url}/livez", timeout=2).status_code)
+    except requests.RequestException as e:
+        new_request = type(e).__name__
+    for thread in threads:
+        thread.join(timeout=exit_bound_s)
+    streams_done_s = time.monotonic() - sent_at
+    try:
+        server.process.wait(timeout=exit_bound_s)
+        exit_s: float | None = time.monotonic() - sent_at
+    except subprocess.TimeoutExpired:
+        exit_s = None
+    return {"streams": [results.get(i, {"status": None, "complete": False}) for i in range(streams)],
+            "max_new_chars": max_new_chars, "complete": sum(r["complete"] for r in results.values()),
+            "new_request_after_sigterm": new_request, "streams_done_s": round(streams_done_s, 2),
+            "exit_s": None if exit_s is None else round(exit_s, 2), "returncode": server.process.returncode}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Every scenario on the models of the store in BENTOML_HOME (default ~/bentoml); JSON on stdout."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=4, help="/classify client threads in the kill run")
+    parser.add_argument("--streams", type=int, default=6, help="streams open at SIGTERM")
+    parser.add_argument("--out", type=Path, help="also write the JSON report here")
+    args = parser.parse_args(argv)
+    store = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml")) / "models"
+    work = Path(tempfile.mkdtemp(prefix="nnserve-faults-"))
+
+    def say(what: str) -> None:
+        print(f"[faults] {what}", file=sys.stderr, flush=True)
+
+    image = digit_png()
+    report: dict = {"store": str(store)}
+    env = {"BENTOML_HOME": str(own_bentoml_home(work / "home", store)), "NNSERVE_WORKERS": "2"}
+    say("worker SIGKILL under load")
+    with running_server(work / "kill.log", env) as server:
+        report["kill"] = kill_worker_under_load(server, image, threads=args.threads)
+    say("SIGTERM with streams open (2000 characters each, one decode slot: they run one after the other)")
+    with running_server(work / "sigterm.log", {**env, "NNSERVE_GENERATION_BATCH_SIZE": "1"}) as server:
+        report["sigterm"] = sigterm_with_streams(server, args.streams, 2000, exit_bound_s=120)
+    say("SIGTERM with a 1 s drain bound")
+    with running_server(work / "sigterm-bound.log", {**env, "NNSERVE_GENERATION_BATCH_SIZE": "1",
+                                                      "NNSERVE_DRAIN_TIMEOUT_S": "1"}) as server:
+        report["sigterm_bound_1s"] = sigterm_with_streams(server, args.streams, 2000, exit_bound_s=120)
+    say("truncated lenet5 (in a scratch store beside the real one)")
+    scratch = work / "scratch-home" / "models"
+    scratch.mkdir(parents=True)
+    for entry in store.iterdir():  # the real models read-only through symlinks; the copy is written here
+        (scratch / entry.name).symlink_to(entry)
+    subprocess.run([sys.executable, "-c", "import sys; from loadtest.faults import truncated_copy; "
+                    "print(truncated_copy('lenet5:latest', 'lenet5-truncated'))"], check=True,
+                   env={**os.environ, "BENTOML_HOME": str(scratch.parent)}, cwd=Path(__file__).resolve().parent.parent)
+    with running_server(work / "corrupt.log", {**env, "BENTOML_HOME": str(scratch.parent),
+                                               "NNSERVE_LENET5_TAG": "lenet5-truncated:latest"},
+                        ready_path="/livez") as server:
+        report["corrupt"] = corrupt_model_report(server, image)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.rename(args.out)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
