@@ -9,7 +9,7 @@ HTTP_PORT ?= 3000
 GRPC_PORT ?= 8001
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup train export serve test lint bench bento clean cluster deploy-validate
+.PHONY: setup train export serve test lint bench bento clean cluster deploy-validate soak
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,12 @@ bench: export
 	fi
 	$(PY) -m pip install --quiet -e ".[train,dev,bench]"
 	$(PY) -m loadtest.bench $(BENCH_ARGS)
+
+# Soak (docs/reliability.md): mixed load for 10 minutes against the store's models, RSS of every server process
+# sampled each second; CSV, JSON and PNG in loadtest/results; fails if a worker grows past the bound.
+SOAK_ARGS ?= --seconds 600
+soak: export
+	$(PY) -m loadtest.soak $(SOAK_ARGS)
 
 bento: export
 	$(VENV)/bin/bentoml build
