@@ -31,6 +31,7 @@ class Settings:
     preferred_batch_sizes: tuple[int, ...] = ()  # run at once when one of these sizes can be formed
     max_queue_size: int = 128  # requests waiting per model and worker; past it: 503 + Retry-After
     queue_timeout_ms: float = 1000.0  # a request waiting longer is answered 503 + Retry-After (0 = never)
+    max_concurrent_requests: int = 64  # inference requests in progress per worker; past it: 503 + Retry-After
     # Generation (continuous batching of decode steps)
     generation_batch_size: int = 32  # concurrent generations per decode step; more wait for a slot
     # Request limits
@@ -39,6 +40,7 @@ class Settings:
     kserve_max_request_bytes: int = 64 << 20
     # Network and logs
     grpc_port: int = 8001
+    grpc_host: str = ""  # "" = the address the HTTP server listens on (bentoml serve --host)
     access_log: bool = False  # BentoML's per-request access log line (off: it costs ~20% throughput)
     log_level: str = "INFO"
     # TensorRT execution provider
@@ -66,6 +68,7 @@ class Settings:
 
     def validate(self) -> None:
         positive = ("workers", "max_batch_size", "max_queue_size", "generation_batch_size", "max_upload_bytes",
+                    "max_concurrent_requests",
                     "max_image_pixels", "kserve_max_request_bytes")
         for name in positive:
             if getattr(self, name) < 1:
