@@ -34,6 +34,7 @@ class Settings:
     max_concurrent_requests: int = 64  # inference requests in progress per worker; past it: 503 + Retry-After
     # Generation (continuous batching of decode steps)
     generation_batch_size: int = 32  # concurrent generations per decode step; more wait for a slot
+    stream_flush_ms: float = 10.0  # a stream sends what was sampled at most this often (first chars at once)
     # Request limits
     max_upload_bytes: int = 10 << 20
     max_image_pixels: int = 4096 * 4096
@@ -73,7 +74,7 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"NNSERVE_{name.upper()} must be >= 1, got {getattr(self, name)}")
-        for name in ("intra_op_threads", "max_queue_delay_ms", "queue_timeout_ms"):
+        for name in ("intra_op_threads", "max_queue_delay_ms", "queue_timeout_ms", "stream_flush_ms"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"NNSERVE_{name.upper()} must be >= 0, got {getattr(self, name)}")
         if any(not 1 <= size <= self.max_batch_size for size in self.preferred_batch_sizes):
