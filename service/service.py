@@ -14,6 +14,7 @@ Every client mistake answers 4xx with ``{"error": "..."}`` naming it (docs/servi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -66,11 +67,15 @@ class NNServe:
     def __init__(self) -> None:
         log.info("nnserve settings:\n%s", SETTINGS.describe())
         self.repository = Repository(SETTINGS)
-        self.repository.start_loading()  # in a thread: /livez answers while models load and warm up
+        self.repository.start_loading()  # in a thread; start() waits for it
         self.grpc_server = None
 
     @bentoml.on_startup
     async def start(self) -> None:
+        # The worker accepts connections only once this returns: a worker restarted after a crash must not
+        # take requests (and answer "still loading") while the other workers are ready to serve them. A
+        # model that fails to load is marked failed and the worker serves the others.
+        await asyncio.to_thread(self.repository.loaded.wait)
         self.grpc_server = await start_grpc_server(self.repository, SETTINGS.grpc_host or http_host(),
                                                    SETTINGS.grpc_port, SETTINGS.kserve_max_request_bytes)
 
