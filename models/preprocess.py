@@ -12,6 +12,8 @@ two functions, so an image gives the same tensor in both (tests/test_service_pre
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from PIL import Image
 
@@ -54,6 +56,27 @@ def standardize(x: np.ndarray, spec: dict) -> np.ndarray:
 def preprocess_uint8(images: np.ndarray, spec: dict) -> np.ndarray:
     """uint8 images of content_size -> the model's float32 input [N,C,input,input]."""
     return standardize(to_unit(images, spec), spec)
+
+
+@functools.cache
+def _lookup_table(channels: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """float32 [C, 256]: what to_unit + standardize make of each uint8 value, computed by those very functions
+    (so the values are bit-identical); [C, 256] entry 0 is also the padding's value."""
+    values = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None], (1, 256, channels)).copy()
+    spec = {"pad": 0, "mean": list(mean), "std": list(std)}
+    return standardize(to_unit(values, spec), spec)[0, :, :, 0]
+
+
+def preprocess_upload_pixels(pixels: np.ndarray, spec: dict) -> np.ndarray:
+    """One image's uint8 [H,W,C] -> float32 [C,input,input], equal to preprocess_uint8 (tested) at a fraction of
+    the cost: one table lookup per pixel into a tensor pre-filled with the padding value (serving hot path)."""
+    channels, p = pixels.shape[2], spec["pad"]
+    table = _lookup_table(channels, tuple(spec["mean"]), tuple(spec["std"]))
+    out = np.empty((channels, pixels.shape[0] + 2 * p, pixels.shape[1] + 2 * p), dtype=np.float32)
+    out[:] = table[:, :1, None]  # every pixel the padding's value, then the image over it
+    for c in range(channels):
+        out[c, p:p + pixels.shape[0], p:p + pixels.shape[1]] = table[c][pixels[:, :, c]]
+    return out
 
 
 def preprocess_image(image: Image.Image, spec: dict) -> np.ndarray:

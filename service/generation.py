@@ -157,6 +157,7 @@ class _Slot:
     error: Exception | None = None
     notified: bool = False  # a wake-up is on its way to the reader
     cancelled: bool = False
+    wake_each_step: bool = True  # False: the reader wants the whole text, woken once when it is finished
 
 
 class ContinuousBatcher:
@@ -195,22 +196,26 @@ class ContinuousBatcher:
         """Requests waiting for the next step boundary (or for a free slot)."""
         return len(self._waiting)
 
-    def submit(self, request: GenerationRequest) -> AsyncIterator[str]:
+    def submit(self, request: GenerationRequest, flush_interval_s: float | None = 0.0) -> AsyncIterator[str]:
         """Validate and queue ``request`` (call on the event loop that will read it). Raises ClientError
-        for a bad request, GenerationError once closed. ``request.seed`` is set if it was None."""
+        for a bad request, GenerationError once closed. ``request.seed`` is set if it was None.
+
+        ``flush_interval_s``: the reader gets the first characters at once, then at most one chunk per
+        interval (everything sampled meanwhile: one event-loop wake-up and one write instead of one per
+        character); 0 = as soon as each step is done; None = the whole text in one chunk at the end."""
         request.validate(self.vocab)
         if request.seed is None:  # written back so the caller can report it and reproduce the text
             request.seed = secrets.randbits(63)
         slot = _Slot(tokens=np.array([self._index[ch] for ch in request.prompt], dtype=np.int64),
                      temperature=float(request.temperature), top_k=request.top_k or 0,
                      rng=np.random.default_rng(request.seed), remaining=request.max_new_chars,
-                     loop=asyncio.get_running_loop())
+                     loop=asyncio.get_running_loop(), wake_each_step=flush_interval_s is not None)
         with self._lock:
             if self._closed:
                 raise GenerationError("the generation service is shutting down")
             self._waiting.append(slot)
             self._lock.notify()
-        return self._read(slot)
+        return self._read(slot, flush_interval_s or 0.0)
 
     @contextmanager
     def held(self):
@@ -237,7 +242,7 @@ class ContinuousBatcher:
 
     # -- reader side (event loop) -----------------------------------------------------------------------
 
-    async def _read(self, slot: _Slot) -> AsyncIterator[str]:
+    async def _read(self, slot: _Slot, flush_interval_s: float) -> AsyncIterator[str]:
         try:
             while True:
                 slot.ready.clear()
@@ -248,6 +253,8 @@ class ContinuousBatcher:
                     finished, error = slot.finished, slot.error
                 if text:
                     yield text
+                    if flush_interval_s and not finished:  # let the next characters gather meanwhile
+                        await asyncio.sleep(flush_interval_s)
                 elif finished:
                     if error is not None:
                         raise error
@@ -356,7 +363,7 @@ class ContinuousBatcher:
                         slot.finished = slot.remaining <= 0
                     if slot.finished and slot in self._active:
                         self._active.remove(slot)
-                    if not slot.notified:
+                    if not slot.notified and (slot.wake_each_step or slot.finished):
                         slot.notified = True
                         wake.append(slot)
         _wake(wake)

@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from models.preprocess import image_to_uint8, preprocess_uint8
+from models.preprocess import image_to_uint8, preprocess_upload_pixels
 from service.errors import ClientError, PayloadTooLarge, UnsupportedMedia
 from service.settings import Settings
 
@@ -77,7 +77,7 @@ def preprocess_upload(data: bytes, spec: dict, max_bytes: int = MAX_UPLOAD_BYTES
         pixels = image_to_uint8(image, spec)
     except (OSError, ValueError) as e:  # e.g. a mode Pillow cannot convert
         raise UnsupportedMedia(f"cannot convert a {image.mode} {image.format} image: {e}") from e
-    return preprocess_uint8(pixels[None], spec)[0]
+    return preprocess_upload_pixels(pixels, spec)
 
 
 def blank_png(size: int = 8) -> bytes:

@@ -174,16 +174,20 @@ def add_unimplemented_rpcs(servicer_class: type) -> None:
 add_unimplemented_rpcs(InferenceServicer)
 
 
-async def start_grpc_server(repository: Repository, port: int, max_request_bytes: int) -> grpc.aio.Server:
-    """Start serving on ``port`` (all interfaces). SO_REUSEPORT lets every BentoML worker bind the same port;
-    the kernel spreads connections across them."""
+async def start_grpc_server(repository: Repository, host: str, port: int, max_request_bytes: int
+                            ) -> grpc.aio.Server:
+    """Start serving on ``host:port`` (the HTTP server's address unless NNSERVE_GRPC_HOST says otherwise).
+    SO_REUSEPORT lets every BentoML worker bind the same port; the kernel spreads connections across them."""
     server = grpc.aio.server(options=[
         ("grpc.so_reuseport", 1),
         ("grpc.max_receive_message_length", max_request_bytes),
         ("grpc.max_send_message_length", -1),
     ])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(repository), server)
-    for address in (f"[::]:{port}", f"0.0.0.0:{port}"):  # the IPv4 wildcard for hosts without IPv6
+    wildcard = host in ("", "0.0.0.0", "::")
+    addresses = (f"[::]:{port}", f"0.0.0.0:{port}") if wildcard else (f"[{host}]:{port}" if ":" in host
+                                                                       else f"{host}:{port}",)
+    for address in addresses:  # [::] also takes IPv4; 0.0.0.0 for hosts without IPv6
         try:
             server.add_insecure_port(address)
             break
@@ -193,5 +197,5 @@ async def start_grpc_server(repository: Repository, port: int, max_request_bytes
         raise RuntimeError(f"KServe v2 gRPC cannot listen on port {port}; is a process that did not set "
                            "SO_REUSEPORT (or a different server) holding it?") from bind_error
     await server.start()
-    log.info("KServe v2 gRPC (inference.GRPCInferenceService) listening on port %d", port)
+    log.info("KServe v2 gRPC (inference.GRPCInferenceService) listening on %s", address)
     return server

@@ -32,6 +32,8 @@ def registry() -> SimpleNamespace:
     return SimpleNamespace(
         requests=Counter("nnserve_requests", "Requests by endpoint, model and outcome "
                          "(ok, client_error, unavailable, server_error).", [*request, "outcome"]),
+        http_responses=Counter("nnserve_http_responses", "HTTP responses of nnserve's routes by route "
+                               "(classify, features, generate, models, v2) and status code.", ["route", "code"]),
         in_flight=Gauge("nnserve_in_flight_requests", "Requests being processed.", request,
                         multiprocess_mode="livesum"),
         request_seconds=Histogram("nnserve_request_duration_seconds", "Request latency inside the service, "
@@ -48,6 +50,9 @@ def registry() -> SimpleNamespace:
         batch_size=Histogram("nnserve_batch_size", "Items per ONNX Runtime call.", [*model, "batcher"],
                              buckets=BATCH_BUCKETS),
         generated_chars=Counter("nnserve_generated_characters", "Characters sampled by /generate.", model),
+        model_ready=Gauge("nnserve_model_ready", "1 when the model is loaded and warmed up in every live worker, "
+                          "else 0 (loading, or failed: the reason is in GET /models and /readyz).", ["model"],
+                          multiprocess_mode="livemin"),
         active_streams=Gauge("nnserve_generation_streams_active", "Generation requests being decoded "
                              "(streamed or not).", model, multiprocess_mode="livesum"),
     )
@@ -61,6 +66,15 @@ def observe_batch(model, batcher: str, size: int, seconds: float, queued: int | 
     m.batch_size.labels(model.name, model.version, batcher).observe(size)
     if queued is not None:
         m.queued.labels(model.name, model.version).set(queued)
+
+
+def set_model_ready(name: str, ready: bool) -> None:
+    registry().model_ready.labels(name).set(1 if ready else 0)
+
+
+def count_response(route: str, status: int) -> None:
+    """One HTTP response of our routes, by status code (the front door counts them all, refusals included)."""
+    registry().http_responses.labels(route, str(status)).inc()
 
 
 def outcome(status: int) -> str:

@@ -47,11 +47,14 @@ class Repository:
 
     def load_all(self) -> None:
         for name in self._names:
+            metrics.set_model_ready(name, False)
+        for name in self._names:
             try:
                 self._load(name)
             except Exception as e:  # a broken model must not take the others down
                 self.failures[name] = f"{type(e).__name__}: {e}"
                 log.error("model %s failed to load and is not served: %s", name, self.failures[name])
+            metrics.set_model_ready(name, name in self.models)
         self.loaded.set()
 
     def _load(self, name: str) -> None:
@@ -83,6 +86,12 @@ class Repository:
 
     def all_ready(self) -> bool:
         return all(name in self.models for name in self._names)
+
+    def not_ready_reason(self) -> str | None:
+        """None once every model is ready, else which are not and why (for /readyz)."""
+        reasons = [f"{n} failed to load: {self.failures[n]}" if n in self.failures else f"{n} is loading"
+                   for n in self._names if n not in self.models]
+        return "; ".join(reasons) or None
 
     def state(self, name: str) -> str:
         return "ready" if name in self.models else "failed" if name in self.failures else "loading"

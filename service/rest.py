@@ -158,7 +158,9 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
             repository = get_repository()
             model = repository.model_for(job.model, "/generate", ("char_lm",))
             record.begin(model)
-            chunks = repository.generators[model.name].submit(job)
+            # Streams get a chunk per NNSERVE_STREAM_FLUSH_MS at most; a JSON answer is woken once, at the end.
+            chunks = repository.generators[model.name].submit(
+                job, repository.settings.stream_flush_ms / 1e3 if job.stream else None)
             stream_metrics = metrics.StreamMetrics(model).start()
             # Wait for the first characters before answering: a request that cannot start gets its error.
             first = await anext(chunks)

@@ -3,7 +3,8 @@
 BentoML runs the HTTP server and its worker processes, the model store, health, metrics and the
 OpenAPI page; the hot path is ours. Each worker process (NNSERVE_WORKERS) serves every model itself:
 
-    HTTP :3000 ─► REST (service/rest.py)           ─┐
+    HTTP :3000 ─► front door (front.py): admission limit, /livez, /readyz; the rest to BentoML's app
+              ─► REST (service/rest.py)           ─┐
                   KServe v2 REST (kserve_http.py)  ─┼─► Repository (repository.py): per model an ONNX Runtime
     gRPC :8001 ─► KServe v2 gRPC (kserve_grpc.py)  ─┘   session, a dynamic batcher thread (batching.py) and,
                                                         for text models, a generation thread (generation.py)
@@ -13,11 +14,16 @@ Every client mistake answers 4xx with ``{"error": "..."}`` naming it (docs/servi
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import socket
+import sys
 
 import bentoml
 
 from service import bentoml_fixes, drain, metrics, rest
+from service.front import FrontDoor
 from service.kserve_grpc import start_grpc_server
 from service.kserve_http import create_app as create_kserve_app
 from service.repository import Repository
@@ -40,8 +46,8 @@ def bentoml_spec() -> dict:
     return NNServe.openapi_spec.asdict()
 
 
-# Mounted at "/" (a Mount at /v2 would redirect the bare GET /v2); BentoML's own routes (/livez, /readyz,
-# /metrics) still win: mounted apps only claim the paths they have routes for.
+# Mounted at "/" too, so BentoML's OpenAPI page and Python tooling know them; the front door (below) sends
+# their requests straight here without BentoML's middleware stack.
 rest_app = rest.create_app(current_repository, bentoml_spec)
 kserve_app = create_kserve_app(current_repository, prefix="/v2", max_request_bytes=SETTINGS.kserve_max_request_bytes)
 
@@ -62,13 +68,17 @@ class NNServe:
     def __init__(self) -> None:
         log.info("nnserve settings:\n%s", SETTINGS.describe())
         self.repository = Repository(SETTINGS)
-        self.repository.start_loading()  # in a thread: /livez answers while models load and warm up
+        self.repository.start_loading()  # in a thread; start() waits for it
         self.grpc_server = None
 
     @bentoml.on_startup
     async def start(self) -> None:
-        self.grpc_server = await start_grpc_server(self.repository, SETTINGS.grpc_port,
-                                                   SETTINGS.kserve_max_request_bytes)
+        # The worker accepts connections only once this returns: a worker restarted after a crash must not
+        # take requests (and answer "still loading") while the other workers are ready to serve them. A
+        # model that fails to load is marked failed and the worker serves the others.
+        await asyncio.to_thread(self.repository.loaded.wait)
+        self.grpc_server = await start_grpc_server(self.repository, SETTINGS.grpc_host or http_host(),
+                                                   SETTINGS.grpc_port, SETTINGS.kserve_max_request_bytes)
 
     @bentoml.on_shutdown
     async def stop(self) -> None:
@@ -78,6 +88,40 @@ class NNServe:
             await generator.close()
         self.repository.close()
 
-    async def __is_ready__(self) -> bool:
-        """/readyz: every model loaded and warmed up, gRPC listening."""
-        return self.grpc_server is not None and self.repository.all_ready()
+    def not_ready_reason(self) -> str | None:
+        """None when every model is loaded and warmed up and gRPC listens, else why not (for /readyz)."""
+        if self.grpc_server is None:
+            return "KServe v2 gRPC is not listening yet"
+        return self.repository.not_ready_reason()
+
+
+def readiness() -> str | None:
+    try:
+        return bentoml.get_current_service().not_ready_reason()
+    except bentoml.exceptions.BentoMLException:  # the service object is created in the lifespan start-up
+        return "the service is starting"
+
+
+def http_host() -> str:
+    """The address BentoML's HTTP socket is bound to: circus hands each worker the listening socket as
+    ``--fd N`` (bentoml serve --host decides it). "0.0.0.0" if it cannot be found."""
+    if "--fd" in sys.argv:
+        # A duplicate of the fd (family read from it): closing it leaves the listening socket open.
+        with socket.socket(fileno=os.dup(int(sys.argv[sys.argv.index("--fd") + 1]))) as sock:
+            return sock.getsockname()[0]
+    return "0.0.0.0"
+
+
+# BentoML builds each worker's ASGI app with Service.to_asgi; ours wraps it in the front door. Service is an
+# attrs class with slots, so the method is replaced on the class (only NNServe is served in this process).
+_bentoml_to_asgi = type(NNServe).to_asgi
+
+
+def _to_asgi(service, is_main: bool = True):
+    app = _bentoml_to_asgi(service, is_main)
+    if service is not NNServe:
+        return app
+    return FrontDoor(app, rest_app, kserve_app, current_repository, readiness, SETTINGS.max_concurrent_requests)
+
+
+type(NNServe).to_asgi = _to_asgi

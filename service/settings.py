@@ -31,14 +31,17 @@ class Settings:
     preferred_batch_sizes: tuple[int, ...] = ()  # run at once when one of these sizes can be formed
     max_queue_size: int = 128  # requests waiting per model and worker; past it: 503 + Retry-After
     queue_timeout_ms: float = 1000.0  # a request waiting longer is answered 503 + Retry-After (0 = never)
+    max_concurrent_requests: int = 64  # inference requests in progress per worker; past it: 503 + Retry-After
     # Generation (continuous batching of decode steps)
     generation_batch_size: int = 32  # concurrent generations per decode step; more wait for a slot
+    stream_flush_ms: float = 10.0  # a stream sends what was sampled at most this often (first chars at once)
     # Request limits
     max_upload_bytes: int = 10 << 20
     max_image_pixels: int = 4096 * 4096
     kserve_max_request_bytes: int = 64 << 20
     # Network and logs
     grpc_port: int = 8001
+    grpc_host: str = ""  # "" = the address the HTTP server listens on (bentoml serve --host)
     # Shutdown: on SIGTERM open requests and streams get this long to finish, then are cut (service/drain.py)
     drain_timeout_s: float = 60.0  # the longest stream (2000 characters) on a busy CPU; k8s grace period 90 s
     access_log: bool = False  # BentoML's per-request access log line (off: it costs ~20% throughput)
@@ -68,11 +71,12 @@ class Settings:
 
     def validate(self) -> None:
         positive = ("workers", "max_batch_size", "max_queue_size", "generation_batch_size", "max_upload_bytes",
+                    "max_concurrent_requests",
                     "max_image_pixels", "kserve_max_request_bytes", "drain_timeout_s")
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"NNSERVE_{name.upper()} must be >= 1, got {getattr(self, name)}")
-        for name in ("intra_op_threads", "max_queue_delay_ms", "queue_timeout_ms"):
+        for name in ("intra_op_threads", "max_queue_delay_ms", "queue_timeout_ms", "stream_flush_ms"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"NNSERVE_{name.upper()} must be >= 0, got {getattr(self, name)}")
         if any(not 1 <= size <= self.max_batch_size for size in self.preferred_batch_sizes):

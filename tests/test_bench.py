@@ -36,19 +36,23 @@ def test_ratios_against_the_baselines():
 
 
 def test_overload_rules():
-    o = OverloadResult(300, 5.0, latencies_ms={200: [10.0] * 99 + [30.0], 503: [2.0] * 50},
-                       retry_after=Counter({503: 50}))
+    o = OverloadResult(300, 5.0, latencies_ms={200: [10.0] * 90 + [30.0] * 10, 503: [2.0] * 50},
+                       retry_after=Counter({503: 50}), server_p99_ms={"queue wait": 10.0, "model call": 5.0})
     v = verdicts(overload=o, max_queue_delay_ms=5.0, batch_ms=2.0)
-    assert v["overload (300 clients): accepted p99 <= 4 x max_queue_delay + batch time = 22.0 ms"] == "met"
+    bound = "<= 4 x max_queue_delay + batch time = 22.0 ms"
+    assert v[f"overload (300 clients): accepted p99 in the server (queue wait + model call) {bound}"] == "met"
+    assert v[f"overload (300 clients): accepted p99 at the client {bound}"] == "**MISSED**"  # 30 ms
     assert v["overload: 503s with Retry-After, p99 <= 20 ms, all with Retry-After"] == "met"
     assert v["overload: any other status or failure none"] == "met"
 
+    o.server_p99_ms["queue wait"] = 25.0
     o.retry_after[503] = 49  # one 503 without Retry-After
     o.latencies_ms[500] = [1.0]
     o.failures["ServerDisconnectedError"] = 2
     v = verdicts(overload=o, max_queue_delay_ms=5.0, batch_ms=2.0)
     assert v["overload: 503s with Retry-After, p99 <= 20 ms, all with Retry-After"] == "**MISSED**"
     assert v["overload: any other status or failure none"] == "**MISSED**"
+    assert v[f"overload (300 clients): accepted p99 in the server (queue wait + model call) {bound}"] == "**MISSED**"
     assert o.others == {"500": 1, "no answer (ServerDisconnectedError)": 2}
 
 
@@ -60,3 +64,10 @@ def test_generation_against_the_step_loop_limit():
     assert "50% of the step-loop limit" in targets["/generate 1 stream"].measured
     assert targets["/generate 16 streams"].verdict == "**MISSED**"
     assert targets["/generate first char p95 at 16 streams"].verdict == "**MISSED**"
+
+
+def test_histogram_quantile_bound_is_the_upper_bound_of_its_bucket():
+    from loadtest.bench.promscrape import Histogram
+
+    h = Histogram({0.001: 90.0, 0.005: 99.0, 0.01: 100.0, float("inf"): 100.0}, total=0.2, count=100.0)
+    assert h.quantile_bound(0.5) == 0.001 and h.quantile_bound(0.99) == 0.005 and h.quantile_bound(1.0) == 0.01

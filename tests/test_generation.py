@@ -262,6 +262,24 @@ def test_characters_ready_together_reach_the_reader_in_one_chunk(runtime: ModelR
     assert len(chunks) <= 3, [len(c) for c in chunks]  # the rest came as one chunk
 
 
+@pytest.mark.parametrize("flush_interval_s", [None, 0.05])
+def test_paced_and_whole_text_readers_get_the_same_text(runtime: ModelRuntime, flush_interval_s) -> None:
+    """None: one chunk, the whole text; an interval: the first chunk at once, the same text in the end."""
+    request = GenerationRequest(prompt_for(runtime), max_new_chars=200, seed=9)
+
+    async def main() -> list[str]:
+        batcher = ContinuousBatcher(runtime)
+        try:
+            return [chunk async for chunk in batcher.submit(request, flush_interval_s)]
+        finally:
+            await batcher.close()
+
+    chunks = run(main())
+    assert "".join(chunks) == generate_alone(runtime, request)
+    if flush_interval_s is None:
+        assert len(chunks) == 1
+
+
 def test_max_batch_size_queues_the_rest(runtime: ModelRuntime) -> None:
     prompt = prompt_for(runtime)
     requests = [GenerationRequest(prompt, max_new_chars=8 + i, seed=20 + i) for i in range(5)]

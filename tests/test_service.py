@@ -83,9 +83,12 @@ def metric(samples: dict, name: str, **labels) -> float:
 # -- health, discovery ---------------------------------------------------------------------------
 
 
-def test_health_endpoints(url):
+def test_health_endpoints(url, tiny_store):
     assert requests.get(f"{url}/livez", timeout=10).status_code == 200
-    assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
+    ready = requests.get(f"{url}/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json()["ready"] is True and "reason" not in ready.json()
+    assert {name: m["state"] for name, m in ready.json()["models"].items()} == dict.fromkeys(tiny_store, "ready")
+    assert 'nnserve_model_ready{model="lenet5"} 1.0' in requests.get(f"{url}/metrics", timeout=10).text
 
 
 def test_models_lists_every_model_with_its_provider(url, tiny_store):

@@ -159,3 +159,13 @@ def test_ghostscript_formats_are_refused(spec):
     with pytest.raises(ClientError) as info:
         images.preprocess_upload(eps, spec)
     assert info.value.status == 415
+
+
+@pytest.mark.parametrize("channels,pad", [(1, 0), (3, 2), (3, 0)])
+def test_lookup_table_preprocessing_equals_training_functions(channels, pad):
+    # The serving path's table lookup must give the training functions' floats bit for bit.
+    from models.preprocess import preprocess_uint8, preprocess_upload_pixels
+
+    spec = {"pad": pad, "mean": [0.5, 0.45, 0.4][:channels], "std": [0.25, 0.2, 0.3][:channels]}
+    pixels = np.random.default_rng(channels + pad).integers(0, 256, (17, 17, channels), dtype=np.uint8)
+    np.testing.assert_array_equal(preprocess_upload_pixels(pixels, spec), preprocess_uint8(pixels[None], spec)[0])

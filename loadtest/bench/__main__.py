@@ -100,7 +100,7 @@ def run_nnserve(args: argparse.Namespace, env: dict[str, str], workdir: Path, r:
         if "overload" not in args.skip:
             log(f"overload: {args.overload_clients} clients on /classify for {args.overload_seconds:g} s")
             body, content_type = wrk.multipart_body(files.png.read_bytes())
-            r.overload = overload.run_overload(url + stacks.CLASSIFY, body, content_type, args.overload_clients,
+            r.overload = overload.run_overload(url, stacks.CLASSIFY, body, content_type, args.overload_clients,
                                                args.overload_seconds)
         if "budgets" not in args.skip:
             r.budgets = budgets.bench_budgets(url, args.budget_duration, args.generate_chars, workdir)

@@ -112,7 +112,8 @@ def model_variants(name: str, workdir: Path, all_threads: int) -> tuple[list[Var
     from service.runtime import store_model
     from service.settings import Settings
 
-    entry = store_model(Settings.from_env().model_tags[name])  # a RuntimeError saying "run make export" if it is missing
+    # A RuntimeError saying "run make export" if it is missing.
+    entry = store_model(Settings.from_env().model_tags[name])
     meta = entry.info.metadata
     served = Path(entry.path_of(meta["onnx_file"]))
     # export keeps the plain graph next to an optimized model.onnx; otherwise model.onnx is the plain one.

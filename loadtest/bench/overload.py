@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from loadtest.bench.common import log, percentile
+from loadtest.bench.promscrape import histogram, scrape
 
 
 @dataclass
@@ -27,6 +28,9 @@ class OverloadResult:
     retry_after: Counter = field(default_factory=Counter)  # status -> answers carrying Retry-After
     failures: Counter = field(default_factory=Counter)  # exception type -> count (no HTTP answer)
     client_cpu_s: float = 0.0
+    # Measured by the server (its /metrics histograms over the run, bucket upper bounds, ms): requests it
+    # accepted, from handler start to response, and their wait in the dynamic batcher's queue.
+    server_p99_ms: dict[str, float] = field(default_factory=dict)
 
     def count(self, status: int) -> int:
         return len(self.latencies_ms.get(status, []))
@@ -82,12 +86,20 @@ async def _overload(url: str, body: bytes, content_type: str, clients: int, seco
     return result
 
 
-def run_overload(url: str, body: bytes, content_type: str, clients: int, seconds: float) -> OverloadResult:
+def run_overload(base_url: str, path: str, body: bytes, content_type: str, clients: int, seconds: float,
+                 model: str = "lenet5") -> OverloadResult:
+    before = scrape(base_url)
     cpu = resource.getrusage(resource.RUSAGE_SELF)
-    result = asyncio.run(_overload(url, body, content_type, clients, seconds))
+    result = asyncio.run(_overload(base_url + path, body, content_type, clients, seconds))
     after = resource.getrusage(resource.RUSAGE_SELF)
     result.client_cpu_s = (after.ru_utime - cpu.ru_utime) + (after.ru_stime - cpu.ru_stime)
+    scraped = scrape(base_url)
+    for name, key in (("handler", ("nnserve_request_duration_seconds", model, path.strip("/"))),
+                      ("queue wait", ("nnserve_batch_wait_duration_seconds", model, None)),
+                      ("model call", ("nnserve_inference_duration_seconds", model, "dynamic"))):
+        result.server_p99_ms[name] = 1000 * histogram(before, scraped, key).quantile_bound(0.99)
     log(f"  overload {clients} clients: {result.accepted} accepted (p99 {result.p99(200):.1f} ms), "
         f"{result.rejected} x 503 (p99 {result.p99(503):.1f} ms, Retry-After on {result.retry_after[503]}), "
-        f"other: {result.others or 'none'}; client CPU {result.client_cpu_s:.1f} s")
+        f"other: {result.others or 'none'}; client CPU {result.client_cpu_s:.1f} s; in the server, p99 <= "
+        + ", ".join(f"{k} {v:g} ms" for k, v in result.server_p99_ms.items()))
     return result

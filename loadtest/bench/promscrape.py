@@ -1,4 +1,5 @@
-"""The service's batch-size histograms from /metrics, so each run can say how the batcher behaved."""
+"""The service's histograms from /metrics, so each run can say how the batchers behaved and what the server
+itself measured (batch sizes, time in the queue, request time inside the handler)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ class Histogram:
     def minus(self, before: Histogram) -> Histogram:
         return Histogram({le: c - before.buckets.get(le, 0.0) for le, c in self.buckets.items()},
                          self.total - before.total, self.count - before.count)
+
+    def quantile_bound(self, q: float) -> float:
+        """The upper bound of the bucket holding the q-quantile (a histogram knows no finer)."""
+        for le in sorted(self.buckets):
+            if self.count and self.buckets[le] >= q * self.count:
+                return le
+        return float("nan")
 
     @property
     def mean(self) -> float:
@@ -37,17 +45,23 @@ class Histogram:
         return " ".join(parts) or "-"
 
 
+# family -> the label that tells its series apart (besides model); summed over model versions
+FAMILIES = {"nnserve_batch_size": "batcher", "nnserve_batch_wait_duration_seconds": None,
+            "nnserve_request_duration_seconds": "endpoint", "nnserve_inference_duration_seconds": "batcher"}
+
+
 def scrape(url: str) -> dict:
-    """/metrics -> {("nnserve_batch_size", model, batcher): Histogram}, summed over model versions."""
+    """/metrics -> {(family, model, batcher or endpoint or None): Histogram} for the FAMILIES."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
         text = response.read().decode()
     found: dict = {}
     for family in text_string_to_metric_families(text):
-        if family.name == "nnserve_batch_size":
+        if family.name in FAMILIES:
             for s in family.samples:
-                key = ("nnserve_batch_size", s.labels["model"], s.labels["batcher"])
+                series = FAMILIES[family.name]
+                key = (family.name, s.labels["model"], s.labels[series] if series else None)
                 hist = found.setdefault(key, Histogram({}, 0.0, 0.0))
                 if s.name.endswith("_bucket"):
                     le = float(s.labels["le"])
@@ -60,6 +74,10 @@ def scrape(url: str) -> dict:
 
 
 def batch_histogram(before: dict, after: dict, model: str, batcher: str) -> Histogram:
-    key = ("nnserve_batch_size", model, batcher)
+    return histogram(before, after, ("nnserve_batch_size", model, batcher))
+
+
+def histogram(before: dict, after: dict, key: tuple) -> Histogram:
+    """The observations of ``key`` between two scrapes."""
     empty = Histogram({}, 0.0, 0.0)
     return after.get(key, empty).minus(before.get(key, empty))

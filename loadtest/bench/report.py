@@ -212,6 +212,12 @@ def overload_section(r: Results) -> list[str]:
                      f"{fmt(o.p99(status))} | {o.retry_after[status]:,} |")
     for kind, count in o.failures.items():
         lines.append(f"| no answer ({kind}) | {count:,} | - | - | - |")
+    if o.server_p99_ms:
+        lines += ["", "Measured by the server over the same run (its histograms; p99 is a bucket's upper bound): "
+                  + ", ".join(f"{name} p99 <= {fmt(ms)} ms" for name, ms in o.server_p99_ms.items())
+                  + ". The client's latency adds the time a request waits in the socket buffers before the "
+                  "worker reads it: with closed-loop clients that is set by how many there are, not by the "
+                  "server's queues."]
     return lines
 
 

@@ -1,0 +1,103 @@
+"""The outermost ASGI app of every worker: the hot paths go straight to our apps, the rest to BentoML's.
+
+BentoML wraps every route it serves in its middleware stack: OpenTelemetry spans, its own request
+metrics, a timeout task per request, a context middleware. For a 0.05 ms model that stack costs more
+than the model (docs/bench.md measures the difference), and nnserve keeps its own complete metrics
+(``nnserve_*``, docs/metrics.md). So this front door dispatches:
+
+- ``/classify``, ``/features``, ``/generate``, ``/models`` -> the REST app; ``/v2...`` -> the KServe app,
+  behind an admission limit: past ``NNSERVE_MAX_CONCURRENT_REQUESTS`` requests in this worker, a request
+  is answered 503 + Retry-After at once, before its body is parsed. The worker's event loop is the real
+  queue under overload (sockets wait there before any batcher sees them); bounding it keeps the accepted
+  requests fast and the rejections cheap.
+- ``/livez`` and ``/readyz`` -> answered here, never queued behind the limit: ``/readyz`` says why it is
+  not ready (models loading or failed, with reasons; gRPC not listening).
+- everything else (``/metrics``, ``/``, ``/docs.json``, the OpenAPI assets, lifespan) -> BentoML's app.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from service import metrics
+from service.repository import Repository
+
+ASGIApp = Callable  # (scope, receive, send) -> awaitable
+REST_PATHS = frozenset({"/classify", "/features", "/generate", "/models"})
+UNLIMITED = frozenset({"/models"})  # cheap reads: never refused
+
+
+class FrontDoor:
+    def __init__(self, bentoml_app: ASGIApp, rest_app: ASGIApp, kserve_app: ASGIApp,
+                 get_repository: Callable[[], Repository], readiness: Callable[[], str | None],
+                 max_concurrent_requests: int) -> None:
+        self.bentoml_app = bentoml_app
+        self.rest_app = rest_app
+        self.kserve_app = kserve_app
+        self.get_repository = get_repository
+        self.readiness = readiness  # None when ready, else why not
+        self.max_concurrent_requests = max_concurrent_requests
+        self.in_flight = 0
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.bentoml_app(scope, receive, send)
+        path = scope["path"]
+        if path in REST_PATHS:
+            app = self.rest_app
+        elif path == "/v2" or path.startswith("/v2/"):
+            app = self.kserve_app
+        elif path == "/livez":
+            return await respond(send, 200, {"alive": True})
+        elif path == "/readyz":
+            return await self.ready(send)
+        else:
+            return await self.bentoml_app(scope, receive, send)
+        route = "v2" if app is self.kserve_app else path[1:]
+        if path in UNLIMITED or scope["method"] != "POST":
+            return await counted(app, route, scope, receive, send)
+        if self.in_flight >= self.max_concurrent_requests:
+            metrics.count_response(route, 503)
+            return await respond(send, 503, {"error": f"server busy: {self.in_flight} requests in progress in this "
+                                             "worker (NNSERVE_MAX_CONCURRENT_REQUESTS); retry shortly"},
+                                 retry_after=1)
+        self.in_flight += 1
+        try:
+            await counted(app, route, scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def ready(self, send: Callable) -> None:
+        reason = self.readiness()
+        models = {m["name"]: {k: m[k] for k in ("state", "version", "reason") if m.get(k) is not None}
+                  for m in self.get_repository().describe()}
+        body = {"ready": reason is None, "models": models} | ({"reason": reason} if reason else {})
+        await respond(send, 200 if reason is None else 503, body)
+
+
+async def counted(app: ASGIApp, route: str, scope: dict, receive: Callable, send: Callable) -> None:
+    """Run ``app`` and count its response by status (nnserve_http_responses_total): BentoML's HTTP metrics
+    no longer see these routes."""
+    status = 500  # no response started: the app failed
+
+    async def send_and_note(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        await send(message)
+
+    try:
+        await app(scope, receive, send_and_note)
+    finally:
+        metrics.count_response(route, status)
+
+
+async def respond(send: Callable, status: int, body: dict, retry_after: int | None = None) -> None:
+    """A whole JSON response. The request body is left unread: the server discards it."""
+    payload = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
