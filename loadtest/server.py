@@ -66,14 +66,6 @@ def own_bentoml_home(home: Path, models: Path) -> Path:
     return home
 
 
-def server_processes(server: LiveServer) -> list:
-    """psutil.Process of the arbiter (``bentoml serve``) and of every process under it (the workers)."""
-    import psutil
-
-    arbiter = psutil.Process(server.process.pid)
-    return [arbiter, *arbiter.children(recursive=True)]
-
-
 def worker_pids(server: LiveServer) -> list[int]:
     """PIDs of the worker processes: circus starts them as children of the arbiter."""
     import psutil
@@ -92,17 +84,10 @@ def _ready(url: str) -> bool:
         return False
 
 
-# Consecutive 200s from ready_path that count as ready. Each worker answers /readyz for itself, and the
-# first worker to load its models makes /readyz say 200 while another may still be loading (its requests
-# get 503 "still loading"); a streak of fresh connections, which the workers accept in turn, all but
-# rules that out.
-READY_STREAK = 10
-
-
 def start_process(cmd: list[str], http_port: int, log_path: Path, env: dict[str, str] | None = None,
                   ready_path: str = "/readyz", timeout_s: float = 240.0, grpc_port: int = 0) -> LiveServer:
     """Start any HTTP server command (nnserve, or a baseline of loadtest/baselines) listening on
-    ``http_port`` and wait until ``ready_path`` answers 200 ``READY_STREAK`` times in a row."""
+    ``http_port`` and wait until ``ready_path`` answers 200."""
     full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "PYTHONUNBUFFERED": "1", **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:
@@ -111,7 +96,7 @@ def start_process(cmd: list[str], http_port: int, log_path: Path, env: dict[str,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     server = LiveServer(f"http://127.0.0.1:{http_port}", grpc_port, process, log_path)
     deadline = time.monotonic() + timeout_s
-    while not all(_ready(server.http_url + ready_path) for _ in range(READY_STREAK)):
+    while not _ready(server.http_url + ready_path):
         if not server.alive():
             raise RuntimeError(f"{shlex.join(cmd)} exited with {process.returncode} before it was ready; "
                                f"log {log_path}:\n{server.log()}")
