@@ -110,23 +110,37 @@ class HealthProbe:
 
 
 def kill_worker_under_load(server: LiveServer, image: bytes, threads: int = 4, before_s: float = 2.0,
-                           after_s: float = 5.0) -> dict:
+                           after_s: float = 5.0, workers: int = 2) -> dict:
     """SIGKILL one worker while ``threads`` clients send /classify; health probed throughout.
 
-    Returns the counts and times (seconds from the kill) the reliability doc reports: failed requests,
-    first success after the kill, end of the last failure, first whole second with no failure."""
+    Waits first until ``workers`` live workers exist (an earlier kill's replacement). Returns the counts
+    and times (seconds from the kill) the reliability doc reports: failed requests, first success after
+    the kill, end of the last failure, first whole second with no failure, the replacement's appearance."""
+    deadline = time.monotonic() + 60
+    while len(worker_pids(server)) < workers and time.monotonic() < deadline:
+        time.sleep(0.1)
     before = worker_pids(server)
+    replaced_s = None
     with HealthProbe(server.http_url) as probe, ClassifyLoad(server.http_url, image, threads) as load:
         time.sleep(before_s)
         victim = before[0]
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        time.sleep(after_s)
+        while time.monotonic() - killed_at < after_s:
+            if replaced_s is None and set(worker_pids(server)) - set(before):
+                replaced_s = time.monotonic() - killed_at  # circus started the replacement
+            time.sleep(0.05)
+    # The arbiter reaps the dead worker and starts its replacement on its own schedule (~5 s measured).
+    while replaced_s is None and time.monotonic() - killed_at < 60:
+        if set(worker_pids(server)) - set(before):
+            replaced_s = time.monotonic() - killed_at
+        time.sleep(0.05)
     after = worker_pids(server)
     failed = [o for o in load.outcomes if not o.ok]
     successes_after = [o.end - killed_at for o in load.outcomes if o.ok and o.start >= killed_at]
     return {
         "threads": threads, "workers_before": before, "victim": victim, "workers_after": after,
+        "replacement_started_s": replaced_s,
         "requests": len(load.outcomes), "failed": len(failed),
         "failed_statuses": sorted({str(o.status) for o in failed}),
         "failed_in_flight_at_kill": sum(o.start <= killed_at <= o.end for o in failed),
@@ -272,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=4, help="/classify client threads in the kill run")
     parser.add_argument("--streams", type=int, default=6, help="streams open at SIGTERM")
+    parser.add_argument("--kills", type=int, default=3, help="workers killed one after the other (same server)")
+    parser.add_argument("--scenarios", default="kill,sigterm,bound,corrupt",
+                        help="comma-separated subset of kill,sigterm,bound,corrupt")
     parser.add_argument("--out", type=Path, help="also write the JSON report here")
     args = parser.parse_args(argv)
     store = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml")) / "models"
@@ -285,16 +302,24 @@ def main(argv: list[str] | None = None) -> int:
     # A queue timeout long enough for streams waiting for the single decode slot of the SIGTERM runs.
     env = {"BENTOML_HOME": str(own_bentoml_home(work / "home", store)), "NNSERVE_WORKERS": "2",
            "NNSERVE_QUEUE_TIMEOUT_MS": "60000"}
-    say("worker SIGKILL under load")
-    with running_server(work / "kill.log", env) as server:
-        report["kill"] = kill_worker_under_load(server, image, threads=args.threads)
-    say("SIGTERM with streams open (2000 characters each, one decode slot: they run one after the other)")
-    with running_server(work / "sigterm.log", {**env, "NNSERVE_GENERATION_BATCH_SIZE": "1"}) as server:
-        report["sigterm"] = sigterm_with_streams(server, args.streams, 2000, exit_bound_s=120)
-    say("SIGTERM with a 1 s drain bound")
-    with running_server(work / "sigterm-bound.log", {**env, "NNSERVE_GENERATION_BATCH_SIZE": "1",
-                                                      "NNSERVE_DRAIN_TIMEOUT_S": "1"}) as server:
-        report["sigterm_bound_1s"] = sigterm_with_streams(server, args.streams, 2000, exit_bound_s=120)
+    scenarios = set(args.scenarios.split(","))
+    if "kill" in scenarios:
+        with running_server(work / "kill.log", env) as server:
+            report["kill"] = []
+            for n in range(args.kills):
+                say(f"worker SIGKILL under load ({n + 1} of {args.kills})")
+                report["kill"].append(kill_worker_under_load(server, image, threads=args.threads))
+    if "sigterm" in scenarios:
+        say("SIGTERM with streams open (2000 characters each, one decode slot: they run one after the other)")
+        with running_server(work / "sigterm.log", {**env, "NNSERVE_GENERATION_BATCH_SIZE": "1"}) as server:
+            report["sigterm"] = sigterm_with_streams(server, args.streams, 2000, exit_bound_s=120)
+    if "bound" in scenarios:
+        say("SIGTERM with a 1 s drain bound")
+        with running_server(work / "sigterm-bound.log", {**env, "NNSERVE_GENERATION_BATCH_SIZE": "1",
+                                                          "NNSERVE_DRAIN_TIMEOUT_S": "1"}) as server:
+            report["sigterm_bound_1s"] = sigterm_with_streams(server, args.streams, 2000, exit_bound_s=120)
+    if "corrupt" not in scenarios:
+        return finish(report, args.out, work)
     say("truncated lenet5 (in a scratch store beside the real one)")
     scratch = work / "scratch-home" / "models"
     scratch.mkdir(parents=True)
@@ -307,12 +332,16 @@ def main(argv: list[str] | None = None) -> int:
                                                "NNSERVE_LENET5_TAG": "lenet5-truncated:latest"},
                         ready_path="/livez") as server:
         report["corrupt"] = corrupt_model_report(server, image)
+    return finish(report, args.out, work)
+
+
+def finish(report: dict, out: Path | None, work: Path) -> int:
     text = json.dumps(report, indent=2)
     print(text)
-    if args.out:
-        tmp = args.out.with_suffix(".tmp")
+    if out:
+        tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(text)
-        tmp.rename(args.out)
+        tmp.rename(out)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -67,13 +67,22 @@ def own_bentoml_home(home: Path, models: Path) -> Path:
 
 
 def worker_pids(server: LiveServer) -> list[int]:
-    """PIDs of the worker processes: circus starts them as children of the arbiter."""
+    """PIDs of the live worker processes: circus starts them as children of the arbiter. A killed worker
+    stays a zombie child until the arbiter reaps it; it is not listed."""
     import psutil
 
     try:
-        return sorted(p.pid for p in psutil.Process(server.process.pid).children())
+        children = psutil.Process(server.process.pid).children()
     except psutil.NoSuchProcess:
         return []
+    pids = []
+    for child in children:
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                pids.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return sorted(pids)
 
 
 def _ready(url: str) -> bool:
