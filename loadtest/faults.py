@@ -25,6 +25,9 @@ import requests
 from loadtest.server import LiveServer, own_bentoml_home, running_server, worker_pids
 
 PROBE_TIMEOUT_S = 5.0  # a health probe that takes longer counts as not answered
+# BentoML logs this once per worker when its start-up hook (ours waits for the models) is done; from then
+# on the worker accepts connections. Counting it is how a client tells that a replacement worker serves.
+STARTED_LINE = "Completed async startup hook: start"
 
 
 @dataclass
@@ -109,38 +112,54 @@ class HealthProbe:
             self._stop.wait(self.interval_s)
 
 
+def started_workers(server: LiveServer) -> int:
+    """Workers (first ones and replacements) that have finished starting and accept connections."""
+    return server.log_path.read_text(errors="replace").count(STARTED_LINE) if server.log_path.exists() else 0
+
+
+def wait_until(condition, timeout_s: float = 120.0) -> float | None:
+    """Seconds until ``condition()`` held (polled every 50 ms), None if it did not within ``timeout_s``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if condition():
+            return time.monotonic() - start
+        time.sleep(0.05)
+    return None
+
+
 def kill_worker_under_load(server: LiveServer, image: bytes, threads: int = 4, before_s: float = 2.0,
-                           after_s: float = 5.0, workers: int = 2) -> dict:
+                           after_s: float = 5.0, workers: int = 2, kills_before: int = 0) -> dict:
     """SIGKILL one worker while ``threads`` clients send /classify; health probed throughout.
 
-    Waits first until ``workers`` live workers exist (an earlier kill's replacement). Returns the counts
-    and times (seconds from the kill) the reliability doc reports: failed requests, first success after
-    the kill, end of the last failure, first whole second with no failure, the replacement's appearance."""
-    deadline = time.monotonic() + 60
-    while len(worker_pids(server)) < workers and time.monotonic() < deadline:
-        time.sleep(0.1)
+    Starts once ``workers`` workers serve (``kills_before``: workers killed earlier on this server, whose
+    replacements must be serving too: killing the only serving worker measures something else), and
+    returns once the replacement serves. Returns the counts and times (seconds from the kill) the
+    reliability doc reports: failed requests, first success after the kill, end of the last failure,
+    first whole second with no failure, when the replacement started and when it served."""
+    if wait_until(lambda: started_workers(server) >= workers + kills_before) is None:
+        raise RuntimeError(f"fewer than {workers} workers serving:\n{server.log()}")
     before = worker_pids(server)
-    replaced_s = None
+    started = started_workers(server)
     with HealthProbe(server.http_url) as probe, ClassifyLoad(server.http_url, image, threads) as load:
         time.sleep(before_s)
         victim = before[0]
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        while time.monotonic() - killed_at < after_s:
+        # Load goes on for after_s and until the replacement serves: the arbiter reaps the dead worker
+        # and starts the replacement on its own schedule (~5 s measured), which then loads its models.
+        replaced_s = serving_s = None
+        while (elapsed := time.monotonic() - killed_at) < after_s or (serving_s is None and elapsed < 120):
             if replaced_s is None and set(worker_pids(server)) - set(before):
-                replaced_s = time.monotonic() - killed_at  # circus started the replacement
+                replaced_s = round(elapsed, 2)
+            if serving_s is None and started_workers(server) > started:
+                serving_s = round(elapsed, 2)
             time.sleep(0.05)
-    # The arbiter reaps the dead worker and starts its replacement on its own schedule (~5 s measured).
-    while replaced_s is None and time.monotonic() - killed_at < 60:
-        if set(worker_pids(server)) - set(before):
-            replaced_s = time.monotonic() - killed_at
-        time.sleep(0.05)
     after = worker_pids(server)
     failed = [o for o in load.outcomes if not o.ok]
     successes_after = [o.end - killed_at for o in load.outcomes if o.ok and o.start >= killed_at]
     return {
         "threads": threads, "workers_before": before, "victim": victim, "workers_after": after,
-        "replacement_started_s": replaced_s,
+        "replacement_started_s": replaced_s, "replacement_serving_s": serving_s,
         "requests": len(load.outcomes), "failed": len(failed),
         "failed_statuses": sorted({str(o.status) for o in failed}),
         "failed_in_flight_at_kill": sum(o.start <= killed_at <= o.end for o in failed),
@@ -308,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             report["kill"] = []
             for n in range(args.kills):
                 say(f"worker SIGKILL under load ({n + 1} of {args.kills})")
-                report["kill"].append(kill_worker_under_load(server, image, threads=args.threads))
+                report["kill"].append(kill_worker_under_load(server, image, threads=args.threads, kills_before=n))
     if "sigterm" in scenarios:
         say("SIGTERM with streams open (2000 characters each, one decode slot: they run one after the other)")
         with running_server(work / "sigterm.log", {**env, "NNSERVE_GENERATION_BATCH_SIZE": "1"}) as server:

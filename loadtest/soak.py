@@ -37,9 +37,9 @@ import requests
 from loadtest.server import LiveServer, own_bentoml_home, running_server
 
 MIB = 1 << 20
-# Chosen from measurements (docs/reliability.md): after the warm-up a worker's RSS grew 0.2 MiB over
-# 10 minutes and 80,000 requests. 16 MiB leaves room for allocator noise (a rare large batch growing an
-# arena) while a leak of ~0.2 KiB per request passes it within the 10-minute run (~140 requests/s).
+# Chosen from measurements (docs/reliability.md): after the warm-up a worker's RSS grew at most 0.3 MiB
+# over 10 minutes and ~124,000 requests. 16 MiB leaves room for allocator noise (a rare large batch
+# growing an arena) while a leak of ~130 bytes per request passes it within the 10-minute run.
 DEFAULT_BOUND_MIB = 16.0
 
 

@@ -41,6 +41,7 @@ def test_a_killed_worker_costs_only_its_in_flight_requests(own_server, image):
     assert all(not status.isdigit() for status in report["failed_statuses"]), why
     assert report["first_success_after_kill_s"] is not None, why
     assert report["first_clean_second"] is not None, why
+    assert report["replacement_serving_s"] is not None, why  # its replacement loaded and serves
     # circus replaced the victim; the other worker is the same process
     assert report["victim"] not in report["workers_after"] and len(report["workers_after"]) == 2, why
     assert set(report["workers_before"]) - {report["victim"]} <= set(report["workers_after"]), why
