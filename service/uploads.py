@@ -7,6 +7,7 @@ python-multipart (Starlette's own parser); every framing problem is a 400 naming
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from python_multipart.exceptions import MultipartParseError
@@ -14,6 +15,10 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from service.errors import ClientError, PayloadTooLarge, UnsupportedMedia
+
+# python-multipart logs every framing error it raises at WARNING; we turn each into a 400 that the front end
+# logs at DEBUG, so its own line would be a second, louder log line per client mistake.
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 MAX_PARTS = 16  # a form has a handful of fields; more is a mistake or an attack
 MAX_HEADER_BYTES = 4096  # one part's headers (Content-Disposition with its filename, Content-Type)
