@@ -211,7 +211,11 @@ def array_from_values(t: RequestTensor, values) -> np.ndarray:
     # any kind but plain ints for an integer type, or but numbers for a float type, is named value by value.
     wanted = "iu" if dtype.kind in "iu" else "iuf"
     if loose.dtype.kind not in wanted:
-        raise ClientError(f"input {t.name!r} is {t.datatype}: {_first_bad_value(values, dtype, t.datatype)}")
+        problem = _first_bad_value(values, dtype, t.datatype)
+        if problem:
+            raise ClientError(f"input {t.name!r} is {t.datatype}: {problem}")
+        # Every value fits: numpy only promoted them ([2**63, 0] is float64 to it). Decode at the declared type.
+        loose = np.array(values, dtype=dtype)
     if dtype.kind in "iu" and (loose.min() < np.iinfo(dtype).min or loose.max() > np.iinfo(dtype).max):
         raise ClientError(f"input {t.name!r} is {t.datatype}: values from {loose.min()} to {loose.max()} are outside "
                           f"the {t.datatype} range [{np.iinfo(dtype).min}, {np.iinfo(dtype).max}]")
@@ -234,8 +238,9 @@ def _leaves(values) -> Iterator:
             yield value
 
 
-def _first_bad_value(values, dtype: np.dtype, datatype: str) -> str:
-    """What is wrong with the first value that does not fit ``dtype`` (only called once decoding failed)."""
+def _first_bad_value(values, dtype: np.dtype, datatype: str) -> str | None:
+    """What is wrong with the first value that does not fit ``dtype``; None if every value fits (only called
+    when numpy's own inference did not give a fitting kind)."""
     for value in _leaves(values):
         if isinstance(value, bool):
             return "data must be numbers, not true/false"
@@ -252,7 +257,7 @@ def _first_bad_value(values, dtype: np.dtype, datatype: str) -> str:
         if isinstance(value, float | np.floating):
             return f"data must be integers, not floats (got {value!r})"
         return f"data must be numbers, got {type(value).__name__} {repr(value)[:50]}"
-    return "data must be numbers"
+    return None
 
 
 def _fits_float(value: int) -> bool:

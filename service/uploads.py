@@ -48,7 +48,10 @@ class Part:
 
 def parse_multipart(body: bytes, content_type: str) -> dict[str, Part]:
     """``multipart/form-data`` body -> {field name: Part}. A field given twice is an error."""
-    media_type, params = parse_options_header(content_type)
+    try:
+        media_type, params = parse_options_header(content_type)
+    except UnicodeEncodeError as e:  # HTTP headers arrive latin-1 decoded; other callers may pass anything
+        raise UnsupportedMedia(f"the Content-Type {content_type[:100]!r} is not latin-1 text") from e
     if not body:
         raise ClientError("empty request body: expected multipart/form-data with the image file in field 'image' "
                           "(curl -F image=@digit.png ...)")
