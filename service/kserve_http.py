@@ -251,6 +251,15 @@ def create_app(get_repository: Callable[[], Repository], prefix: str = "",
         routes += [Route(base, model_metadata, methods=["GET"]),
                    Route(base + "/ready", model_ready, methods=["GET"]),
                    Route(base + "/infer", model_infer, methods=["POST"])]
+    async def no_route(request: Request) -> Response:
+        # Any other path under the prefix (e.g. a model name holding '/') gets a JSON error as every /v2 route
+        # does, not the plain-text 404 of the app behind: 405 when a route has this path for another method.
+        if any(route.path_regex.match(request.url.path) for route in routes[:-1]):
+            return error(ClientError(f"{request.method} is not allowed on {request.url.path}"), 405)
+        return error(ClientError(f"no KServe v2 route {request.method} {request.url.path}"), 404)
+
+    routes.append(Route(prefix + "/{path:path}", no_route,
+                        methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]))
     # Exception (a server fault) goes last: Starlette answers it and then re-raises it so it gets logged.
     handlers = {cls: expected_failure for cls in kserve.EXPECTED_FAILURES}
     return Starlette(routes=routes, exception_handlers={**handlers, HTTPException: http_error, Exception: server_error})

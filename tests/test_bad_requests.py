@@ -15,6 +15,7 @@ import io
 import json
 import socket
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 
@@ -305,8 +306,8 @@ CASES: list[Case] = [
     C("v2-unknown-model-metadata", "GET", "/v2/models/nope", status=404, message="unknown model 'nope'"),
     C("v2-unknown-version", "POST", "/v2/models/lenet5/versions/0000/infer", v2(fp32()), JSON, 404,
       "no version '0000'"),
-    C("v2-get-infer", "GET", "/v2/models/lenet5/infer", status=405, message="Method Not Allowed"),
-    C("v2-unknown-route", "GET", "/v2/repository/index", status=404, message="Not Found"),
+    C("v2-get-infer", "GET", "/v2/models/lenet5/infer", status=405, message="GET is not allowed"),
+    C("v2-unknown-route", "GET", "/v2/repository/index", status=404, message="no KServe v2 route"),
     C("unknown-route", "GET", "/v3/models", status=404, message="Not Found"),
     # KServe v2 REST: JSON shape
     C("v2-malformed-json", "POST", "/v2/models/lenet5/infer", b'{"inputs": [', JSON, 400, "not valid JSON"),
@@ -514,8 +515,21 @@ def test_the_corpus_is_large_and_distinct():
         assert case.message and (case.method == "GRPC" or 400 <= case.status < 500), case.id
 
 
+def every_worker_ready(url: str, timeout_s: float = 120.0) -> None:
+    """/readyz answers from one worker; the others may still be loading (a 503 "still loading" then). Requests
+    spread over the workers: 16 ready answers in a row say every worker has every model."""
+    deadline, streak = time.monotonic() + timeout_s, 0
+    while streak < 16:
+        assert time.monotonic() < deadline, "the server's workers did not all become ready"
+        ready = requests.get(f"{url}/v2/health/ready", timeout=10).status_code == 200
+        streak = streak + 1 if ready else 0
+        if not ready:
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def server(live_server):
+    every_worker_ready(live_server.http_url)
     return live_server
 
 

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from schemathesis.checks import load_all_checks
 from schemathesis.specs.openapi.checks import content_type_conformance, status_code_conformance
 
@@ -20,11 +20,14 @@ pytestmark = pytest.mark.integration
 load_all_checks()
 from schemathesis.checks import not_a_server_error  # noqa: E402  (registered by load_all_checks)
 
+from tests.test_bad_requests import every_worker_ready  # noqa: E402
+
 EXAMPLES = int(os.environ.get("NNSERVE_FUZZ_EXAMPLES", "25"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance]
 
 
 def test_no_server_errors_and_documented_responses(live_server):
+    every_worker_ready(live_server.http_url)
     schema = schemathesis.openapi.from_url(f"{live_server.http_url}/docs.json", timeout=30)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/classify", "/features", "/generate", "/v2/models/{name}/infer"}
@@ -34,6 +37,9 @@ def test_no_server_errors_and_documented_responses(live_server):
                   suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy())
         def fuzz(case):
+            # A path holding a line break matches no mounted app (Starlette's path patterns stop at one), so
+            # BentoML's outer app answers its plain-text 404: known, outside our routes (docs/reliability.md).
+            assume(not any(ch in str(v) for v in (case.path_parameters or {}).values() for ch in "\n\r"))
             case.call_and_validate(base_url=live_server.http_url, timeout=60, checks=CHECKS)
 
         try:
