@@ -39,6 +39,8 @@ class Settings:
     max_upload_bytes: int = 10 << 20
     max_image_pixels: int = 4096 * 4096
     kserve_max_request_bytes: int = 64 << 20
+    max_request_items: int = 16384  # KServe v2: batch-axis items per request, every model (service/kserve.py)
+    max_request_tokens: int = 16384  # KServe v2, text models: items x sequence length per request
     # Network and logs
     grpc_port: int = 8001
     grpc_host: str = ""  # "" = the address the HTTP server listens on (bentoml serve --host)
@@ -76,8 +78,8 @@ class Settings:
 
     def validate(self) -> None:
         positive = ("workers", "max_batch_size", "max_queue_size", "generation_batch_size", "max_upload_bytes",
-                    "max_concurrent_requests",
-                    "max_image_pixels", "kserve_max_request_bytes")
+                    "max_concurrent_requests", "max_image_pixels", "kserve_max_request_bytes", "max_request_items",
+                    "max_request_tokens")
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"NNSERVE_{name.upper()} must be >= 1, got {getattr(self, name)}")
