@@ -9,7 +9,7 @@ HTTP_PORT ?= 3000
 GRPC_PORT ?= 8001
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup train export serve test lint bench bento clean cluster deploy-validate soak
+.PHONY: setup train export serve test lint bench bento clean cluster deploy-validate fuzz audit soak
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,16 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# OpenAPI fuzzing of a live server with the tiny test models (tests/test_fuzz.py); CI runs 25 examples per
+# operation, this many more (docs/reliability.md).
+FUZZ_EXAMPLES ?= 500
+fuzz: setup
+	NNSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
+
+# pip-audit of the installed (pinned) dependencies; skips, saying why, when the advisory database is unreachable.
+audit: setup
+	$(PY) .ci/audit.py
 
 # The record (docs/bench.md): needs wrk (installed here with apt-get when run as root) and the `bench` extra
 # (the baseline servers: LitServe, FastAPI, uvicorn[standard]), installed into .venv.

@@ -40,8 +40,8 @@ SERVED_PATHS = {"/livez", "/readyz", "/metrics", "/models", "/docs.json", "/v2",
 PROBE_PATHS = {"startupProbe": "/livez", "readinessProbe": "/readyz", "livenessProbe": "/livez"}
 LONGEST_STREAM_S = 60  # a 2000-character /generate on a busy CPU; the grace period must outlast it
 # Settings the server reads (service/settings.py, the one source): a typo in the ConfigMap would be ignored.
-KNOWN_SETTINGS = {f"NNSERVE_{f.name.upper()}" for f in fields(Settings) if f.name != "model_tags"} | {
-    f"NNSERVE_{name.upper()}_TAG" for name in DEFAULT_MODELS}
+KNOWN_SETTINGS = {f"NNSERVE_{f.name.upper()}" for f in fields(Settings) if f.name not in Settings.PER_MODEL} | {
+    f"NNSERVE_{name.upper()}_{suffix}" for name in DEFAULT_MODELS for suffix in ("TAG", "MAX_QUEUE_DELAY_MS")}
 
 
 def exported_metrics() -> set[str]:

@@ -48,10 +48,10 @@ class FrontDoor:
             app = self.rest_app
         elif path == "/v2" or path.startswith("/v2/"):
             app = self.kserve_app
-        elif path == "/livez":
-            return await respond(send, 200, {"alive": True})
-        elif path == "/readyz":
-            return await self.ready(send)
+        elif path in ("/livez", "/readyz"):
+            if scope["method"] not in ("GET", "HEAD"):
+                return await respond(send, 405, {"error": f"{path} takes GET or HEAD, not {scope['method'][:20]}"})
+            return await (respond(send, 200, {"alive": True}) if path == "/livez" else self.ready(send))
         else:
             return await self.bentoml_app(scope, receive, send)
         route = "v2" if app is self.kserve_app else path[1:]

@@ -64,9 +64,11 @@ class GenerationRequest:
         if not isinstance(body, Mapping):
             raise ClientError(f"request body must be a JSON object, got {type(body).__name__}")
         known = {f.name for f in fields(cls)}
+        if not all(isinstance(key, str) for key in body):  # JSON keys always are; other callers may differ
+            raise ClientError("field names must be strings")
         unknown = sorted(set(body) - known)
         if unknown:
-            raise ClientError(f"unknown field(s) {unknown}; expected some of {sorted(known)}")
+            raise ClientError(f"unknown field(s) {[u[:50] for u in unknown[:5]]}; expected some of {sorted(known)}")
         if "prompt" not in body:
             raise ClientError("missing field 'prompt'")
         return cls(**body)
@@ -81,18 +83,22 @@ class GenerationRequest:
             raise ClientError(f"prompt has {len(self.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
         if not _is_int(self.max_new_chars) or not 1 <= self.max_new_chars <= MAX_NEW_CHARS:
             raise ClientError(f"max_new_chars must be an integer in [1, {MAX_NEW_CHARS}], "
-                              f"got {self.max_new_chars!r}")
+                              f"got {_show(self.max_new_chars)}")
         if (isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float)
-                or not math.isfinite(self.temperature) or self.temperature <= 0):
-            raise ClientError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+                or not _finite(self.temperature) or self.temperature <= 0):
+            raise ClientError(f"temperature must be a finite number > 0, got {_show(self.temperature)}")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
-            raise ClientError(f"top_k must be an integer >= 1 (or null for no limit), got {self.top_k!r}")
+            raise ClientError(f"top_k must be an integer >= 1 (or null for no limit), got {_show(self.top_k)}")
+        if self.top_k is not None:
+            # More than the vocabulary means all of it; clamped here because the step loop keeps top_k in an
+            # int64 array, where a huge JSON integer would overflow mid-step and fail the whole batch.
+            self.top_k = min(self.top_k, len(vocab))
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise ClientError(f"seed must be a non-negative integer (or null for random), got {self.seed!r}")
+            raise ClientError(f"seed must be a non-negative integer (or null for random), got {_show(self.seed)}")
         if not isinstance(self.model, str):
             raise ClientError(f"model must be a string, got {type(self.model).__name__}")
         if not isinstance(self.stream, bool):
-            raise ClientError(f"stream must be true or false, got {self.stream!r}")
+            raise ClientError(f"stream must be true or false, got {_show(self.stream)}")
         known = set(vocab)
         unknown = list(dict.fromkeys(ch for ch in self.prompt if ch not in known))  # first-seen order
         if unknown:
@@ -104,6 +110,24 @@ class GenerationRequest:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value: object) -> str:
+    """A bad value for an error message: short, and safe for integers too long to print."""
+    try:
+        text = repr(value)
+    except ValueError:  # int -> str refuses more than sys.get_int_max_str_digits() digits
+        text = "an integer with thousands of digits"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _finite(value: int | float) -> bool:
+    """math.isfinite, except that an integer too large for a float is not finite (rather than an
+    OverflowError: JSON integers have no size limit)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def sample_tokens(logits: np.ndarray, temperatures: np.ndarray, top_ks: np.ndarray,

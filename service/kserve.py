@@ -8,6 +8,7 @@ message naming the problem, before anything reaches ONNX Runtime.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata as package_metadata
 from typing import TYPE_CHECKING
@@ -16,7 +17,9 @@ import numpy as np
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from service.errors import ClientError, NotFound, Unavailable
+from service.generation import MAX_PROMPT_CHARS
 from service.runtime import ModelRuntime
+from service.settings import Settings
 
 if TYPE_CHECKING:
     from service.repository import Repository
@@ -44,6 +47,12 @@ DATATYPES: dict[str, tuple[np.dtype, str | None]] = {
 }
 DATATYPE_OF_NUMPY = {dtype: name for name, (dtype, _) in DATATYPES.items()}
 
+# Per-request limits on the work one inference request can ask for (docs/service.md, "Limits"). Items: the
+# batch axis of every input, NNSERVE_MAX_REQUEST_ITEMS. Text models also bound the sequence axis of
+# ``tokens``: per item as a /generate prompt (a [B, T] call is exactly a prefill), and per request in tokens
+# (items x sequence length, NNSERVE_MAX_REQUEST_TOKENS), since their cost grows with every token.
+MAX_SEQUENCE_LENGTH = MAX_PROMPT_CHARS
+
 
 def kserve_datatype(dtype: str | np.dtype) -> str:
     """KServe datatype name of a numpy dtype (or dtype name such as ``"float32"``)."""
@@ -51,8 +60,8 @@ def kserve_datatype(dtype: str | np.dtype) -> str:
 
 
 def numpy_dtype(datatype: str) -> np.dtype:
-    if datatype not in DATATYPES:
-        raise ClientError(f"unsupported datatype {datatype!r}; expected one of {sorted(DATATYPES)}")
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
+        raise ClientError(f"unsupported datatype {str(datatype)[:50]!r}; expected one of {sorted(DATATYPES)}")
     return DATATYPES[datatype][0]
 
 
@@ -103,32 +112,53 @@ class RequestTensor:
     array: np.ndarray | None = None
 
 
-def check_header(runtime: ModelRuntime, tensors: list[RequestTensor]) -> None:
-    """Names, datatypes and shapes against the model's input specs (before any data is decoded)."""
+def check_header(runtime: ModelRuntime, tensors: list[RequestTensor], settings: Settings | None = None) -> None:
+    """Names, datatypes and shapes against the model's input specs, and the per-request limits of
+    ``settings`` (defaults when None): all before any data is decoded."""
     specs = {s.name: s for s in runtime.inputs}
     seen = set()
     for t in tensors:
         if t.name not in specs:
-            raise ClientError(f"model {runtime.name!r} has no input {t.name!r}; inputs are {sorted(specs)}")
+            raise ClientError(f"model {runtime.name!r} has no input {str(t.name)[:100]!r}; inputs are {sorted(specs)}")
         if t.name in seen:
             raise ClientError(f"input {t.name!r} is given more than once")
         seen.add(t.name)
         spec = specs[t.name]
         expected = kserve_datatype(spec.dtype)
         if t.datatype != expected:
-            raise ClientError(f"input {t.name!r} of model {runtime.name!r} has datatype {t.datatype!r}, "
+            raise ClientError(f"input {t.name!r} of model {runtime.name!r} has datatype {str(t.datatype)[:50]!r}, "
                               f"expected {expected!r}")
         if (not isinstance(t.shape, list | tuple) or len(t.shape) != len(spec.shape)
                 or any(isinstance(d, bool) or not isinstance(d, int) for d in t.shape)):
-            raise ClientError(f"input {t.name!r} of model {runtime.name!r} has shape {t.shape}, "
+            raise ClientError(f"input {t.name!r} of model {runtime.name!r} has shape {str(t.shape)[:100]}, "
                               f"expected {len(spec.shape)} integer dimensions like {spec.shape} (-1 = any)")
         if any(d < 1 for d in t.shape) or any(e >= 0 and d != e for d, e in zip(t.shape, spec.shape, strict=True)):
-            raise ClientError(f"input {t.name!r} of model {runtime.name!r} has shape {list(t.shape)}, "
+            raise ClientError(f"input {t.name!r} of model {runtime.name!r} has shape {str(list(t.shape))[:100]}, "
                               f"expected {spec.shape} (-1 = any size >= 1)")
     missing = sorted(set(specs) - seen)
     if missing:
         raise ClientError(f"model {runtime.name!r} needs inputs {missing} that the request does not give")
     check_shared_dims(runtime, tensors)
+    check_limits(runtime, tensors, settings or Settings())
+
+
+def check_limits(runtime: ModelRuntime, tensors: list[RequestTensor], settings: Settings) -> None:
+    """The per-request limits (see MAX_SEQUENCE_LENGTH) on shapes already checked against the model."""
+    for t in tensors:
+        axis = runtime.adapter.batch_axis(t.name)
+        if t.shape[axis] > settings.max_request_items:
+            raise ClientError(f"input {t.name!r} of model {runtime.name!r} has {t.shape[axis]} items (dim {axis}); "
+                              f"the limit is {settings.max_request_items} per request (NNSERVE_MAX_REQUEST_ITEMS): "
+                              "split it into several requests")
+    if runtime.kind == "char_lm":
+        items, length = next(t.shape for t in tensors if t.name == "tokens")
+        if length > MAX_SEQUENCE_LENGTH:
+            raise ClientError(f"input 'tokens' of model {runtime.name!r} has sequence length {length}; the limit is "
+                              f"{MAX_SEQUENCE_LENGTH} tokens per item (as a /generate prompt)")
+        if items * length > settings.max_request_tokens:
+            raise ClientError(f"input 'tokens' of model {runtime.name!r} has {items} x {length} = {items * length} "
+                              f"tokens; the limit is {settings.max_request_tokens} per request "
+                              "(NNSERVE_MAX_REQUEST_TOKENS): split it into several requests")
 
 
 def check_shared_dims(runtime: ModelRuntime, tensors: list[RequestTensor]) -> None:
@@ -168,20 +198,74 @@ def array_from_values(t: RequestTensor, values) -> np.ndarray:
     dtype = numpy_dtype(t.datatype)
     try:
         loose = np.asarray(values)
-    except ValueError as e:  # ragged nested lists
-        raise ClientError(f"input {t.name!r}: data is not a regular array ({e})") from e
+    except (ValueError, RecursionError) as e:  # ragged nested lists, or nested past numpy's 64 dimensions
+        raise ClientError(f"input {t.name!r}: data is not a regular array ({str(e)[:200]})") from e
     if loose.size != element_count(t.shape):
         raise ClientError(f"input {t.name!r} has {loose.size} values, expected {element_count(t.shape)} "
-                          f"for shape {list(t.shape)}")
-    if loose.size and loose.dtype.kind not in "biuf":
-        raise ClientError(f"input {t.name!r}: data must be numbers, got {loose.dtype.kind!r}-kind values")
-    if dtype.kind in "biu" and loose.dtype.kind == "f":
-        raise ClientError(f"input {t.name!r} is {t.datatype}: data must be integers, not floats")
-    if dtype.kind == "b" and loose.size and loose.dtype.kind != "b":
-        raise ClientError(f"input {t.name!r} is BOOL: data must be true/false")
-    if dtype.kind in "iu" and loose.size and (loose.min() < np.iinfo(dtype).min or loose.max() > np.iinfo(dtype).max):
-        raise ClientError(f"input {t.name!r}: values outside the {t.datatype} range")
-    return loose.astype(dtype).reshape(t.shape)
+                          f"for shape {str(list(t.shape))[:100]}")
+    if dtype.kind == "b":
+        if loose.dtype.kind != "b":
+            raise ClientError(f"input {t.name!r} is BOOL: data must be true/false")
+        return loose.reshape(t.shape)
+    # numpy's own promotion hides what was wrong (2**63 next to -1 becomes float64, 2**64 an object array):
+    # any kind but plain ints for an integer type, or but numbers for a float type, is named value by value.
+    wanted = "iu" if dtype.kind in "iu" else "iuf"
+    if loose.dtype.kind not in wanted:
+        problem = _first_bad_value(values, dtype, t.datatype)
+        if problem:
+            raise ClientError(f"input {t.name!r} is {t.datatype}: {problem}")
+        # Every value fits: numpy only promoted them ([2**63, 0] is float64 to it). Decode at the declared type.
+        loose = np.array(values, dtype=dtype)
+    if dtype.kind in "iu" and (loose.min() < np.iinfo(dtype).min or loose.max() > np.iinfo(dtype).max):
+        raise ClientError(f"input {t.name!r} is {t.datatype}: values from {loose.min()} to {loose.max()} are outside "
+                          f"the {t.datatype} range [{np.iinfo(dtype).min}, {np.iinfo(dtype).max}]")
+    with np.errstate(over="ignore"):
+        array = loose.astype(dtype).reshape(t.shape)
+    if dtype.kind == "f" and np.isfinite(loose).all() and not np.isfinite(array).all():
+        raise ClientError(f"input {t.name!r} is {t.datatype}: values outside the {t.datatype} range (largest finite "
+                          f"{float(np.finfo(dtype).max):g})")
+    return array
+
+
+def _leaves(values) -> Iterator:
+    """The scalars of nested lists, depth-first, without recursion (the nesting depth is the client's)."""
+    stack = [values]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, list | tuple):
+            stack.extend(reversed(value))
+        else:
+            yield value
+
+
+def _first_bad_value(values, dtype: np.dtype, datatype: str) -> str | None:
+    """What is wrong with the first value that does not fit ``dtype``; None if every value fits (only called
+    when numpy's own inference did not give a fitting kind)."""
+    for value in _leaves(values):
+        if isinstance(value, bool):
+            return "data must be numbers, not true/false"
+        if isinstance(value, int):
+            if dtype.kind in "iu" and not np.iinfo(dtype).min <= value <= np.iinfo(dtype).max:
+                shown = str(value) if abs(value) < 10 ** 40 else f"an integer of {value.bit_length()} bits"
+                return (f"value {shown} is outside the {datatype} range "
+                        f"[{np.iinfo(dtype).min}, {np.iinfo(dtype).max}]")
+            if dtype.kind == "f" and not _fits_float(value):
+                return "an integer value is too large for a float"
+            continue
+        if isinstance(value, float | np.floating) and dtype.kind == "f":
+            continue
+        if isinstance(value, float | np.floating):
+            return f"data must be integers, not floats (got {value!r})"
+        return f"data must be numbers, got {type(value).__name__} {repr(value)[:50]}"
+    return None
+
+
+def _fits_float(value: int) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def select_outputs(runtime: ModelRuntime, requested: list[str]) -> list[str]:

@@ -20,6 +20,7 @@ from tritonclient.grpc import service_pb2_grpc
 from service import kserve
 from service.errors import ClientError
 from service.kserve import RequestTensor
+from service.settings import Settings
 
 if TYPE_CHECKING:
     from service.repository import Repository
@@ -67,14 +68,15 @@ def reject_shared_memory(parameters, where: str) -> None:
             raise ClientError(f"{where}: shared memory is not supported by this server; send the data inline")
 
 
-def decode_inputs(runtime, request: pb.ModelInferRequest) -> list[RequestTensor]:
-    """Check the described inputs against the model, then decode raw or typed contents."""
+def decode_inputs(runtime, request: pb.ModelInferRequest, settings: Settings | None = None) -> list[RequestTensor]:
+    """Check the described inputs against the model and the request limits of ``settings``, then decode raw
+    or typed contents."""
     if not request.inputs:
         raise ClientError("ModelInferRequest has no inputs")
     tensors = [RequestTensor(t.name, t.datatype, list(t.shape)) for t in request.inputs]
     for t in request.inputs:
         reject_shared_memory(t.parameters, f"input {t.name!r}")
-    kserve.check_header(runtime, tensors)
+    kserve.check_header(runtime, tensors, settings)
     raw = request.raw_input_contents
     if raw and len(raw) != len(tensors):
         raise ClientError(f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs; "
@@ -132,7 +134,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         runtime = kserve.get_model(self.repository, request.model_name, request.model_version)
-        tensors = decode_inputs(runtime, request)
+        tensors = decode_inputs(runtime, request, self.repository.settings)
         names = requested_outputs(runtime, request)
         outputs = await kserve.infer(self.repository, runtime, tensors, names)
         response = pb.ModelInferResponse(model_name=runtime.name, model_version=runtime.version, id=request.id)

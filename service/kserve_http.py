@@ -24,6 +24,7 @@ from starlette.routing import Route
 from service import kserve
 from service.errors import ClientError, PayloadTooLarge
 from service.kserve import RequestTensor
+from service.settings import Settings
 from service.uploads import read_limited
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             raise ClientError(f"request body is not valid {encoding} data ({e})") from e
         if len(body) > max_bytes:
             raise PayloadTooLarge(f"decompressed request body is over the {max_bytes}-byte limit")
+        if not inflater.eof:  # else a cut-off body would be reported as bad JSON, not as what it is
+            raise ClientError(f"request body is truncated {encoding} data (the compressed stream does not end)")
     elif encoding != "identity":
         raise ClientError(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
     return body
@@ -65,18 +68,25 @@ def split_body(request: Request, body: bytes) -> tuple[dict, bytes]:
     if raw_length is None:
         header_bytes, binary = body, b""
     else:
-        if not raw_length.strip().isdigit() or int(raw_length) > len(body):
-            raise ClientError(f"{HEADER_LENGTH} header is {raw_length!r}; expected the byte length of the JSON "
+        # isascii: str.isdigit() also accepts digits such as '²' that int() refuses.
+        if not (raw_length.strip().isascii() and raw_length.strip().isdigit()) or int(raw_length) > len(body):
+            raise ClientError(f"{HEADER_LENGTH} header is {raw_length[:50]!r}; expected the byte length of the JSON "
                               f"header, at most the body length {len(body)}")
         header_bytes, binary = body[:int(raw_length)], body[int(raw_length):]
     if not header_bytes:
         raise ClientError("empty request body; expected a JSON inference request with 'inputs'")
     try:
         header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ClientError(f"inference request header is not valid JSON ({e})") from e
+    # RecursionError: arrays nested deeper than the parser's stack; ValueError: also an integer of over
+    # 4300 digits (Python's int parsing limit), not only JSONDecodeError.
+    except RecursionError as e:
+        raise ClientError("inference request header nests JSON arrays or objects too deeply to parse") from e
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ClientError(f"inference request header is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(header, dict):
         raise ClientError("inference request must be a JSON object with 'inputs'")
+    if "id" in header and not isinstance(header["id"], str):  # echoed in the response: a NaN would be invalid JSON
+        raise ClientError(f"request 'id' must be a string, got {type(header['id']).__name__}")
     return header, binary
 
 
@@ -90,8 +100,9 @@ def parameters_of(obj: dict, where: str) -> dict:
     return params
 
 
-def parse_inputs(runtime, header: dict, binary: bytes) -> list[RequestTensor]:
-    """Check the described inputs against the model, then decode their data (JSON or binary section)."""
+def parse_inputs(runtime, header: dict, binary: bytes, settings: Settings | None = None) -> list[RequestTensor]:
+    """Check the described inputs against the model and the request limits of ``settings``, then decode
+    their data (JSON or binary section)."""
     items = header.get("inputs")
     if not isinstance(items, list) or not items:
         raise ClientError("inference request needs a non-empty 'inputs' list")
@@ -102,7 +113,7 @@ def parse_inputs(runtime, header: dict, binary: bytes) -> list[RequestTensor]:
         name = item["name"]
         tensors.append(RequestTensor(name, item.get("datatype"), item.get("shape")))
         sources.append((item, parameters_of(item, f"input {name!r}")))
-    kserve.check_header(runtime, tensors)
+    kserve.check_header(runtime, tensors, settings)
     offset = 0
     for t, (item, params) in zip(tensors, sources, strict=True):
         size = params.get("binary_data_size")
@@ -158,6 +169,11 @@ def infer_response(runtime, header: dict, outputs: dict[str, np.ndarray], binary
             entry["parameters"] = {"binary_data_size": len(data)}
             raw.append(data)
         else:
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                # JSON has no NaN or Infinity; a strict client could not parse the reply. Finite inputs can still
+                # overflow inside a model (e.g. values near the float32 maximum).
+                raise ClientError(f"output {name!r} of model {runtime.name!r} has NaN or infinite values, which JSON "
+                                  "cannot carry: send smaller inputs, or ask for it with parameters.binary_data=true")
             entry["data"] = array.ravel().tolist()
         described.append(entry)
     body = {"model_name": runtime.name, "model_version": runtime.version, "outputs": described}
@@ -206,7 +222,7 @@ def create_app(get_repository: Callable[[], Repository], prefix: str = "",
         repo = get_repository()
         runtime = kserve.get_model(repo, p["name"], p.get("version", ""))
         header, binary = split_body(request, await read_body(request, max_request_bytes))
-        tensors = parse_inputs(runtime, header, binary)
+        tensors = parse_inputs(runtime, header, binary, repo.settings)
         names, binary_outputs = parse_outputs(runtime, header)
         outputs = await kserve.infer(repo, runtime, tensors, names)
         return infer_response(runtime, header, outputs, binary_outputs)
@@ -235,6 +251,15 @@ def create_app(get_repository: Callable[[], Repository], prefix: str = "",
         routes += [Route(base, model_metadata, methods=["GET"]),
                    Route(base + "/ready", model_ready, methods=["GET"]),
                    Route(base + "/infer", model_infer, methods=["POST"])]
+    async def no_route(request: Request) -> Response:
+        # Any other path under the prefix (e.g. a model name holding '/') gets a JSON error as every /v2 route
+        # does, not the plain-text 404 of the app behind: 405 when a route has this path for another method.
+        if any(route.path_regex.match(request.url.path) for route in routes[:-1]):
+            return error(ClientError(f"{request.method} is not allowed on {request.url.path}"), 405)
+        return error(ClientError(f"no KServe v2 route {request.method} {request.url.path}"), 404)
+
+    routes.append(Route(prefix + "/{path:path}", no_route,
+                        methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]))
     # Exception (a server fault) goes last: Starlette answers it and then re-raises it so it gets logged.
     handlers = {cls: expected_failure for cls in kserve.EXPECTED_FAILURES}
     return Starlette(routes=routes, exception_handlers={**handlers, HTTPException: http_error, Exception: server_error})

@@ -50,9 +50,10 @@ PATHS = {
             "type": "object", "additionalProperties": False, "required": ["prompt"], "properties": {
                 "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS},
                 "max_new_chars": {"type": "integer", "minimum": 1, "maximum": MAX_NEW_CHARS, "default": 200},
-                "temperature": {"type": "number", "exclusiveMinimum": 0, "default": 1.0},
-                "top_k": {"type": ["integer", "null"], "minimum": 1, "default": None},
-                "seed": {"type": ["integer", "null"], "minimum": 0, "default": None},
+                # OpenAPI 3.0 (BentoML's document): exclusiveMinimum is a flag on minimum, null is `nullable`.
+                "temperature": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "default": 1.0},
+                "top_k": {"type": "integer", "nullable": True, "minimum": 1, "default": None},
+                "seed": {"type": "integer", "nullable": True, "minimum": 0, "default": None},
                 "model": {"type": "string", "default": "char_lstm", "description": "char_lstm or char_gru"},
                 "stream": {"type": "boolean", "default": False}}}}}},
         "responses": {"200": {"description": "`{model, text, seed, timings_ms}`, or the stream",

@@ -9,6 +9,7 @@ readiness routes) while the others serve. All front ends (REST, KServe v2 REST a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -64,7 +65,8 @@ class Repository:
         runtime.warmup(sizes)
         if runtime.is_image:  # Pillow loads its decoders on first use: not on a client's request
             images.preprocess_upload(images.blank_png(), runtime.metadata["preprocessing"])
-        self.batchers[name] = DynamicBatcher(name, runtime.run, runtime.adapter.batch_axis, self.batching,
+        batching = dataclasses.replace(self.batching, max_queue_delay_s=self.settings.queue_delay_ms(name) / 1e3)
+        self.batchers[name] = DynamicBatcher(name, runtime.run, runtime.adapter.batch_axis, batching,
                                              on_batch=functools.partial(metrics.observe_batch, runtime, "dynamic"))
         if runtime.kind == "char_lm":
             self.generators[name] = ContinuousBatcher(

@@ -150,9 +150,11 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
         try:
             body = await read_limited(request, MAX_JSON_BYTES)
             try:
-                job = GenerationRequest.from_dict(json.loads(body))
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                parsed = json.loads(body)
+            # ValueError: also an integer of over 4300 digits (Python's int parsing limit), not only JSONDecodeError
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:
                 raise ClientError(f"the body must be a JSON object ({type(e).__name__}: {str(e)[:200]})") from e
+            job = GenerationRequest.from_dict(parsed)
             if not isinstance(job.model, str):
                 raise ClientError(f"model must be a string, got {type(job.model).__name__}")
             repository = get_repository()

@@ -39,6 +39,8 @@ class Settings:
     max_upload_bytes: int = 10 << 20
     max_image_pixels: int = 4096 * 4096
     kserve_max_request_bytes: int = 64 << 20
+    max_request_items: int = 16384  # KServe v2: batch-axis items per request, every model (service/kserve.py)
+    max_request_tokens: int = 16384  # KServe v2, text models: items x sequence length per request
     # Network and logs
     grpc_port: int = 8001
     grpc_host: str = ""  # "" = the address the HTTP server listens on (bentoml serve --host)
@@ -51,6 +53,11 @@ class Settings:
     trt_fp16: bool = False
     # Store tag served under each model name (NNSERVE_<NAME>_TAG), e.g. lenet5-int8:latest
     model_tags: Mapping[str, str] = field(default_factory=lambda: {n: f"{n}:latest" for n in DEFAULT_MODELS})
+    # Per-model max_queue_delay_ms (NNSERVE_<NAME>_MAX_QUEUE_DELAY_MS), as Triton configures it per model;
+    # models not named use NNSERVE_MAX_QUEUE_DELAY_MS.
+    model_queue_delays_ms: Mapping[str, float] = field(default_factory=dict)
+
+    PER_MODEL = ("model_tags", "model_queue_delays_ms")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -59,38 +66,48 @@ class Settings:
         env = os.environ if environ is None else environ
         values: dict = {}
         for f in fields(cls):
-            if f.name == "model_tags":
+            if f.name in cls.PER_MODEL:
                 continue
             key = f"NNSERVE_{f.name.upper()}"
             if key in env:
                 values[f.name] = _parse(key, env[key], type(getattr(cls(), f.name)))
         values["model_tags"] = {n: env.get(f"NNSERVE_{n.upper()}_TAG", f"{n}:latest") for n in DEFAULT_MODELS}
+        values["model_queue_delays_ms"] = {n: _parse(key, env[key], float) for n in DEFAULT_MODELS
+                                           if (key := f"NNSERVE_{n.upper()}_MAX_QUEUE_DELAY_MS") in env}
         settings = cls(**values)
         settings.validate()
         return settings
 
     def validate(self) -> None:
         positive = ("workers", "max_batch_size", "max_queue_size", "generation_batch_size", "max_upload_bytes",
-                    "max_concurrent_requests",
-                    "max_image_pixels", "kserve_max_request_bytes", "drain_timeout_s")
+                    "max_concurrent_requests", "max_image_pixels", "kserve_max_request_bytes", "max_request_items",
+                    "max_request_tokens", "drain_timeout_s")
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"NNSERVE_{name.upper()} must be >= 1, got {getattr(self, name)}")
         for name in ("intra_op_threads", "max_queue_delay_ms", "queue_timeout_ms", "stream_flush_ms"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"NNSERVE_{name.upper()} must be >= 0, got {getattr(self, name)}")
+        for model, delay in self.model_queue_delays_ms.items():
+            if delay < 0:
+                raise SettingsError(f"NNSERVE_{model.upper()}_MAX_QUEUE_DELAY_MS must be >= 0, got {delay}")
         if any(not 1 <= size <= self.max_batch_size for size in self.preferred_batch_sizes):
             raise SettingsError(f"NNSERVE_PREFERRED_BATCH_SIZES must be in [1, NNSERVE_MAX_BATCH_SIZE="
                                 f"{self.max_batch_size}], got {list(self.preferred_batch_sizes)}")
-        if 0 < self.queue_timeout_ms <= self.max_queue_delay_ms:
-            raise SettingsError(f"NNSERVE_QUEUE_TIMEOUT_MS ({self.queue_timeout_ms}) must be larger than "
-                                f"NNSERVE_MAX_QUEUE_DELAY_MS ({self.max_queue_delay_ms}) or 0: a lone request would "
-                                "always time out waiting for company")
+        delays = {"NNSERVE_MAX_QUEUE_DELAY_MS": self.max_queue_delay_ms} | {
+            f"NNSERVE_{model.upper()}_MAX_QUEUE_DELAY_MS": delay for model, delay in self.model_queue_delays_ms.items()}
+        for key, delay in delays.items():
+            if 0 < self.queue_timeout_ms <= delay:
+                raise SettingsError(f"NNSERVE_QUEUE_TIMEOUT_MS ({self.queue_timeout_ms}) must be larger than "
+                                    f"{key} ({delay}) or 0: a lone request would always time out waiting for company")
         if not 1 <= self.grpc_port <= 65535:
             raise SettingsError(f"NNSERVE_GRPC_PORT must be a TCP port, got {self.grpc_port}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise SettingsError(f"NNSERVE_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, "
                                 f"got {self.log_level!r}")
+
+    def queue_delay_ms(self, model: str) -> float:
+        return self.model_queue_delays_ms.get(model, self.max_queue_delay_ms)
 
     def threads_per_session(self) -> int:
         """ONNX Runtime intra-op threads: as configured, else the cores shared among the workers."""
@@ -99,8 +116,10 @@ class Settings:
     def describe(self) -> str:
         """One line per setting, for the start-up log."""
         return "\n".join(f"  NNSERVE_{f.name.upper()} = {getattr(self, f.name)!r}" for f in fields(self)
-                         if f.name != "model_tags") + "".join(
-            f"\n  NNSERVE_{name.upper()}_TAG = {tag!r}" for name, tag in self.model_tags.items())
+                         if f.name not in self.PER_MODEL) + "".join(
+            f"\n  NNSERVE_{name.upper()}_TAG = {tag!r}" for name, tag in self.model_tags.items()) + "".join(
+            f"\n  NNSERVE_{name.upper()}_MAX_QUEUE_DELAY_MS = {delay!r}"
+            for name, delay in self.model_queue_delays_ms.items())
 
 
 def _parse(key: str, raw: str, kind: type):

@@ -7,6 +7,7 @@ python-multipart (Starlette's own parser); every framing problem is a 400 naming
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from python_multipart.exceptions import MultipartParseError
@@ -14,6 +15,10 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from service.errors import ClientError, PayloadTooLarge, UnsupportedMedia
+
+# python-multipart logs every framing error it raises at WARNING; we turn each into a 400 that the front end
+# logs at DEBUG, so its own line would be a second, louder log line per client mistake.
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 MAX_PARTS = 16  # a form has a handful of fields; more is a mistake or an attack
 MAX_HEADER_BYTES = 4096  # one part's headers (Content-Disposition with its filename, Content-Type)
@@ -43,7 +48,10 @@ class Part:
 
 def parse_multipart(body: bytes, content_type: str) -> dict[str, Part]:
     """``multipart/form-data`` body -> {field name: Part}. A field given twice is an error."""
-    media_type, params = parse_options_header(content_type)
+    try:
+        media_type, params = parse_options_header(content_type)
+    except UnicodeEncodeError as e:  # HTTP headers arrive latin-1 decoded; other callers may pass anything
+        raise UnsupportedMedia(f"the Content-Type {content_type[:100]!r} is not latin-1 text") from e
     if not body:
         raise ClientError("empty request body: expected multipart/form-data with the image file in field 'image' "
                           "(curl -F image=@digit.png ...)")

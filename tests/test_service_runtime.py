@@ -82,7 +82,9 @@ def test_warmup_sizes_cover_the_served_batch_shapes():
 def test_settings_from_the_environment_are_typed_and_validated():
     settings = Settings.from_env({"NNSERVE_WORKERS": "3", "NNSERVE_MAX_QUEUE_DELAY_MS": "2.5",
                                   "NNSERVE_PREFERRED_BATCH_SIZES": "4, 8", "NNSERVE_ACCESS_LOG": "true",
-                                  "NNSERVE_LENET5_TAG": "lenet5-int8:abc"})
+                                  "NNSERVE_LENET5_TAG": "lenet5-int8:abc", "NNSERVE_VGG_FC7_MAX_QUEUE_DELAY_MS": "4"})
+    assert (settings.queue_delay_ms("vgg_fc7"), settings.queue_delay_ms("lenet5")) == (4.0, 2.5)
+    assert "NNSERVE_VGG_FC7_MAX_QUEUE_DELAY_MS = 4.0" in settings.describe()
     assert (settings.workers, settings.max_queue_delay_ms, settings.preferred_batch_sizes) == (3, 2.5, (4, 8))
     assert settings.access_log is True and settings.model_tags["lenet5"] == "lenet5-int8:abc"
     assert settings.model_tags["vgg_fc7"] == "vgg_fc7:latest"
@@ -92,7 +94,9 @@ def test_settings_from_the_environment_are_typed_and_validated():
                        ({"NNSERVE_ACCESS_LOG": "maybe"}, "NNSERVE_ACCESS_LOG"),
                        ({"NNSERVE_PREFERRED_BATCH_SIZES": "64"}, "NNSERVE_PREFERRED_BATCH_SIZES"),
                        ({"NNSERVE_LOG_LEVEL": "LOUD"}, "NNSERVE_LOG_LEVEL"),
-                       ({"NNSERVE_MAX_QUEUE_DELAY_MS": "2000"}, "NNSERVE_QUEUE_TIMEOUT_MS")]:
+                       ({"NNSERVE_MAX_QUEUE_DELAY_MS": "2000"}, "NNSERVE_QUEUE_TIMEOUT_MS"),
+                       ({"NNSERVE_VGG_FC7_MAX_QUEUE_DELAY_MS": "-1"}, "NNSERVE_VGG_FC7_MAX_QUEUE_DELAY_MS"),
+                       ({"NNSERVE_VGG_FC7_MAX_QUEUE_DELAY_MS": "5000"}, "NNSERVE_VGG_FC7_MAX_QUEUE_DELAY_MS")]:
         with pytest.raises(SettingsError, match=words):
             Settings.from_env(env)
 
@@ -102,7 +106,8 @@ def test_every_setting_is_documented_in_one_table():
 
     documented = (Path(__file__).resolve().parent.parent / "docs" / "service.md").read_text()
     for f in fields(Settings):
-        name = "NNSERVE_<NAME>_TAG" if f.name == "model_tags" else f"NNSERVE_{f.name.upper()}"
+        name = {"model_tags": "NNSERVE_<NAME>_TAG", "model_queue_delays_ms": "NNSERVE_<NAME>_MAX_QUEUE_DELAY_MS"}.get(
+            f.name, f"NNSERVE_{f.name.upper()}")
         assert f"`{name}`" in documented, name
 
 
