@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-from loadtest.server import LiveServer, own_bentoml_home, running_server, worker_pids
+from loadtest.server import LiveServer, running_server, worker_pids
 
 PROBE_TIMEOUT_S = 5.0  # a health probe that takes longer counts as not answered
 # BentoML logs this once per worker when its start-up hook (ours waits for the models) is done; from then
@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated subset of kill,sigterm,bound,corrupt")
     parser.add_argument("--out", type=Path, help="also write the JSON report here")
     args = parser.parse_args(argv)
-    store = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml")) / "models"
+    home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
+    store = home / "models"
     work = Path(tempfile.mkdtemp(prefix="nnserve-faults-"))
 
     def say(what: str) -> None:
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     image = digit_png()
     report: dict = {"store": str(store)}
     # A queue timeout long enough for streams waiting for the single decode slot of the SIGTERM runs.
-    env = {"BENTOML_HOME": str(own_bentoml_home(work / "home", store)), "NNSERVE_WORKERS": "2",
+    env = {"BENTOML_HOME": str(home), "NNSERVE_WORKERS": "2",
            "NNSERVE_QUEUE_TIMEOUT_MS": "60000"}
     scenarios = set(args.scenarios.split(","))
     if "kill" in scenarios:

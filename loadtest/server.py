@@ -54,18 +54,6 @@ class LiveServer:
         return self.process.poll() is None
 
 
-def own_bentoml_home(home: Path, models: Path) -> Path:
-    """A BENTOML_HOME for one more server that shares the model store ``models`` (a symlink to it).
-
-    Each server needs its own home: ``bentoml serve`` clears the Prometheus multiprocess directory under
-    BENTOML_HOME when it starts, which would wipe the metrics of a server already running on that home.
-    """
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "models").exists():
-        (home / "models").symlink_to(models)
-    return home
-
-
 def worker_pids(server: LiveServer) -> list[int]:
     """PIDs of the live worker processes: circus starts them as children of the arbiter. A killed worker
     stays a zombie child until the arbiter reaps it; it is not listed."""

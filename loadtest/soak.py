@@ -2,8 +2,7 @@
 every server process (the arbiter and each worker) is sampled once a second.
 
 ``python -m loadtest.soak --seconds 600`` (``make soak``) starts the server on the models of the store in
-BENTOML_HOME (its own BENTOML_HOME sharing that store, so a running server's metrics are left alone),
-runs the load, writes a CSV of the samples, a PNG plot of RSS over time per process and a JSON summary,
+BENTOML_HOME, runs the load, writes a CSV of the samples, a PNG plot of RSS over time per process and a JSON summary,
 and exits 1 if a worker grew past the bound (``--bound-mib``) after the warm-up. ``tests/test_soak.py``
 runs the same for seconds on the tiny models.
 
@@ -34,7 +33,7 @@ import numpy as np
 import psutil
 import requests
 
-from loadtest.server import LiveServer, own_bentoml_home, running_server
+from loadtest.server import LiveServer, running_server
 
 MIB = 1 << 20
 # Chosen from measurements (docs/reliability.md): after the warm-up a worker's RSS grew at most 0.3 MiB
@@ -293,9 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, help="the PNG (default: OUT/soak-rss.png)")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
-    store = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml")) / "models"
+    home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
+    store = home / "models"
     work = Path(tempfile.mkdtemp(prefix="nnserve-soak-"))
-    env = {"BENTOML_HOME": str(own_bentoml_home(work / "home", store)), "NNSERVE_WORKERS": str(args.workers)}
+    env = {"BENTOML_HOME": str(home), "NNSERVE_WORKERS": str(args.workers)}
     print(f"[soak] serving the models of {store}; server log {work / 'server.log'}", file=sys.stderr, flush=True)
     with running_server(work / "server.log", env) as server:
         summary = soak(server, args.seconds, args.warmup, args.bound_mib, args.out, args.plot)

@@ -67,16 +67,14 @@ def tiny_store(tiny_artifacts: dict[str, Path], session_dir: Path) -> dict[str, 
 def own_server(tiny_store: dict[str, str], session_dir: Path):
     """Start one more real server for a test: ``with own_server("name", {"NNSERVE_...": ...}) as live:``.
 
-    It serves the tiny_store models (``env`` may override any tag) on free ports, with its own
-    BENTOML_HOME sharing the session's model store (see loadtest.server.own_bentoml_home), so starting it
-    leaves the session server's metrics alone; log in ``<session_dir>/<name>-server.log``."""
-    from loadtest.server import own_bentoml_home, running_server
+    It serves the tiny_store models (``env`` may override any tag) on free ports from the session's
+    store; log in ``<session_dir>/<name>-server.log``."""
+    from loadtest.server import running_server
 
     @contextlib.contextmanager
     def start(name: str, env: dict[str, str] | None = None, ready_path: str = "/readyz"):
-        home = own_bentoml_home(session_dir / f"{name}-home", Path(os.environ["BENTOML_HOME"]) / "models")
         tags = {f"NNSERVE_{kind.upper()}_TAG": tag for kind, tag in tiny_store.items()}
-        full_env = {"BENTOML_HOME": str(home), **tags, **(env or {})}
+        full_env = {"BENTOML_HOME": os.environ["BENTOML_HOME"], **tags, **(env or {})}
         with running_server(session_dir / f"{name}-server.log", full_env, ready_path) as live:
             yield live
 

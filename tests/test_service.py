@@ -347,6 +347,21 @@ def test_metrics_cover_requests_latency_batches_and_generation(url, digits, tiny
                for n, items in after), live_server.log()
 
 
+def test_a_second_server_on_the_same_home_leaves_the_metrics_alone(url, digits, tiny_store, own_server):
+    """Two servers on one BENTOML_HOME (replicas on a host): starting the second must not wipe the first's
+    Prometheus files (BentoML empties one shared directory per home; service/bentoml_fixes.py)."""
+    lenet5 = dict(endpoint="classify", outcome="ok", model="lenet5", version=tiny_store["lenet5"].split(":")[1])
+    assert classify(url, png(digits[0][4])).status_code == 200
+    before = metric(scrape(url), "nnserve_requests_total", **lenet5)
+    assert before >= 1
+    with own_server("second-on-home", {"NNSERVE_WORKERS": "1"}) as second:
+        assert classify(second.http_url, png(digits[0][4])).status_code == 200
+        assert metric(scrape(second.http_url), "nnserve_requests_total", **lenet5) == 1
+        assert metric(scrape(url), "nnserve_requests_total", **lenet5) == before
+    assert classify(url, png(digits[0][4])).status_code == 200
+    assert metric(scrape(url), "nnserve_requests_total", **lenet5) == before + 1
+
+
 def test_grpc_inference_shares_the_batcher_and_the_metrics(url, live_server, tiny_store):
     """A KServe v2 gRPC call on an image model goes through the model's dynamic batcher and is counted
     per model under endpoint "v2", like the REST front ends."""
