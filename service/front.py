@@ -17,6 +17,7 @@ than the model (docs/bench.md measures the difference), and nnserve keeps its ow
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
@@ -79,7 +80,7 @@ class FrontDoor:
 async def counted(app: ASGIApp, route: str, scope: dict, receive: Callable, send: Callable) -> None:
     """Run ``app`` and count its response by status (nnserve_http_responses_total): BentoML's HTTP metrics
     no longer see these routes."""
-    status = 500  # no response started: the app failed
+    status = None  # no response started yet
 
     async def send_and_note(message: dict) -> None:
         nonlocal status
@@ -89,8 +90,16 @@ async def counted(app: ASGIApp, route: str, scope: dict, receive: Callable, send
 
     try:
         await app(scope, receive, send_and_note)
+    except asyncio.CancelledError:
+        # uvicorn cancels what still runs once the drain bound (NNSERVE_DRAIN_TIMEOUT_S) has passed after
+        # SIGTERM. A request whose answer has not started gets a 503 it can retry on another replica
+        # instead of uvicorn's plain 500; the task ends here either way. A started answer is cut.
+        if status is not None:
+            raise
+        status = 503
+        await respond(send, 503, {"error": "server shutting down; retry on another replica"}, retry_after=1)
     finally:
-        metrics.count_response(route, status)
+        metrics.count_response(route, 500 if status is None else status)
 
 
 async def respond(send: Callable, status: int, body: dict, retry_after: int | None = None) -> None:
