@@ -1,6 +1,7 @@
 """Fault scenarios against a real ``bentoml serve``: a worker killed under load, a model that cannot load,
-SIGTERM with streams in flight. ``tests/test_faults.py`` asserts on what they return; ``python -m
-loadtest.faults`` runs them on the store's models and prints the figures of docs/reliability.md as JSON.
+SIGTERM with streams in flight, large bodies past the limits. ``tests/test_faults.py`` asserts on what
+they return; ``python -m loadtest.faults`` runs them on the store's models and prints the figures of
+docs/reliability.md as JSON.
 
 Every client is a Python thread with ``requests``, only to 127.0.0.1, bounded in time.
 """
@@ -300,14 +301,73 @@ def sigterm_with_streams(server: LiveServer, streams: int, max_new_chars: int, e
             "exit_s": None if exit_s is None else round(exit_s, 2), "returncode": server.process.returncode}
 
 
+def large_bodies(server: LiveServer, rounds: int, sizes_mib: tuple[int, ...] = (40, 48, 56, 64)) -> dict:
+    """Bodies of ``sizes_mib`` sent past each route's limit, with Content-Length and chunked: every one
+    must get 413 and none may stay in a worker's memory. RSS of every worker after one warm-up round and
+    after ``rounds`` more (each round: every size x every request below)."""
+    import psutil
+
+    url = server.http_url
+    boundary = "nnserve-large-body"
+    # Starts like a real upload; the limit (10 MiB) is passed long before the part ends.
+    form_head = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+                 "Content-Type: image/png\r\n\r\n").encode()
+    kinds = {
+        "classify": ("/classify", {"Content-Type": f"multipart/form-data; boundary={boundary}"}, form_head),
+        "generate": ("/generate", {"Content-Type": "application/json"}, b'{"prompt": "'),
+        "v2": ("/v2/models/lenet5/infer", {"Content-Type": "application/json"}, b'{"inputs": [{"data": ['),
+    }
+    v2_oversize = 8 << 20  # /v2 takes up to 64 MiB: its bodies are made that much larger than the size
+
+    def send(path: str, headers: dict, head: bytes, size: int, chunked: bool) -> int | str:
+        filler = b"7" * (1 << 20)
+
+        def chunks():
+            yield head
+            for _ in range(size >> 20):
+                yield filler
+        try:
+            data = chunks() if chunked else head + filler * (size >> 20)
+            return requests.post(url + path, data=data, headers=headers, timeout=120).status_code
+        except requests.RequestException as e:  # the server may close while we are still sending
+            return type(e).__name__
+
+    def one_round() -> dict[str, int]:
+        statuses: dict[str, int] = {}
+        for size in sizes_mib:
+            for kind, (path, headers, head) in kinds.items():
+                nbytes = (size << 20) + (v2_oversize if kind == "v2" else 0)
+                for chunked in (False, True):
+                    status = send(path, headers, head, nbytes, chunked)
+                    key = f"{kind} {'chunked' if chunked else 'content-length'} {status}"
+                    statuses[key] = statuses.get(key, 0) + 1
+        return statuses
+
+    def rss() -> dict[int, float]:
+        return {pid: round(psutil.Process(pid).memory_info().rss / 2**20, 1) for pid in worker_pids(server)}
+
+    first = one_round()
+    before = rss()
+    statuses: dict[str, int] = dict(first)
+    for _ in range(rounds):
+        for key, n in one_round().items():
+            statuses[key] = statuses.get(key, 0) + n
+    after = rss()
+    return {"sizes_mib": list(sizes_mib), "rounds": rounds, "requests": sum(statuses.values()),
+            "mib_sent": sum(sizes_mib) * len(kinds) * 2 * (rounds + 1), "statuses": statuses,
+            "rss_mib_before": before, "rss_mib_after": after,
+            "growth_mib": {pid: round(after[pid] - before[pid], 1) for pid in before if pid in after}}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Every scenario on the models of the store in BENTOML_HOME (default ~/bentoml); JSON on stdout."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=4, help="/classify client threads in the kill run")
     parser.add_argument("--streams", type=int, default=6, help="streams open at SIGTERM")
     parser.add_argument("--kills", type=int, default=3, help="workers killed one after the other (same server)")
-    parser.add_argument("--scenarios", default="kill,sigterm,bound,corrupt",
-                        help="comma-separated subset of kill,sigterm,bound,corrupt")
+    parser.add_argument("--scenarios", default="kill,sigterm,bound,large,corrupt",
+                        help="comma-separated subset of kill,sigterm,bound,large,corrupt")
+    parser.add_argument("--large-rounds", type=int, default=10, help="rounds of large bodies (each: 24 bodies)")
     parser.add_argument("--out", type=Path, help="also write the JSON report here")
     args = parser.parse_args(argv)
     home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
@@ -338,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         with running_server(work / "sigterm-bound.log", {**env, "NNSERVE_GENERATION_BATCH_SIZE": "1",
                                                           "NNSERVE_DRAIN_TIMEOUT_S": "1"}) as server:
             report["sigterm_bound_1s"] = sigterm_with_streams(server, args.streams, 2000, exit_bound_s=120)
+    if "large" in scenarios:
+        say(f"large bodies past the limits, {args.large_rounds + 1} rounds")
+        with running_server(work / "large.log", env) as server:
+            report["large_bodies"] = large_bodies(server, args.large_rounds)
     if "corrupt" not in scenarios:
         return finish(report, args.out, work)
     say("truncated lenet5 (in a scratch store beside the real one)")

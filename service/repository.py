@@ -117,8 +117,15 @@ class Repository:
         return model
 
     def describe(self) -> list[dict]:
-        return [self.models[n].describe() | {"state": "ready"} if n in self.models
+        return [self.models[n].describe() | {"state": "ready", "batching": self._batching_of(n)} if n in self.models
                 else {"name": n, "state": self.state(n), "reason": self.failures.get(n)} for n in self._names]
+
+    def _batching_of(self, name: str) -> dict:
+        """The dynamic batcher's configuration, in the units of its settings (Triton shows its own per model)."""
+        c = self.batchers[name].config
+        return {"max_batch_size": c.max_batch_size, "max_queue_delay_ms": c.max_queue_delay_s * 1e3,
+                "preferred_batch_sizes": list(c.preferred_batch_sizes), "max_queue_size": c.max_queue_size,
+                "queue_timeout_ms": c.queue_timeout_s * 1e3}
 
     async def run(self, name: str, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], BatchStats]:
         """Checked inputs through the model's dynamic batcher."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 from loadtest.bench.overload import OverloadResult
-from loadtest.bench.stacks import CLASSIFY, FEATURES, NNSERVE, StackRun
+from loadtest.bench.stacks import CLASSIFY, FEATURES, NNSERVE, V2, StackRun
 from loadtest.bench.targets import evaluate
 from loadtest.bench.wrk import WrkResult
 
@@ -33,6 +33,10 @@ def test_ratios_against_the_baselines():
     assert v["/classify 32 clients p95 <= 50 ms"] == "**MISSED**"
     assert v["/features 32 clients throughput >= 3x FastAPI"] == "**MISSED**"  # 2.5x
     assert v["/v2 lenet5 32 clients throughput >= 1.5x MLServer"] == "not measured"
+    v2 = [run(NNSERVE, V2, 32, 1200, 25.0, 50.0), run("mlserver", V2, 32, 850, 37.0, 60.0)]
+    assert verdicts(runs=v2)["/v2 lenet5 32 clients throughput >= 1.5x MLServer"] == "**MISSED**"  # 1.41x
+    v2[1] = run("mlserver", V2, 32, 800, 37.0, 60.0)
+    assert verdicts(runs=v2)["/v2 lenet5 32 clients throughput >= 1.5x MLServer"] == "met"
 
 
 def test_overload_rules():

@@ -1,5 +1,6 @@
-"""Faults against real servers (each test starts its own: tiny models, 2 workers, its own BENTOML_HOME):
-a worker SIGKILLed under load, a model whose ONNX file is truncated, SIGTERM with streams in flight.
+"""Faults against real servers (each test starts its own on the session store, tiny models, 2 workers):
+a worker SIGKILLed under load, a model whose ONNX file is truncated, SIGTERM with streams in flight, bodies
+of 40-64 MiB past every limit.
 
 The scenarios live in loadtest/faults.py (``python -m loadtest.faults`` measures the same on the real
 models for docs/reliability.md). No timing is asserted: times are recorded in the report, which a
@@ -15,6 +16,7 @@ from loadtest.faults import (
     corrupt_model_report,
     digit_png,
     kill_worker_under_load,
+    large_bodies,
     sigterm_with_streams,
     truncated_copy,
 )
@@ -108,3 +110,15 @@ def test_sigterm_cuts_streams_past_the_drain_bound(own_server):
     # answered 503 (retry elsewhere), not uvicorn's 500.
     assert report["complete"] < 6, why
     assert all(s["status"] in (200, 503) for s in report["streams"]), why
+
+
+def test_large_bodies_are_refused_without_being_kept(own_server):
+    """40-64 MiB bodies to /classify, /generate and /v2 (past each limit), with Content-Length and chunked:
+    all 413, and the worker's memory does not keep them (the issue saw +105 MiB kept after such a run).
+    32 MiB of slack: well under one body, far over allocator noise (measured: docs/reliability.md)."""
+    with own_server("faults-large", {"NNSERVE_WORKERS": "1"}) as server:
+        report = large_bodies(server, rounds=2)
+    why = json.dumps(report, indent=1)
+    assert set(report["statuses"]) == {f"{kind} {how} 413" for kind in ("classify", "generate", "v2")
+                                       for how in ("content-length", "chunked")}, why
+    assert report["growth_mib"] and all(g < 32 for g in report["growth_mib"].values()), why

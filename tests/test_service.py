@@ -100,6 +100,10 @@ def test_models_lists_every_model_with_its_provider(url, tiny_store):
         assert model["providers"][-1] == "CPUExecutionProvider"
     assert models["lenet5"]["labels"] == [str(i) for i in range(10)]
     assert models["char_gru"]["vocab_size"] == len(store_entry(tiny_store["char_gru"]).info.metadata["vocab"])
+    # The batcher's configuration, as the settings make it (defaults; live_server sets the queue timeout).
+    assert models["lenet5"]["batching"] == {"max_batch_size": 32, "max_queue_delay_ms": 0.0,
+                                            "preferred_batch_sizes": [], "max_queue_size": 128,
+                                            "queue_timeout_ms": 60000.0}
 
 
 def test_openapi_documents_the_endpoints(url):

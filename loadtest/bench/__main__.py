@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baselines", type=lambda s: [b for b in s.split(",") if b], default=["bentoml", "litserve",
                                                                                             "fastapi"],
                    help="baseline servers to measure, comma-separated (loadtest/baselines)")
+    p.add_argument("--mlserver-url", help="an MLServer started by hand serving lenet5 (python -m "
+                   "loadtest.baselines.mlserver): its /v2/models/lenet5/infer measured beside nnserve's")
     p.add_argument("--streams", type=int_list, default=[1, 16], help="concurrent /generate streams, comma-separated")
     p.add_argument("--generate-chars", type=int, default=200, help="characters per /generate request")
     p.add_argument("--step-loop-steps", type=int, default=500, help="decode steps per step-loop measurement")
@@ -142,6 +144,18 @@ def run_baselines(args: argparse.Namespace, workdir: Path, r: Results) -> None:
     r.labels.update({name: BASELINES[name][0] for name in args.baselines})
 
 
+def run_mlserver(args: argparse.Namespace, workdir: Path, r: Results) -> None:
+    """The /v2 rows on an MLServer already running (its own venv: loadtest/baselines/mlserver)."""
+    from loadtest.bench import stacks
+
+    files, _, _ = lenet5_inputs(workdir, r.tags.get("lenet5", "lenet5:latest"))
+    log(f"MLServer at {args.mlserver_url} (started by hand)")
+    found, r.answers["mlserver"] = stacks.measure("mlserver", args.mlserver_url.rstrip("/"), (stacks.V2,), files,
+                                                  args.connections, args.duration)
+    r.runs += found
+    r.labels["mlserver"] = "MLServer (custom ONNX runtime, started by hand)"
+
+
 def main(argv: list[str] | None = None) -> int:
     from loadtest.bench import generate, inprocess, targets
     from loadtest.bench.plots import plot
@@ -170,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             run_nnserve(args, env, workdir, r)
         if "baselines" not in args.skip and args.baselines:
             run_baselines(args, workdir, r)
+        if args.mlserver_url:
+            run_mlserver(args, workdir, r)
     batch_ms, delay = None, env.get("NNSERVE_MAX_QUEUE_DELAY_MS") or find_setting(r.settings, "max_queue_delay")
     if r.overload:
         max_batch = int(env.get("NNSERVE_MAX_BATCH_SIZE") or find_setting(r.settings, "max_batch_size") or 32)
@@ -177,6 +193,17 @@ def main(argv: list[str] | None = None) -> int:
         r.target_notes.append(f"batch time in the overload bound: lenet5 ORT at batch {max_batch} "
                               f"({args.threads} threads, in process), median {batch_ms:.2f} ms; max_queue_delay "
                               f"{f'{delay} ms' if delay is not None else 'unknown'}")
+    if r.overload:
+        o = r.overload
+        answers_per_s = sum(len(v) for v in o.latencies_ms.values()) / o.seconds
+        if answers_per_s:
+            # Little's law for a closed loop: whatever the server does, clients / rate is the mean time a
+            # request spends between its client and the answer, queued sockets included.
+            r.target_notes.append(
+                f"overload at the client: {o.clients} closed-loop clients got {answers_per_s:,.0f} answers/s in all, "
+                f"so by Little's law a request spent {o.clients / answers_per_s * 1e3:,.0f} ms on average between "
+                "its client and its answer, mostly queued in socket buffers before the server read it; the "
+                "client's own CPU time shares the same cores")
     levels = sorted(args.connections)
     r.targets = targets.evaluate(r.runs, levels[0], levels[-1], r.generate, r.step_limits, r.overload,
                                  as_float(delay), batch_ms, r.recovery)

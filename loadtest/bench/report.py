@@ -58,9 +58,10 @@ Notes on method:
 - The step-loop limit calls `service.generation.measure_step_loop(runtime, batch_size, steps)`;
   `--skip-step-loop` leaves it out.
 - wrk counts answers with status >= 400 as errors (`status_errors`); no server here answers 3xx.
-- MLServer is not part of the bench: MLServer 1.7.1 pins fastapi < 0.116, which conflicts with the `bench`
-  extra, and it has no ONNX runtime of its own (it needs a custom `MLModel`). The `/v2` target against it
-  reads "not measured".
+- MLServer is measured only when `--mlserver-url` names one started by hand: MLServer 1.7.1 pins
+  fastapi < 0.116, which conflicts with the `bench` extra, so it needs its own venv, and it has no ONNX
+  runtime of its own (`loadtest/baselines/mlserver/`: the custom `MLModel`, and the commands in its
+  `__main__.py`). Without it the `/v2` target reads "not measured".
 - uvicorn[standard] (the `bench` extra) brings uvloop and httptools, which uvicorn picks by default: after
   `make bench`, every server in the bench, nnserve and BentoML's included, runs on the same HTTP stack (the
   versions are listed above).

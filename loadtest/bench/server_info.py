@@ -19,9 +19,13 @@ def served_models(url: str) -> tuple[list[str], dict[str, str]]:
 
 
 def server_settings(url: str, env: dict[str, str]) -> dict[str, str]:
-    """The settings the server reports beside its models in ``GET /models`` (if it does), and the
-    NNSERVE_* variables the bench passed it."""
-    reported = {k: json.dumps(v) for k, v in get_json(url + "/models").items() if k != "models"}
+    """The settings the server reports in ``GET /models`` (lenet5's batching: the model every wrk row and
+    the overload run load), and the NNSERVE_* variables the bench passed it."""
+    listing = get_json(url + "/models")
+    reported = {k: json.dumps(v) for k, v in listing.items() if k != "models"}
+    for model in listing.get("models", []):
+        if model.get("name") == "lenet5" and "batching" in model:
+            reported["lenet5 batching"] = json.dumps(model["batching"])
     return {**reported, **{k: v for k, v in env.items() if k.startswith("NNSERVE_")}}
 
 
