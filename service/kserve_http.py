@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
+import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -62,8 +63,23 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return body
 
 
-def split_body(request: Request, body: bytes) -> tuple[dict, bytes]:
-    """JSON inference header and the binary tensor section that follows it (may be empty)."""
+def parse_json(data: bytes, exact: bool = False) -> object:
+    """orjson: ~10x faster than the standard library on the number arrays of a v2 body (measured: 59 vs
+    591 us for a 1x1x32x32 FP32 tensor). But orjson refuses some JSON the standard library reads (NaN,
+    1e400, nesting past 1024 levels) and reads integers past 64 bits as floats, while the validation and
+    its messages are written for the standard library's results. So what orjson refuses goes to the
+    standard library, and so does, with ``exact``, a request being re-read to explain its error."""
+    if not exact:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
+
+
+def split_body(request: Request, body: bytes, exact: bool = False) -> tuple[dict, bytes]:
+    """JSON inference header and the binary tensor section that follows it (may be empty); ``exact``: see
+    parse_json."""
     raw_length = request.headers.get(HEADER_LENGTH)
     if raw_length is None:
         header_bytes, binary = body, b""
@@ -76,7 +92,7 @@ def split_body(request: Request, body: bytes) -> tuple[dict, bytes]:
     if not header_bytes:
         raise ClientError("empty request body; expected a JSON inference request with 'inputs'")
     try:
-        header = json.loads(header_bytes)
+        header = parse_json(header_bytes, exact)
     # RecursionError: arrays nested deeper than the parser's stack; ValueError: also an integer of over
     # 4300 digits (Python's int parsing limit), not only JSONDecodeError.
     except RecursionError as e:
@@ -221,8 +237,13 @@ def create_app(get_repository: Callable[[], Repository], prefix: str = "",
         p = request.path_params
         repo = get_repository()
         runtime = kserve.get_model(repo, p["name"], p.get("version", ""))
-        header, binary = split_body(request, await read_body(request, max_request_bytes))
-        tensors = parse_inputs(runtime, header, binary, repo.settings)
+        body = await read_body(request, max_request_bytes)
+        header, binary = split_body(request, body)
+        try:
+            tensors = parse_inputs(runtime, header, binary, repo.settings)
+        except ClientError:  # say what is wrong as the standard library reads it (parse_json)
+            header, binary = split_body(request, body, exact=True)
+            tensors = parse_inputs(runtime, header, binary, repo.settings)
         names, binary_outputs = parse_outputs(runtime, header)
         outputs = await kserve.infer(repo, runtime, tensors, names)
         return infer_response(runtime, header, outputs, binary_outputs)
