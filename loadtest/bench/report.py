@@ -55,7 +55,8 @@ What each part measures:
 
 Notes on method:
 
-- The step-loop limit calls `service.generation.measure_step_loop(runtime, batch_size, steps)`;
+- The step-loop limit calls `service.generation.measure_step_loop(runtime, batch_size, steps)` three times
+  per batch size and reports the best (the runs are in the bench's log);
   `--skip-step-loop` leaves it out.
 - wrk counts answers with status >= 400 as errors (`status_errors`); no server here answers 3xx.
 - MLServer is measured only when `--mlserver-url` names one started by hand: MLServer 1.7.1 pins
