@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 from loadtest.bench.overload import OverloadResult
+from loadtest.bench.recovery import recovery_time
 from loadtest.bench.stacks import CLASSIFY, FEATURES, NNSERVE, V2, StackRun
 from loadtest.bench.targets import evaluate
 from loadtest.bench.wrk import WrkResult
@@ -75,3 +76,15 @@ def test_histogram_quantile_bound_is_the_upper_bound_of_its_bucket():
 
     h = Histogram({0.001: 90.0, 0.005: 99.0, 0.01: 100.0, float("inf"): 100.0}, total=0.2, count=100.0)
     assert h.quantile_bound(0.5) == 0.001 and h.quantile_bound(0.99) == 0.005 and h.quantile_bound(1.0) == 0.01
+
+
+def test_recovery_is_where_the_median_of_a_run_of_requests_is_back_under_the_threshold():
+    fast = [(0.01 * i, 1.0) for i in range(40)]
+    assert recovery_time(fast, 2.0) == (0.0, True)
+    lone = [(s, 9.0 if i == 20 else ms) for i, (s, ms) in enumerate(fast)]  # one outlier: not a slow period
+    assert recovery_time(lone, 2.0) == (0.0, True)
+    slow_start = [(s, 5.0 if i < 12 else ms) for i, (s, ms) in enumerate(fast)]  # the first 12 slow
+    seconds, recovered = recovery_time(slow_start, 2.0)
+    assert recovered and 0.11 < seconds < 0.2
+    slow_end = [(s, 5.0 if i >= 30 else ms) for i, (s, ms) in enumerate(fast)]
+    assert recovery_time(slow_end, 2.0)[1] is False

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from loadtest.bench.common import fmt, percentile
 from loadtest.bench.inprocess import REFERENCE, Case
 from loadtest.bench.overload import OverloadResult
-from loadtest.bench.recovery import RecoveryResult
+from loadtest.bench.recovery import WINDOW, RecoveryResult
 from loadtest.bench.stacks import StackRun
 from loadtest.bench.targets import Target
 from loadtest.locust_runner import BUDGETS
@@ -231,9 +231,12 @@ def recovery_section(r: Results) -> list[str]:
              f"One KServe v2 request with {c.items:,} lenet5 items (binary tensor) answered {c.large_status} in "
              f"{fmt(c.large_ms, 0)} ms. Single-item v2 JSON requests, back to back: idle median "
              f"{c.idle_median_ms:.2f} ms before; while and after the large one, {len(c.samples)} requests, the "
-             f"slowest {fmt(c.worst_small_ms)} ms, {c.small_errors} errors. Latency back under 2x idle "
-             f"({c.slow_threshold_ms:.2f} ms) for good **{c.recovery_s:.3f} s** after the large request was sent"
-             + ("." if c.recovered else " (the last one was still slow: not recovered within the window)."),
+             f"slowest {fmt(c.worst_small_ms)} ms, {c.small_errors} errors. Latency (the median of {WINDOW} "
+             f"requests in a row) back under 2x idle ({c.slow_threshold_ms:.2f} ms) for good "
+             f"**{c.recovery_s:.3f} s** after the large request was sent"
+             + ("." if c.recovered else " (the last ones were still slow: not recovered within the window).")
+             + f" For scale, on the idle server before it {c.idle_slow} of {c.idle_count} single requests were "
+             "over 2x idle too.",
              "", "| sent at s | latency ms |", "|---:|---:|"]
     # Every sample would be hundreds of rows: the first 10, then every slow one after them.
     shown = [s for i, s in enumerate(c.samples) if i < 10 or s[1] > c.slow_threshold_ms][:40]
