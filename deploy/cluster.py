@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from loadtest.server import REPO_ROOT, SERVICE, LiveServer, _ready, free_port, stop_server
+from loadtest.server import REPO_ROOT, SERVICE, BackgroundThreads, LiveServer, _ready, free_port, stop_server
 
 HAPROXY_TEMPLATE = """\
 global
@@ -269,9 +270,11 @@ def _two_free_ports(taken: set[int]) -> tuple[int, int]:
 # -- load --------------------------------------------------------------------------------------------------
 
 
-class Load:
+class Load(BackgroundThreads):
     """Closed-loop client threads against the balancer, bounded by ``max_seconds`` and ``max_requests``;
     ``stop()`` ends them early. Every request's outcome lands in ``results``."""
+
+    join_timeout_s = 180.0
 
     def __init__(self, url: str, image: bytes, classify_threads: int, stream_threads: int = 0,
                  stream_chars: int = 300, max_seconds: float = 120.0, max_requests: int = 100_000) -> None:
@@ -279,26 +282,10 @@ class Load:
         self.results: list[Result] = []
         self.active_streams: dict[int, str] = {}  # thread id -> replica, for streams whose headers arrived
         self._lock = threading.Lock()
-        self._stop = threading.Event()
         self._deadline = time.monotonic() + max_seconds
         self._budget = max_requests
-        self._threads = [threading.Thread(target=self._run, args=(self._classify,), daemon=True)
-                         for _ in range(classify_threads)]
-        self._threads += [threading.Thread(target=self._run, args=(self._stream,), daemon=True)
-                          for _ in range(stream_threads)]
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=180)
+        super().__init__([functools.partial(self._run, self._classify)] * classify_threads
+                         + [functools.partial(self._run, self._stream)] * stream_threads)
 
     def _take(self) -> bool:
         with self._lock:

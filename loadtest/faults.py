@@ -23,7 +23,7 @@ from pathlib import Path
 
 import requests
 
-from loadtest.server import LiveServer, running_server, worker_pids
+from loadtest.server import BackgroundThreads, LiveServer, running_server, worker_pids
 
 PROBE_TIMEOUT_S = 5.0  # a health probe that takes longer counts as not answered
 # BentoML logs this once per worker when its start-up hook (ours waits for the models) is done; from then
@@ -49,27 +49,13 @@ def digit_png() -> bytes:
     return png_bytes(held_out_digits()[0][0])
 
 
-class ClassifyLoad:
+class ClassifyLoad(BackgroundThreads):
     """``threads`` closed-loop ``/classify`` clients (one request in flight each) until ``stop()``."""
 
     def __init__(self, url: str, image: bytes, threads: int) -> None:
         self.url, self.image = url, image
         self.outcomes: list[Outcome] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def __enter__(self) -> ClassifyLoad:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
+        super().__init__([self._run] * threads)
 
     def _run(self) -> None:
         session = requests.Session()
@@ -84,22 +70,13 @@ class ClassifyLoad:
             self.outcomes.append(Outcome(start, time.monotonic(), status))
 
 
-class HealthProbe:
+class HealthProbe(BackgroundThreads):
     """``/livez`` and ``/readyz`` every ``interval_s`` on fresh connections until ``stop()``."""
 
     def __init__(self, url: str, interval_s: float = 0.05) -> None:
         self.url, self.interval_s = url, interval_s
         self.outcomes: dict[str, list[Outcome]] = {"/livez": [], "/readyz": []}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> HealthProbe:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
+        super().__init__([self._run])
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -167,7 +144,7 @@ def kill_worker_under_load(server: LiveServer, image: bytes, threads: int = 4, b
         "first_success_after_kill_s": min(successes_after, default=None),
         "last_failure_end_s": max((o.end - killed_at for o in failed), default=None),
         "first_clean_second": first_clean_second(load.outcomes, killed_at),
-        "health": {path: summarize(outcomes) for path, outcomes in probe.outcomes.items()},
+        "health": {path: summarize(outcomes, killed_at) for path, outcomes in probe.outcomes.items()},
     }
 
 
@@ -180,12 +157,14 @@ def first_clean_second(outcomes: list[Outcome], since: float) -> int | None:
     return next((n for n in sorted(seconds) if all(seconds[n])), None)
 
 
-def summarize(outcomes: list[Outcome]) -> dict:
-    """Answers by status, and the slowest answer in seconds."""
+def summarize(outcomes: list[Outcome], killed_at: float) -> dict:
+    """Answers by status, the slowest answer in seconds, and the failures that were not in flight at the
+    kill (a probe the victim had accepted dies with it, like any of its requests)."""
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[str(o.status)] = counts.get(str(o.status), 0) + 1
-    return {"statuses": counts, "max_s": round(max((o.end - o.start for o in outcomes), default=0.0), 3)}
+    return {"statuses": counts, "max_s": round(max((o.end - o.start for o in outcomes), default=0.0), 3),
+            "failed_not_in_flight_at_kill": sum(not o.ok and not o.start <= killed_at <= o.end for o in outcomes)}
 
 
 def truncated_copy(source_tag: str, name: str) -> str:

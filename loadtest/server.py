@@ -16,10 +16,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,30 @@ class LiveServer:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+
+class BackgroundThreads:
+    """Client threads running ``targets`` (loops that end once ``self._stop`` is set) in the background of a
+    ``with`` block; ``stop()`` (or leaving the block) sets it and joins them."""
+
+    join_timeout_s = 60.0
+
+    def __init__(self, targets: list[Callable[[], None]]) -> None:
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=target, daemon=True) for target in targets]
+
+    def __enter__(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=self.join_timeout_s)
 
 
 def worker_pids(server: LiveServer) -> list[int]:

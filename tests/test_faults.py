@@ -47,10 +47,13 @@ def test_a_killed_worker_costs_only_its_in_flight_requests(own_server, image):
     # circus replaced the victim; the other worker is the same process
     assert report["victim"] not in report["workers_after"] and len(report["workers_after"]) == 2, why
     assert set(report["workers_before"]) - {report["victim"]} <= set(report["workers_after"]), why
-    # Health kept answering 200 throughout, never a hang or a closed connection: the surviving worker
-    # answers, and the restarted one accepts connections only once its models are loaded.
-    assert set(report["health"]["/livez"]["statuses"]) == {"200"}, why
-    assert set(report["health"]["/readyz"]["statuses"]) == {"200"}, why
+    # Health kept answering 200 throughout, never a hang or an error: the surviving worker answers, and
+    # the restarted one accepts connections only once its models are loaded. Only a probe the victim had
+    # accepted when it was killed may die with it (probes run every 50 ms and take ~2 ms: rare).
+    for path in ("/livez", "/readyz"):
+        health = report["health"][path]
+        assert health["failed_not_in_flight_at_kill"] == 0, why
+        assert health["statuses"].get("200", 0) >= sum(health["statuses"].values()) - 1, why
 
 
 def test_a_truncated_model_fails_alone_with_its_reason(own_server, image, tiny_store):
@@ -100,15 +103,17 @@ def test_sigterm_lets_open_streams_finish_and_exits(own_server):
 
 
 def test_sigterm_cuts_streams_past_the_drain_bound(own_server):
+    # 16 streams, one decode slot per worker: 8 in a row per worker, about 2-3 s of work even on a fast box
+    # (a tiny-model stream of 2000 characters takes 0.2-0.4 s), against the smallest bound, 1 s.
     env = {**WORKERS, "NNSERVE_GENERATION_BATCH_SIZE": "1", "NNSERVE_DRAIN_TIMEOUT_S": "1"}
     with own_server("faults-drain-bound", env) as server:
-        report = sigterm_with_streams(server, streams=6, max_new_chars=2000, exit_bound_s=1 + 60)
+        report = sigterm_with_streams(server, streams=16, max_new_chars=2000, exit_bound_s=1 + 60)
         log = server.log()
     why = json.dumps(report, indent=1) + "\n" + log
     assert report["exit_s"] is not None, why  # exited within the bound + a margin for the hooks
     # It did not wait for everything: the streams still queued behind the single decode slot were cut,
     # answered 503 (retry elsewhere), not uvicorn's 500.
-    assert report["complete"] < 6, why
+    assert report["complete"] < 16, why
     assert all(s["status"] in (200, 503) for s in report["streams"]), why
 
 
