@@ -20,98 +20,21 @@ import onnx
 import torch
 from torch import nn
 
+from models.kinds import Kind
+
 log = logging.getLogger("nnserve.export")
 
 OPSET = 17
 EXPORTER = "torch.onnx.export(dynamo=False) (TorchScript exporter)"
 ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64",
-               onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT32: "int32"}
+               onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT32: "int32"}  # what the service feeds
 
 
 class GraphError(ValueError):
     """The exported graph fails the checker, shape inference, or still holds BN/Dropout nodes."""
 
 
-class ImageClassifier(nn.Module):
-    """input -> logits."""
-
-    input_names, output_names = ["input"], ["logits"]
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-
-class ImageFeatureExtractor(ImageClassifier):
-    """input -> (logits, fc7): one graph so classification and feature extraction share the weights."""
-
-    output_names = ["logits", "fc7"]
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.forward_with_fc7(x)
-
-
-class CharLSTM(nn.Module):
-    """(tokens, h, c) -> (logits, h_out, c_out): the state is explicit so the service owns it."""
-
-    input_names, output_names = ["tokens", "h", "c"], ["logits", "h_out", "c_out"]
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
-        logits, (h_out, c_out) = self.model(tokens, (h, c))
-        return logits, h_out, c_out
-
-
-class CharGRU(CharLSTM):
-    input_names, output_names = ["tokens", "h"], ["logits", "h_out"]
-
-    def forward(self, tokens: torch.Tensor, h: torch.Tensor):
-        return self.model(tokens, h)
-
-
-def wrap(model: nn.Module, card: dict) -> nn.Module:
-    """The export wrapper for the card's kind, in eval mode."""
-    kind, arch = card["kind"], card["config"]["arch"]
-    if kind == "image_classifier":
-        return ImageClassifier(model).eval()
-    if kind == "image_feature_extractor":
-        return ImageFeatureExtractor(model).eval()
-    if kind == "char_lm":
-        return (CharLSTM(model) if model.cell == "lstm" else CharGRU(model)).eval()
-    raise GraphError(f"unknown model kind {kind!r} (arch {arch!r})")
-
-
-def example_inputs(wrapper: nn.Module, card: dict, batch: int = 2, seq_len: int = 5) -> tuple[torch.Tensor, ...]:
-    """Inputs to trace with; batch 2 (not 1) so no exporter specializes a dimension to 1."""
-    if card["kind"] == "char_lm":
-        rnn = wrapper.model
-        tokens = torch.zeros(batch, seq_len, dtype=torch.long)
-        state = torch.zeros(rnn.num_layers, batch, rnn.hidden_size)
-        return (tokens, state, state.clone()) if "c" in wrapper.input_names else (tokens, state)
-    spec = card["preprocessing"]
-    return (torch.zeros(batch, spec["channels"], spec["input_size"], spec["input_size"]),)
-
-
-def dynamic_axes(wrapper: nn.Module) -> dict[str, dict[int, str]]:
-    """Batch is dynamic everywhere; the RNN sequence axis too; state tensors are [layers, B, hidden]."""
-    axes: dict[str, dict[int, str]] = {}
-    for name in wrapper.input_names + wrapper.output_names:
-        if name in ("h", "c", "h_out", "c_out"):
-            axes[name] = {1: "batch"}
-        elif name in ("tokens", "logits") and isinstance(wrapper, CharLSTM):
-            axes[name] = {0: "batch", 1: "seq"}
-        else:
-            axes[name] = {0: "batch"}
-    return axes
-
-
-def export_onnx(wrapper: nn.Module, card: dict, path: Path, check: bool = True,
+def export_onnx(wrapper: nn.Module, kind: Kind, card: dict, path: Path, check: bool = True,
                 exporter_folds_bn: bool = True) -> onnx.ModelProto:
     """Export, then run the full checker and strict shape inference; returns the loaded graph.
 
@@ -128,12 +51,27 @@ def export_onnx(wrapper: nn.Module, card: dict, path: Path, check: bool = True,
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         # PRESERVE on an eval module (the "before" graph) is eval: constant folding mutates nothing trainable.
         warnings.filterwarnings("ignore", message=".*constant folding be turned off.*")
-        torch.onnx.export(wrapper, example_inputs(wrapper, card), str(path), dynamo=False,
-                          opset_version=OPSET, input_names=wrapper.input_names,
-                          output_names=wrapper.output_names, dynamic_axes=dynamic_axes(wrapper),
-                          training=torch.onnx.TrainingMode.EVAL if exporter_folds_bn else
-                          torch.onnx.TrainingMode.PRESERVE)
+        try:
+            torch.onnx.export(wrapper, kind.example_inputs(wrapper, card), str(path), dynamo=False,
+                              opset_version=OPSET, input_names=wrapper.input_names,
+                              output_names=wrapper.output_names, dynamic_axes=kind.dynamic_axes(wrapper),
+                              training=torch.onnx.TrainingMode.EVAL if exporter_folds_bn else
+                              torch.onnx.TrainingMode.PRESERVE)
+        except (torch.onnx.errors.OnnxExporterError, torch.onnx.errors.UnsupportedOperatorError, RuntimeError,
+                torch.jit.Error) as e:
+            raise GraphError(explain_export_failure(e)) from e
     return check_graph(path) if check else onnx.load(str(path))
+
+
+def explain_export_failure(error: Exception) -> str:
+    """The exporter's complaint, first lines only, with what to do about the usual causes."""
+    text = " ".join(str(error).split())[:600]
+    hint = ("an operation the ONNX exporter cannot express at opset 17: replace it by standard torch ops in the "
+            "network (or an adapter module), or compute it outside the network")
+    if "autograd" in text.lower() or "PythonOp" in text or "prim::PythonOp" in text:
+        hint = ("a custom torch.autograd.Function has no ONNX form: use the module's plain-torch variant for export "
+                "(efficientnet_pytorch: model.set_swish(memory_efficient=False) in your factory)")
+    return f"ONNX export failed: {type(error).__name__}: {text}. Likely {hint}"
 
 
 def check_graph(path: Path) -> onnx.ModelProto:

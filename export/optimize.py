@@ -32,17 +32,15 @@ def optimize_graph(src: Path, dst: Path) -> Path:
 
 
 def bench_feeds(metadata: dict, batch: int) -> dict[str, np.ndarray]:
-    """Random inputs at ``batch``; for the char LMs one decode step (T=1), the serving hot path."""
+    """Inputs at ``batch`` in the kind's shapes (a text model: one decode step, the serving hot path): floats
+    random, integers (token ids) 0."""
+    from models.kinds import get_kind
+    from service.runtime import TensorSpec
+
     rng = np.random.default_rng(0)
-    feeds = {}
-    for spec in metadata["inputs"]:
-        if spec["name"] == "tokens":
-            feeds["tokens"] = rng.integers(0, len(metadata["vocab"]), (batch, 1))
-        elif metadata["kind"] == "char_lm":  # state [layers, B, hidden]
-            feeds[spec["name"]] = np.zeros((spec["shape"][0], batch, spec["shape"][2]), np.float32)
-        else:
-            feeds[spec["name"]] = rng.standard_normal((batch, *spec["shape"][1:])).astype(np.float32)
-    return feeds
+    inputs = [TensorSpec(**t) for t in metadata["inputs"]]
+    feeds = get_kind(metadata["kind"]).example_feeds(metadata, inputs, batch)
+    return {n: rng.standard_normal(a.shape).astype(a.dtype) if a.dtype.kind == "f" else a for n, a in feeds.items()}
 
 
 def compare_latency(paths: dict[str, Path], metadata: dict, runs: int) -> dict[str, dict]:

@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 log = logging.getLogger("nnserve.export")
 
-FORMAT = 1
+FORMAT = 2  # nnserve_format of the store metadata (2: tensor roles, user models)
 
 
 class StoreError(ValueError):
@@ -49,6 +49,19 @@ def register(name: str, files_dir: Path, metadata: dict) -> str:
     tag = str(model.tag)
     log.info("registered %s in the BentoML model store", tag)
     return tag
+
+
+def check_name_free(name: str, kind: str) -> None:
+    """A store name keeps one kind: a new version of another kind would break every client of the name."""
+    try:
+        models = bentoml.models.list(name)
+    except bentoml.exceptions.NotFound:
+        return
+    for model in models:
+        other = model.info.metadata.get("kind")
+        if other != kind:
+            raise StoreError(f"the model store already holds {name!r} as a {other} ({model.tag}); this card is a "
+                             f"{kind}: choose another name, or remove the old one (bentoml models delete {name})")
 
 
 def find_export(name: str, source_sha256: str, card_sha256: str) -> str | None:

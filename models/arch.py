@@ -1,7 +1,7 @@
 """Model architectures: LeNet-5 (BN + dropout), a VGG-style net with an FC7 feature layer, char LSTM/GRU.
 
-Every model is built from a plain JSON-able config dict (stored in the model card), so an artifact
-can always be rebuilt from its card alone: ``build_model(card["config"])``.
+Every model is built from its card alone: ``config = {"factory": "models.arch:LeNet5", "kwargs": {...}}``,
+the same contract as a user's own network (models/card.py).
 """
 
 from __future__ import annotations
@@ -114,15 +114,6 @@ class CharRNN(nn.Module):
         return self.head(out), new_state
 
 
-ARCHS = {"lenet5": LeNet5, "vgg_fc7": VGGFC7, "char_lstm": CharRNN, "char_gru": CharRNN}
-
-
-def build_model(config: dict) -> nn.Module:
-    """Rebuild a model from its card's config: ``{"arch": ..., **constructor kwargs}``."""
-    kwargs = dict(config)
-    arch = kwargs.pop("arch")
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
-    if arch in ("char_lstm", "char_gru"):
-        kwargs["cell"] = arch.removeprefix("char_")
-    return ARCHS[arch](**kwargs)
+# The card's config.factory for each of our networks (models/card.py builds any factory the same way).
+FACTORIES = {"lenet5": "models.arch:LeNet5", "vgg_fc7": "models.arch:VGGFC7", "char_lstm": "models.arch:CharRNN",
+             "char_gru": "models.arch:CharRNN"}

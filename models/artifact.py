@@ -2,7 +2,7 @@
 
 No pickle anywhere: tensors in safetensors, everything else in JSON. Written atomically: the whole
 directory is assembled under a temporary name and renamed into place, so a crash never leaves a
-half-written artifact. Loading checks the card against the weights and fails with a clear message.
+half-written artifact. Loading validates the card (models/card.py) and checks it against the weights, failing with a clear message.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-FORMAT = "nnserve.artifact/1"
-WEIGHTS = "weights.safetensors"
-CARD = "card.json"
+from models import card as card_module
+from models.card import CARD, FORMAT
+from models.card import DEFAULT_WEIGHTS as WEIGHTS
+from models.card import CardError as ArtifactError
 
-
-class ArtifactError(ValueError):
-    """The artifact is missing, corrupt, or its card does not match its weights."""
+__all__ = ["CARD", "FORMAT", "WEIGHTS", "ArtifactError", "atomic_dir", "atomic_write", "write_json", "load_artifact", "read_card", "save_artifact",
+           "sha256_file"]
 
 
 def sha256_file(path: str | Path) -> str:
@@ -30,6 +30,25 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` to a temp file beside ``path`` and rename it into place: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    return atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 def atomic_dir(target: str | Path, fill: Callable[[Path], None]) -> Path:
@@ -69,58 +88,18 @@ def save_artifact(out_dir: str | Path, model, card: dict,
 
 
 def read_card(artifact_dir: str | Path) -> dict:
-    path = Path(artifact_dir) / CARD
-    if not path.is_file():
-        raise ArtifactError(f"{artifact_dir}: no {CARD}; is this a training artifact directory?")
-    try:
-        card = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e})") from e
-    if card.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: format {card.get('format')!r}, expected {FORMAT!r}")
-    for key in ("name", "kind", "config"):
-        if key not in card:
-            raise ArtifactError(f"{path}: missing required field {key!r}")
-    return card
+    """The validated card (models/card.py); ArtifactError names the JSON path of a problem."""
+    return card_module.read_card(artifact_dir)
 
 
 def load_artifact(artifact_dir: str | Path):
-    """Rebuild the model from its card and load its weights; returns ``(model.eval(), card)``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Rebuild the model from its card and load its weights; returns ``(model.eval(), card)``.
 
-    from models.arch import build_model
-
+    The card's ``weights_sha256`` (written by save_artifact) must match the weights file when present."""
     artifact_dir = Path(artifact_dir)
     card = read_card(artifact_dir)
-    weights = artifact_dir / WEIGHTS
-    if not weights.is_file():
-        raise ArtifactError(f"{artifact_dir}: no {WEIGHTS}")
-    digest = sha256_file(weights)
-    if card.get("weights_sha256") not in (None, digest):
+    weights = artifact_dir / card.get("weights", WEIGHTS)
+    if weights.is_file() and card.get("weights_sha256") not in (None, digest := sha256_file(weights)):
         raise ArtifactError(f"{weights}: sha256 {digest[:12]}... does not match the card's "
                             f"{card['weights_sha256'][:12]}...; the card belongs to other weights")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ArtifactError(f"{weights}: cannot read safetensors ({e})") from e
-    try:
-        model = build_model(card["config"])
-    except (TypeError, ValueError) as e:
-        raise ArtifactError(f"{artifact_dir}: card config cannot build a model ({e})") from e
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        details = []
-        if missing:
-            details.append(f"missing {missing[:5]}")
-        if unexpected:
-            details.append(f"unexpected {unexpected[:5]}")
-        if wrong:
-            details.append("shape mismatch " + ", ".join(
-                f"{k}: card {tuple(expected[k].shape)} vs weights {tuple(state[k].shape)}" for k in wrong[:5]))
-        raise ArtifactError(f"{artifact_dir}: card does not match weights: " + "; ".join(details))
-    model.load_state_dict(state)
-    return model.eval(), card
+    return card_module.load_network(artifact_dir, card)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models import data
-from models.arch import build_model
+from models.arch import FACTORIES
+from models.card import build_module
 from models.artifact import save_artifact
 from models.preprocess import standardize, to_unit
 
@@ -147,11 +148,11 @@ def train_image(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     mean = torch.tensor(spec["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(spec["std"]).view(1, -1, 1, 1)
 
-    config = {"arch": args.kind, "in_channels": 1, "input_size": 32, "num_classes": 10,
-              "dropout": args.dropout}
+    kwargs = {"in_channels": 1, "input_size": 32, "num_classes": 10, "dropout": args.dropout}
     if args.kind == "vgg_fc7":
-        config.update(fc_width=args.fc_width, base_width=args.base_width, blocks=args.blocks)
-    model = build_model(config)
+        kwargs.update(fc_width=args.fc_width, base_width=args.base_width, blocks=args.blocks)
+    config = {"factory": FACTORIES[args.kind], "kwargs": kwargs}
+    model = build_module({"config": config})
     steps = math.ceil(len(x_train) / args.batch_size)
     opt, sched = make_optimizer(model, args, steps)
     gen = torch.Generator().manual_seed(args.seed)
@@ -192,6 +193,8 @@ def train_image(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         "kind": "image_classifier" if args.kind == "lenet5" else "image_feature_extractor",
         "config": config,
         "labels": [str(i) for i in range(10)],
+        "scores": "logits",
+        **({"features": {"module": "fc7", "name": "fc7"}} if args.kind == "vgg_fc7" else {}),
         "preprocessing": spec,
         "dataset": {"source": split.source, "split": split.split},
         "curves": curves,
@@ -263,9 +266,10 @@ def train_text(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     train_str, valid_str = data.split_text(text)
     train_streams = batchify(encode(train_str, vocab), args.batch_size)
     valid_streams = batchify(encode(valid_str, vocab), 16)
-    config = {"arch": args.kind, "vocab_size": len(vocab), "embed_dim": args.embed,
-              "hidden_size": args.hidden, "num_layers": args.layers, "dropout": args.dropout}
-    model = build_model(config)
+    config = {"factory": FACTORIES[args.kind],
+              "kwargs": {"cell": args.kind.removeprefix("char_"), "vocab_size": len(vocab), "embed_dim": args.embed,
+                         "hidden_size": args.hidden, "num_layers": args.layers, "dropout": args.dropout}}
+    model = build_module({"config": config})
     steps = math.ceil((train_streams.shape[1] - 1) / args.seq_len)
     opt, sched = make_optimizer(model, args, steps)
     baseline = unigram_bpc(train_str, valid_str, vocab)
@@ -297,7 +301,7 @@ def train_text(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     metrics = {"valid_bpc": valid_bpc, "unigram_bpc": baseline,
                "bpc_reduction_vs_unigram": 1 - valid_bpc / baseline}
     card = {
-        "kind": "char_lm",
+        "kind": "sequence_lm",
         "config": config,
         "vocab": vocab,
         "dataset": {"source": source, "characters": len(text),

@@ -1,0 +1,114 @@
+"""What every model kind shares, and the numeric checks the kinds' parity certificates are made of.
+
+A kind (models/kinds/image.py, models/kinds/sequence_lm.py) is the one place that knows a kind of model:
+its tensor roles and batch axes, warm-up inputs, the REST endpoints that take it, how its card is checked,
+how it is wrapped for export, how parity is certified and how INT8 is calibrated and gated. Export and
+service both ask the kind; neither switches on kind names. Importable without torch: the export-only
+methods import torch (and onnxruntime) when called.
+
+The store metadata names each tensor's role (``roles``): the service finds "the image input" or "the
+scores output" there, so graphs keep whatever names their authors gave them (ONNX files made elsewhere).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+MAX_ABS_ERROR = 1e-4
+
+
+class KindError(ValueError):
+    """The card, network or graph does not fit its kind's contract; the message says what to fix."""
+
+
+class Kind:
+    name: ClassVar[str]
+    endpoints: ClassVar[tuple[str, ...]] = ()  # REST endpoints that take this kind
+    generates: ClassVar[bool] = False  # served by the continuous (decode-step) batcher too
+
+    # ---- the serving contract (store metadata) -------------------------------------------------------
+
+    def batch_axis(self, metadata: dict, tensor: str) -> int:
+        return 0
+
+    def example_feeds(self, metadata: dict, inputs: list, batch: int, seq_len: int = 1) -> dict[str, np.ndarray]:
+        """Zero inputs of the right dtypes for ``batch`` items (``inputs``: TensorSpec-like name/shape/numpy_dtype)."""
+        feeds = {}
+        for t in inputs:
+            axis = self.batch_axis(metadata, t.name)
+            shape = [d if d >= 0 else 1 for d in t.shape]
+            shape[axis] = batch
+            feeds[t.name] = np.zeros(shape, dtype=t.numpy_dtype)
+        return feeds
+
+    def warmup_feeds(self, metadata: dict, inputs: list, batch_sizes: tuple[int, ...]) -> list[dict[str, np.ndarray]]:
+        return [self.example_feeds(metadata, inputs, b) for b in batch_sizes]
+
+    def describe(self, metadata: dict) -> dict:
+        """The kind's own facts for ``GET /models``."""
+        return {}
+
+    def check_request(self, metadata: dict, arrays: dict[str, np.ndarray], limits: Any) -> str | None:
+        """What a raw-tensor (/v2) request's values break beyond dtype and shape, as a client error message."""
+        return None
+
+    # ---- export -------------------------------------------------------------------------------------
+
+    def check_card(self, card: dict) -> None:
+        """Checks the schema cannot express (raise KindError)."""
+
+    def store_metadata(self, card: dict, roles: dict, outputs: list[dict] | None = None, model=None) -> dict:
+        """The kind's facts in the store metadata besides inputs/outputs (labels, vocabulary, ...)."""
+        return {"roles": roles}
+
+
+# ---- numeric helpers of the parity certificates ---------------------------------------------------------
+
+def cpu_session(path, threads: int = 0):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def errors(reference: list[np.ndarray], candidate: list[np.ndarray], names: list[str]) -> dict:
+    """Per output: max abs error, max error relative to the output's scale (max |reference|), and that scale."""
+    out = {}
+    for name, ref, got in zip(names, reference, candidate, strict=True):
+        diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+        scale = float(np.abs(ref).max()) if ref.size else 0.0
+        max_abs = float(diff.max()) if diff.size else 0.0
+        worst = np.unravel_index(int(diff.argmax()), diff.shape) if diff.size else ()
+        out[name] = {"max_abs": max_abs, "max_rel": max_abs / max(scale, 1e-12), "scale": scale,
+                     "worst_index": [int(i) for i in worst]}
+    return out
+
+
+def tolerance(err: dict, max_abs_error: float) -> float:
+    """The bound an output is held to: ``max_abs_error`` absolute, scaled by its magnitude past 1. Float32
+    spacing grows with the value (1.5e-5 at 128), so a flat 1e-4 on large logits or an LSTM cell state
+    asks for a few ulps after many ops; on values <= 1 (probabilities, h) it is the plain absolute bound."""
+    return max_abs_error * max(1.0, err["scale"])
+
+
+def summarize(checks: list[dict], names: list[str], max_abs_error: float) -> dict:
+    """Worst error per output over the checks, whether each is within its bound, and the worst offender."""
+    worst: dict[str, dict] = {}
+    where: dict[str, dict] = {}
+    for check in checks:
+        for name in names:
+            err = check["errors"][name]
+            if name not in worst or err["max_abs"] / tolerance(err, max_abs_error) > \
+                    worst[name]["max_abs"] / tolerance(worst[name], max_abs_error):
+                worst[name] = err
+                where[name] = {k: v for k, v in check.items() if k != "errors"}
+    ratios = {n: worst[n]["max_abs"] / tolerance(worst[n], max_abs_error) for n in names}
+    offender = max(ratios, key=ratios.get)
+    return {"max_abs": max(e["max_abs"] for e in worst.values()), "max_rel": max(e["max_rel"] for e in worst.values()),
+            "within_tolerance": all(r <= 1.0 for r in ratios.values()),
+            "worst": {"output": offender, **worst[offender], "tolerance": tolerance(worst[offender], max_abs_error),
+                      **where[offender]}}
