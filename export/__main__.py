@@ -48,12 +48,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[Path], Options]:
                    help="language models: largest held-out bits/token increase for which NAME-int8 is registered")
     p.add_argument("--tensorrt", action="store_true", help="build a TensorRT engine if TensorRT and a CUDA GPU exist")
     p.add_argument("--fp16", action="store_true", help="TensorRT: allow FP16 kernels")
-    p.add_argument("--max-batch", type=int, default=defaults.max_batch, help="TensorRT optimization profile: batch 1..N")
+    p.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                   help="TensorRT optimization profile: batch 1..N")
     p.add_argument("--if-missing", action="store_true",
                    help="skip a model whose store already holds a version exported from the same artifact")
     p.add_argument("--max-abs-error", type=float, default=defaults.max_abs_error,
                    help="parity tolerance, scaled by an output's magnitude past 1 (default 1e-4)")
-    p.add_argument("--bench-runs", type=int, default=defaults.bench_runs, help="latency runs per batch size (median reported)")
+    p.add_argument("--bench-runs", type=int, default=defaults.bench_runs,
+                   help="latency runs per batch size (median reported)")
     p.add_argument("--report-dir", type=Path, default=defaults.report_dir, help="where NAME.json reports go")
     p.add_argument("--no-register", action="store_true", help="verify and report only; leave the store alone")
     args = p.parse_args(argv)

@@ -34,7 +34,7 @@ from export import optimize, parity
 from export.fold import finish_onnx_folding, prepare_for_export
 from export.graph import EXPORTER, OPSET, assert_no_bn_dropout, export_onnx, io_specs, op_counts
 from export.store import FORMAT, check_name_free, find_export, register
-from models.artifact import CARD, load_artifact, read_card, sha256_file, write_json
+from models.artifact import CARD, WEIGHTS, load_artifact, read_card, sha256_file, write_json
 from models.kinds import Kind, KindError, get_kind
 
 log = logging.getLogger("nnserve.export")
@@ -108,7 +108,7 @@ def read_source(artifact_dir: Path) -> Source:
     card = read_card(artifact_dir)
     kind = get_kind(card["kind"])
     kind.check_card(card)
-    source_file = artifact_dir / (card["onnx"]["file"] if "onnx" in card else card.get("weights", "weights.safetensors"))
+    source_file = artifact_dir / (card["onnx"]["file"] if "onnx" in card else card.get("weights", WEIGHTS))
     hashes = {"source_sha256": sha256_file(source_file) if source_file.is_file() else "",
               "source_card_sha256": sha256_file(artifact_dir / CARD), "source_artifact": str(artifact_dir.resolve())}
     return Source(artifact_dir, card, kind, hashes)

@@ -2,7 +2,8 @@
 
 No pickle anywhere: tensors in safetensors, everything else in JSON. Written atomically: the whole
 directory is assembled under a temporary name and renamed into place, so a crash never leaves a
-half-written artifact. Loading validates the card (models/card.py) and checks it against the weights, failing with a clear message.
+half-written artifact. Loading validates the card (models/card.py) and checks it against the weights,
+failing with a clear message.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from models.card import CARD, FORMAT
 from models.card import DEFAULT_WEIGHTS as WEIGHTS
 from models.card import CardError as ArtifactError
 
-__all__ = ["CARD", "FORMAT", "WEIGHTS", "ArtifactError", "atomic_dir", "atomic_write", "write_json", "load_artifact", "read_card", "save_artifact",
-           "sha256_file"]
+__all__ = ["CARD", "FORMAT", "WEIGHTS", "ArtifactError", "atomic_dir", "atomic_write", "load_artifact", "read_card",
+           "save_artifact", "sha256_file", "write_json"]
 
 
 def sha256_file(path: str | Path) -> str:

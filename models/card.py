@@ -48,8 +48,8 @@ def validate_card(card: object, where: str = CARD) -> dict:
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         extra = [k for k in error.instance if k not in allowed]
-        hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, allowed, 1)) else repr(k)
-                 for k in extra]
+        hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, allowed, 1))
+                 else repr(k) for k in extra]
         message = f"unknown field(s) {', '.join(hints)}; allowed: {', '.join(allowed)}"
     elif error.validator == "oneOf" and error.absolute_path == type(error.absolute_path)():
         message = ("give either 'config' (a PyTorch factory + weights) or 'onnx' (an ONNX file made elsewhere), "

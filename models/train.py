@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from models import data
 from models.arch import FACTORIES
-from models.card import build_module
 from models.artifact import save_artifact
+from models.card import build_module
 from models.preprocess import standardize, to_unit
 
 IMAGE_KINDS = ("lenet5", "vgg_fc7")

@@ -73,14 +73,9 @@ class Vocabulary:
             raise VocabularyError(f"{len(missing)} character(s) no token covers: {missing[:10]}", missing)
         return ids
 
-    def decode_one(self, token: int) -> str:
-        """One token's text as a stream shows it (the separator before every token but the first is the
-        caller's: see ``piece``)."""
-        return self.tokens[token]
-
-    def piece(self, token: int, first: bool) -> str:
-        """What appending ``token`` adds to generated text."""
-        return self.tokens[token] if first or not self.separator else self.separator + self.tokens[token]
+    def piece(self, token: int) -> str:
+        """What appending ``token`` to text adds (with the separator, if any)."""
+        return self.separator + self.tokens[token]
 
     def decode(self, ids: list[int]) -> str:
         return self.separator.join(self.tokens[i] for i in ids)

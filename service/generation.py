@@ -33,6 +33,8 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from models.kinds.sequence_lm import vocabulary
+from models.vocab import Vocabulary
 from service.errors import ClientError
 from service.runtime import ModelRuntime
 
@@ -73,7 +75,7 @@ class GenerationRequest:
             raise ClientError("missing field 'prompt'")
         return cls(**body)
 
-    def validate(self, vocab: str) -> None:
+    def validate(self, vocab: Vocabulary) -> None:
         """Raise ClientError naming the first problem: types, limits, prompt characters outside ``vocab``."""
         if not isinstance(self.prompt, str):
             raise ClientError(f"prompt must be a string, got {type(self.prompt).__name__}")
@@ -99,13 +101,13 @@ class GenerationRequest:
             raise ClientError(f"model must be a string, got {type(self.model).__name__}")
         if not isinstance(self.stream, bool):
             raise ClientError(f"stream must be true or false, got {_show(self.stream)}")
-        known = set(vocab)
-        unknown = list(dict.fromkeys(ch for ch in self.prompt if ch not in known))  # first-seen order
+        unknown = vocab.unknown(self.prompt)
         if unknown:
-            listed = ", ".join(f"{ch!r} (U+{ord(ch):04X})" for ch in unknown[:MAX_LISTED_CHARS])
+            listed = ", ".join(f"{ch!r} (U+{ord(ch):04X})" if len(ch) == 1 else repr(ch[:50])
+                               for ch in unknown[:MAX_LISTED_CHARS])
             more = f" and {len(unknown) - MAX_LISTED_CHARS} more" if len(unknown) > MAX_LISTED_CHARS else ""
-            raise ClientError(f"prompt contains {len(unknown)} character(s) outside the model vocabulary: "
-                              f"{listed}{more}")
+            what = "character(s)" if vocab.is_chars else "piece(s)"
+            raise ClientError(f"prompt contains {len(unknown)} {what} outside the model vocabulary: {listed}{more}")
 
 
 def _is_int(value: object) -> bool:
@@ -194,14 +196,12 @@ class ContinuousBatcher:
 
     def __init__(self, runtime: ModelRuntime, max_batch_size: int = 32,
                  on_step: Callable[[int, float], None] | None = None) -> None:
-        if runtime.kind != "char_lm":
-            raise ValueError(f"{runtime.tag} is a {runtime.kind!r} model; generation needs a char_lm")
+        if not runtime.kind_module.generates:
+            raise ValueError(f"{runtime.tag} is a {runtime.kind!r} model; it does not generate text")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.runtime, self.max_batch_size, self.on_step = runtime, max_batch_size, on_step
-        self.vocab: str = runtime.metadata["vocab"]
-        self._index = {ch: i for i, ch in enumerate(self.vocab)}
-        self._state_names = [t.name for t in runtime.inputs if t.name != "tokens"]  # h (+ c), as in metadata
+        self._bind(runtime)
         self._waiting: deque[_Slot] = deque()  # submitted, not yet in the batch
         self._active: list[_Slot] = []  # prefilled, decoding
         self._lock = threading.Condition()
@@ -230,7 +230,7 @@ class ContinuousBatcher:
         request.validate(self.vocab)
         if request.seed is None:  # written back so the caller can report it and reproduce the text
             request.seed = secrets.randbits(63)
-        slot = _Slot(tokens=np.array([self._index[ch] for ch in request.prompt], dtype=np.int64),
+        slot = _Slot(tokens=np.array(self.vocab.encode(request.prompt), dtype=np.int64),
                      temperature=float(request.temperature), top_k=request.top_k or 0,
                      rng=np.random.default_rng(request.seed), remaining=request.max_new_chars,
                      loop=asyncio.get_running_loop(), wake_each_step=flush_interval_s is not None)
@@ -345,22 +345,30 @@ class ContinuousBatcher:
                 results.append((decoding, e))
         self._deliver(results)
 
+    def _bind(self, runtime: ModelRuntime) -> None:
+        """The tensor names and vocabulary of the model's metadata (models/kinds/sequence_lm.py)."""
+        self.runtime, self.vocab = runtime, vocabulary(runtime.metadata)
+        self._tokens, self._scores = runtime.roles["tokens"], runtime.roles["scores"]
+        self._state = [(name, out, runtime.batch_axis(name)) for name, out in runtime.roles["state"]]
+        self._probabilities = runtime.metadata.get("scores") == "probabilities"  # sampled from their log
+
     def _prefill(self, group: list[_Slot]) -> np.ndarray:
         feeds = self.runtime.example_feeds(len(group))  # zero initial state of the right shape and dtype
-        feeds["tokens"] = np.stack([slot.tokens for slot in group])
-        out = self.runtime.run(feeds)
-        for i, slot in enumerate(group):
-            slot.state = {name: out[f"{name}_out"][:, i:i + 1] for name in self._state_names}
-        return self._sample(group, out["logits"][:, -1])
+        feeds[self._tokens] = np.stack([slot.tokens for slot in group])
+        return self._run(group, feeds)
 
     def _decode(self, batch: list[_Slot]) -> np.ndarray:
-        feeds = {"tokens": np.array([[slot.token] for slot in batch], dtype=np.int64)}
-        for name in self._state_names:  # state is [layers, batch, hidden]: stack on axis 1
-            feeds[name] = np.concatenate([slot.state[name] for slot in batch], axis=1)
+        feeds = {self._tokens: np.array([[slot.token] for slot in batch], dtype=np.int64)}
+        for name, _, axis in self._state:  # the state's batch axis (1: [layers, batch, hidden])
+            feeds[name] = np.concatenate([slot.state[name] for slot in batch], axis=axis)
+        return self._run(batch, feeds)
+
+    def _run(self, batch: list[_Slot], feeds: dict[str, np.ndarray]) -> np.ndarray:
         out = self.runtime.run(feeds)
         for i, slot in enumerate(batch):
-            slot.state = {name: out[f"{name}_out"][:, i:i + 1] for name in self._state_names}
-        return self._sample(batch, out["logits"][:, -1])
+            slot.state = {name: np.take(out[out_name], [i], axis=axis) for name, out_name, axis in self._state}
+        scores = out[self._scores][:, -1]
+        return self._sample(batch, np.log(np.maximum(scores, 1e-30)) if self._probabilities else scores)
 
     def _sample(self, batch: list[_Slot], logits: np.ndarray) -> np.ndarray:
         tokens = sample_tokens(logits, np.array([s.temperature for s in batch], dtype=np.float64),
@@ -382,7 +390,7 @@ class ContinuousBatcher:
                         slot.error = GenerationError(f"generation failed: {type(outcome).__name__}: {outcome}")
                         slot.finished = True
                     else:
-                        slot.buffer.append(self.vocab[outcome[i]])
+                        slot.buffer.append(self.vocab.piece(int(outcome[i])))
                         slot.remaining -= 1
                         slot.finished = slot.remaining <= 0
                     if slot.finished and slot in self._active:
@@ -432,12 +440,11 @@ def measure_step_loop(runtime: ModelRuntime, batch_size: int, steps: int) -> flo
     """The limit the service can approach: characters per second of this module's own decode step +
     vectorised sampling at a fixed batch size, on the calling thread, no HTTP, no event loop."""
     batcher = ContinuousBatcher.__new__(ContinuousBatcher)  # the step methods only; no thread started
-    batcher.runtime, batcher.vocab = runtime, runtime.metadata["vocab"]
-    batcher._state_names = [t.name for t in runtime.inputs if t.name != "tokens"]
+    batcher._bind(runtime)
     zero = runtime.example_feeds(1)
     slots = [_Slot(tokens=np.zeros(1, np.int64), temperature=1.0, top_k=0, rng=np.random.default_rng(i),
                    remaining=steps, loop=None, ready=None, token=0,  # type: ignore[arg-type]
-                   state={n: zero[n] for n in batcher._state_names}) for i in range(batch_size)]
+                   state={n: zero[n] for n, _, _ in batcher._state}) for i in range(batch_size)]
     batcher._decode(slots)  # warm-up
     start = time.perf_counter()
     for _ in range(steps):

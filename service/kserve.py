@@ -102,6 +102,12 @@ def http_status(exc: Exception) -> int:
     return exc.status if isinstance(exc, ClientError) else 500
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    max_sequence_length: int
+    max_request_tokens: int
+
+
 @dataclass
 class RequestTensor:
     """One input tensor as the client described it; ``array`` is filled once its data is decoded."""
@@ -145,20 +151,16 @@ def check_header(runtime: ModelRuntime, tensors: list[RequestTensor], settings: 
 def check_limits(runtime: ModelRuntime, tensors: list[RequestTensor], settings: Settings) -> None:
     """The per-request limits (see MAX_SEQUENCE_LENGTH) on shapes already checked against the model."""
     for t in tensors:
-        axis = runtime.adapter.batch_axis(t.name)
+        axis = runtime.batch_axis(t.name)
         if t.shape[axis] > settings.max_request_items:
             raise ClientError(f"input {t.name!r} of model {runtime.name!r} has {t.shape[axis]} items (dim {axis}); "
                               f"the limit is {settings.max_request_items} per request (NNSERVE_MAX_REQUEST_ITEMS): "
                               "split it into several requests")
-    if runtime.kind == "char_lm":
-        items, length = next(t.shape for t in tensors if t.name == "tokens")
-        if length > MAX_SEQUENCE_LENGTH:
-            raise ClientError(f"input 'tokens' of model {runtime.name!r} has sequence length {length}; the limit is "
-                              f"{MAX_SEQUENCE_LENGTH} tokens per item (as a /generate prompt)")
-        if items * length > settings.max_request_tokens:
-            raise ClientError(f"input 'tokens' of model {runtime.name!r} has {items} x {length} = {items * length} "
-                              f"tokens; the limit is {settings.max_request_tokens} per request "
-                              "(NNSERVE_MAX_REQUEST_TOKENS): split it into several requests")
+    problem = runtime.kind_module.check_request_shapes(
+        runtime.metadata, {t.name: list(t.shape) for t in tensors},
+        RequestLimits(MAX_SEQUENCE_LENGTH, settings.max_request_tokens))
+    if problem:
+        raise ClientError(f"model {runtime.name!r}: {problem}")
 
 
 def check_shared_dims(runtime: ModelRuntime, tensors: list[RequestTensor]) -> None:
@@ -283,12 +285,9 @@ def check_values(runtime: ModelRuntime, tensors: list[RequestTensor]) -> None:
     for t in tensors:
         if t.array.dtype.kind == "f" and not np.isfinite(t.array).all():
             raise ClientError(f"input {t.name!r} contains NaN or infinite values; send finite numbers")
-    if runtime.kind == "char_lm":
-        tokens = next(t.array for t in tensors if t.name == "tokens")
-        vocab_size = len(runtime.metadata["vocab"])
-        if tokens.min() < 0 or tokens.max() >= vocab_size:
-            raise ClientError(f"token ids of model {runtime.name!r} must be in [0, {vocab_size}), "
-                              f"got values from {tokens.min()} to {tokens.max()}")
+    problem = runtime.kind_module.check_request_values(runtime.metadata, {t.name: t.array for t in tensors})
+    if problem:
+        raise ClientError(f"model {runtime.name!r}: {problem}")
 
 
 async def infer(repository: Repository, runtime: ModelRuntime, tensors: list[RequestTensor],

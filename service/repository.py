@@ -17,7 +17,6 @@ import threading
 import numpy as np
 
 from service import images, metrics
-from service.adapters import warmup_sizes
 from service.batching import BatchingConfig, BatchStats, DynamicBatcher
 from service.errors import ClientError, NotFound, Unavailable
 from service.generation import ContinuousBatcher
@@ -60,15 +59,14 @@ class Repository:
 
     def _load(self, name: str) -> None:
         runtime = load_runtime(name, self.settings.model_tags[name], settings=self.settings)
-        sizes = warmup_sizes(self.settings.generation_batch_size if runtime.kind == "char_lm"
-                             else self.settings.max_batch_size)
-        runtime.warmup(sizes)
-        if runtime.is_image:  # Pillow loads its decoders on first use: not on a client's request
+        generates = runtime.kind_module.generates
+        runtime.warmup(warmup_sizes(self.settings.generation_batch_size if generates else self.settings.max_batch_size))
+        if "image" in runtime.roles:  # Pillow loads its decoders on first use: not on a client's request
             images.preprocess_upload(images.blank_png(), runtime.metadata["preprocessing"])
         batching = dataclasses.replace(self.batching, max_queue_delay_s=self.settings.queue_delay_ms(name) / 1e3)
-        self.batchers[name] = DynamicBatcher(name, runtime.run, runtime.adapter.batch_axis, batching,
+        self.batchers[name] = DynamicBatcher(name, runtime.run, runtime.batch_axis, batching,
                                              on_batch=functools.partial(metrics.observe_batch, runtime, "dynamic"))
-        if runtime.kind == "char_lm":
+        if generates:
             self.generators[name] = ContinuousBatcher(
                 runtime, self.settings.generation_batch_size,
                 on_step=functools.partial(metrics.observe_batch, runtime, "continuous"))
@@ -108,12 +106,13 @@ class Repository:
             raise Unavailable(f"model {name!r} is still loading", retry_after=1)
         raise NotFound(f"unknown model {str(name)[:100]!r}; served models: {', '.join(self._names)}")
 
-    def model_for(self, name: str, endpoint: str, kinds: tuple[str, ...]) -> ModelRuntime:
-        """The served model ``name`` if ``endpoint`` can use its kind."""
+    def model_for(self, name: str, endpoint: str) -> ModelRuntime:
+        """The served model ``name`` if ``endpoint`` takes its kind (models/kinds: each kind lists its endpoints)."""
         model = self.get(name)
-        if model.kind not in kinds:
-            fitting = [m.name for m in self.models.values() if m.kind in kinds]
-            raise ClientError(f"model {name!r} is a {model.kind} model; {endpoint} serves {', '.join(fitting)}")
+        if endpoint not in model.kind_module.endpoints:
+            fitting = [m.name for m in self.models.values() if endpoint in m.kind_module.endpoints]
+            raise ClientError(f"model {name!r} is a {model.kind} model; {endpoint} serves "
+                              f"{', '.join(fitting) or 'no model of this server'}")
         return model
 
     def describe(self) -> list[dict]:
@@ -147,3 +146,8 @@ class Repository:
             raise
         finally:
             request.finish(status)
+
+
+def warmup_sizes(max_batch: int) -> tuple[int, ...]:
+    """Powers of two up to ``max_batch``, and ``max_batch`` itself: the batch shapes served most."""
+    return tuple(sorted({2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch} | {max_batch}))

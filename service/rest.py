@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from models.kinds.image import class_probabilities
 from service import images, metrics, openapi
 from service.errors import ClientError
 from service.generation import GenerationRequest
@@ -42,8 +43,6 @@ from service.uploads import (
 
 log = logging.getLogger("nnserve.rest")
 
-IMAGE_KINDS = ("image_classifier", "image_feature_extractor")
-FEATURE_OUTPUT = "fc7"  # the feature-extractor output named in docs/architecture.md
 INLINE_DECODE_BYTES = 32 << 10  # smaller uploads decode in the event loop: a thread hop costs more
 MULTIPART_OVERHEAD = 64 << 10  # form framing and the other fields, on top of the upload limit
 MAX_JSON_BYTES = 64 << 10  # a /generate body: a 2000-character prompt and a few numbers
@@ -63,11 +62,6 @@ def error_response(request: metrics.RequestMetrics | None, error: Exception) -> 
     retry_after = getattr(error, "retry_after", None)
     return JSONResponse({"error": message}, status_code=status,
                         headers={"Retry-After": str(retry_after)} if retry_after else None)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits.astype(np.float64) - logits.max())
-    return z / z.sum()
 
 
 def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[], dict]) -> Starlette:
@@ -95,7 +89,7 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
         return x[None]
 
     async def run_image(model, x: np.ndarray, request: metrics.RequestMetrics) -> tuple[dict, int]:
-        outputs, stats = await get_repository().run(model.name, {model.inputs[0].name: x})
+        outputs, stats = await get_repository().run(model.name, {model.roles["image"]: x})
         request.observe("batch_wait", stats.queue_s)
         request.observe("inference", stats.inference_s)
         return outputs, stats.batch_size
@@ -104,14 +98,16 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
         record = metrics.RequestMetrics("classify")
         try:
             parts = await read_image_form(request, ("image", "model", "top_k"))
-            model = get_repository().model_for(text_field(parts, "model", "lenet5"), "/classify", IMAGE_KINDS)
+            model = get_repository().model_for(text_field(parts, "model", "lenet5"), "/classify")
+            if "scores" not in model.roles:
+                raise ClientError(f"model {model.name!r} has no class scores (its card has no labels); use /features")
             record.begin(model)
             top_k = int_field(parts, "top_k", 5, minimum=1)
             outputs, batch_size = await run_image(model, await image_input(parts["image"].data, model, record),
                                                   record)
         except Exception as e:
             return error_response(record, e)
-        probabilities = softmax(outputs["logits"][0])
+        probabilities = class_probabilities(model.metadata["scores"], outputs[model.roles["scores"]][0])
         labels = model.metadata["labels"]
         best = np.argsort(-probabilities, kind="stable")[:top_k]
         record.finish(200)
@@ -123,8 +119,7 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
         record = metrics.RequestMetrics("features")
         try:
             parts = await read_image_form(request, ("image", "model", "normalize", "format"))
-            model = get_repository().model_for(text_field(parts, "model", "vgg_fc7"), "/features",
-                                               ("image_feature_extractor",))
+            model = get_repository().model_for(text_field(parts, "model", "vgg_fc7"), "/features")
             record.begin(model)
             normalize = bool_field(parts, "normalize", False)
             fmt = choice_field(parts, "format", ("json", "npy"))
@@ -132,7 +127,7 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
                                                   record)
         except Exception as e:
             return error_response(record, e)
-        vector = outputs[FEATURE_OUTPUT][0].astype(np.float32)
+        vector = outputs[model.roles["features"]][0].astype(np.float32)
         if normalize:
             vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
         record.finish(200)
@@ -158,7 +153,7 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
             if not isinstance(job.model, str):
                 raise ClientError(f"model must be a string, got {type(job.model).__name__}")
             repository = get_repository()
-            model = repository.model_for(job.model, "/generate", ("char_lm",))
+            model = repository.model_for(job.model, "/generate")
             record.begin(model)
             # Streams get a chunk per NNSERVE_STREAM_FLUSH_MS at most; a JSON answer is woken once, at the end.
             chunks = repository.generators[model.name].submit(

@@ -1,7 +1,7 @@
 """One ONNX Runtime session per served model, loaded from the BentoML model store by tag.
 
-What differs between model kinds (batch axes, example inputs, warm-up shapes, what ``GET /models``
-shows) lives in ``service.adapters``; this module never imports torch.
+What differs between model kinds (tensor roles, batch axes, example inputs, warm-up shapes, what
+``GET /models`` shows) lives in the kind's module (models/kinds); this module never imports torch.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.adapters import adapter_for
+from models.kinds import Kind, get_kind
 from service.settings import Settings
 
 log = logging.getLogger("nnserve.runtime")
@@ -78,7 +78,11 @@ class ModelRuntime:
         settings = settings or Settings.from_env()
         self.name, self.version, self.metadata = name, version, metadata
         self.kind: str = metadata["kind"]
-        self.adapter = adapter_for(self.kind)
+        self.kind_module: Kind = get_kind(self.kind)
+        if metadata.get("nnserve_format") != 2 or "roles" not in metadata:
+            raise RuntimeError(f"{name}: store entry made by an older nnserve (format {metadata.get('nnserve_format')}"
+                               f"); re-export it: python -m export artifacts/{name}")
+        self.roles: dict = metadata["roles"]
         self.inputs = [TensorSpec(**t) for t in metadata["inputs"]]
         self.outputs = [TensorSpec(**t) for t in metadata["outputs"]]
         options = ort.SessionOptions()
@@ -101,9 +105,8 @@ class ModelRuntime:
     def tag(self) -> str:
         return f"{self.name}:{self.version}"
 
-    @property
-    def is_image(self) -> bool:
-        return self.adapter.is_image
+    def batch_axis(self, tensor: str) -> int:
+        return self.kind_module.batch_axis(self.metadata, tensor)
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         names = outputs or [t.name for t in self.outputs]
@@ -111,13 +114,13 @@ class ModelRuntime:
 
     def example_feeds(self, batch: int, seq_len: int = 1) -> dict[str, np.ndarray]:
         """Zero inputs of the right dtypes for ``batch`` items (text models: ``seq_len`` tokens each)."""
-        return self.adapter.example_feeds(self, batch, seq_len)
+        return self.kind_module.example_feeds(self.metadata, self.inputs, batch, seq_len)
 
     def warmup(self, batch_sizes: tuple[int, ...]) -> float:
         """Run each served batch shape once: ORT's first call per new shape is slow (and TensorRT builds an
         engine for it)."""
         start = time.perf_counter()
-        for feeds in self.adapter.warmup_feeds(self, batch_sizes):
+        for feeds in self.kind_module.warmup_feeds(self.metadata, self.inputs, batch_sizes):
             self.run(feeds)
         seconds = time.perf_counter() - start
         log.info("warmed up %s on batch sizes %s in %.2f s", self.tag, list(batch_sizes), seconds)
@@ -129,7 +132,8 @@ class ModelRuntime:
         return {"name": self.name, "version": self.version, "store_tag": self.store_tag, "kind": self.kind,
                 "variant": self.metadata.get("variant"), "provider": self.provider, "providers": self.providers,
                 "inputs": [vars(t) for t in self.inputs], "outputs": [vars(t) for t in self.outputs],
-                "parity": self.metadata.get("parity"), **self.adapter.describe(self)}
+                "parity": self.metadata.get("parity"), "roles": self.roles,
+                **self.kind_module.describe(self.metadata)}
 
 
 def store_model(tag: str):

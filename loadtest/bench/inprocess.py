@@ -79,8 +79,8 @@ def ort_session(path: Path, threads: int, optimize: bool = True):
 
 def torch_module(metadata: dict):
     """The eval-mode PyTorch module the store entry was exported from, or a reason why not."""
-    from export.graph import wrap
     from models.artifact import WEIGHTS, load_artifact, sha256_file
+    from models.kinds import get_kind
 
     artifact = Path(metadata.get("source_artifact", ""))
     if not (artifact / WEIGHTS).is_file():
@@ -88,7 +88,7 @@ def torch_module(metadata: dict):
     if sha256_file(artifact / WEIGHTS) != metadata.get("source_sha256"):
         return None, f"{artifact} was retrained after this export (weights sha256 differs)"
     model, card = load_artifact(artifact)
-    return wrap(model, card), ""
+    return get_kind(card["kind"]).export_wrapper(model, card), ""
 
 
 @dataclass

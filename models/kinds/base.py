@@ -50,8 +50,13 @@ class Kind:
         """The kind's own facts for ``GET /models``."""
         return {}
 
-    def check_request(self, metadata: dict, arrays: dict[str, np.ndarray], limits: Any) -> str | None:
-        """What a raw-tensor (/v2) request's values break beyond dtype and shape, as a client error message."""
+    def check_request_shapes(self, metadata: dict, shapes: dict[str, list[int]], limits: Any) -> str | None:
+        """What a raw-tensor (/v2) request's shapes break beyond the graph's (e.g. a sequence limit), as a client
+        error message; checked before any data is decoded. ``limits``: max_sequence_length, max_request_tokens."""
+        return None
+
+    def check_request_values(self, metadata: dict, arrays: dict[str, np.ndarray]) -> str | None:
+        """What a raw-tensor request's values break (e.g. token ids outside the vocabulary)."""
         return None
 
     # ---- export -------------------------------------------------------------------------------------

@@ -130,7 +130,8 @@ class ImageClassifier(Kind):
         except Exception as e:
             raise KindError(f"the network cannot take the input the preprocessing makes, {list(shape)} "
                             f"(channels x height x width from the card): {type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:300]}; fix preprocessing (channels, resize/crop, input_size)") from e
+                            f"{str(e).splitlines()[0][:300]}; fix preprocessing (channels, resize/crop, "
+                            "input_size)") from e
         outs = outs if isinstance(outs, tuple) else (outs,)
         widths = {}
         for name, out in zip(wrapper.output_names, outs, strict=True):
@@ -139,7 +140,8 @@ class ImageClassifier(Kind):
             widths[name] = int(out.shape[1])
         if "labels" in card and widths[wrapper.output_names[0]] != len(card["labels"]):
             raise KindError(f"the card has {len(card['labels'])} labels but the network's scores have "
-                            f"{widths[wrapper.output_names[0]]} columns: give one label per class, in class index order")
+                            f"{widths[wrapper.output_names[0]]} columns: give one label per class, in class "
+                            "index order")
         if card.get("scores") == "probabilities":
             p = outs[0].double()
             if (p < -1e-6).any() or not torch.allclose(p.sum(1), torch.ones(2, dtype=p.dtype), atol=1e-3):
@@ -287,6 +289,18 @@ class ImageFeatureExtractor(ImageClassifier):
     feature_output = True
 
 
+def class_probabilities(scores: str, row: np.ndarray) -> np.ndarray:
+    """One row of the scores output as probabilities: softmax of logits, exp of log-probabilities, and
+    probabilities as they are (never a softmax applied twice)."""
+    row = row.astype(np.float64)
+    if scores == "probabilities":
+        return row
+    if scores == "log_probabilities":
+        return np.exp(row)
+    z = np.exp(row - row.max())
+    return z / z.sum()
+
+
 def module_at(model, path: str):
     """``model.get_submodule(path)`` with the closest module paths suggested when it does not exist."""
     try:
@@ -346,7 +360,8 @@ def read_eval_images(path: Path, card: dict) -> tuple[np.ndarray, np.ndarray]:
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as npz:
             if "images" not in npz or "labels" not in npz:
-                raise KindError(f"{path}: an evaluation .npz needs arrays 'images' and 'labels', has {list(npz.keys())}")
+                raise KindError(f"{path}: an evaluation .npz needs arrays 'images' and 'labels', has "
+                                f"{list(npz.keys())}")
             images, y = npz["images"], npz["labels"].astype(np.int64)
         if images.dtype == np.uint8:
             x = np.stack([preprocess_upload_pixels(image_to_uint8(Image.fromarray(img), spec), spec) for img in images])

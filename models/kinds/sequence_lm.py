@@ -74,10 +74,8 @@ class SequenceLM(Kind):
         return {"vocab": vocabulary(metadata).describe(), "vocab_size": len(vocabulary(metadata)),
                 "rnn": metadata.get("rnn")}
 
-    def check_request(self, metadata: dict, arrays: dict[str, np.ndarray], limits) -> str | None:
-        tokens = arrays[metadata["roles"]["tokens"]]
-        vocab_size = len(vocabulary(metadata))
-        items, length = tokens.shape
+    def check_request_shapes(self, metadata: dict, shapes: dict[str, list[int]], limits) -> str | None:
+        items, length = shapes[metadata["roles"]["tokens"]]
         if length > limits.max_sequence_length:
             return (f"input 'tokens' has sequence length {length}; the limit is {limits.max_sequence_length} tokens "
                     "per item (as a /generate prompt)")
@@ -85,6 +83,10 @@ class SequenceLM(Kind):
             return (f"input 'tokens' has {items} x {length} = {items * length} tokens; the limit is "
                     f"{limits.max_request_tokens} per request (NNSERVE_MAX_REQUEST_TOKENS): split it into several "
                     "requests")
+        return None
+
+    def check_request_values(self, metadata: dict, arrays: dict[str, np.ndarray]) -> str | None:
+        tokens, vocab_size = arrays[metadata["roles"]["tokens"]], len(vocabulary(metadata))
         if tokens.min() < 0 or tokens.max() >= vocab_size:
             return f"token ids must be in [0, {vocab_size}), got values from {tokens.min()} to {tokens.max()}"
         return None
