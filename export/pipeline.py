@@ -215,16 +215,15 @@ def int8_stage(source: Source, fp32: Graph, out: Path, probe_meta: dict, opts: O
 
 
 def tensorrt_stage(fp32: Graph, out_dir: Path, metadata: dict, opts: Options) -> tuple[dict, dict]:
+    """A TensorRT engine verified against ORT CPU, stored for the service to run as is (export/tensorrt.py)."""
     if not opts.tensorrt:
         return {"skipped": "not requested (--tensorrt)"}, {}
-    from export.tensorrt import tensorrt_report
+    from export.tensorrt import tensorrt_stage as build
 
-    try:
-        report = tensorrt_report(fp32.path, out_dir, metadata, opts)
-    except RuntimeError as e:  # parse/build failures: fp32 is still fine to register
+    try:  # the plain graph: TensorRT does its own fusions
+        return build(fp32.path, out_dir, metadata, opts)
+    except RuntimeError as e:  # build/run failures: fp32 is still fine to register
         return {"failed": str(e)}, {}
-    return report, ({"tensorrt": {k: v for k, v in report.items() if k != "checks"}}
-                    if report.get("engine_file") else {})
 
 
 # ---- 6. the store -------------------------------------------------------------------------------------------
@@ -284,7 +283,9 @@ def export_artifact(artifact_dir: str | Path, opts: Options) -> Result:
                                     latency["fp32"][f"batch_{b}"]["median_ms"], 3) for b in optimize.LATENCY_BATCHES}
         report["tensorrt"], extra = tensorrt_stage(fp32, fp32_dir, probe_meta, opts)
         if opts.tensorrt and not extra and "skipped" not in report["tensorrt"]:
-            result.problems.append(f"{name}: TensorRT engine not saved: {report['tensorrt']}")
+            trt = report["tensorrt"]
+            why = trt.get("failed") or {k: v for k, v in trt.get("parity", {}).items() if k != "checks"}
+            result.problems.append(f"{name}: TensorRT engine not kept: {why}")
         report["export_seconds"] = round(time.perf_counter() - started, 1)
 
         metrics = dict(source.card.get("metrics", {}))

@@ -43,8 +43,11 @@ def register(name: str, files_dir: Path, metadata: dict) -> str:
     """Copy every file of ``files_dir`` into a new version of ``name``; returns ``"name:version"``."""
     labels = {"kind": metadata["kind"], "variant": metadata["variant"], "source": metadata["source_sha256"][:12]}
     with bentoml.models.create(name, metadata=metadata, labels=labels) as model:
-        for path in sorted(files_dir.iterdir()):
-            shutil.copy2(path, model.path_of(path.name))
+        for path in sorted(files_dir.iterdir()):  # files, and the tensorrt/ folder of a verified engine
+            if path.is_dir():
+                shutil.copytree(path, model.path_of(path.name))
+            else:
+                shutil.copy2(path, model.path_of(path.name))
         verify_entry(Path(model.path), metadata)
     tag = str(model.tag)
     log.info("registered %s in the BentoML model store", tag)

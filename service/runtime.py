@@ -1,15 +1,23 @@
 """One ONNX Runtime session per served model, loaded from the BentoML model store by tag.
 
+With ``NNSERVE_PROVIDERS`` putting TensorRT first, a model whose store entry has a verified TensorRT engine
+(metadata ``tensorrt``) is served on exactly that engine; every other model runs its ``model.onnx`` on the
+remaining providers (CUDA / CPU), with the reason logged once and shown by ``describe()`` (``engine``).
+
 What differs between model kinds (tensor roles, batch axes, example inputs, warm-up shapes, what
 ``GET /models`` shows) lives in the kind's module (models/kinds); this module never imports torch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
+import subprocess
 import time
 from dataclasses import dataclass
+from importlib import metadata as dist_metadata
 from pathlib import Path
 
 import numpy as np
@@ -43,15 +51,100 @@ def choose_providers(requested: list[str] | tuple[str, ...] | None = None) -> li
     return chosen
 
 
-def provider_options(provider: str, settings: Settings) -> dict:
-    """TensorRT builds an engine per input shape, which takes minutes: cache them on disk so a restart
-    reuses them; FP16 only when asked."""
-    if provider != "TensorrtExecutionProvider":
-        return {}
-    cache = Path(settings.trt_cache_dir).expanduser()
-    cache.mkdir(parents=True, exist_ok=True)
-    return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
-            "trt_fp16_enable": settings.trt_fp16}
+# TensorRT: only the engine that export verified is served (export/tensorrt.py, docs/export.md step 7). The
+# store entry holds it as an ONNX Runtime EP-context model, ``tensorrt/model_ctx.onnx``, whose EPContext
+# nodes name the serialized engines beside it. Such a node carries no graph, so ORT cannot rebuild an engine
+# from it: the engine deserializes (or session creation fails) and an input outside its profile fails the
+# call. Models without a verified engine never get the TensorRT EP, which would build its own, unchecked.
+TRT = "TensorrtExecutionProvider"
+TRT_CACHE_DIR = "tensorrt"
+TRT_CTX_FILE = "model_ctx.onnx"
+_reported_engines: set[tuple[str, str]] = set()
+
+
+def profile_option(shapes: dict[str, list[int]]) -> str:
+    """The TRT EP's ``trt_profile_*_shapes`` format: ``name:1x3x32x32,other:2x1x64``."""
+    return ",".join(f"{name}:{'x'.join(str(d) for d in shape)}" for name, shape in shapes.items())
+
+
+def cuda_device_name(index: int = 0) -> str | None:
+    """GPU ``index``'s name from nvidia-smi (no torch in the service), or None where it cannot be asked."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out or None
+
+
+def tensorrt_version() -> str | None:
+    """The installed TensorRT (the libraries the TRT EP loads), from package metadata, or None if unknown."""
+    for dist in ("tensorrt-cu12-libs", "tensorrt-cu13-libs", "tensorrt-cu12", "tensorrt-cu13", "tensorrt"):
+        try:
+            return dist_metadata.version(dist)
+        except dist_metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verified_engine_problem(entry: dict, model_dir: Path, settings: Settings, generates: bool) -> str | None:
+    """Why the verified engine of store entry ``model_dir`` cannot be served on this host, or None.
+    Mismatches ORT would only notice late (or not at all) are checked here: a different GPU model may still
+    deserialize an engine tuned for another one."""
+    for name, digest in entry["files"].items():  # the exact bytes export verified (~0.3 s per 100 MB)
+        path = model_dir / entry["cache_dir"] / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if file_sha256(path) != digest:
+            return f"{path} differs from the file export verified (sha256)"
+    gpu, trt = cuda_device_name(), tensorrt_version()
+    if gpu is not None and gpu != entry["gpu"]:
+        return f"engine built and verified on {entry['gpu']}, this host has {gpu}"
+    if trt is not None and entry.get("tensorrt_version") and trt != entry["tensorrt_version"]:
+        return f"engine built with TensorRT {entry['tensorrt_version']}, this host has {trt}"
+    biggest = max(settings.max_batch_size, settings.generation_batch_size) if generates else settings.max_batch_size
+    if biggest > entry["profile"]["max_batch"]:
+        return (f"batches of up to {biggest} are served (NNSERVE_MAX_BATCH_SIZE / NNSERVE_GENERATION_BATCH_SIZE) "
+                f"but the engine's profile stops at {entry['profile']['max_batch']} (export --max-batch)")
+    return None
+
+
+def tensorrt_provider_options(entry: dict) -> dict:
+    """For an EP-context model: write nothing, build nothing. Op types TensorRT did not take at export stay
+    excluded, so the TRT EP cannot claim (and build an engine for) the nodes left to CUDA/CPU."""
+    options: dict = {"trt_engine_cache_enable": False, "trt_dump_ep_context_model": False}
+    if entry.get("non_tensorrt_ops"):
+        options["trt_op_types_to_exclude"] = ",".join(entry["non_tensorrt_ops"])
+    return options
+
+
+def _warn_ignored_settings(settings: Settings) -> None:
+    """NNSERVE_TRT_CACHE_DIR / NNSERVE_TRT_FP16 configured serve-time engine builds, which no longer happen:
+    precision and cache come with the verified engine (export --fp16). Say so rather than ignore them."""
+    defaults = Settings()
+    for key, value, default in (("NNSERVE_TRT_CACHE_DIR", settings.trt_cache_dir, defaults.trt_cache_dir),
+                                ("NNSERVE_TRT_FP16", settings.trt_fp16, defaults.trt_fp16)):
+        if value != default and key not in _reported_skips:
+            _reported_skips.add(key)
+            log.warning("%s=%r is ignored: the service only serves TensorRT engines verified at export "
+                        "(python -m export --tensorrt [--fp16])", key, value)
+
+
+def _report_engine(model: str, reason: str, warn: bool = False) -> None:
+    """Once per process and model: why it is (not) served on its TensorRT engine."""
+    if (model, reason) not in _reported_engines:
+        _reported_engines.add((model, reason))
+        log.log(logging.WARNING if warn else logging.INFO, "%s: %s", model, reason)
 
 
 @dataclass(frozen=True)
@@ -74,7 +167,8 @@ class ModelRuntime:
     store_tag: str | None = None  # the store entry (e.g. lenet5-int8:abc) when loaded from the store
 
     def __init__(self, name: str, version: str, onnx_path: str, metadata: dict,
-                 providers: list[str] | None = None, settings: Settings | None = None) -> None:
+                 providers: list[str] | None = None, settings: Settings | None = None,
+                 model_dir: str | Path | None = None) -> None:
         settings = settings or Settings.from_env()
         self.name, self.version, self.metadata = name, version, metadata
         self.kind: str = metadata["kind"]
@@ -92,14 +186,52 @@ class ModelRuntime:
         # loop) share few cores, and spinning threads steal CPU from those with work: measured under mixed
         # load on 2 cores, spinning off tripled image-endpoint throughput (docs/service.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.ort_spinning else "0")
-        chosen = choose_providers(providers or list(settings.providers))
-        self.session = ort.InferenceSession(onnx_path, options, providers=chosen,
-                                            provider_options=[provider_options(p, settings) for p in chosen])
+        requested = list(providers or settings.providers)
+        chosen = choose_providers(requested)
+        model_dir = Path(model_dir) if model_dir is not None else Path(onnx_path).parent
+        self.session, self.engine = self._session(onnx_path, model_dir, options, requested, chosen, settings)
         # What the session really uses: a provider that fails to initialise is dropped by ORT.
         self.providers: list[str] = self.session.get_providers()
         self.provider = self.providers[0]
-        log.info("loaded %s (%s) on %s (providers %s, %d intra-op threads)", self.tag, self.kind, self.provider,
-                 self.providers, options.intra_op_num_threads)
+        log.info("loaded %s (%s) on %s (providers %s, %d intra-op threads, %s)", self.tag, self.kind, self.provider,
+                 self.providers, options.intra_op_num_threads, self.engine["file"])
+
+    def _session(self, onnx_path: str, model_dir: Path, options: ort.SessionOptions, requested: list[str],
+                 chosen: list[str], settings: Settings) -> tuple[ort.InferenceSession, dict]:
+        """The verified TensorRT engine when NNSERVE_PROVIDERS puts TensorRT first and this host can run it;
+        otherwise ``onnx_path`` on the other providers. Returns (session, what ``describe()`` says of it)."""
+        entry = self.metadata.get("tensorrt")
+        _warn_ignored_settings(settings)
+        if TRT not in requested:
+            why = "TensorRT not requested (NNSERVE_PROVIDERS)"
+        elif not entry:
+            why = "no verified TensorRT engine in this store entry (export --tensorrt on a GPU host makes one)"
+        elif TRT not in chosen:
+            why = f"TensorRT EP not in this onnxruntime build (available: {ort.get_available_providers()})"
+        elif chosen[0] != TRT:
+            why = f"TensorRT is not first in NNSERVE_PROVIDERS ({requested})"
+        else:
+            why = verified_engine_problem(entry, model_dir, settings, self.kind_module.generates)
+            if why is None:
+                ctx = model_dir / entry["onnx_file"]
+                try:
+                    session = ort.InferenceSession(str(ctx), options, providers=chosen, provider_options=[
+                        tensorrt_provider_options(entry) if p == TRT else {} for p in chosen])
+                except Exception as e:  # e.g. TensorRT refuses an engine from another version: no rebuild
+                    why = f"the verified engine failed to load ({type(e).__name__}: {e})"
+                else:
+                    if session.get_providers()[0] == TRT:
+                        _report_engine(self.tag, f"serving the TensorRT engine verified at export ({ctx})")
+                        keys = ("gpu", "tensorrt_version", "fp16", "profile", "parity")
+                        return session, {"served": "tensorrt", "file": entry["onnx_file"], "reason": None,
+                                         **{k: entry.get(k) for k in keys}}
+                    why = f"onnxruntime did not initialise the TensorRT EP (providers {session.get_providers()})"
+        if entry:
+            why = f"verified TensorRT engine not served: {why}"
+        rest = [p for p in chosen if p != TRT]  # never the TRT EP on a graph: it would build an unverified engine
+        _report_engine(self.tag, f"serving {Path(onnx_path).name} on {rest[0]}: {why}", warn=bool(entry))
+        session = ort.InferenceSession(onnx_path, options, providers=rest)
+        return session, {"served": "onnx", "file": Path(onnx_path).name, "reason": why}
 
     @property
     def tag(self) -> str:
@@ -131,6 +263,7 @@ class ModelRuntime:
         the kind's own facts (labels / vocabulary size)."""
         return {"name": self.name, "version": self.version, "store_tag": self.store_tag, "kind": self.kind,
                 "variant": self.metadata.get("variant"), "provider": self.provider, "providers": self.providers,
+                "engine": self.engine,
                 "inputs": [vars(t) for t in self.inputs], "outputs": [vars(t) for t in self.outputs],
                 "parity": self.metadata.get("parity"), "roles": self.roles,
                 **self.kind_module.describe(self.metadata)}
