@@ -86,7 +86,7 @@ class DenseBlock(nn.Module):
         self.branch = nn.Conv2d(4, 4, 3, padding=1)
         self.bn_cat = nn.BatchNorm2d(8)
         self.relu = nn.ReLU()
-        self.bn_relu = nn.BatchNorm2d(8)
+        self.bn_relu = nn.BatchNorm2d(8, eps=0.1)  # a large eps, so leaving it out would show
         self.drop = nn.Dropout(0.3)
         self.head = nn.Conv2d(8, 5, 1)
 
@@ -189,7 +189,7 @@ class Untraceable(nn.Module):
         self.conv = nn.Conv2d(3, 4, 3)
         self.bn1 = nn.BatchNorm2d(4)
         self.relu = nn.ReLU()
-        self.bn2 = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4, eps=0.1)
         self.up = nn.ConvTranspose2d(4, 6, 2, groups=2)
         self.bn3 = nn.BatchNorm2d(6)
         self.fc = nn.Linear(6, 3)
@@ -232,23 +232,36 @@ def test_untraceable_strict_fold_fails_on_the_onnx_node(tmp_path):
     assert path.read_bytes() == before, "a failed fold leaves the file alone"
 
 
+class ConvStack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.bn = nn.BatchNorm2d(4, eps=0.1)  # a large eps, so leaving it out would show
+        self.up = nn.ConvTranspose2d(4, 4, 2, groups=4)
+        self.up_bn = nn.BatchNorm2d(4, affine=False)
+        self.skip_conv = nn.Conv2d(4, 4, 1)
+        self.skip_bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.skip_conv(self.up_bn(self.up(self.bn(self.conv(x)))))
+        return self.skip_bn(y) + y
+
+
 def test_fold_batchnorm_onnx_folds_convs_the_exporter_kept(tmp_path):
     # PRESERVE turns the exporter's own Conv+BN folding off, so our ONNX arithmetic does every fold.
     torch.manual_seed(5)
-    model = randomize_bn(nn.Sequential(OrderedDict([
-        ("conv", nn.Conv2d(3, 4, 3, bias=False)), ("bn", nn.BatchNorm2d(4)),
-        ("up", nn.ConvTranspose2d(4, 4, 2, groups=4)), ("up_bn", nn.BatchNorm2d(4, affine=False)),
-    ])))
+    model = randomize_bn(ConvStack())
     x = torch.randn(2, 3, 5, 5)
     path = tmp_path / "raw.onnx"
     export(model, x, path, mode=torch.onnx.TrainingMode.PRESERVE)
     raw = onnx.load(str(path))
-    assert ops(raw)["BatchNormalization"] == 2
+    assert ops(raw)["BatchNormalization"] == 3
     folded_model, folded, scale_shift = fold_batchnorm_onnx(raw)
     assert folded == ["/bn/BatchNormalization -> /conv/Conv", "/up_bn/BatchNormalization -> /up/ConvTranspose"]
-    assert scale_shift == []
-    assert ops(raw)["BatchNormalization"] == 2, "the input model is not modified"
-    assert set(ops(folded_model)) == {"Conv", "ConvTranspose"}, ops(folded_model)
+    assert scale_shift == ["/skip_bn/BatchNormalization"]  # its conv's output also feeds the Add
+    assert ops(raw)["BatchNormalization"] == 3, "the input model is not modified"
+    counts = ops(folded_model)
+    assert counts["BatchNormalization"] == 0 and counts["Mul"] == 1 and counts["Add"] == 2, counts
     onnx.save(folded_model, str(tmp_path / "folded.onnx"))
     onnx.checker.check_model(str(tmp_path / "folded.onnx"), full_check=True)
     assert_parity(model, tmp_path / "folded.onnx", x)
