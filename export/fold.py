@@ -129,23 +129,24 @@ def _describe(node: object) -> str:
     return f"{'the model input' if node.op == 'placeholder' else node.op} {node.target!r}"
 
 
-def fold_batchnorm(model: nn.Module, strict_fold: bool = False) -> tuple[nn.Module, list[str], list[str]]:
+def fold_batchnorm(model: nn.Module, strict_fold: bool = False
+                   ) -> tuple[nn.Module, list[str], list[str], list[str]]:
     """Eval copy of ``model`` with each BN folded into its producer (BN -> Identity) or made a ScaleShift.
 
-    Returns (model, ["bn -> producer" folded], [BN names made ScaleShift]). A BN folds when its input is
+    Returns (model, ["bn -> producer" folded], [BN names made ScaleShift], [BN names left for the ONNX pass]). A BN folds when its input is
     the output of a Conv/Linear used only there. Raises :class:`FoldError` naming the layer for any other
     BN when ``strict_fold``, and :class:`UntraceableError` when torch.fx cannot trace the model.
     """
     model = copy.deepcopy(model).eval()
     if not any(isinstance(m, BATCHNORMS) for m in model.modules()):
-        return model, [], []
+        return model, [], [], []
     try:
         graph = _Tracer().trace(model)
     except Exception as e:  # fx raises many types for untraceable control flow
         why = (str(e).strip().splitlines() or [""])[0]
         raise UntraceableError(f"{type(e).__name__}: {why}" if why else type(e).__name__) from e
     calls = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
-    folded, scale_shift, done = [], [], set()
+    folded, scale_shift, deferred, done = [], [], [], set()
     for node in graph.nodes:
         if node.op != "call_module" or node.target in done or not isinstance(model.get_submodule(node.target),
                                                                              BATCHNORMS):
@@ -166,6 +167,11 @@ def fold_batchnorm(model: nn.Module, strict_fold: bool = False) -> tuple[nn.Modu
             _set_submodule(model, producer.target, fused)
             _set_submodule(model, bn_name, nn.Identity())
             folded.append(f"{bn_name} -> {producer.target}")
+        elif is_module and len(producer.users) == 1 and isinstance(model.get_submodule(producer.target),
+                                                                   CONVS + CONV_TRANSPOSES):
+            # A Conv subclass (e.g. efficientnet_pytorch's static-same-padding conv) may change its weight in
+            # forward, so its module is not fused here; its exported Conv node is, by the ONNX pass.
+            deferred.append(bn_name)
         elif strict_fold:
             raise FoldError(f"BatchNorm layer {bn_name!r} cannot be folded: {why}; {STRICT_HINT}")
         else:
@@ -174,7 +180,7 @@ def fold_batchnorm(model: nn.Module, strict_fold: bool = False) -> tuple[nn.Modu
     log.info("folded %d BatchNorm layers: %s", len(folded), ", ".join(folded) or "none")
     if scale_shift:
         log.info("BatchNorm layers made scale-and-shift (nothing to fold into): %s", ", ".join(scale_shift))
-    return model, folded, scale_shift
+    return model, folded, scale_shift, deferred
 
 
 def remove_dropout(model: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -202,7 +208,9 @@ def prepare_for_export(model: nn.Module, strict_fold: bool = False) -> tuple[nn.
             _require_running_stats(m, name)
     info: dict = {"method": "torch.fx"}
     try:
-        model, folded, scale_shift = fold_batchnorm(model, strict_fold)
+        model, folded, scale_shift, deferred = fold_batchnorm(model, strict_fold)
+        if deferred:
+            info = {"method": "torch.fx+onnx", "deferred_to_onnx": deferred}
     except UntraceableError as e:
         log.info("torch.fx cannot trace %s (%s): BatchNorm is folded in the exported ONNX graph instead",
                  type(model).__name__, e)
@@ -211,8 +219,9 @@ def prepare_for_export(model: nn.Module, strict_fold: bool = False) -> tuple[nn.
     model, removed = remove_dropout(model)
     # Every BN in the fx graph was handled, so one left was never called as a module (e.g. only its
     # tensors were used); with the ONNX method BNs stay on purpose.
-    kinds = DROPOUTS + (BATCHNORMS if info["method"] == "torch.fx" else ())
-    leftovers = [name for name, m in model.named_modules() if isinstance(m, kinds)]
+    kinds = DROPOUTS + (BATCHNORMS if info["method"] != "onnx" else ())
+    leftovers = [name for name, m in model.named_modules()
+                 if isinstance(m, kinds) and name not in info.get("deferred_to_onnx", ())]
     if leftovers:
         raise FoldError(f"layers left after folding (not reached by forward?): {leftovers}")
     info.update(batchnorm_folded=folded, batchnorm_scale_shift=scale_shift, dropout_removed=removed)
@@ -405,12 +414,13 @@ def fold_batchnorm_onnx(model: onnx.ModelProto, strict_fold: bool = False
 
 
 def finish_onnx_folding(path: Path, info: dict, strict_fold: bool = False) -> dict:
-    """After export: when ``info["method"] == "onnx"``, fold the BNs of the ONNX file at ``path`` in place.
+    """After export: unless every BN was handled by torch.fx (``info["method"] == "torch.fx"``), fold the BNs
+    left in the ONNX file at ``path`` in place.
 
     The file is replaced atomically (temp file + rename). ``info``'s lists are extended with the ONNX
     node names and ``info`` is returned; with the torch.fx method nothing is done.
     """
-    if info.get("method") != "onnx":
+    if info.get("method") == "torch.fx":
         return info
     path = Path(path)
     model, folded, scale_shift = fold_batchnorm_onnx(onnx.load(str(path)), strict_fold=strict_fold)
