@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from models import data
-from models.arch import VGGFC7, CharRNN, LeNet5, build_model
+from models.arch import VGGFC7, CharRNN, LeNet5
 from models.artifact import ArtifactError, atomic_dir, load_artifact, read_card
 from models.preprocess import preprocess_uint8, to_unit
 from models.train import main as train
@@ -82,9 +82,13 @@ def test_train_and_eval_behaviour_of_batchnorm_and_dropout():
     assert torch.equal(bn.running_mean, frozen), "BN uses frozen stats in eval mode"
 
 
-def test_build_model_rejects_unknown_arch():
-    with pytest.raises(ValueError, match="unknown arch 'resnet'"):
-        build_model({"arch": "resnet"})
+def test_a_card_factory_that_does_not_exist_is_named():
+    from models.card import CardError, build_module
+
+    with pytest.raises(CardError, match="module 'models.arch' has no attribute 'ResNet'"):
+        build_module({"config": {"factory": "models.arch:ResNet"}})
+    with pytest.raises(CardError, match="cannot import module 'nowhere_net'"):
+        build_module({"config": {"factory": "nowhere_net:Net"}})
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -142,7 +146,7 @@ def test_tiny_artifacts_have_a_complete_card(tiny_artifacts):
         assert card["name"] == kind and card["seed"] == 0 and card["torch_version"].startswith("2.13")
         assert card["curves"] and card["metrics"] and card["weights_sha256"]
         if kind.startswith("char_"):
-            assert card["kind"] == "char_lm" and len(card["vocab"]) == card["config"]["vocab_size"]
+            assert card["kind"] == "sequence_lm" and len(card["vocab"]) == card["config"]["kwargs"]["vocab_size"]
             assert card["metrics"]["unigram_bpc"] > 0 and len(card["sample"]["text"]) == 300
         else:
             spec = card["preprocessing"]
@@ -181,9 +185,9 @@ def test_card_that_does_not_match_its_weights_is_rejected(tiny_artifacts, tmp_pa
     bad = tmp_path / "bad"
     shutil.copytree(tiny_artifacts["char_lstm"], bad)
     card = json.loads((bad / "card.json").read_text())
-    card["config"]["hidden_size"] *= 2
+    card["config"]["kwargs"]["hidden_size"] *= 2
     (bad / "card.json").write_text(json.dumps(card))
-    with pytest.raises(ArtifactError, match="card does not match weights.*shape mismatch"):
+    with pytest.raises(ArtifactError, match="weights do not fit the network.*shape mismatch"):
         load_artifact(bad)
 
 

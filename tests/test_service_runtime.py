@@ -1,5 +1,5 @@
-"""service/runtime.py, adapters.py and settings.py without a server: provider choice, settings from the
-environment, what each model kind's adapter knows, and the BentoML timer fix."""
+"""service/runtime.py, the model kinds and settings.py without a server: provider choice, settings from the
+environment, what each model kind knows, and the BentoML timer fix."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import fields
 import onnxruntime as ort
 import pytest
 
-from service.adapters import warmup_sizes
+from service.repository import warmup_sizes
 from service.runtime import choose_providers, load_runtime
 from service.settings import Settings, SettingsError
 
@@ -61,10 +61,10 @@ def test_ort_thread_spinning_is_off_unless_configured(tiny_store, monkeypatch):
     assert spinning(load_runtime("lenet5", tiny_store["lenet5"])) == "1"
 
 
-def test_adapters_own_the_batch_axes_and_example_inputs(lenet5, tiny_store):
+def test_kinds_own_the_batch_axes_and_example_inputs(lenet5, tiny_store):
     gru = load_runtime("char_gru", tiny_store["char_gru"])
-    assert [lenet5.adapter.batch_axis(t.name) for t in lenet5.inputs + lenet5.outputs] == [0, 0]
-    assert {t.name: gru.adapter.batch_axis(t.name) for t in gru.inputs + gru.outputs} == {
+    assert [lenet5.batch_axis(t.name) for t in lenet5.inputs + lenet5.outputs] == [0, 0]
+    assert {t.name: gru.batch_axis(t.name) for t in gru.inputs + gru.outputs} == {
         "tokens": 0, "h": 1, "logits": 0, "h_out": 1}
     feeds = gru.example_feeds(3, seq_len=5)
     assert feeds["tokens"].shape == (3, 5) and feeds["h"].shape[1] == 3
