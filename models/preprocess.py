@@ -1,28 +1,182 @@
 """Image preprocessing shared by training and serving (numpy + Pillow only, no torch).
 
-The spec is a plain dict stored in the model card and copied into the model store metadata, e.g.::
+The spec is a plain dict stored in the model card and copied into the model store metadata. Our MNIST
+models use the legacy square form; a user's ImageNet-style model states a torchvision-like pipeline::
 
     {"channels": 1, "content_size": 28, "pad": 2, "input_size": 32,
      "mean": [0.1], "std": [0.3], "resample": "bilinear"}
+    {"channels": 3, "resize": 256, "crop": [224, 224], "input_size": [224, 224],
+     "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resample": "bilinear"}
 
-Training feeds uint8 images of ``content_size`` through :func:`to_unit` (then augments) and
-:func:`standardize`; the service decodes an upload with :func:`image_to_uint8` and runs the very same
-two functions, so an image gives the same tensor in both (tests/test_service_preprocess.py proves it).
+Fields (:func:`validate_spec` checks them all, naming the field and the fix):
+
+- ``channels``: 1 (grayscale) or 3 (RGB).
+- ``resize``: an int (the shorter side becomes that size, aspect kept: torchvision ``Resize(int)``) or
+  ``[height, width]`` (exact). Legacy ``content_size: s`` means ``resize: [s, s]``.
+- ``crop``: optional ``[height, width]`` (or an int for a square) center crop after the resize
+  (torchvision ``CenterCrop``). Required with a shorter-side resize: the model needs a fixed size.
+- ``pad``: optional int, zero padding on every side after the crop (0 in [0, 1] units, before standardizing).
+- ``mean``, ``std``: per-channel lists in [0, 1] units; the input is ``(pixel / 255 - mean) / std``.
+- ``resample``: nearest | bilinear (default) | bicubic | lanczos.
+- ``input_size``: optional int or ``[height, width]``; must equal :func:`input_hw` when given.
+
+Training feeds uint8 images through :func:`to_unit` (then augments) and :func:`standardize`; the service
+decodes an upload with :func:`image_to_uint8` and runs the very same two functions (or a lookup table
+built from them), so an image gives the same tensor in both (tests/test_service_preprocess.py proves it).
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from numbers import Integral, Real
+from typing import NoReturn
 
 import numpy as np
 from PIL import Image
 
 RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
             "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+SPEC_KEYS = ("channels", "resize", "crop", "pad", "mean", "std", "resample", "content_size", "input_size")
 
 
-def image_to_uint8(image: Image.Image, spec: dict) -> np.ndarray:
-    """Decoded PIL image -> uint8 array [content_size, content_size, channels]."""
+class PreprocessingError(ValueError):
+    """The preprocessing spec is invalid: a model configuration problem, not a client's."""
+
+
+class ImageTooLarge(ValueError):
+    """The resize would make more pixels than allowed: a long, thin upload under a shorter-side resize."""
+
+
+def _fail(message: str) -> NoReturn:
+    raise PreprocessingError(f"preprocessing spec: {message}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)  # numpy ints welcome; JSON true is no size
+
+
+def _size_pair(spec: dict, key: str, int_means: str) -> int | tuple[int, int]:
+    """A positive int or [height, width] of positive ints from spec[key], else a PreprocessingError."""
+    value = spec[key]
+    if _is_int(value) and value > 0:
+        return int(value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) and v > 0 for v in value):
+        return int(value[0]), int(value[1])
+    _fail(f"'{key}' must be a positive int ({int_means}) or [height, width] of positive ints, got {value!r}")
+
+
+def _geometry(spec: dict) -> tuple[int | tuple[int, int], tuple[int, int] | None, int]:
+    """(resize, crop, pad) of a spec, checked: resize is an int (shorter side) or (h, w); crop is (h, w) or None."""
+    if "resize" in spec and "content_size" in spec:
+        _fail("give 'resize' or the legacy 'content_size', not both")
+    if "content_size" in spec:
+        side = spec["content_size"]
+        if not (_is_int(side) and side > 0):
+            _fail(f"'content_size' must be a positive int (the side of the square), got {side!r}; "
+                  "use 'resize': [height, width] for a non-square size")
+        resize: int | tuple[int, int] = (side, side)
+    elif "resize" in spec:
+        resize = _size_pair(spec, "resize", "the shorter side, aspect kept")
+    else:
+        _fail("missing 'resize': give the shorter side as an int (with a 'crop') or the exact size as "
+              "[height, width]")
+    crop = None
+    if spec.get("crop") is not None:
+        crop = _size_pair(spec, "crop", "a square")
+        crop = (crop, crop) if _is_int(crop) else crop
+    pad = spec.get("pad", 0)
+    if not (_is_int(pad) and pad >= 0):
+        _fail(f"'pad' must be an int >= 0 (pixels on every side), got {pad!r}")
+
+    if _is_int(resize):
+        if crop is None:
+            _fail(f"'resize': {resize} (shorter side) without a 'crop' gives each upload's aspect ratio, but the "
+                  f"model needs a fixed height x width: add 'crop': [height, width] or give 'resize' as "
+                  f"[height, width]")
+        if max(crop) > resize:  # else an upload whose short side lies along that axis is too small to crop
+            _fail(f"'crop' {list(crop)} is larger than the shorter side 'resize': {resize}: crop at most "
+                  f"{resize} on each side, or resize larger")
+    elif crop is not None and (crop[0] > resize[0] or crop[1] > resize[1]):
+        _fail(f"'crop' {list(crop)} is larger than 'resize' {list(resize)}: crop at most the resized "
+              f"[height, width], or resize larger")
+    return resize, crop, pad
+
+
+def _check_channel_stats(spec: dict, key: str, channels: int) -> list[float]:
+    if key not in spec:
+        _fail(f"missing '{key}': give one value per channel in [0, 1] units (pixel / 255)")
+    values = spec[key]
+    if not (isinstance(values, (list, tuple)) and all(isinstance(v, Real) and not isinstance(v, bool)
+                                                      and math.isfinite(v) for v in values)):
+        _fail(f"'{key}' must be a list of finite numbers, one per channel, got {values!r}")
+    if len(values) != channels:
+        _fail(f"'{key}' has {len(values)} value(s) but 'channels' is {channels}: give one per channel")
+    return list(values)
+
+
+def _parse(spec: dict) -> tuple[int | tuple[int, int], tuple[int, int] | None, int, tuple[int, int]]:
+    """Every check of validate_spec; returns (resize, crop, pad, input (h, w)) for the functions that need them."""
+    if not isinstance(spec, dict):
+        _fail(f"must be a dict, got {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        _fail(f"unknown key(s) {', '.join(map(repr, unknown))}: allowed keys are {', '.join(SPEC_KEYS)}")
+    channels = spec.get("channels")
+    if channels not in (1, 3) or isinstance(channels, bool):
+        _fail(f"'channels' must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    resize, crop, pad = _geometry(spec)
+    h, w = crop if crop is not None else resize  # _geometry guarantees a crop when resize is an int
+    derived = h + 2 * pad, w + 2 * pad
+    mean = _check_channel_stats(spec, "mean", channels)
+    std = _check_channel_stats(spec, "std", channels)
+    if not all(0 <= m <= 1 for m in mean):  # the usual slip: ImageNet's 123.675 instead of 0.485
+        _fail(f"'mean' must be in [0, 1] units (pixel / 255), got {mean}: divide 0-255 values by 255")
+    if not all(s > 0 for s in std):
+        _fail(f"'std' must be > 0 for every channel (it divides), got {std}")
+    resample = spec.get("resample", "bilinear")
+    if not isinstance(resample, str) or resample not in RESAMPLE:
+        _fail(f"'resample' must be one of {', '.join(RESAMPLE)}, got {resample!r}")
+    if "input_size" in spec:
+        stated = _size_pair(spec, "input_size", "a square")
+        stated = (stated, stated) if _is_int(stated) else stated
+        if stated != derived:
+            _fail(f"'input_size' {spec['input_size']!r} disagrees with the [height, width] the spec gives, "
+                  f"{list(derived)} (crop, or the exact resize, plus 2 * pad): fix 'input_size' or resize/crop/pad")
+    return resize, crop, pad, derived
+
+
+def validate_spec(spec: dict) -> None:
+    """Raise PreprocessingError naming the field and the fix if ``spec`` is not a usable preprocessing spec."""
+    _parse(spec)
+
+
+def input_hw(spec: dict) -> tuple[int, int]:
+    """The model input's (height, width): the crop (or exact resize) plus 2 * pad. Validates the spec."""
+    return _parse(spec)[3]
+
+
+def resized_size(width: int, height: int, resize: int | tuple[int, int]) -> tuple[int, int]:
+    """Pillow (width, height) a width x height image gets from ``resize`` (an int: the shorter side, sized exactly
+    as torchvision does; or (height, width))."""
+    if not _is_int(resize):
+        return resize[1], resize[0]
+    if width <= height:
+        return resize, int(resize * height / width)
+    return int(resize * width / height), resize
+
+
+def image_to_uint8(image: Image.Image, spec: dict, max_pixels: int | None = None) -> np.ndarray:
+    """Decoded PIL image -> uint8 array [H, W, channels]: mode conversion, resize, center crop (no padding:
+    :func:`to_unit` adds it). Raises PreprocessingError for an invalid spec, and ImageTooLarge if the resized
+    image (before the crop) would have more than ``max_pixels``."""
+    resize, crop, _, _ = _parse(spec)
+    size = resized_size(*image.size, resize)
+    if max_pixels is not None and size[0] * size[1] > max_pixels:
+        # A shorter-side resize scales the long side too: a 1 x 50000 upload would become 256 x 12800000.
+        raise ImageTooLarge(f"the {image.width}x{image.height} image would be resized to {size[0]}x{size[1]} = "
+                            f"{size[0] * size[1]} pixels for this model, over the limit of {max_pixels}: send an "
+                            f"image closer to the model's aspect ratio")
     mode = "L" if spec["channels"] == 1 else "RGB"
     if image.mode in ("RGBA", "LA", "P"):
         # Flatten transparency onto black, the background of the training digits.
@@ -30,19 +184,23 @@ def image_to_uint8(image: Image.Image, spec: dict) -> np.ndarray:
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, image)
     image = image.convert(mode)
-    size = spec["content_size"]
-    if image.size != (size, size):
-        image = image.resize((size, size), RESAMPLE[spec.get("resample", "bilinear")])
+    if image.size != size:
+        image = image.resize(size, RESAMPLE[spec.get("resample", "bilinear")])
     array = np.asarray(image, dtype=np.uint8)
+    if crop is not None:
+        # torchvision CenterCrop's offsets, Python's round() included (halves go to even).
+        top = int(round((array.shape[0] - crop[0]) / 2.0))
+        left = int(round((array.shape[1] - crop[1]) / 2.0))
+        array = array[top:top + crop[0], left:left + crop[1]]
     return array[:, :, None] if array.ndim == 2 else array
 
 
 def to_unit(images: np.ndarray, spec: dict) -> np.ndarray:
-    """uint8 [N,H,W] or [N,H,W,C] -> float32 [N,C,input,input] in [0,1], zero-padded by ``pad``."""
+    """uint8 [N,H,W] or [N,H,W,C] -> float32 [N,C,H+2*pad,W+2*pad] in [0,1], zero-padded by ``pad``."""
     if images.ndim == 3:
         images = images[..., None]
     x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-    p = spec["pad"]
+    p = spec.get("pad", 0)
     return np.pad(x, ((0, 0), (0, 0), (p, p), (p, p))) if p else x
 
 
@@ -54,7 +212,7 @@ def standardize(x: np.ndarray, spec: dict) -> np.ndarray:
 
 
 def preprocess_uint8(images: np.ndarray, spec: dict) -> np.ndarray:
-    """uint8 images of content_size -> the model's float32 input [N,C,input,input]."""
+    """uint8 images as :func:`image_to_uint8` gives them, [N,H,W(,C)] -> the model's float32 input [N,C,H',W']."""
     return standardize(to_unit(images, spec), spec)
 
 
@@ -68,17 +226,17 @@ def _lookup_table(channels: int, mean: tuple[float, ...], std: tuple[float, ...]
 
 
 def preprocess_upload_pixels(pixels: np.ndarray, spec: dict) -> np.ndarray:
-    """One image's uint8 [H,W,C] -> float32 [C,input,input], equal to preprocess_uint8 (tested) at a fraction of
-    the cost: one table lookup per pixel into a tensor pre-filled with the padding value (serving hot path)."""
-    channels, p = pixels.shape[2], spec["pad"]
+    """One image's uint8 [H,W,C] -> float32 [C,H+2*pad,W+2*pad], equal to preprocess_uint8 (tested) at a fraction
+    of the cost: one table lookup per pixel into a tensor pre-filled with the padding value (serving hot path)."""
+    (height, width, channels), p = pixels.shape, spec.get("pad", 0)
     table = _lookup_table(channels, tuple(spec["mean"]), tuple(spec["std"]))
-    out = np.empty((channels, pixels.shape[0] + 2 * p, pixels.shape[1] + 2 * p), dtype=np.float32)
+    out = np.empty((channels, height + 2 * p, width + 2 * p), dtype=np.float32)
     out[:] = table[:, :1, None]  # every pixel the padding's value, then the image over it
     for c in range(channels):
-        out[c, p:p + pixels.shape[0], p:p + pixels.shape[1]] = table[c][pixels[:, :, c]]
+        out[c, p:p + height, p:p + width] = table[c][pixels[:, :, c]]
     return out
 
 
 def preprocess_image(image: Image.Image, spec: dict) -> np.ndarray:
-    """One decoded upload -> the model's float32 input [C,input,input]."""
+    """One decoded upload -> the model's float32 input [C,H,W]."""
     return preprocess_uint8(image_to_uint8(image, spec)[None], spec)[0]

@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from models.preprocess import image_to_uint8, preprocess_upload_pixels
+from models.preprocess import ImageTooLarge, PreprocessingError, image_to_uint8, preprocess_upload_pixels
 from service.errors import ClientError, PayloadTooLarge, UnsupportedMedia
 from service.settings import Settings
 
@@ -71,10 +71,17 @@ def decode_image(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int
 
 def preprocess_upload(data: bytes, spec: dict, max_bytes: int = MAX_UPLOAD_BYTES,
                       max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Upload bytes -> float32 [C, input_size, input_size], exactly as training preprocesses an image."""
+    """Upload bytes -> float32 [C, H, W] (the spec's input_hw), exactly as training preprocesses an image.
+
+    An invalid spec raises PreprocessingError (a server-side problem, not the client's): the model's warm-up
+    upload at load time hits it first, so such a model fails to load with the message naming the field."""
     image = decode_image(data, max_bytes, max_pixels)
     try:
-        pixels = image_to_uint8(image, spec)
+        pixels = image_to_uint8(image, spec, max_pixels)
+    except PreprocessingError:
+        raise  # the model's configuration, not the upload: must not become a 4xx
+    except ImageTooLarge as e:
+        raise PayloadTooLarge(str(e)) from e
     except (OSError, ValueError) as e:  # e.g. a mode Pillow cannot convert
         raise UnsupportedMedia(f"cannot convert a {image.mode} {image.format} image: {e}") from e
     return preprocess_upload_pixels(pixels, spec)
