@@ -30,6 +30,7 @@ from service import images, metrics, openapi
 from service.errors import ClientError
 from service.generation import GenerationRequest
 from service.repository import Repository
+from service.runtime import ModelRuntime
 from service.uploads import (
     bool_field,
     check_fields,
@@ -82,6 +83,12 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
             raise ClientError("missing form field 'image': the image file (curl -F image=@digit.png ...)")
         return parts
 
+    def chosen_model(parts: dict, endpoint: str, kinds: tuple[str, ...]) -> ModelRuntime:
+        """The form's ``model``, else the endpoint's default: the first configured model of a fitting kind."""
+        repository = get_repository()
+        name = text_field(parts, "model", "") if "model" in parts else repository.default_model(endpoint, kinds)
+        return repository.model_for(name, endpoint, kinds)
+
     async def image_input(data: bytes, model, request: metrics.RequestMetrics) -> np.ndarray:
         """Upload bytes -> model input [1, C, H, W] (decoded once; large uploads in a worker thread)."""
         settings = get_repository().settings
@@ -104,7 +111,7 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
         record = metrics.RequestMetrics("classify")
         try:
             parts = await read_image_form(request, ("image", "model", "top_k"))
-            model = get_repository().model_for(text_field(parts, "model", "lenet5"), "/classify", IMAGE_KINDS)
+            model = chosen_model(parts, "/classify", IMAGE_KINDS)
             record.begin(model)
             top_k = int_field(parts, "top_k", 5, minimum=1)
             outputs, batch_size = await run_image(model, await image_input(parts["image"].data, model, record),
@@ -123,8 +130,7 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
         record = metrics.RequestMetrics("features")
         try:
             parts = await read_image_form(request, ("image", "model", "normalize", "format"))
-            model = get_repository().model_for(text_field(parts, "model", "vgg_fc7"), "/features",
-                                               ("image_feature_extractor",))
+            model = chosen_model(parts, "/features", ("image_feature_extractor",))
             record.begin(model)
             normalize = bool_field(parts, "normalize", False)
             fmt = choice_field(parts, "format", ("json", "npy"))
@@ -158,6 +164,8 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
             if not isinstance(job.model, str):
                 raise ClientError(f"model must be a string, got {type(job.model).__name__}")
             repository = get_repository()
+            if "model" not in parsed:  # GenerationRequest's own default is a name that may not be served
+                job.model = repository.default_model("/generate", ("char_lm",))
             model = repository.model_for(job.model, "/generate", ("char_lm",))
             record.begin(model)
             # Streams get a chunk per NNSERVE_STREAM_FLUSH_MS at most; a JSON answer is woken once, at the end.
