@@ -9,36 +9,43 @@ readiness routes) while the others serve. All front ends (REST, KServe v2 REST a
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import threading
 
 import numpy as np
 
+from models.kinds import kinds_for
 from service import images, metrics
 from service.batching import BatchingConfig, BatchStats, DynamicBatcher
 from service.errors import ClientError, NotFound, Unavailable
 from service.generation import ContinuousBatcher
-from service.runtime import ModelRuntime, load_runtime
-from service.settings import Settings
+from service.runtime import ModelRuntime, load_runtime, store_model
+from service.settings import ModelConfig, Settings
 
 log = logging.getLogger("nnserve.repository")
 
 
+def batching_config(model: ModelConfig) -> BatchingConfig:
+    """The batcher's own config (seconds) from a served model's effective config (ms)."""
+    return BatchingConfig(max_batch_size=model.max_batch_size, max_queue_delay_s=model.max_queue_delay_ms / 1e3,
+                          preferred_batch_sizes=model.preferred_batch_sizes, max_queue_size=model.max_queue_size,
+                          queue_timeout_s=model.queue_timeout_ms / 1e3)
+
+
 class Repository:
-    def __init__(self, settings: Settings, names: tuple[str, ...] | None = None) -> None:
+    """Serves exactly ``settings.models``, in their config order."""
+
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._names = tuple(names or settings.model_tags)
+        self.configs = {model.name: model for model in settings.models}
+        self._names = tuple(self.configs)
         self.models: dict[str, ModelRuntime] = {}
         self.batchers: dict[str, DynamicBatcher] = {}
         self.generators: dict[str, ContinuousBatcher] = {}
         self.failures: dict[str, str] = {}  # name -> why it could not load
+        self.kinds: dict[str, str | None] = {}  # name -> kind from the store metadata: known even if loading fails
         self.loaded = threading.Event()  # every model is ready or failed
-        self.batching = BatchingConfig(
-            max_batch_size=settings.max_batch_size, max_queue_delay_s=settings.max_queue_delay_ms / 1e3,
-            preferred_batch_sizes=settings.preferred_batch_sizes, max_queue_size=settings.max_queue_size,
-            queue_timeout_s=settings.queue_timeout_ms / 1e3)
 
     def start_loading(self) -> threading.Thread:
         thread = threading.Thread(target=self.load_all, name="model-loader", daemon=True)
@@ -58,13 +65,15 @@ class Repository:
         self.loaded.set()
 
     def _load(self, name: str) -> None:
-        runtime = load_runtime(name, self.settings.model_tags[name], settings=self.settings)
+        config = self.configs[name]
+        # The kind first: an endpoint's default model must not change because the model failed to load.
+        self.kinds[name] = store_model(config.tag).info.metadata.get("kind")
+        runtime = load_runtime(name, config.tag, settings=self.settings)  # the store tag, served as `name`
         generates = runtime.kind_module.generates
-        runtime.warmup(warmup_sizes(self.settings.generation_batch_size if generates else self.settings.max_batch_size))
+        runtime.warmup(warmup_sizes(self.settings.generation_batch_size if generates else config.max_batch_size))
         if "image" in runtime.roles:  # Pillow loads its decoders on first use: not on a client's request
             images.preprocess_upload(images.blank_png(), runtime.metadata["preprocessing"])
-        batching = dataclasses.replace(self.batching, max_queue_delay_s=self.settings.queue_delay_ms(name) / 1e3)
-        self.batchers[name] = DynamicBatcher(name, runtime.run, runtime.batch_axis, batching,
+        self.batchers[name] = DynamicBatcher(name, runtime.run, runtime.batch_axis, batching_config(config),
                                              on_batch=functools.partial(metrics.observe_batch, runtime, "dynamic"))
         if generates:
             self.generators[name] = ContinuousBatcher(
@@ -114,6 +123,19 @@ class Repository:
             raise ClientError(f"model {name!r} is a {model.kind} model; {endpoint} serves "
                               f"{', '.join(fitting) or 'no model of this server'}")
         return model
+
+    def default_model(self, endpoint: str) -> str:
+        """The model ``endpoint`` uses when a request names none: the first in config order of a kind it
+        serves (if that one failed to load, requests get its reason from ``get``, not another model)."""
+        kinds = kinds_for(endpoint)
+        for name in self._names:
+            if self.kinds.get(name) in kinds:
+                return name
+            if name not in self.kinds and name not in self.failures:  # its kind is not known yet
+                raise Unavailable(f"{endpoint}: model {name!r} is still loading", retry_after=1)
+        served = ", ".join(f"{n} ({self.kinds.get(n) or 'kind unknown'})" for n in self._names)
+        raise NotFound(f"{endpoint} needs a model of kind {' or '.join(kinds)} and none is served; "
+                       f"served models: {served}")
 
     def describe(self) -> list[dict]:
         return [self.models[n].describe() | {"state": "ready", "batching": self._batching_of(n)} if n in self.models

@@ -31,6 +31,7 @@ from service import images, metrics, openapi
 from service.errors import ClientError
 from service.generation import GenerationRequest
 from service.repository import Repository
+from service.runtime import ModelRuntime
 from service.uploads import (
     bool_field,
     check_fields,
@@ -76,6 +77,12 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
             raise ClientError("missing form field 'image': the image file (curl -F image=@digit.png ...)")
         return parts
 
+    def chosen_model(parts: dict, endpoint: str) -> ModelRuntime:
+        """The form's ``model``, else the endpoint's default: the first configured model of a fitting kind."""
+        repository = get_repository()
+        name = text_field(parts, "model", "") if "model" in parts else repository.default_model(endpoint)
+        return repository.model_for(name, endpoint)
+
     async def image_input(data: bytes, model, request: metrics.RequestMetrics) -> np.ndarray:
         """Upload bytes -> model input [1, C, H, W] (decoded once; large uploads in a worker thread)."""
         settings = get_repository().settings
@@ -98,7 +105,7 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
         record = metrics.RequestMetrics("classify")
         try:
             parts = await read_image_form(request, ("image", "model", "top_k"))
-            model = get_repository().model_for(text_field(parts, "model", "lenet5"), "/classify")
+            model = chosen_model(parts, "/classify")
             if "scores" not in model.roles:
                 raise ClientError(f"model {model.name!r} has no class scores (its card has no labels); use /features")
             record.begin(model)
@@ -119,7 +126,7 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
         record = metrics.RequestMetrics("features")
         try:
             parts = await read_image_form(request, ("image", "model", "normalize", "format"))
-            model = get_repository().model_for(text_field(parts, "model", "vgg_fc7"), "/features")
+            model = chosen_model(parts, "/features")
             record.begin(model)
             normalize = bool_field(parts, "normalize", False)
             fmt = choice_field(parts, "format", ("json", "npy"))
@@ -153,6 +160,8 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
             if not isinstance(job.model, str):
                 raise ClientError(f"model must be a string, got {type(job.model).__name__}")
             repository = get_repository()
+            if "model" not in parsed:  # GenerationRequest's own default is a name that may not be served
+                job.model = repository.default_model("/generate")
             model = repository.model_for(job.model, "/generate")
             record.begin(model)
             # Streams get a chunk per NNSERVE_STREAM_FLUSH_MS at most; a JSON answer is woken once, at the end.

@@ -1,36 +1,88 @@
-"""Every ``NNSERVE_*`` setting in one typed, validated object (the table in docs/service.md lists them).
+"""Every ``NNSERVE_*`` setting and the models config file (``models.yaml``) in one typed, validated object
+(docs/service.md lists them).
 
 Read once per server process (``Settings.from_env()``), validated at start (a bad value stops the
-server with a message naming the variable), logged at start, and passed to whatever needs it.
+server with a message naming the variable, or the file and key), logged at start, and passed to whatever
+needs it.
+
+Which models a server serves, and each one's batching, come from the models config file, in the names of
+Triton's model configuration (config.pbtxt) so Triton users recognise them. Per model, most specific wins:
+``NNSERVE_<NAME>_TAG`` / ``NNSERVE_<NAME>_MAX_QUEUE_DELAY_MS`` > the file's entry > the global
+``NNSERVE_MAX_BATCH_SIZE``, ... > built-in defaults.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
-DEFAULT_MODELS = ("lenet5", "vgg_fc7", "char_lstm", "char_gru")
+import yaml
+
+log = logging.getLogger("nnserve.settings")
+
+DEFAULT_MODELS = ("lenet5", "vgg_fc7", "char_lstm", "char_gru")  # served when the default models.yaml is missing
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+DEFAULT_MODELS_CONFIG = "models.yaml"
+# BentoML's rule for a tag's name and version (bentoml._internal.tag): served names follow it too, so any
+# store name can be served under its own name.
+NAME_RE = re.compile(r"^[a-z0-9]([-._a-z0-9]*[a-z0-9])?$")
+NAME_MAX_LENGTH = 63
+# Batching fields of ModelConfig whose global default is the Settings field (NNSERVE_<FIELD>) of the same name.
+BATCHING_FIELDS = ("max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size",
+                   "queue_timeout_ms")
 
 
 class SettingsError(ValueError):
-    """A ``NNSERVE_*`` variable has a value the server cannot use."""
+    """A ``NNSERVE_*`` variable or the models config file has a value the server cannot use."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One served model: the store tag served under ``name`` and its dynamic batching (Triton's
+    ``max_batch_size``, ``dynamic_batching`` and ``default_queue_policy``), effective values in the units
+    of the NNSERVE_* settings (ms)."""
+
+    name: str
+    tag: str
+    max_batch_size: int = 32  # items per ONNX Runtime call; larger requests are split into chunks
+    max_queue_delay_ms: float = 0.0  # fixed wait for more requests before running a batch (0 = none)
+    preferred_batch_sizes: tuple[int, ...] = ()  # run at once when one of these sizes can be formed
+    max_queue_size: int = 128  # requests waiting per worker; past it: 503 + Retry-After
+    queue_timeout_ms: float = 1000.0  # a request waiting longer is answered 503 + Retry-After (0 = never)
+
+    @property
+    def env_prefix(self) -> str:
+        """``NNSERVE_<NAME>_`` of the per-model variables: ``-`` and ``.`` (not allowed in names of
+        environment variables) become ``_``."""
+        return f"NNSERVE_{re.sub(r'[-.]', '_', self.name).upper()}_"
+
+    def describe(self) -> str:
+        return (f"{self.name}: tag={self.tag!r} max_batch_size={self.max_batch_size} "
+                f"max_queue_delay_ms={self.max_queue_delay_ms} "
+                f"preferred_batch_sizes={list(self.preferred_batch_sizes)} max_queue_size={self.max_queue_size} "
+                f"queue_timeout_ms={self.queue_timeout_ms}")
 
 
 @dataclass(frozen=True)
 class Settings:
+    # Models: which are served, and each one's batching (the file: module doc, docs/service.md)
+    models_config: str = DEFAULT_MODELS_CONFIG  # YAML or JSON; a missing default file serves DEFAULT_MODELS
     # Processes and threads
     workers: int = 2  # BentoML workers, each with every model (measured: docs/bench.md)
     intra_op_threads: int = 0  # ONNX Runtime threads per session; 0 = cores // workers (never oversubscribe)
     ort_spinning: bool = False  # ORT intra-op spin-waiting: steals CPU from other sessions on few cores
     providers: tuple[str, ...] = DEFAULT_PROVIDERS  # preferred order; unavailable ones are skipped (logged)
-    # Dynamic batching of whole requests (Triton's dynamic_batching semantics)
-    max_batch_size: int = 32  # items per ONNX Runtime call; larger requests are split into chunks
-    max_queue_delay_ms: float = 0.0  # fixed wait for more requests before running a batch (0 = none)
-    preferred_batch_sizes: tuple[int, ...] = ()  # run at once when one of these sizes can be formed
-    max_queue_size: int = 128  # requests waiting per model and worker; past it: 503 + Retry-After
-    queue_timeout_ms: float = 1000.0  # a request waiting longer is answered 503 + Retry-After (0 = never)
+    # Dynamic batching of whole requests (Triton's dynamic_batching semantics): the defaults of every model
+    # whose entry in the models config leaves them unset (ModelConfig says what each one is)
+    max_batch_size: int = ModelConfig.max_batch_size
+    max_queue_delay_ms: float = ModelConfig.max_queue_delay_ms
+    preferred_batch_sizes: tuple[int, ...] = ModelConfig.preferred_batch_sizes
+    max_queue_size: int = ModelConfig.max_queue_size
+    queue_timeout_ms: float = ModelConfig.queue_timeout_ms
     max_concurrent_requests: int = 64  # inference requests in progress per worker; past it: 503 + Retry-After
     # Generation (continuous batching of decode steps)
     generation_batch_size: int = 32  # concurrent generations per decode step; more wait for a slot
@@ -51,18 +103,17 @@ class Settings:
     # TensorRT execution provider
     trt_cache_dir: str = "~/.cache/nnserve/tensorrt"
     trt_fp16: bool = False
-    # Store tag served under each model name (NNSERVE_<NAME>_TAG), e.g. lenet5-int8:latest
-    model_tags: Mapping[str, str] = field(default_factory=lambda: {n: f"{n}:latest" for n in DEFAULT_MODELS})
-    # Per-model max_queue_delay_ms (NNSERVE_<NAME>_MAX_QUEUE_DELAY_MS), as Triton configures it per model;
-    # models not named use NNSERVE_MAX_QUEUE_DELAY_MS.
-    model_queue_delays_ms: Mapping[str, float] = field(default_factory=dict)
+    # The served models in config order, effective values (the file, NNSERVE_<NAME>_* and the globals above
+    # merged by from_env)
+    models: tuple[ModelConfig, ...] = field(
+        default_factory=lambda: tuple(ModelConfig(n, f"{n}:latest") for n in DEFAULT_MODELS))
 
-    PER_MODEL = ("model_tags", "model_queue_delays_ms")
+    PER_MODEL = ("models",)  # not a NNSERVE_<FIELD> variable
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Settings from ``NNSERVE_<FIELD>`` variables (defaults above for the rest); SettingsError names
-        the first variable with an unusable value."""
+        """Settings from ``NNSERVE_<FIELD>`` variables (defaults above for the rest) and the models config
+        file; SettingsError names the first variable (or file and key) with an unusable value."""
         env = os.environ if environ is None else environ
         values: dict = {}
         for f in fields(cls):
@@ -71,10 +122,9 @@ class Settings:
             key = f"NNSERVE_{f.name.upper()}"
             if key in env:
                 values[f.name] = _parse(key, env[key], type(getattr(cls(), f.name)))
-        values["model_tags"] = {n: env.get(f"NNSERVE_{n.upper()}_TAG", f"{n}:latest") for n in DEFAULT_MODELS}
-        values["model_queue_delays_ms"] = {n: _parse(key, env[key], float) for n in DEFAULT_MODELS
-                                           if (key := f"NNSERVE_{n.upper()}_MAX_QUEUE_DELAY_MS") in env}
-        settings = cls(**values)
+        globals_only = cls(**values)
+        globals_only.validate()  # the globals first: they are the models' defaults
+        settings = cls(**values, models=_resolve_models(globals_only, env))
         settings.validate()
         return settings
 
@@ -88,38 +138,46 @@ class Settings:
         for name in ("intra_op_threads", "max_queue_delay_ms", "queue_timeout_ms", "stream_flush_ms"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"NNSERVE_{name.upper()} must be >= 0, got {getattr(self, name)}")
-        for model, delay in self.model_queue_delays_ms.items():
-            if delay < 0:
-                raise SettingsError(f"NNSERVE_{model.upper()}_MAX_QUEUE_DELAY_MS must be >= 0, got {delay}")
         if any(not 1 <= size <= self.max_batch_size for size in self.preferred_batch_sizes):
             raise SettingsError(f"NNSERVE_PREFERRED_BATCH_SIZES must be in [1, NNSERVE_MAX_BATCH_SIZE="
                                 f"{self.max_batch_size}], got {list(self.preferred_batch_sizes)}")
-        delays = {"NNSERVE_MAX_QUEUE_DELAY_MS": self.max_queue_delay_ms} | {
-            f"NNSERVE_{model.upper()}_MAX_QUEUE_DELAY_MS": delay for model, delay in self.model_queue_delays_ms.items()}
-        for key, delay in delays.items():
-            if 0 < self.queue_timeout_ms <= delay:
-                raise SettingsError(f"NNSERVE_QUEUE_TIMEOUT_MS ({self.queue_timeout_ms}) must be larger than "
-                                    f"{key} ({delay}) or 0: a lone request would always time out waiting for company")
+        if 0 < self.queue_timeout_ms <= self.max_queue_delay_ms:
+            raise SettingsError(f"NNSERVE_QUEUE_TIMEOUT_MS ({self.queue_timeout_ms}) must be larger than "
+                                f"NNSERVE_MAX_QUEUE_DELAY_MS ({self.max_queue_delay_ms}) or 0: a lone request "
+                                "would always time out waiting for company")
+        if not self.models:
+            raise SettingsError("no model to serve")
         if not 1 <= self.grpc_port <= 65535:
             raise SettingsError(f"NNSERVE_GRPC_PORT must be a TCP port, got {self.grpc_port}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise SettingsError(f"NNSERVE_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, "
                                 f"got {self.log_level!r}")
 
+    def model(self, name: str) -> ModelConfig:
+        """The served model ``name``'s config (KeyError if it is not served)."""
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(name)
+
+    @property
+    def model_tags(self) -> dict[str, str]:
+        """Store tag served under each model name, in config order."""
+        return {m.name: m.tag for m in self.models}
+
     def queue_delay_ms(self, model: str) -> float:
-        return self.model_queue_delays_ms.get(model, self.max_queue_delay_ms)
+        return self.model(model).max_queue_delay_ms
 
     def threads_per_session(self) -> int:
         """ONNX Runtime intra-op threads: as configured, else the cores shared among the workers."""
         return self.intra_op_threads or max(1, (os.cpu_count() or 1) // self.workers)
 
     def describe(self) -> str:
-        """One line per setting, for the start-up log."""
+        """One line per setting, then one per served model with its effective config, for the start-up log."""
+        found = "" if Path(self.models_config).is_file() else " (not found: the default models)"
         return "\n".join(f"  NNSERVE_{f.name.upper()} = {getattr(self, f.name)!r}" for f in fields(self)
-                         if f.name not in self.PER_MODEL) + "".join(
-            f"\n  NNSERVE_{name.upper()}_TAG = {tag!r}" for name, tag in self.model_tags.items()) + "".join(
-            f"\n  NNSERVE_{name.upper()}_MAX_QUEUE_DELAY_MS = {delay!r}"
-            for name, delay in self.model_queue_delays_ms.items())
+                         if f.name not in self.PER_MODEL) + f"\n  models ({self.models_config}{found}):" + "".join(
+            f"\n    {m.describe()}" for m in self.models)
 
 
 def _parse(key: str, raw: str, kind: type):
@@ -135,3 +193,161 @@ def _parse(key: str, raw: str, kind: type):
         return kind(text)
     except ValueError as e:
         raise SettingsError(f"{key}={raw!r} is not a valid {kind.__name__}: {e}") from e
+
+
+# -- the models config file ---------------------------------------------------------------------------------
+
+# What a model's entry may set: Triton's config.pbtxt names, nested as there. Leaf -> (ModelConfig field,
+# minimum, scale to the field's unit). Anything else is refused: a misspelt key must not be ignored.
+MODEL_KEYS = {
+    "tag": ("tag", None, None),
+    "max_batch_size": ("max_batch_size", 1, 1),
+    "dynamic_batching": {
+        "max_queue_delay_microseconds": ("max_queue_delay_ms", 0, 1e-3),
+        "preferred_batch_size": ("preferred_batch_sizes", 1, 1),
+        "default_queue_policy": {
+            "max_queue_size": ("max_queue_size", 1, 1),  # Triton's 0 (unbounded) is not offered: 503s need a bound
+            "default_timeout_microseconds": ("queue_timeout_ms", 0, 1e-3),  # 0 = no timeout, as in Triton
+        },
+    },
+}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently: a model listed twice must be an error."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_models_file(path: str) -> dict[str, dict[str, tuple[object, str]]]:
+    """The models the file at ``path`` names, in file order: ``{name: {ModelConfig field: (value, key path)}}``
+    for the keys each entry sets. SettingsError (``<path>: <key path>: <problem>``) for anything unusable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = yaml.load(f, Loader=_UniqueKeyLoader)  # YAML; JSON is YAML too
+    except OSError as e:
+        raise SettingsError(f"{path}: cannot read the models config: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise SettingsError(f"{path}: not valid YAML or JSON: {e}") from e
+
+    def fail(key_path: str, problem: str):
+        raise SettingsError(f"{path}: {key_path}: {problem}")
+
+    if not isinstance(document, dict) or set(document) != {"models"}:
+        fail("(top level)", f"must be a mapping with the one key 'models', got {_show(document)}")
+    entries = document["models"]
+    if not isinstance(entries, dict) or not entries:
+        fail("models", f"must be a non-empty mapping of model name to its config, got {_show(entries)}")
+    models: dict[str, dict[str, tuple[object, str]]] = {}
+    env_names: dict[str, str] = {}
+    for name, entry in entries.items():
+        where = f"models.{name}"
+        if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > NAME_MAX_LENGTH:
+            fail(where, f"a model name has at most {NAME_MAX_LENGTH} characters: lowercase letters, digits, "
+                        "'-', '_', '.', starting and ending with a letter or digit (BentoML's tag rule)")
+        prefix = ModelConfig(name, "").env_prefix
+        if prefix in env_names:
+            fail(where, f"its variables ({prefix}TAG, ...) would be those of model {env_names[prefix]!r}: rename one")
+        env_names[prefix] = name
+        models[name] = _read_entry(entry, MODEL_KEYS, where, fail)
+    return models
+
+
+def _read_entry(entry: object, schema: dict, where: str, fail) -> dict[str, tuple[object, str]]:
+    if entry is None:  # "vgg_fc7:" with nothing after it: all defaults
+        return {}
+    if not isinstance(entry, dict):
+        fail(where, f"must be a mapping, got {_show(entry)}")
+    unknown = [str(key) for key in entry if key not in schema]
+    if unknown:
+        fail(f"{where}.{unknown[0]}", f"unknown key; expected one of {', '.join(schema)}")
+    values: dict[str, tuple[object, str]] = {}
+    for key, value in entry.items():
+        key_path = f"{where}.{key}"
+        if isinstance(schema[key], dict):
+            values |= _read_entry(value, schema[key], key_path, fail)
+            continue
+        target, minimum, scale = schema[key]
+        if target == "tag":
+            parts = value.split(":") if isinstance(value, str) else []
+            if not 1 <= len(parts) <= 2 or not all(NAME_RE.match(p) and len(p) <= NAME_MAX_LENGTH for p in parts):
+                fail(key_path, f"must be a BentoML store tag, name or name:version, got {_show(value)}")
+            values[target] = (value, key_path)
+        elif target == "preferred_batch_sizes":
+            if not isinstance(value, list) or not all(_is_int(size) and size >= minimum for size in value):
+                fail(key_path, f"must be a list of integers >= {minimum}, got {_show(value)}")
+            values[target] = (tuple(value), key_path)
+        else:
+            if not _is_int(value):
+                fail(key_path, f"must be an integer, got {_show(value)}")
+            if value < minimum:
+                fail(key_path, f"must be >= {minimum}, got {value}")
+            values[target] = (value * scale if scale != 1 else value, key_path)
+    return values
+
+
+def _resolve_models(globals_: Settings, env: Mapping[str, str]) -> tuple[ModelConfig, ...]:
+    """Each served model's effective config: NNSERVE_<NAME>_* > the file's entry > the global NNSERVE_*
+    (``globals_``, validated) > built-in defaults (already in ``globals_``)."""
+    path = globals_.models_config
+    if "NNSERVE_MODELS_CONFIG" not in env and not Path(path).is_file():
+        log.warning("no models config %s in %s: serving the default models %s", path, os.getcwd(),
+                    ", ".join(DEFAULT_MODELS))
+        entries: dict[str, dict[str, tuple[object, str]]] = {name: {} for name in DEFAULT_MODELS}
+        path = ""
+    else:
+        entries = read_models_file(path)
+    models = []
+    for name, entry in entries.items():
+        # Where each value comes from (a variable or a key path), for the checks that combine two of them.
+        values = {f: (getattr(globals_, f), f"NNSERVE_{f.upper()}") for f in BATCHING_FIELDS}
+        values["tag"] = (f"{name}:latest", "the default tag")
+        values |= entry
+        prefix = ModelConfig(name, "").env_prefix
+        if (key := prefix + "TAG") in env:
+            values["tag"] = (env[key].strip(), key)
+        if (key := prefix + "MAX_QUEUE_DELAY_MS") in env:
+            delay = _parse(key, env[key], float)
+            if delay < 0:
+                raise SettingsError(f"{key} must be >= 0, got {delay}")
+            values["max_queue_delay_ms"] = (delay, key)
+        model = ModelConfig(name, **{f: value for f, (value, _) in values.items()})
+        _check_combined(model, {f: source for f, (_, source) in values.items()},
+                        f"{path}: models.{name}" if path else f"model {name}")
+        models.append(model)
+    # A variable for a model that is not served does nothing: say so (a typo, or a model left out of the file).
+    prefixes = {m.env_prefix for m in models}
+    for key in env:
+        match = re.fullmatch(r"(NNSERVE_.+_)(TAG|MAX_QUEUE_DELAY_MS)", key)
+        if match and match[1] not in prefixes:
+            log.warning("%s is ignored: no served model has it (served: %s)", key, ", ".join(m.name for m in models))
+    return tuple(models)
+
+
+def _check_combined(model: ModelConfig, source: dict[str, str], where: str) -> None:
+    """The checks that involve two values, each of which may come from the file or a variable: both named."""
+    if any(not 1 <= size <= model.max_batch_size for size in model.preferred_batch_sizes):
+        raise SettingsError(f"{where}: preferred batch sizes {list(model.preferred_batch_sizes)} "
+                            f"({source['preferred_batch_sizes']}) must be in [1, max_batch_size] = "
+                            f"[1, {model.max_batch_size}] ({source['max_batch_size']})")
+    if 0 < model.queue_timeout_ms <= model.max_queue_delay_ms:
+        raise SettingsError(f"{where}: the queue timeout, {model.queue_timeout_ms} ms ({source['queue_timeout_ms']}), "
+                            f"must be larger than the max queue delay, {model.max_queue_delay_ms} ms "
+                            f"({source['max_queue_delay_ms']}), or 0: a lone request would always time out "
+                            "waiting for company")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
