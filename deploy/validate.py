@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from deploy.render import render
-from service.settings import DEFAULT_MODELS, Settings
+from service.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 K8S = REPO_ROOT / "deploy" / "k8s"
@@ -40,8 +40,10 @@ SERVED_PATHS = {"/livez", "/readyz", "/metrics", "/models", "/docs.json", "/v2",
 PROBE_PATHS = {"startupProbe": "/livez", "readinessProbe": "/readyz", "livenessProbe": "/livez"}
 LONGEST_STREAM_S = 60  # a 2000-character /generate on a busy CPU; the grace period must outlast it
 # Settings the server reads (service/settings.py, the one source): a typo in the ConfigMap would be ignored.
+# Per-model overrides: for each model of the repo's models.yaml (the one the image carries).
+SERVED_MODELS = Settings.from_env({"NNSERVE_MODELS_CONFIG": str(REPO_ROOT / "models.yaml")}).models
 KNOWN_SETTINGS = {f"NNSERVE_{f.name.upper()}" for f in fields(Settings) if f.name not in Settings.PER_MODEL} | {
-    f"NNSERVE_{name.upper()}_{suffix}" for name in DEFAULT_MODELS for suffix in ("TAG", "MAX_QUEUE_DELAY_MS")}
+    f"{model.env_prefix}{suffix}" for model in SERVED_MODELS for suffix in ("TAG", "MAX_QUEUE_DELAY_MS")}
 
 
 def exported_metrics() -> set[str]:

@@ -133,8 +133,9 @@ def fold_batchnorm(model: nn.Module, strict_fold: bool = False
                    ) -> tuple[nn.Module, list[str], list[str], list[str]]:
     """Eval copy of ``model`` with each BN folded into its producer (BN -> Identity) or made a ScaleShift.
 
-    Returns (model, ["bn -> producer" folded], [BN names made ScaleShift], [BN names left for the ONNX pass]). A BN folds when its input is
-    the output of a Conv/Linear used only there. Raises :class:`FoldError` naming the layer for any other
+    Returns (model, ["bn -> producer" folded], [BN names made ScaleShift], [BN names left to the ONNX
+    pass]). A BN folds when its input is the output of a Conv/Linear used only there. Raises
+    :class:`FoldError` naming the layer for any other
     BN when ``strict_fold``, and :class:`UntraceableError` when torch.fx cannot trace the model.
     """
     model = copy.deepcopy(model).eval()

@@ -33,8 +33,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from service import runtime
 from models.kinds import get_kind
+from service import runtime
 from service.settings import Settings
 
 log = logging.getLogger("nnserve.export")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from service.generation import MAX_NEW_CHARS, MAX_PROMPT_CHARS
 
+DEFAULT_MODEL = "{} of GET /models; default: the first such model in models.yaml"
+
 ERROR = {"description": "The problem, named: `{\"error\": \"...\"}` (503 adds Retry-After)",
          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 ERRORS = {str(code): ERROR for code in (400, 404, 413, 415, 503)}
@@ -26,16 +28,16 @@ PATHS = {
                        "training transform, read from its store metadata. "
                        "`curl -F image=@digit.png -F top_k=3 localhost:3000/classify`",
         "requestBody": form({"image": IMAGE,
-                             "model": {"type": "string", "default": "lenet5", "description": "lenet5 or vgg_fc7"},
+                             "model": {"type": "string", "description": DEFAULT_MODEL.format("an image model")},
                              "top_k": {"type": "integer", "minimum": 1, "default": 5}}, ["image"]),
         "responses": {"200": {"description": "`model` (name:version), `predictions` [{label, probability}], "
                                              "`batch_size`, `timings_ms`",
                               "content": {"application/json": {"schema": {"type": "object"}}}}, **ERRORS}}},
     "/features": {"post": {
         "summary": "FC7 feature vector of an image", "tags": ["REST"],
-        "description": "4096 floats for the default vgg_fc7; `format=npy` answers a float32 .npy file.",
+        "description": "the model's embedding (4096 floats for vgg_fc7); `format=npy` answers a float32 .npy file.",
         "requestBody": form({"image": IMAGE,
-                             "model": {"type": "string", "default": "vgg_fc7"},
+                             "model": {"type": "string", "description": DEFAULT_MODEL.format("a feature extractor")},
                              "normalize": {"type": "boolean", "default": False, "description": "L2-normalise"},
                              "format": {"type": "string", "enum": ["json", "npy"], "default": "json"}}, ["image"]),
         "responses": {"200": {"description": "`model`, `dim`, `features`, `batch_size`, `timings_ms` (or .npy)",
@@ -54,7 +56,7 @@ PATHS = {
                 "temperature": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "default": 1.0},
                 "top_k": {"type": "integer", "nullable": True, "minimum": 1, "default": None},
                 "seed": {"type": "integer", "nullable": True, "minimum": 0, "default": None},
-                "model": {"type": "string", "default": "char_lstm", "description": "char_lstm or char_gru"},
+                "model": {"type": "string", "description": DEFAULT_MODEL.format("a text model")},
                 "stream": {"type": "boolean", "default": False}}}}}},
         "responses": {"200": {"description": "`{model, text, seed, timings_ms}`, or the stream",
                               "content": {"application/json": {"schema": {"type": "object"}},

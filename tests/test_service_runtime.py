@@ -84,7 +84,7 @@ def test_settings_from_the_environment_are_typed_and_validated():
                                   "NNSERVE_PREFERRED_BATCH_SIZES": "4, 8", "NNSERVE_ACCESS_LOG": "true",
                                   "NNSERVE_LENET5_TAG": "lenet5-int8:abc", "NNSERVE_VGG_FC7_MAX_QUEUE_DELAY_MS": "4"})
     assert (settings.queue_delay_ms("vgg_fc7"), settings.queue_delay_ms("lenet5")) == (4.0, 2.5)
-    assert "NNSERVE_VGG_FC7_MAX_QUEUE_DELAY_MS = 4.0" in settings.describe()
+    assert "vgg_fc7: tag='vgg_fc7:latest' max_batch_size=32 max_queue_delay_ms=4.0" in settings.describe()
     assert (settings.workers, settings.max_queue_delay_ms, settings.preferred_batch_sizes) == (3, 2.5, (4, 8))
     assert settings.access_log is True and settings.model_tags["lenet5"] == "lenet5-int8:abc"
     assert settings.model_tags["vgg_fc7"] == "vgg_fc7:latest"
@@ -106,8 +106,7 @@ def test_every_setting_is_documented_in_one_table():
 
     documented = (Path(__file__).resolve().parent.parent / "docs" / "service.md").read_text()
     for f in fields(Settings):
-        name = {"model_tags": "NNSERVE_<NAME>_TAG", "model_queue_delays_ms": "NNSERVE_<NAME>_MAX_QUEUE_DELAY_MS"}.get(
-            f.name, f"NNSERVE_{f.name.upper()}")
+        name = {"models": "NNSERVE_MODELS_CONFIG"}.get(f.name, f"NNSERVE_{f.name.upper()}")
         assert f"`{name}`" in documented, name
 
 

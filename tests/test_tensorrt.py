@@ -17,10 +17,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi.onnxruntime_pybind11_state import EPFail, Fail, InvalidArgument, RuntimeException
+from service.adapters import adapter_for
 
 from export.tensorrt import MAX_SEQ, capability, profile, relocatable, tensorrt_stage
 from service import runtime
-from service.adapters import adapter_for
 from service.runtime import TRT, ModelRuntime, verified_engine_problem
 from service.settings import Settings
 
