@@ -134,8 +134,8 @@ class Repository:
             if name not in self.kinds and name not in self.failures:  # its kind is not known yet
                 raise Unavailable(f"{endpoint}: model {name!r} is still loading", retry_after=1)
         served = ", ".join(f"{n} ({self.kinds.get(n) or 'kind unknown'})" for n in self._names)
-        raise NotFound(f"{endpoint} needs a model of kind {' or '.join(kinds)} and none is served; "
-                       f"served models: {served}")
+        wanted = " or ".join(kinds) or "(none serves it)"
+        raise NotFound(f"{endpoint} needs a model of kind {wanted} and none is served; served models: {served}")
 
     def describe(self) -> list[dict]:
         return [self.models[n].describe() | {"state": "ready", "batching": self._batching_of(n)} if n in self.models

@@ -79,3 +79,31 @@ def own_server(tiny_store: dict[str, str], session_dir: Path):
             yield live
 
     return start
+
+
+@pytest.fixture(scope="session")
+def user_artifacts(session_dir: Path) -> dict[str, Path]:
+    """Networks not written in nnserve, made as docs/your-model.md shows (tests/user_models/make.py)."""
+    from tests.user_models import make
+
+    root = session_dir / "user-artifacts"
+    if not root.exists():
+        make.effnet(root / "effnet_digits")
+        make.hf_resnet(root / "resnet_digits")
+        make.word_gru(root / "word_gru")
+        make.elsewhere_cnn(root / "elsewhere_cnn")
+    return {p.name: p for p in sorted(root.iterdir())}
+
+
+@pytest.fixture(scope="session")
+def user_store(user_artifacts: dict[str, Path], session_dir: Path) -> dict[str, str]:
+    """The user artifacts exported and registered (fp32), each with its own evaluation data: {name: tag}."""
+    from export.pipeline import Options, export_artifact
+
+    eval_data = {"effnet_digits": "eval.npz", "resnet_digits": "eval.npz", "word_gru": "eval.txt"}
+    tags = {}
+    for name, path in user_artifacts.items():
+        data = path / eval_data[name] if name in eval_data else None
+        opts = Options(bench_runs=3, report_dir=session_dir / "exported", eval_data=data)
+        tags[name] = export_artifact(path, opts).tags["fp32"]
+    return tags

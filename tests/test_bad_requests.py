@@ -242,7 +242,7 @@ CASES: list[Case] = [
     C("classify-unknown-model", "POST", "/classify", form(image(), part("model", "resnet9000")), MULTIPART, 404,
       "unknown model 'resnet9000'"),
     C("classify-text-model", "POST", "/classify", form(image(), part("model", "char_lstm")), MULTIPART, 400,
-      "char_lm model"),
+      "sequence_lm model"),
     C("classify-get", "GET", "/classify", status=405, message="Method Not Allowed"),
     # /features
     C("features-classifier-model", "POST", "/features", form(image(), part("model", "lenet5")), MULTIPART, 400,
@@ -384,9 +384,9 @@ CASES: list[Case] = [
     C("v2-token-2**64", "POST", "/v2/models/char_lstm/infer", v2(*text_inputs([2**64])), JSON, 400,
       "outside the INT64 range"),
     C("v2-token-negative", "POST", "/v2/models/char_lstm/infer", v2(*text_inputs([-1])), JSON, 400,
-      "token ids of model 'char_lstm' must be in [0,"),
+      "model 'char_lstm': token ids must be in [0,"),
     C("v2-token-past-vocab", "POST", "/v2/models/char_lstm/infer", v2(*text_inputs([10_000])), JSON, 400,
-      "token ids of model 'char_lstm' must be in [0,"),
+      "model 'char_lstm': token ids must be in [0,"),
     C("v2-token-bool", "POST", "/v2/models/char_lstm/infer", v2(*text_inputs([True])), JSON, 400, "not true/false"),
     # KServe v2 REST: per-request limits (checked from the shapes, before any data is decoded)
     C("v2-100k-tokens", "POST", "/v2/models/char_lstm/infer", v2(*text_inputs([1] * 100_000)), JSON, 400,

@@ -15,6 +15,7 @@ import contextlib
 import numpy as np
 import pytest
 
+from models.vocab import Vocabulary
 from service.errors import ClientError
 from service.generation import (
     MAX_NEW_CHARS,
@@ -112,14 +113,14 @@ VOCAB = "Tabcefh ."
 def test_validate_rejects_out_of_range_parameters(changes: dict, message: str) -> None:
     request = GenerationRequest(**{"prompt": "The cab", **changes})
     with pytest.raises(ClientError) as info:
-        request.validate(VOCAB)
+        request.validate(Vocabulary(VOCAB))
     assert message in str(info.value)
     assert info.value.status == 400
 
 
 def test_validate_names_characters_outside_the_vocabulary() -> None:
     with pytest.raises(ClientError) as info:
-        GenerationRequest("The café\tcab é").validate(VOCAB)
+        GenerationRequest("The café\tcab é").validate(Vocabulary(VOCAB))
     message = str(info.value)
     assert "2 character(s) outside the model vocabulary" in message
     assert "'é' (U+00E9)" in message and "'\\t' (U+0009)" in message
@@ -127,8 +128,8 @@ def test_validate_names_characters_outside_the_vocabulary() -> None:
 
 def test_validate_accepts_limits_and_from_dict_checks_fields() -> None:
     GenerationRequest("T" * MAX_PROMPT_CHARS, max_new_chars=MAX_NEW_CHARS, temperature=1e-9, top_k=1,
-                      seed=0).validate(VOCAB)
-    GenerationRequest("a b", temperature=5, top_k=10_000, seed=2**70).validate(VOCAB)
+                      seed=0).validate(Vocabulary(VOCAB))
+    GenerationRequest("a b", temperature=5, top_k=10_000, seed=2**70).validate(Vocabulary(VOCAB))
     request = GenerationRequest.from_dict({"prompt": "ab", "seed": 3, "stream": True})
     assert (request.prompt, request.seed, request.stream, request.max_new_chars) == ("ab", 3, True, 200)
     with pytest.raises(ClientError, match=r"unknown field\(s\) \['max_tokens'\]"):

@@ -20,6 +20,7 @@ from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper
 from starlette.requests import Request
 
+from models.vocab import Vocabulary
 from service import images, kserve, kserve_http, uploads
 from service.errors import ClientError
 from service.generation import GenerationRequest
@@ -40,7 +41,8 @@ def image_graph(path: Path) -> dict:
         "image", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 4, 4])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])], [weights])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return {"kind": "image_classifier", "labels": ["a", "b", "c"],
+    return {"nnserve_format": 2, "kind": "image_classifier", "labels": ["a", "b", "c"],
+            "roles": {"image": "input", "scores": "logits"},
             "inputs": [{"name": "input", "dtype": "float32", "shape": [-1, 1, 4, 4]}],
             "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 3]}]}
 
@@ -58,7 +60,8 @@ def text_graph(path: Path) -> dict:
         [table])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     spec = [{"name": n, "dtype": "float32", "shape": [LAYERS, -1, HIDDEN]} for n in ("h", "c")]
-    return {"kind": "char_lm", "vocab": VOCAB,
+    return {"nnserve_format": 2, "kind": "sequence_lm", "vocab": VOCAB,
+            "roles": {"tokens": "tokens", "scores": "logits", "state": [["h", "h_out"], ["c", "c_out"]]},
             "inputs": [{"name": "tokens", "dtype": "int64", "shape": [-1, -1]}, *spec],
             "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, -1, len(VOCAB)]},
                         *[{**s, "name": s["name"] + "_out"} for s in spec]]}
@@ -276,7 +279,7 @@ generation_bodies = st.dictionaries(
 @given(body=generation_bodies | json_like)
 def test_generation_request_raises_only_client_errors(body):
     def build_and_validate():
-        GenerationRequest.from_dict(body).validate(VOCAB)
+        GenerationRequest.from_dict(body).validate(Vocabulary(VOCAB))
 
     raises_only_client_error(build_and_validate)
 
@@ -287,6 +290,6 @@ def test_generation_request_raises_only_client_errors(body):
 def test_valid_generation_requests_pass(prompt, max_new_chars, temperature, top_k, seed):
     request = GenerationRequest.from_dict({"prompt": prompt, "max_new_chars": max_new_chars,
                                            "temperature": temperature, "top_k": top_k, "seed": seed})
-    request.validate(VOCAB)
+    request.validate(Vocabulary(VOCAB))
     assert request.top_k is None or 1 <= request.top_k <= len(VOCAB)  # fits the step loop's int64 array
     assert math.isfinite(request.temperature)

@@ -262,7 +262,7 @@ def test_image_client_errors_name_the_problem(url, digits):
         (dict(files={"image": ("d.png", b"")}), 400, "empty"),
         (dict(files={"image": ("big.png", huge.getvalue())}), 413, "pixels"),
         (dict(files={"image": ("d.png", good)}, data={"model": "resnet9000"}), 404, "unknown model 'resnet9000'"),
-        (dict(files={"image": ("d.png", good)}, data={"model": "char_lstm"}), 400, "char_lm model"),
+        (dict(files={"image": ("d.png", good)}, data={"model": "char_lstm"}), 400, "sequence_lm model"),
         (dict(files={"image": ("d.png", good)}, data={"top_k": "0"}), 400, "top_k"),
         (dict(files={"image": ("d.png", good)}, data={"top_k": "many"}), 400, "top_k"),
         (dict(), 400, "image"),  # empty body

@@ -222,14 +222,14 @@ def test_each_endpoints_default_is_the_first_configured_model_of_its_kind(tiny_s
     repository.load_all()
     try:
         assert set(repository.failures) == {"ghost", "broken"} and set(repository.models) == {"features", "poet"}
-        assert repository.default_model("/classify", ("image_classifier", "image_feature_extractor")) == "broken"
+        assert repository.default_model("/classify") == "broken"
         with pytest.raises(Unavailable, match="model 'broken' failed to load"):
             repository.get("broken")
-        assert repository.default_model("/features", ("image_feature_extractor",)) == "features"
-        assert repository.default_model("/generate", ("char_lm",)) == "poet"
-        with pytest.raises(NotFound, match=r"/x needs a model of kind other and none is served; served models: "
+        assert repository.default_model("/features") == "features"
+        assert repository.default_model("/generate") == "poet"
+        with pytest.raises(NotFound, match=r"/x needs a model of kind .*and none is served; served models: "
                                            r"ghost \(kind unknown\), broken \(image_classifier\), features"):
-            repository.default_model("/x", ("other",))
+            repository.default_model("/x")
     finally:
         repository.close()
 
@@ -259,7 +259,7 @@ def test_a_server_serves_exactly_the_configured_models_under_their_names(own_ser
     digits, poet = models
     assert digits["state"] == poet["state"] == "ready", why
     assert (digits["store_tag"], digits["kind"]) == (tiny_store["lenet5"], "image_classifier"), why
-    assert (poet["store_tag"], poet["kind"]) == (tiny_store["char_gru"], "char_lm"), why
+    assert (poet["store_tag"], poet["kind"]) == (tiny_store["char_gru"], "sequence_lm"), why
     assert digits["batching"] == {"max_batch_size": 4, "max_queue_delay_ms": 2.0, "preferred_batch_sizes": [],
                                   "max_queue_size": 128, "queue_timeout_ms": 60000.0}, why
     assert poet["batching"] == {"max_batch_size": 32, "max_queue_delay_ms": 0.0, "preferred_batch_sizes": [],

@@ -17,9 +17,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi.onnxruntime_pybind11_state import EPFail, Fail, InvalidArgument, RuntimeException
-from service.adapters import adapter_for
 
 from export.tensorrt import MAX_SEQ, capability, profile, relocatable, tensorrt_stage
+from models.kinds import get_kind
 from service import runtime
 from service.runtime import TRT, ModelRuntime, verified_engine_problem
 from service.settings import Settings
@@ -41,7 +41,8 @@ def tiny_model(folder: Path) -> tuple[Path, dict]:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
     onnx.save(model, str(path))
-    metadata = {"name": "tiny", "kind": "image_classifier", "onnx_file": "model.onnx",
+    metadata = {"nnserve_format": 2, "name": "tiny", "kind": "image_classifier", "onnx_file": "model.onnx",
+                "roles": {"image": "input", "scores": "logits"},
                 "inputs": [{"name": "input", "dtype": "float32", "shape": [-1, 4]}],
                 "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 3]}],
                 "labels": ["a", "b", "c"], "preprocessing": {}}
@@ -73,10 +74,11 @@ def test_stage_is_skipped_with_its_reason_without_tensorrt(tmp_path):
     assert not (tmp_path / "out").exists(), "a skipped stage writes nothing"
 
 
-def test_profile_takes_batch_axes_from_the_adapter():
-    metadata = {"kind": "char_lm", "inputs": [{"name": "tokens", "dtype": "int64", "shape": [-1, -1]},
-                                              {"name": "h", "dtype": "float32", "shape": [2, -1, 32]}]}
-    shapes = profile(metadata, 64, adapter_for("char_lm").batch_axis)
+def test_profile_takes_batch_axes_from_the_kind():
+    metadata = {"kind": "sequence_lm", "inputs": [{"name": "tokens", "dtype": "int64", "shape": [-1, -1]},
+                                                  {"name": "h", "dtype": "float32", "shape": [2, -1, 32]}],
+                "roles": {"tokens": "tokens", "scores": "logits", "state": [["h", "h_out"]]}}
+    shapes = profile(metadata, 64, lambda name: get_kind("sequence_lm").batch_axis(metadata, name))
     assert shapes["min"] == {"tokens": [1, 1], "h": [2, 1, 32]}
     assert shapes["opt"] == {"tokens": [32, 1], "h": [2, 32, 32]}
     assert shapes["max"] == {"tokens": [64, MAX_SEQ], "h": [2, 64, 32]}

@@ -170,19 +170,29 @@ class SequenceLM(Kind):
             raise KindError(f"the card's vocab has {vocab_size} tokens but the network's embedding has "
                             f"{embeddings[0].num_embeddings} rows: the vocab must list one token per embedding row")
         inputs = self.example_inputs(wrapper, card)
+        layout = card.get("lm", {}).get("batch_first", True)
+        swap = (f"if the module reads tokens as {'[T, B]' if layout else '[B, T]'}, set lm.batch_first to "
+                f"{str(not layout).lower()} in the card")
         try:
             with torch.no_grad():
                 outs = wrapper(*inputs)
         except Exception as e:
             raise KindError(f"the network does not follow the sequence_lm contract forward(tokens, state) -> "
                             f"(scores, state) (docs/your-model.md): {type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:300]}") from e
+                            f"{str(e).splitlines()[0][:300]}; {swap}") from e
         if tuple(outs[0].shape) != (2, 5, vocab_size):
             raise KindError(f"scores for tokens [2, 5] have shape {list(outs[0].shape)}; expected [2, 5, "
                             f"{vocab_size}] (batch, steps, vocab size from the card's vocab)")
         for name, given, got in zip(wrapper.output_names[1:], inputs[1:], outs[1:], strict=True):
             if tuple(got.shape) != tuple(given.shape):
                 raise KindError(f"state output {name} has shape {list(got.shape)}, expected {list(given.shape)}")
+        # Rows of a batch must not see each other: with the time and batch axes swapped they do.
+        tokens = torch.randint(0, vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            together = wrapper(tokens, *inputs[1:])[0][:1]
+            alone = wrapper(tokens[:1], *(s[:, :1] for s in inputs[1:]))[0]
+        if not torch.allclose(together, alone, atol=1e-4, rtol=1e-4):
+            raise KindError(f"the scores of one sequence change with the other sequences of its batch: {swap}")
         return {"logits": vocab_size}
 
     # ---- store metadata -------------------------------------------------------------------------------
