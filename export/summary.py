@@ -16,8 +16,9 @@ def ms(latency: dict | None, batch: int) -> str:
 
 
 def parity_cell(p: dict) -> str:
+    images = p.get("eval_samples", p.get("held_out_samples"))
     agreement = (f"greedy {p['greedy_steps']} chars identical: {p['greedy_identical']}" if "greedy_steps" in p
-                 else f"top-1 agree {100 * p['top1_agreement']:.1f}% of {p['held_out_samples']}")
+                 else f"top-1 agree {100 * p['top1_agreement']:.1f}% of {images}")
     return f"{p['max_abs']:.1e} / {p['max_rel']:.1e}; {agreement}"
 
 
