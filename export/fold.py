@@ -32,6 +32,8 @@ from onnx import numpy_helper
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from models.artifact import atomic_write
+
 log = logging.getLogger("nnserve.export")
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -429,9 +431,7 @@ def finish_onnx_folding(path: Path, info: dict, strict_fold: bool = False) -> di
     bn_count = len(info.get("deferred_to_onnx", ())) if info["method"] != "onnx" else info["batchnorm_layers"]
     model, folded, scale_shift = fold_batchnorm_onnx(onnx.load(str(path)), strict_fold=strict_fold)
     if folded or scale_shift:
-        tmp = path.with_name(f".{path.name}.tmp")
-        onnx.save(model, str(tmp))
-        tmp.replace(path)
+        atomic_write(path, model.SerializeToString())
     info["batchnorm_folded"] = list(info.get("batchnorm_folded", [])) + folded
     info["batchnorm_scale_shift"] = list(info.get("batchnorm_scale_shift", [])) + scale_shift
     # The exporter's own eval-mode peephole folds Conv+BN before our pass sees the graph: say so, so the

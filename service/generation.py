@@ -187,7 +187,7 @@ class _Slot:
 
 
 class ContinuousBatcher:
-    """Decode-step batching for one char_lm runtime::
+    """Decode-step batching for one sequence_lm runtime::
 
         stream = batcher.submit(request)  # validates (ClientError) and queues it
         async for chunk in stream: ...    # str chunks: every character sampled since the last one

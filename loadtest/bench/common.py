@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models.artifact import atomic_write as write_atomic  # noqa: F401 (the bench's parts import it from here)
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -16,12 +18,6 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Readers (and a half-finished run) never see a partial file: write a temp file, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def fmt(value: float | None, digits: int = 1) -> str:
