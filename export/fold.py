@@ -181,7 +181,8 @@ def fold_batchnorm(model: nn.Module, strict_fold: bool = False
         else:
             _set_submodule(model, bn_name, ScaleShift.from_batchnorm(bn))
             scale_shift.append(bn_name)
-    log.info("folded %d BatchNorm layers: %s", len(folded), ", ".join(folded) or "none")
+    log.info("folded %d BatchNorm layers: %s%s", len(folded), ", ".join(folded) or "none",
+             f"; {len(deferred)} after Conv subclasses are folded in the ONNX graph" if deferred else "")
     if scale_shift:
         log.info("BatchNorm layers made scale-and-shift (nothing to fold into): %s", ", ".join(scale_shift))
     return model, folded, scale_shift, deferred
@@ -437,4 +438,6 @@ def finish_onnx_folding(path: Path, info: dict, strict_fold: bool = False) -> di
     # The exporter's own eval-mode peephole folds Conv+BN before our pass sees the graph: say so, so the
     # certificate accounts for every BatchNorm.
     info["batchnorm_folded_by_exporter"] = bn_count - len(folded) - len(scale_shift)
+    log.info("BatchNorm in the ONNX graph: %d folded by the exporter into their Conv, %d folded by nnserve, %d made "
+             "scale-and-shift", info["batchnorm_folded_by_exporter"], len(folded), len(scale_shift))
     return info
