@@ -53,7 +53,8 @@ class Vocabulary:
                 raise VocabularyError(f"{len(missing)} character(s) outside the vocabulary: {missing[:10]}", missing)
             return [self.index[ch] for ch in text]
         if self.separator:
-            pieces = [p for p in text.split(self.separator) if p]
+            # A whitespace separator splits on any whitespace (line breaks in a text file included).
+            pieces = text.split() if self.separator.isspace() else [p for p in text.split(self.separator) if p]
             missing = sorted({p for p in pieces if p not in self.index})
             if missing:
                 raise VocabularyError(f"{len(missing)} token(s) outside the vocabulary: {missing[:10]}", missing)

@@ -155,7 +155,7 @@ class ImageClassifier(Kind):
         roles = {"image": input_names[0]}
         if "labels" in card:
             roles["scores"] = output_names[0]
-        if card.get("features") or "features" in card.get("onnx", {}).get("outputs", {}):
+        if card.get("features"):
             roles["features"] = output_names[-1]
         return roles
 

@@ -231,9 +231,12 @@ class SequenceLM(Kind):
             ids = np.random.default_rng(0).integers(0, len(vocab), 4 * PROMPT_TOKENS)
             return TextSamples(ids, "random token ids only (no evaluation text given: --eval-data)", False)
         try:
-            return TextSamples(np.array(vocab.encode(text), dtype=np.int64), source, True)
+            ids = np.array(vocab.encode(text), dtype=np.int64)
         except VocabularyError as e:
             raise KindError(f"{source}: {e}") from e
+        if len(ids) < 2 * BPC_STREAMS:
+            raise KindError(f"{source} has {len(ids)} tokens; parity and the INT8 gate need at least {2 * BPC_STREAMS}")
+        return TextSamples(ids, source, True)
 
     def certify(self, wrapper, session, samples: TextSamples, max_abs_error: float) -> dict:
         """Random tokens and state at batch 1, 7, 64; then a prompt prefilled in one call and 200 greedy decode
