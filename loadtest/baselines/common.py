@@ -2,14 +2,16 @@
 preprocessing exactly as nnserve does it, and the top-k answer.
 
 Which store entry to serve comes from the environment (``BASELINE_LENET5_TAG``, ``BASELINE_VGG_FC7_TAG``,
-default ``<name>:latest``): the bench passes the exact tags nnserve reported, so every server runs the same
-graph. ``BASELINE_ORT_THREADS`` sets ORT's intra-op threads (the launcher sizes it as cores / workers).
+``BASELINE_<NAME>_TAG`` for any model, default ``<name>:latest``): the bench passes the exact tags nnserve
+reported, so every server runs the same graph. ``BASELINE_ORT_THREADS`` sets ORT's intra-op threads (the
+launcher sizes it as cores / workers).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +19,12 @@ import onnxruntime as ort
 from PIL import Image
 
 from models.preprocess import image_to_uint8, preprocess_uint8
+
+
+def tag_variable(name: str) -> str:
+    """``BASELINE_<NAME>_TAG``: ``-`` and ``.`` (allowed in store names, not in variable names) become ``_``,
+    as in nnserve's ``NNSERVE_<NAME>_TAG``."""
+    return f"BASELINE_{re.sub(r'[-.]', '_', name).upper()}_TAG"
 
 
 def ort_threads(workers: int = 1) -> int:
@@ -36,7 +44,7 @@ class StoreModel:
     def load(cls, name: str, threads: int) -> StoreModel:
         import bentoml
 
-        entry = bentoml.models.get(os.environ.get(f"BASELINE_{name.upper()}_TAG", f"{name}:latest"))
+        entry = bentoml.models.get(os.environ.get(tag_variable(name), f"{name}:latest"))
         metadata = dict(entry.info.metadata)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads

@@ -16,6 +16,8 @@ from loadtest.bench.overload import OverloadResult
 from loadtest.bench.recovery import WINDOW, RecoveryResult
 from loadtest.bench.stacks import StackRun
 from loadtest.bench.targets import Target
+from loadtest.bench.user_model import LABELS as USER_LABELS
+from loadtest.bench.user_model import SIZE, UserModelResult
 from loadtest.locust_runner import BUDGETS
 
 HOW_TO = """## How to run
@@ -52,6 +54,9 @@ What each part measures:
    it: how long until their latency is back to idle.
 6. **Budgets and memory**: the locust load test of every endpoint at once against `loadtest/budgets.json`,
    and the server processes' resident memory.
+7. **User model** (section 8): a user's library network, EfficientNet-B0 at 224x224 (made with
+   `models.finetune` + `export`, as docs/your-model.md shows), on `/classify` of an nnserve serving only it
+   and of plain FastAPI + ORT on the same store entry: does dynamic batching pay on a real-size model?
 
 Notes on method:
 
@@ -90,6 +95,7 @@ class Results:
     targets: list[Target] = field(default_factory=list)
     target_notes: list[str] = field(default_factory=list)
     images: list[str] = field(default_factory=list)
+    user_model: UserModelResult | None = None
 
 
 def report(args: argparse.Namespace, r: Results) -> str:
@@ -122,6 +128,7 @@ def report(args: argparse.Namespace, r: Results) -> str:
     lines += recovery_section(r)
     lines += budgets_section(args, r)
     lines += memory_section(r)
+    lines += user_model_section(args, r)
     return "\n".join(lines) + "\n"
 
 
@@ -286,4 +293,32 @@ def memory_section(r: Results) -> list[str]:
         values = [f"{r.memory[m][i][1]:.0f}" if i < len(r.memory[m]) else "-" for m in moments]
         lines.append(f"| {role} | {' | '.join(values)} |")
     lines.append(f"| total | {' | '.join(f'{sum(v for _, v in r.memory[m]):.0f}' for m in moments)} |")
+    return lines
+
+
+def user_model_section(args: argparse.Namespace, r: Results) -> list[str]:
+    u = r.user_model
+    if u is None:
+        return []
+    lines = ["", f"## 8. User model (EfficientNet-B0, {SIZE}x{SIZE})", "",
+             f"`{u.tag}` (efficientnet_pytorch EfficientNet-B0, 10 classes, fp32 ONNX; {u.made}), served by an "
+             "nnserve whose models.yaml lists only it, then by plain FastAPI + ORT (uvicorn, 2 workers, one ORT call "
+             "per request) on the same store entry: same ONNX file, same decode + preprocessing code. Request: a "
+             f"held-out digit upscaled to {SIZE}x{SIZE} RGB, a {u.png_bytes:,}-byte PNG upload with "
+             f"`model={u.tag.split(':')[0]}`. `wrk -t1 -cN -d{args.duration}s` per row, one server up at a time. "
+             "ok req/s counts only answers with status < 400 (what the target compares); errors = status >= 400 "
+             "+ socket errors/timeouts.", "",
+             f"nnserve's batching for the model (`GET /models`): `{u.batching or 'not reported'}`.", "",
+             "| server | clients | requests | req/s | ok req/s | p50 ms | p95 ms | p99 ms | errors | mean batch "
+             "| batches |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for run in u.runs:
+        w = run.result
+        lines.append(f"| {USER_LABELS.get(run.server, run.server)} | {w.connections} | {w.requests:,} | {fmt(w.rps)} "
+                     f"| {fmt(w.ok_rps)} | {fmt(w.p50_ms, 2)} | {fmt(w.p95_ms, 2)} | {fmt(w.p99_ms, 2)} | {w.errors} "
+                     f"| {fmt(run.mean_batch, 2)} | {run.batches or '-'} |")
+    lines += ["", "Answer to the checked request sent before each server's runs: "
+              + "; ".join(f"{USER_LABELS.get(s, s)}: {a}" for s, a in u.answers.items())]
+    target = next((t for t in r.targets if t.what.startswith("user model")), None)
+    if target:
+        lines += ["", f"Target: {target.what} {target.target}: {target.measured}: **{target.verdict.strip('*')}**."]
     return lines

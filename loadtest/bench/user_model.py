@@ -1,0 +1,160 @@
+"""Part 8: a user's library network on ``/classify``: does nnserve's dynamic batching pay on a real-size model?
+
+EfficientNet-B0 (efficientnet_pytorch, 224x224 RGB, 10 classes) made the way a user makes it
+(docs/your-model.md): ``python -m models.finetune`` for a few steps (untrained weights cost the same time as
+trained ones), ``python -m export`` (fp32) into the bench's BentoML store. Then, one server up at a time:
+
+- nnserve serving only that model (its own models.yaml: the tag, nothing else, so the batching is the
+  defaults or what ``--server-env`` sets), its batch sizes from ``/metrics``;
+- plain FastAPI + ORT (``loadtest/baselines/fastapi_app.py``: uvicorn, 2 workers, one ORT call per request)
+  on the SAME store entry, so the same ONNX file and the same decode + preprocessing code.
+
+Both get the same bytes: a held-out digit upscaled to 224x224 RGB as a PNG upload, with ``model=<name>``
+(FastAPI ignores the field). wrk at each ``--connections`` level, as the main rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from loadtest.bench.common import REPO_ROOT, log
+from loadtest.bench.stacks import CLASSIFY, StackRun, measure
+from loadtest.bench.wrk import RequestFiles
+
+NAME = "effnet_b0"
+SIZE = 224
+FACTORY = "efficientnet_pytorch:EfficientNet.from_name"
+KWARGS = {"model_name": "efficientnet-b0", "num_classes": 10, "image_size": SIZE}
+# Weights do not change the speed: a few small steps make a valid artifact in the least time.
+FINETUNE_STEPS, FINETUNE_BATCH = 3, 8
+EXPORT_BENCH_RUNS = 3  # export's own latency comparison (fp32 vs optimized graph), runs per batch size
+NNSERVE, FASTAPI = "nnserve", "fastapi"  # server names of this part's runs
+LABELS = {NNSERVE: "nnserve (dynamic batching)", FASTAPI: "FastAPI + ORT, 2 workers"}
+
+
+@dataclass
+class UserModelResult:
+    tag: str  # the store entry both servers ran
+    runs: list[StackRun] = field(default_factory=list)
+    answers: dict[str, str] = field(default_factory=dict)  # server -> the checked request's answer
+    batching: str = ""  # nnserve's batching settings for the model, as GET /models reports them
+    made: str = ""  # how the store entry was made (or that it was reused), with the time it took
+    png_bytes: int = 0
+
+
+def finetune_command(out: Path) -> list[str]:
+    return [sys.executable, "-m", "models.finetune", "--factory", FACTORY, "--kwargs", json.dumps(KWARGS),
+            "--name", NAME, "--size", str(SIZE), "--max-steps", str(FINETUNE_STEPS),
+            "--batch-size", str(FINETUNE_BATCH), "--out", str(out)]
+
+
+def export_command(artifact: Path, report_dir: Path) -> list[str]:
+    # No --eval-data: parity on the 450 held-out images at 224x224 takes minutes on a small CPU, and these
+    # weights are untrained; export still checks the graph against PyTorch on random inputs.
+    return [sys.executable, "-m", "export", str(artifact), "--bench-runs", str(EXPORT_BENCH_RUNS),
+            "--report-dir", str(report_dir)]
+
+
+def models_config(name: str, tag: str) -> dict:
+    """A models.yaml serving only ``name`` (pinned to ``tag``): no batching keys, so the server's defaults
+    (or the NNSERVE_* globals the bench passes) decide them."""
+    return {"models": {name: {"tag": tag}}}
+
+
+def write_models_config(path: Path, name: str, tag: str) -> Path:
+    path.write_text(json.dumps(models_config(name, tag), indent=2) + "\n")  # JSON is YAML
+    return path
+
+
+def baseline_env(name: str, tag: str) -> dict[str, str]:
+    """The FastAPI baseline's environment: ``name`` on /classify pinned to ``tag``, no /features model."""
+    from loadtest.baselines.common import tag_variable
+
+    return {"BASELINE_CLASSIFY_MODEL": name, "BASELINE_FEATURES_MODEL": "", tag_variable(name): tag}
+
+
+def upscaled_png(digit: np.ndarray, size: int = SIZE) -> bytes:
+    """A uint8 [H, W] digit as a ``size`` x ``size`` RGB PNG: what a client of a 224x224 RGB model uploads
+    (the server decodes and resizes it either way)."""
+    import io
+
+    from PIL import Image
+
+    image = Image.fromarray(digit).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def run_logged(cmd: list[str], log_path: Path, what: str) -> float:
+    """Run ``cmd`` in the repository (its output to ``log_path``); seconds taken. RuntimeError on failure."""
+    started = time.perf_counter()
+    with open(log_path, "wb") as out:
+        done = subprocess.run(cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{what} failed ({done.returncode}): {' '.join(cmd)}; log {log_path}:\n{tail}")
+    return time.perf_counter() - started
+
+
+def make_store_entry(workdir: Path) -> tuple[str, str]:
+    """Fine-tune + export into the store (BENTOML_HOME); (the new store tag, how it was made)."""
+    import bentoml
+
+    artifact = workdir / NAME
+    log(f"user model: python -m models.finetune ({NAME}, {SIZE}x{SIZE}, {FINETUNE_STEPS} steps)")
+    finetune_s = run_logged(finetune_command(artifact), workdir / "finetune.log", "models.finetune")
+    log(f"user model: python -m export {artifact.name} (fp32)")
+    export_s = run_logged(export_command(artifact, workdir / "export-reports"), workdir / "export.log",
+                          "python -m export")
+    tag = str(bentoml.models.get(f"{NAME}:latest").tag)  # export just registered it: the newest version
+    return tag, (f"made by this run: `models.finetune` ({FINETUNE_STEPS} steps of batch {FINETUNE_BATCH}, "
+                 f"{finetune_s:.0f} s) and `export` (fp32, {export_s:.0f} s)")
+
+
+def served_batching(url: str, name: str) -> str:
+    from loadtest.bench.server_info import get_json
+
+    model = next((m for m in get_json(url + "/models")["models"] if m.get("name") == name), {})
+    return json.dumps(model.get("batching", "not reported"))
+
+
+def bench_user_model(args: argparse.Namespace, env: dict[str, str], workdir: Path) -> UserModelResult:
+    """Make (or reuse, ``--user-model-tag``) the store entry, then nnserve and FastAPI in turn under wrk."""
+    from loadtest.baselines.launch import running_baseline
+    from loadtest.data import held_out_digits
+    from loadtest.server import running_server
+
+    if args.user_model_tag:
+        tag, made = args.user_model_tag, "reused (`--user-model-tag`), not made by this run"
+    else:
+        tag, made = make_store_entry(workdir)
+    name = tag.split(":")[0]
+    digits, labels = held_out_digits()
+    png = workdir / "digit-224-rgb.png"
+    png.write_bytes(upscaled_png(digits[0]))
+    files = RequestFiles(png, str(labels[0]), classify_fields={"model": name})
+    result = UserModelResult(tag, made=made, png_bytes=png.stat().st_size)
+
+    config = write_models_config(workdir / "models-user.yaml", name, tag)
+    log(f"user model: nnserve serving only {tag}")
+    with running_server(workdir / "nnserve-user.log", {**env, "NNSERVE_MODELS_CONFIG": str(config)}) as server:
+        result.batching = served_batching(server.http_url, name)
+        runs, answers = measure(NNSERVE, server.http_url, (CLASSIFY,), files, args.connections, args.duration,
+                                metrics=True, model=name)
+        result.runs += runs
+        result.answers[NNSERVE] = answers[CLASSIFY]
+    log(f"user model: FastAPI + ORT on {tag}")
+    with running_baseline("fastapi", workdir / "fastapi-user.log", baseline_env(name, tag)) as server:
+        runs, answers = measure(FASTAPI, server.http_url, (CLASSIFY,), files, args.connections, args.duration)
+        result.runs += runs
+        result.answers[FASTAPI] = answers[CLASSIFY]
+    return result
