@@ -18,21 +18,14 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Mapping
 from typing import Annotated
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Response
 
-from loadtest.baselines.common import StoreModel, ort_threads
+from loadtest.baselines.common import StoreModel, ort_threads, served_models
 
 WORKERS = 2  # the launcher starts uvicorn with --workers 2; ORT threads = cores / workers
-
-
-def served_models(environ: Mapping[str, str]) -> tuple[str, str | None]:
-    """(the /classify model, the /features model or None) named by the environment."""
-    features = environ.get("BASELINE_FEATURES_MODEL", "vgg_fc7").strip()
-    return environ.get("BASELINE_CLASSIFY_MODEL", "lenet5").strip() or "lenet5", features or None
 
 
 def output_name(model: StoreModel, role: str, default: str) -> str:

@@ -318,6 +318,13 @@ def user_model_section(args: argparse.Namespace, r: Results) -> list[str]:
                      f"| {fmt(run.mean_batch, 2)} | {run.batches or '-'} |")
     lines += ["", "Answer to the checked request sent before each server's runs: "
               + "; ".join(f"{USER_LABELS.get(s, s)}: {a}" for s, a in u.answers.items())]
+    if u.item_ms:
+        one = u.item_ms.get(1)
+        costs = ", ".join(f"batch {n}: {ms:.1f} ms" + (f" ({one / ms:.2f}x batch 1's speed)" if one and n != 1 else "")
+                          for n, ms in u.item_ms.items())
+        lines += ["", f"ORT time per item in process ({u.threads} intra-op thread(s), as one worker of either server; "
+                  f"median, no server up): {costs}. Batching makes a server at most that much faster per item, "
+                  "whatever its queue does."]
     target = next((t for t in r.targets if t.what.startswith("user model")), None)
     if target:
         lines += ["", f"Target: {target.what} {target.target}: {target.measured}: **{target.verdict.strip('*')}**."]

@@ -10,7 +10,8 @@ trained ones), ``python -m export`` (fp32) into the bench's BentoML store. Then,
   on the SAME store entry, so the same ONNX file and the same decode + preprocessing code.
 
 Both get the same bytes: a held-out digit upscaled to 224x224 RGB as a PNG upload, with ``model=<name>``
-(FastAPI ignores the field). wrk at each ``--connections`` level, as the main rows.
+(FastAPI ignores the field). wrk at each ``--connections`` level, as the main rows. Last, with no server up,
+the model's ORT cost per item at batch 1, 8 and 32 in process: the most batching can save on this CPU.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ KWARGS = {"model_name": "efficientnet-b0", "num_classes": 10, "image_size": SIZE
 # Weights do not change the speed: a few small steps make a valid artifact in the least time.
 FINETUNE_STEPS, FINETUNE_BATCH = 3, 8
 EXPORT_BENCH_RUNS = 3  # export's own latency comparison (fp32 vs optimized graph), runs per batch size
+COST_BATCHES = (1, 8, 32)  # batch sizes of the in-process cost per item: what batching can save at most
 NNSERVE, FASTAPI = "nnserve", "fastapi"  # server names of this part's runs
 LABELS = {NNSERVE: "nnserve (dynamic batching)", FASTAPI: "FastAPI + ORT, 2 workers"}
 
@@ -48,6 +50,8 @@ class UserModelResult:
     batching: str = ""  # nnserve's batching settings for the model, as GET /models reports them
     made: str = ""  # how the store entry was made (or that it was reused), with the time it took
     png_bytes: int = 0
+    threads: int = 0  # ORT intra-op threads of one worker (both servers: cores / 2 workers)
+    item_ms: dict[int, float] = field(default_factory=dict)  # batch size -> median ORT ms per item, in process
 
 
 def finetune_command(out: Path) -> list[str]:
@@ -127,8 +131,27 @@ def served_batching(url: str, name: str) -> str:
     return json.dumps(model.get("batching", "not reported"))
 
 
+def per_item_ms(tag: str, png: bytes, threads: int, sizes: tuple[int, ...] = COST_BATCHES) -> dict[int, float]:
+    """Median ORT milliseconds per item at each batch size, in process (no server up), the request's image
+    preprocessed as the servers do, ``threads`` intra-op threads as one server worker has: batching can make
+    a server at most item_ms[1] / item_ms[N] times faster at batch N, whatever its queue does."""
+    from loadtest.baselines.common import StoreModel
+    from loadtest.bench.inprocess import time_calls
+
+    model = StoreModel.load(tag.split(":")[0], threads, tag=tag)
+    x = model.decode(png)
+    found = {}
+    for n in sizes:
+        batch = np.repeat(x[None], n, axis=0)
+        # Few calls: a batch of 32 takes about a second on a small CPU.
+        times = time_calls(lambda b=batch: model.run(b), runs=20, max_seconds=2.0, warmup=2)
+        found[n] = float(np.median(times)) / n
+    return found
+
+
 def bench_user_model(args: argparse.Namespace, env: dict[str, str], workdir: Path) -> UserModelResult:
     """Make (or reuse, ``--user-model-tag``) the store entry, then nnserve and FastAPI in turn under wrk."""
+    from loadtest.baselines.common import ort_threads
     from loadtest.baselines.launch import running_baseline
     from loadtest.data import held_out_digits
     from loadtest.server import running_server
@@ -157,4 +180,9 @@ def bench_user_model(args: argparse.Namespace, env: dict[str, str], workdir: Pat
         runs, answers = measure(FASTAPI, server.http_url, (CLASSIFY,), files, args.connections, args.duration)
         result.runs += runs
         result.answers[FASTAPI] = answers[CLASSIFY]
+    result.threads = ort_threads(2)
+    log(f"user model: ORT cost per item at batch {', '.join(map(str, COST_BATCHES))} ({result.threads} threads, "
+        "in process)")
+    result.item_ms = per_item_ms(tag, png.read_bytes(), result.threads)
+    log("  " + ", ".join(f"batch {n}: {ms:.1f} ms/item" for n, ms in result.item_ms.items()))
     return result
