@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--user-model-tag", metavar="TAG",
                    help="user-model part: serve this store entry (one an earlier run made) instead of making one "
                         "with models.finetune + export (minutes on a small CPU)")
+    p.add_argument("--user-model-rounds", type=int, default=3,
+                   help="user-model part: rounds of wrk rows, nnserve's and FastAPI's alternating (medians judged)")
     p.add_argument("--skip", choices=PARTS, action="append", default=[],
                    help="leave a part out (repeatable); nnserve = every part that needs the nnserve server")
     return p.parse_args(argv)

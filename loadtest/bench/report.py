@@ -14,8 +14,8 @@ from loadtest.bench.common import fmt, percentile
 from loadtest.bench.inprocess import REFERENCE, Case
 from loadtest.bench.overload import OverloadResult
 from loadtest.bench.recovery import WINDOW, RecoveryResult
-from loadtest.bench.stacks import StackRun
-from loadtest.bench.targets import Target
+from loadtest.bench.stacks import CLASSIFY, StackRun
+from loadtest.bench.targets import Target, median_ok_rps
 from loadtest.bench.user_model import LABELS as USER_LABELS
 from loadtest.bench.user_model import SIZE, UserModelResult
 from loadtest.locust_runner import BUDGETS
@@ -302,20 +302,29 @@ def user_model_section(args: argparse.Namespace, r: Results) -> list[str]:
         return []
     lines = ["", f"## 8. User model (EfficientNet-B0, {SIZE}x{SIZE})", "",
              f"`{u.tag}` (efficientnet_pytorch EfficientNet-B0, 10 classes, fp32 ONNX; {u.made}), served by an "
-             "nnserve whose models.yaml lists only it, then by plain FastAPI + ORT (uvicorn, 2 workers, one ORT call "
+             "nnserve whose models.yaml lists only it and by plain FastAPI + ORT (uvicorn, 2 workers, one ORT call "
              "per request) on the same store entry: same ONNX file, same decode + preprocessing code. Request: a "
              f"held-out digit upscaled to {SIZE}x{SIZE} RGB, a {u.png_bytes:,}-byte PNG upload with "
-             f"`model={u.tag.split(':')[0]}`. `wrk -t1 -cN -d{args.duration}s` per row, one server up at a time. "
-             "ok req/s counts only answers with status < 400 (what the target compares); errors = status >= 400 "
-             "+ socket errors/timeouts.", "",
+             f"`model={u.tag.split(':')[0]}`. `wrk -t1 -cN -d{args.duration}s` per row; both servers up, their rows "
+             "alternating round by round (the machine may be shared: other work shows up in whichever row it hits), "
+             "medians judged. ok req/s counts only answers with status < 400 (what the target compares); errors = "
+             "status >= 400 + socket errors/timeouts.", "",
              f"nnserve's batching for the model (`GET /models`): `{u.batching or 'not reported'}`.", "",
-             "| server | clients | requests | req/s | ok req/s | p50 ms | p95 ms | p99 ms | errors | mean batch "
-             "| batches |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| round | server | clients | requests | req/s | ok req/s | p50 ms | p95 ms | p99 ms | errors "
+             "| mean batch | batches |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for run in u.runs:
         w = run.result
-        lines.append(f"| {USER_LABELS.get(run.server, run.server)} | {w.connections} | {w.requests:,} | {fmt(w.rps)} "
-                     f"| {fmt(w.ok_rps)} | {fmt(w.p50_ms, 2)} | {fmt(w.p95_ms, 2)} | {fmt(w.p99_ms, 2)} | {w.errors} "
-                     f"| {fmt(run.mean_batch, 2)} | {run.batches or '-'} |")
+        lines.append(f"| {run.round_no or '-'} | {USER_LABELS.get(run.server, run.server)} | {w.connections} "
+                     f"| {w.requests:,} | {fmt(w.rps)} | {fmt(w.ok_rps)} | {fmt(w.p50_ms, 2)} | {fmt(w.p95_ms, 2)} "
+                     f"| {fmt(w.p99_ms, 2)} | {w.errors} | {fmt(run.mean_batch, 2)} | {run.batches or '-'} |")
+    medians = []
+    for server in dict.fromkeys(run.server for run in u.runs):
+        for c in sorted({run.result.connections for run in u.runs}):
+            m = median_ok_rps(u.runs, server, CLASSIFY, c)
+            if m:
+                medians.append(f"{USER_LABELS.get(server, server)} at {c}: {fmt(m.ok_rps)}")
+    if medians:
+        lines += ["", "Median ok req/s over the rounds: " + "; ".join(medians) + "."]
     lines += ["", "Answer to the checked request sent before each server's runs: "
               + "; ".join(f"{USER_LABELS.get(s, s)}: {a}" for s, a in u.answers.items())]
     if u.item_ms:

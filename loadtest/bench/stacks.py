@@ -29,6 +29,7 @@ class StackRun:
     result: WrkResult
     mean_batch: float = float("nan")  # nnserve only, from /metrics
     batches: str = ""
+    round_no: int = 0  # the user-model part's interleaved round (1, 2, ...); 0 elsewhere
 
 
 def top_label(answer: object) -> str:

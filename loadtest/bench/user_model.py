@@ -2,7 +2,7 @@
 
 EfficientNet-B0 (efficientnet_pytorch, 224x224 RGB, 10 classes) made the way a user makes it
 (docs/your-model.md): ``python -m models.finetune`` for a few steps (untrained weights cost the same time as
-trained ones), ``python -m export`` (fp32) into the bench's BentoML store. Then, one server up at a time:
+trained ones), ``python -m export`` (fp32) into the bench's BentoML store. Then, both up at once:
 
 - nnserve serving only that model (its own models.yaml: the tag, nothing else, so the batching is the
   defaults or what ``--server-env`` sets), its batch sizes from ``/metrics``;
@@ -10,7 +10,8 @@ trained ones), ``python -m export`` (fp32) into the bench's BentoML store. Then,
   on the SAME store entry, so the same ONNX file and the same decode + preprocessing code.
 
 Both get the same bytes: a held-out digit upscaled to 224x224 RGB as a PNG upload, with ``model=<name>``
-(FastAPI ignores the field). wrk at each ``--connections`` level, as the main rows. Last, with no server up,
+(FastAPI ignores the field). wrk at each ``--connections`` level, as the main rows, but in several rounds
+with the two servers' rows alternating (both servers up) and medians judged. Last, with no server up,
 the model's ORT cost per item at batch 1, 8 and 32 in process: the most batching can save on this CPU.
 """
 
@@ -131,7 +132,8 @@ def served_batching(url: str, name: str) -> str:
     return json.dumps(model.get("batching", "not reported"))
 
 
-def per_item_ms(tag: str, png: bytes, threads: int, sizes: tuple[int, ...] = COST_BATCHES) -> dict[int, float]:
+def per_item_ms(tag: str, png: bytes, threads: int, sizes: tuple[int, ...] = COST_BATCHES,
+                passes: int = 3) -> dict[int, float]:
     """Median ORT milliseconds per item at each batch size, in process (no server up), the request's image
     preprocessed as the servers do, ``threads`` intra-op threads as one server worker has: batching can make
     a server at most item_ms[1] / item_ms[N] times faster at batch N, whatever its queue does."""
@@ -139,18 +141,24 @@ def per_item_ms(tag: str, png: bytes, threads: int, sizes: tuple[int, ...] = COS
     from loadtest.bench.inprocess import time_calls
 
     model = StoreModel.load(tag.split(":")[0], threads, tag=tag)
-    x = model.decode(png)
-    found = {}
-    for n in sizes:
-        batch = np.repeat(x[None], n, axis=0)
-        # Few calls: a batch of 32 takes about a second on a small CPU.
-        times = time_calls(lambda b=batch: model.run(b), runs=20, max_seconds=2.0, warmup=2)
-        found[n] = float(np.median(times)) / n
-    return found
+    batches = {n: np.repeat(model.decode(png)[None], n, axis=0) for n in sizes}
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    # The sizes take turns, pass after pass: other work on a shared machine then slows every size alike
+    # instead of whichever was being timed. Few calls per pass: a batch of 32 takes about a second.
+    for i in range(passes):
+        for n, batch in batches.items():
+            times[n] += time_calls(lambda b=batch: model.run(b), runs=10, max_seconds=0.5, warmup=1 if i else 2)
+    return {n: float(np.median(t)) / n for n, t in times.items()}
+
+
+def round_order(i: int) -> tuple[str, str]:
+    """Which server goes first in round ``i``: alternating, so neither always runs on the warmer machine."""
+    return (NNSERVE, FASTAPI) if i % 2 == 0 else (FASTAPI, NNSERVE)
 
 
 def bench_user_model(args: argparse.Namespace, env: dict[str, str], workdir: Path) -> UserModelResult:
-    """Make (or reuse, ``--user-model-tag``) the store entry, then nnserve and FastAPI in turn under wrk."""
+    """Make (or reuse, ``--user-model-tag``) the store entry, then ``--user-model-rounds`` rounds of wrk rows,
+    nnserve's and FastAPI's alternating, at each ``--connections`` level."""
     from loadtest.baselines.common import ort_threads
     from loadtest.baselines.launch import running_baseline
     from loadtest.data import held_out_digits
@@ -168,18 +176,22 @@ def bench_user_model(args: argparse.Namespace, env: dict[str, str], workdir: Pat
     result = UserModelResult(tag, made=made, png_bytes=png.stat().st_size)
 
     config = write_models_config(workdir / "models-user.yaml", name, tag)
-    log(f"user model: nnserve serving only {tag}")
-    with running_server(workdir / "nnserve-user.log", {**env, "NNSERVE_MODELS_CONFIG": str(config)}) as server:
-        result.batching = served_batching(server.http_url, name)
-        runs, answers = measure(NNSERVE, server.http_url, (CLASSIFY,), files, args.connections, args.duration,
-                                metrics=True, model=name)
-        result.runs += runs
-        result.answers[NNSERVE] = answers[CLASSIFY]
-    log(f"user model: FastAPI + ORT on {tag}")
-    with running_baseline("fastapi", workdir / "fastapi-user.log", baseline_env(name, tag)) as server:
-        runs, answers = measure(FASTAPI, server.http_url, (CLASSIFY,), files, args.connections, args.duration)
-        result.runs += runs
-        result.answers[FASTAPI] = answers[CLASSIFY]
+    log(f"user model: nnserve serving only {tag}, and FastAPI + ORT on it")
+    # Both up at once (an idle server takes no CPU: ORT does not spin) so the rows can alternate: on a shared
+    # machine other work comes and goes, and back-to-back blocks per server would measure it, not the servers.
+    with (running_server(workdir / "nnserve-user.log", {**env, "NNSERVE_MODELS_CONFIG": str(config)}) as nnserve,
+          running_baseline("fastapi", workdir / "fastapi-user.log", baseline_env(name, tag)) as fastapi):
+        result.batching = served_batching(nnserve.http_url, name)
+        urls = {NNSERVE: nnserve.http_url, FASTAPI: fastapi.http_url}
+        for i in range(args.user_model_rounds):
+            for c in args.connections:
+                for server in round_order(i):
+                    runs, answers = measure(server, urls[server], (CLASSIFY,), files, [c], args.duration,
+                                            metrics=server == NNSERVE, model=name)
+                    for run in runs:
+                        run.round_no = i + 1
+                    result.runs += runs
+                    result.answers[server] = answers[CLASSIFY]
     result.threads = ort_threads(2)
     log(f"user model: ORT cost per item at batch {', '.join(map(str, COST_BATCHES))} ({result.threads} threads, "
         "in process)")
