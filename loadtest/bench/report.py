@@ -296,11 +296,21 @@ def memory_section(r: Results) -> list[str]:
     return lines
 
 
+# What targets.user_model_target judges, in words, written above the part's rows.
+USER_MODEL_TARGET = """\
+The target, fixed in `loadtest/bench/targets.py` (`user_model_target`) before it was first measured:
+**user model /classify at 32 clients >= 2x plain FastAPI**, i.e. nnserve's throughput on `/classify` with 32
+wrk connections, counting only answers with status < 400 (`WrkResult.ok_rps`: a 503 or 422 is not work
+done), at least twice that of plain FastAPI + ORT (uvicorn, 2 workers, one ORT call per request) serving the
+same store entry (same ONNX file, same decode + preprocessing code) under the same requests. Not measured
+when either side did not run or FastAPI answered nothing below 400."""
+
+
 def user_model_section(args: argparse.Namespace, r: Results) -> list[str]:
     u = r.user_model
     if u is None:
         return []
-    lines = ["", f"## 8. User model (EfficientNet-B0, {SIZE}x{SIZE})", "",
+    lines = ["", f"## 8. User model (EfficientNet-B0, {SIZE}x{SIZE})", "", *USER_MODEL_TARGET.splitlines(), "",
              f"`{u.tag}` (efficientnet_pytorch EfficientNet-B0, 10 classes, fp32 ONNX; {u.made}), served by an "
              "nnserve whose models.yaml lists only it and by plain FastAPI + ORT (uvicorn, 2 workers, one ORT call "
              "per request) on the same store entry: same ONNX file, same decode + preprocessing code. Request: a "
