@@ -3,7 +3,11 @@ not measured exactly as its rule says."""
 
 from __future__ import annotations
 
+import io
+import json
 from collections import Counter
+
+import numpy as np
 
 from loadtest.bench.overload import OverloadResult
 from loadtest.bench.recovery import recovery_time
@@ -88,3 +92,118 @@ def test_recovery_is_where_the_median_of_a_run_of_requests_is_back_under_the_thr
     assert recovered and 0.11 < seconds < 0.2
     slow_end = [(s, 5.0 if i >= 30 else ms) for i, (s, ms) in enumerate(fast)]
     assert recovery_time(slow_end, 2.0)[1] is False
+
+
+# ---- the user-model part (loadtest/bench/user_model.py) -------------------------------------------------------
+
+def test_user_model_target_counts_only_answers_below_400():
+    from loadtest.bench.targets import user_model_target
+    from loadtest.bench.user_model import FASTAPI, NNSERVE
+
+    def wrk(server: str, requests: int, status_errors: int = 0) -> StackRun:
+        return StackRun(server, CLASSIFY, WrkResult(32, requests, 10.0, requests / 10, 50.0, 80.0, 90.0, 99.0,
+                                                     status_errors, 0))
+
+    assert user_model_target([wrk(NNSERVE, 1000), wrk(FASTAPI, 500)], 32).verdict == "met"  # exactly 2x
+    assert user_model_target([wrk(NNSERVE, 999), wrk(FASTAPI, 500)], 32).verdict == "**MISSED**"
+    # 3x the answers, but half of them 503s: 1.5x the work done
+    shed = user_model_target([wrk(NNSERVE, 1500, status_errors=750), wrk(FASTAPI, 500)], 32)
+    assert shed.verdict == "**MISSED**" and "1.50x" in shed.measured and "errors: 750 vs 0" in shed.measured
+    # the baseline's errors count against it the same way
+    assert user_model_target([wrk(NNSERVE, 800), wrk(FASTAPI, 500, status_errors=200)], 32).verdict == "met"
+    assert user_model_target([wrk(NNSERVE, 800)], 32).verdict == "not measured"
+    assert user_model_target([wrk(NNSERVE, 800), wrk(FASTAPI, 500, status_errors=500)], 32).verdict \
+        == "not measured"  # FastAPI did no work: no ratio
+
+
+def test_user_model_target_judges_the_medians_of_the_rounds():
+    from loadtest.bench.targets import median_ok_rps, user_model_target
+    from loadtest.bench.user_model import FASTAPI, NNSERVE, round_order
+
+    # FastAPI's second round hit a busy machine: one slow round must not decide the verdict.
+    runs = [run(NNSERVE, CLASSIFY, 32, rps, 500.0, 700.0) for rps in (56.0, 55.0, 57.0)]
+    runs += [run(FASTAPI, CLASSIFY, 32, rps, 500.0, 700.0) for rps in (54.0, 18.0, 53.0)]
+    runs.append(run(NNSERVE, CLASSIFY, 1, 40.0, 20.0, 25.0))  # another level: not in the medians at 32
+    m = median_ok_rps(runs, NNSERVE, CLASSIFY, 32)
+    assert (m.ok_rps, m.rounds, m.errors) == (56.0, 3, 0)
+    target = user_model_target(runs, 32)
+    assert target.verdict == "**MISSED**" and target.measured.startswith("median of 3 round(s): 56.0 vs 53.0")
+    assert [round_order(i)[0] for i in range(4)] == [NNSERVE, FASTAPI, NNSERVE, FASTAPI]
+
+
+def test_ok_rps_leaves_out_error_answers():
+    w = WrkResult(32, 1000, 10.0, 100.0, 1.0, 2.0, 3.0, 4.0, status_errors=250, socket_errors=7)
+    assert w.ok_rps == 75.0 and w.errors == 257
+
+
+def test_user_models_config_serves_only_that_model_with_the_default_batching(tmp_path):
+    from loadtest.bench.user_model import write_models_config
+    from service.settings import ModelConfig, Settings
+
+    path = write_models_config(tmp_path / "models.yaml", "effnet_b0", "effnet_b0:abc123")
+    settings = Settings.from_env({"NNSERVE_MODELS_CONFIG": str(path)})
+    assert settings.models == (ModelConfig("effnet_b0", "effnet_b0:abc123"),)
+    globals_ = Settings.from_env({"NNSERVE_MODELS_CONFIG": str(path), "NNSERVE_MAX_QUEUE_DELAY_MS": "2"})
+    assert globals_.model("effnet_b0").max_queue_delay_ms == 2.0, "--server-env still sets the batching"
+
+
+def test_fastapi_baseline_serves_the_model_the_environment_names():
+    from loadtest.baselines.common import served_models, tag_variable
+    from loadtest.bench.user_model import baseline_env
+
+    assert served_models({}) == ("lenet5", "vgg_fc7"), "the main rows' baseline is unchanged"
+    env = baseline_env("effnet_b0", "effnet_b0:abc123")
+    assert served_models(env) == ("effnet_b0", None), "no /features model to load"
+    assert tag_variable("effnet_b0") == "BASELINE_EFFNET_B0_TAG" and env["BASELINE_EFFNET_B0_TAG"] == "effnet_b0:abc123"
+    assert tag_variable("my-net.v2") == "BASELINE_MY_NET_V2_TAG"
+
+
+def test_user_model_commands_are_what_finetune_and_export_accept(tmp_path):
+    from export.__main__ import parse_args as export_args
+    from loadtest.bench.user_model import KWARGS, SIZE, export_command, finetune_command
+    from models.finetune import parse_args as finetune_args
+
+    ft = finetune_args(finetune_command(tmp_path / "a")[3:])  # after: python -m models.finetune
+    assert (ft.name, ft.size, ft.channels, json.loads(ft.kwargs), ft.out) == ("effnet_b0", SIZE, 3, KWARGS,
+                                                                             tmp_path / "a")
+    assert KWARGS["image_size"] == SIZE and ft.max_steps <= 10
+    artifacts, options = export_args(export_command(tmp_path / "a", tmp_path / "r")[3:])
+    assert artifacts == [tmp_path / "a"] and options.register and not options.int8 and options.bench_runs <= 10
+
+
+def test_user_model_request_is_a_224_rgb_png_with_the_model_field(tmp_path):
+    from PIL import Image
+
+    from loadtest.bench.user_model import SIZE, upscaled_png
+    from loadtest.bench.wrk import RequestFiles, multipart_body
+
+    png = upscaled_png(np.full((28, 28), 200, dtype=np.uint8))
+    image = Image.open(io.BytesIO(png))
+    assert (image.format, image.mode, image.size) == ("PNG", "RGB", (SIZE, SIZE))
+    files = RequestFiles(tmp_path / "x.png", "7", classify_fields={"model": "effnet_b0"})
+    assert files.classify_args() == ["multipart", str(tmp_path / "x.png"), "model=effnet_b0"]
+    body, _ = multipart_body(png, files.classify_fields)
+    assert b'name="model"\r\n\r\neffnet_b0\r\n' in body
+
+
+def test_user_model_section_reports_the_rows_and_the_verdict():
+    import argparse
+
+    from loadtest.bench.report import Results, user_model_section
+    from loadtest.bench.targets import user_model_target
+    from loadtest.bench.user_model import FASTAPI, NNSERVE, UserModelResult
+
+    runs = [run(NNSERVE, CLASSIFY, 32, 60.0, 500.0, 700.0), run(FASTAPI, CLASSIFY, 32, 50.0, 600.0, 800.0)]
+    for r in runs:
+        r.round_no = 1
+    r = Results(info={}, user_model=UserModelResult("effnet_b0:abc", runs, made="made", png_bytes=1234, threads=1,
+                                                    item_ms={1: 20.0, 32: 25.0}))
+    r.targets = [user_model_target(runs, 32)]
+    text = "\n".join(user_model_section(argparse.Namespace(duration=5), r))
+    assert "## 8. User model (EfficientNet-B0, 224x224)" in text and "`effnet_b0:abc`" in text
+    assert "| 1 | nnserve (dynamic batching) | 32 | 600 | 60.0 | 60.0 |" in text
+    assert "Median ok req/s over the rounds: nnserve (dynamic batching) at 32: 60.0; FastAPI + ORT, 2 workers at 32: " \
+        "50.0." in text
+    assert "60.0 vs 50.0 req/s = 1.20x: **MISSED**" in text
+    assert "batch 1: 20.0 ms, batch 32: 25.0 ms (0.80x batch 1's speed)" in text
+    assert user_model_section(argparse.Namespace(duration=5), Results(info={})) == []

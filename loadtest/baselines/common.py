@@ -2,14 +2,17 @@
 preprocessing exactly as nnserve does it, and the top-k answer.
 
 Which store entry to serve comes from the environment (``BASELINE_LENET5_TAG``, ``BASELINE_VGG_FC7_TAG``,
-default ``<name>:latest``): the bench passes the exact tags nnserve reported, so every server runs the same
-graph. ``BASELINE_ORT_THREADS`` sets ORT's intra-op threads (the launcher sizes it as cores / workers).
+``BASELINE_<NAME>_TAG`` for any model, default ``<name>:latest``): the bench passes the exact tags nnserve
+reported, so every server runs the same graph. ``BASELINE_ORT_THREADS`` sets ORT's intra-op threads (the
+launcher sizes it as cores / workers).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +20,20 @@ import onnxruntime as ort
 from PIL import Image
 
 from models.preprocess import image_to_uint8, preprocess_uint8
+
+
+def tag_variable(name: str) -> str:
+    """``BASELINE_<NAME>_TAG``: ``-`` and ``.`` (allowed in store names, not in variable names) become ``_``,
+    as in nnserve's ``NNSERVE_<NAME>_TAG``."""
+    return f"BASELINE_{re.sub(r'[-.]', '_', name).upper()}_TAG"
+
+
+def served_models(environ: Mapping[str, str]) -> tuple[str, str | None]:
+    """FastAPI's (/classify model, /features model or None): ``BASELINE_CLASSIFY_MODEL`` (default lenet5),
+    ``BASELINE_FEATURES_MODEL`` (default vgg_fc7; set empty for none). Here, not in fastapi_app, because that
+    module loads the models when imported."""
+    features = environ.get("BASELINE_FEATURES_MODEL", "vgg_fc7").strip()
+    return environ.get("BASELINE_CLASSIFY_MODEL", "lenet5").strip() or "lenet5", features or None
 
 
 def ort_threads(workers: int = 1) -> int:
@@ -33,10 +50,11 @@ class StoreModel:
     session: ort.InferenceSession
 
     @classmethod
-    def load(cls, name: str, threads: int) -> StoreModel:
+    def load(cls, name: str, threads: int, tag: str | None = None) -> StoreModel:
+        """``tag`` if given, else the environment's pin for ``name`` (BASELINE_<NAME>_TAG), else its latest."""
         import bentoml
 
-        entry = bentoml.models.get(os.environ.get(f"BASELINE_{name.upper()}_TAG", f"{name}:latest"))
+        entry = bentoml.models.get(tag or os.environ.get(tag_variable(name), f"{name}:latest"))
         metadata = dict(entry.info.metadata)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads

@@ -1,27 +1,43 @@
 """Baseline (c): plain FastAPI + ONNX Runtime, no batching: one ORT call per request.
 
     BASELINE_ORT_THREADS=1 uvicorn loadtest.baselines.fastapi_app:app --workers 2 --port 8000
+    BASELINE_CLASSIFY_MODEL=effnet_b0 BASELINE_FEATURES_MODEL= uvicorn loadtest.baselines.fastapi_app:app ...
 
 How a FastAPI model server is commonly written: sync endpoints (FastAPI runs them in its thread pool, ORT
 releases the GIL), the models loaded once per worker process, several uvicorn workers for the cores.
-``/classify`` (lenet5) answers like nnserve's; ``/features`` (vgg_fc7) returns the fc7 vector as JSON or,
-with ``format=npy``, as .npy bytes (what the bench asks of both servers).
+``/classify`` answers like nnserve's; ``/features`` returns the feature vector as JSON or, with
+``format=npy``, as .npy bytes (what the bench asks of both servers).
+
+Which store models: ``BASELINE_CLASSIFY_MODEL`` (default lenet5) for ``/classify``, ``BASELINE_FEATURES_MODEL``
+(default vgg_fc7; empty: no ``/features`` route) for ``/features``, each pinned by ``BASELINE_<NAME>_TAG``
+(common.py). Unknown form fields (nnserve's ``model``) are ignored, so the bench sends both servers the same
+bytes.
 """
 
 from __future__ import annotations
 
 import io
+import os
 from typing import Annotated
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Response
 
-from loadtest.baselines.common import StoreModel, ort_threads
+from loadtest.baselines.common import StoreModel, ort_threads, served_models
 
 WORKERS = 2  # the launcher starts uvicorn with --workers 2; ORT threads = cores / workers
+
+
+def output_name(model: StoreModel, role: str, default: str) -> str:
+    """The graph output with ``role`` (scores, features) in the store metadata; ``default`` for an entry
+    that does not say."""
+    return model.metadata.get("roles", {}).get(role, default)
+
+
 THREADS = ort_threads(WORKERS)
-LENET5 = StoreModel.load("lenet5", THREADS)
-VGG_FC7 = StoreModel.load("vgg_fc7", THREADS)
+CLASSIFY_MODEL, FEATURES_MODEL = served_models(os.environ)
+CLASSIFIER = StoreModel.load(CLASSIFY_MODEL, THREADS)
+SCORES = output_name(CLASSIFIER, "scores", "logits")
 
 app = FastAPI(title="baseline: FastAPI + ORT, no batching")
 
@@ -33,16 +49,20 @@ def health() -> dict:
 
 @app.post("/classify")
 def classify(image: Annotated[bytes, File()], top_k: Annotated[int, Form()] = 5) -> dict:
-    logits = LENET5.run(LENET5.decode(image)[None], output="logits")
-    return LENET5.top_k(logits[0], top_k)
+    logits = CLASSIFIER.run(CLASSIFIER.decode(image)[None], output=SCORES)
+    return CLASSIFIER.top_k(logits[0], top_k)
 
 
-@app.post("/features")
-def features(image: Annotated[bytes, File()], format: Annotated[str, Form()] = "json") -> Response:
-    vector = VGG_FC7.run(VGG_FC7.decode(image)[None], output="fc7")[0].astype(np.float32)
-    if format == "npy":
-        buffer = io.BytesIO()
-        np.save(buffer, vector)
-        return Response(buffer.getvalue(), media_type="application/x-npy")
-    return Response(f'{{"dim": {vector.size}, "features": [{", ".join(map(str, vector.tolist()))}]}}',
-                    media_type="application/json")
+if FEATURES_MODEL:  # the route exists only when a model serves it: a missing one would answer 500s
+    EXTRACTOR = StoreModel.load(FEATURES_MODEL, THREADS)
+    FEATURES = output_name(EXTRACTOR, "features", "fc7")
+
+    @app.post("/features")
+    def features(image: Annotated[bytes, File()], format: Annotated[str, Form()] = "json") -> Response:
+        vector = EXTRACTOR.run(EXTRACTOR.decode(image)[None], output=FEATURES)[0].astype(np.float32)
+        if format == "npy":
+            buffer = io.BytesIO()
+            np.save(buffer, vector)
+            return Response(buffer.getvalue(), media_type="application/x-npy")
+        return Response(f'{{"dim": {vector.size}, "features": [{", ".join(map(str, vector.tolist()))}]}}',
+                        media_type="application/json")

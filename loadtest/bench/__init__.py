@@ -2,7 +2,9 @@
 
     python -m loadtest.bench                                   # the record (make bench)
     python -m loadtest.bench --duration 3 --runs 30 --max-seconds 0.5 --overload-seconds 3 \\
-        --budget-duration 5 --skip-step-loop --out /tmp/b      # smoke: a minute or two, not the record
+        --budget-duration 5 --skip-step-loop --skip user-model --out /tmp/b   # smoke: a minute or two
+    python -m loadtest.bench --duration 5 --skip in-process --skip nnserve --skip generate --skip baselines \\
+        --out /tmp/b                                           # only the user-model part
 
 One module per part, run in this order by ``__main__``; each server runs alone (started, measured, stopped):
 
@@ -12,6 +14,9 @@ One module per part, run in this order by ``__main__``; each server runs alone (
   ``recovery`` (a 10,000-item request, then small ones), ``overload`` (300 clients, asyncio), ``budgets``
   (the locust load test with budgets), ``server_info`` (models, settings, memory);
 - ``stacks.measure_baselines``: each baseline server of ``loadtest/baselines`` in turn;
+- ``user_model``: a user's EfficientNet-B0 (224x224) made with ``models.finetune`` + ``export``, on
+  ``/classify`` of an nnserve serving only it, then of plain FastAPI + ORT on the same store entry
+  (``--user-model-tag`` reuses an entry an earlier run made; ``--skip user-model`` leaves it out);
 - ``targets`` (the issue's goals, met or MISSED), ``plots`` and ``report`` -> docs/bench.md.
 
 Every phase is bounded (``--duration`` per wrk row and locust level, ``--overload-seconds``,

@@ -15,7 +15,7 @@ from loadtest.bench import __doc__ as PACKAGE_DOC
 from loadtest.bench.common import REPO_ROOT, load_average, log, machine, write_atomic
 from loadtest.bench.report import Results, report
 
-PARTS = ("in-process", "nnserve", "stacks", "generate", "recovery", "overload", "budgets", "baselines")
+PARTS = ("in-process", "nnserve", "stacks", "generate", "recovery", "overload", "budgets", "baselines", "user-model")
 
 
 def int_list(text: str) -> list[int]:
@@ -51,6 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for the nnserve server (e.g. NNSERVE_MAX_QUEUE_DELAY_MS=5), repeatable; "
                         "passed through as is")
+    p.add_argument("--user-model-tag", metavar="TAG",
+                   help="user-model part: serve this store entry (one an earlier run made) instead of making one "
+                        "with models.finetune + export (minutes on a small CPU)")
+    p.add_argument("--user-model-rounds", type=int, default=3,
+                   help="user-model part: rounds of wrk rows, nnserve's and FastAPI's alternating (medians judged)")
     p.add_argument("--skip", choices=PARTS, action="append", default=[],
                    help="leave a part out (repeatable); nnserve = every part that needs the nnserve server")
     return p.parse_args(argv)
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     r = Results(info={"command": command, "date": datetime.now().astimezone().isoformat(timespec="seconds"),
                       "load_start": load_average(), **machine()})
     log(f"{command}: load average {r.info['load_start']}; output to {args.out}")
-    if not {"nnserve", "stacks"} & set(args.skip) or "baselines" not in args.skip:
+    if not {"nnserve", "stacks"} & set(args.skip) or not {"baselines", "user-model"} <= set(args.skip):
         wrk_binary()  # fail now, not after minutes of other parts
     with tempfile.TemporaryDirectory(prefix="nnserve-bench-") as tmp:
         workdir = Path(tmp)
@@ -187,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
             run_baselines(args, workdir, r)
         if args.mlserver_url:
             run_mlserver(args, workdir, r)
+        if "user-model" not in args.skip:
+            from loadtest.bench.user_model import bench_user_model
+
+            log("user model: EfficientNet-B0 224x224 on /classify, nnserve vs FastAPI + ORT")
+            r.user_model = bench_user_model(args, env, workdir)
     batch_ms, delay = None, env.get("NNSERVE_MAX_QUEUE_DELAY_MS") or find_setting(r.settings, "max_queue_delay")
     if r.overload:
         max_batch = int(env.get("NNSERVE_MAX_BATCH_SIZE") or find_setting(r.settings, "max_batch_size") or 32)
@@ -208,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = sorted(args.connections)
     r.targets = targets.evaluate(r.runs, levels[0], levels[-1], r.generate, r.step_limits, r.overload,
                                  as_float(delay), batch_ms, r.recovery)
+    r.targets.append(targets.user_model_target(r.user_model.runs if r.user_model else [], levels[-1]))
     r.info.update(load_end=load_average(), seconds=time.perf_counter() - started)
     r.images = plot(r.cases, r.runs, r.labels, r.generate, args.out / "img")
     write_atomic(args.out / "bench.md", report(args, r).encode())

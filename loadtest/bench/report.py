@@ -14,8 +14,10 @@ from loadtest.bench.common import fmt, percentile
 from loadtest.bench.inprocess import REFERENCE, Case
 from loadtest.bench.overload import OverloadResult
 from loadtest.bench.recovery import WINDOW, RecoveryResult
-from loadtest.bench.stacks import StackRun
-from loadtest.bench.targets import Target
+from loadtest.bench.stacks import CLASSIFY, StackRun
+from loadtest.bench.targets import Target, median_ok_rps
+from loadtest.bench.user_model import LABELS as USER_LABELS
+from loadtest.bench.user_model import SIZE, UserModelResult
 from loadtest.locust_runner import BUDGETS
 
 HOW_TO = """## How to run
@@ -52,6 +54,9 @@ What each part measures:
    it: how long until their latency is back to idle.
 6. **Budgets and memory**: the locust load test of every endpoint at once against `loadtest/budgets.json`,
    and the server processes' resident memory.
+7. **User model** (section 8): a user's library network, EfficientNet-B0 at 224x224 (made with
+   `models.finetune` + `export`, as docs/your-model.md shows), on `/classify` of an nnserve serving only it
+   and of plain FastAPI + ORT on the same store entry: does dynamic batching pay on a real-size model?
 
 Notes on method:
 
@@ -90,6 +95,7 @@ class Results:
     targets: list[Target] = field(default_factory=list)
     target_notes: list[str] = field(default_factory=list)
     images: list[str] = field(default_factory=list)
+    user_model: UserModelResult | None = None
 
 
 def report(args: argparse.Namespace, r: Results) -> str:
@@ -122,6 +128,7 @@ def report(args: argparse.Namespace, r: Results) -> str:
     lines += recovery_section(r)
     lines += budgets_section(args, r)
     lines += memory_section(r)
+    lines += user_model_section(args, r)
     return "\n".join(lines) + "\n"
 
 
@@ -286,4 +293,58 @@ def memory_section(r: Results) -> list[str]:
         values = [f"{r.memory[m][i][1]:.0f}" if i < len(r.memory[m]) else "-" for m in moments]
         lines.append(f"| {role} | {' | '.join(values)} |")
     lines.append(f"| total | {' | '.join(f'{sum(v for _, v in r.memory[m]):.0f}' for m in moments)} |")
+    return lines
+
+
+# What targets.user_model_target judges, in words, written above the part's rows.
+USER_MODEL_TARGET = """\
+The target, fixed in `loadtest/bench/targets.py` (`user_model_target`) before it was first measured:
+**user model /classify at 32 clients >= 2x plain FastAPI**, i.e. nnserve's throughput on `/classify` with 32
+wrk connections, counting only answers with status < 400 (`WrkResult.ok_rps`: a 503 or 422 is not work
+done), at least twice that of plain FastAPI + ORT (uvicorn, 2 workers, one ORT call per request) serving the
+same store entry (same ONNX file, same decode + preprocessing code) under the same requests. Not measured
+when either side did not run or FastAPI answered nothing below 400."""
+
+
+def user_model_section(args: argparse.Namespace, r: Results) -> list[str]:
+    u = r.user_model
+    if u is None:
+        return []
+    lines = ["", f"## 8. User model (EfficientNet-B0, {SIZE}x{SIZE})", "", *USER_MODEL_TARGET.splitlines(), "",
+             f"`{u.tag}` (efficientnet_pytorch EfficientNet-B0, 10 classes, fp32 ONNX; {u.made}), served by an "
+             "nnserve whose models.yaml lists only it and by plain FastAPI + ORT (uvicorn, 2 workers, one ORT call "
+             "per request) on the same store entry: same ONNX file, same decode + preprocessing code. Request: a "
+             f"held-out digit upscaled to {SIZE}x{SIZE} RGB, a {u.png_bytes:,}-byte PNG upload with "
+             f"`model={u.tag.split(':')[0]}`. `wrk -t1 -cN -d{args.duration}s` per row; both servers up, their rows "
+             "alternating round by round (the machine may be shared: other work shows up in whichever row it hits), "
+             "medians judged. ok req/s counts only answers with status < 400 (what the target compares); errors = "
+             "status >= 400 + socket errors/timeouts.", "",
+             f"nnserve's batching for the model (`GET /models`): `{u.batching or 'not reported'}`.", "",
+             "| round | server | clients | requests | req/s | ok req/s | p50 ms | p95 ms | p99 ms | errors "
+             "| mean batch | batches |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for run in u.runs:
+        w = run.result
+        lines.append(f"| {run.round_no or '-'} | {USER_LABELS.get(run.server, run.server)} | {w.connections} "
+                     f"| {w.requests:,} | {fmt(w.rps)} | {fmt(w.ok_rps)} | {fmt(w.p50_ms, 2)} | {fmt(w.p95_ms, 2)} "
+                     f"| {fmt(w.p99_ms, 2)} | {w.errors} | {fmt(run.mean_batch, 2)} | {run.batches or '-'} |")
+    medians = []
+    for server in dict.fromkeys(run.server for run in u.runs):
+        for c in sorted({run.result.connections for run in u.runs}):
+            m = median_ok_rps(u.runs, server, CLASSIFY, c)
+            if m:
+                medians.append(f"{USER_LABELS.get(server, server)} at {c}: {fmt(m.ok_rps)}")
+    if medians:
+        lines += ["", "Median ok req/s over the rounds: " + "; ".join(medians) + "."]
+    lines += ["", "Answer to the checked request sent before each server's runs: "
+              + "; ".join(f"{USER_LABELS.get(s, s)}: {a}" for s, a in u.answers.items())]
+    if u.item_ms:
+        one = u.item_ms.get(1)
+        costs = ", ".join(f"batch {n}: {ms:.1f} ms" + (f" ({one / ms:.2f}x batch 1's speed)" if one and n != 1 else "")
+                          for n, ms in u.item_ms.items())
+        lines += ["", f"ORT time per item in process ({u.threads} intra-op thread(s), as one worker of either server; "
+                  f"median, no server up): {costs}. Batching makes a server at most that much faster per item, "
+                  "whatever its queue does."]
+    target = next((t for t in r.targets if t.what.startswith("user model")), None)
+    if target:
+        lines += ["", f"Target: {target.what} {target.target}: {target.measured}: **{target.verdict.strip('*')}**."]
     return lines

@@ -29,6 +29,7 @@ class StackRun:
     result: WrkResult
     mean_batch: float = float("nan")  # nnserve only, from /metrics
     batches: str = ""
+    round_no: int = 0  # the user-model part's interleaved round (1, 2, ...); 0 elsewhere
 
 
 def top_label(answer: object) -> str:
@@ -41,7 +42,7 @@ def top_label(answer: object) -> str:
 
 def check_answer(url: str, endpoint: str, files: RequestFiles) -> str:
     """One request of the kind wrk will send; what it answered (the top label, or the feature size)."""
-    fields = {"format": "npy"} if endpoint == FEATURES else {}
+    fields = {"format": "npy"} if endpoint == FEATURES else (files.classify_fields if endpoint == CLASSIFY else {})
     if endpoint == V2:
         body, content_type = files.v2_json.read_bytes(), "application/json"
     else:
@@ -63,8 +64,9 @@ def wrk_args(endpoint: str, files: RequestFiles) -> list[str]:
 
 
 def measure(server: str, url: str, endpoints: tuple[str, ...], files: RequestFiles, connections: list[int],
-            seconds: float, metrics: bool = False) -> tuple[list[StackRun], dict[str, str]]:
-    """Every endpoint at every concurrency level; ``metrics``: nnserve's batch histograms too."""
+            seconds: float, metrics: bool = False, model: str | None = None) -> tuple[list[StackRun], dict[str, str]]:
+    """Every endpoint at every concurrency level; ``metrics``: nnserve's batch histograms too, of ``model``
+    (default: the model each endpoint's requests go to in the main rows, BATCHED_MODEL)."""
     runs, answers = [], {}
     for endpoint in endpoints:
         answers[endpoint] = check_answer(url, endpoint, files)
@@ -73,7 +75,7 @@ def measure(server: str, url: str, endpoints: tuple[str, ...], files: RequestFil
             result = run_wrk(url + endpoint, wrk_args(endpoint, files), c, seconds)
             run = StackRun(server, endpoint, result)
             if metrics:
-                hist = batch_histogram(before, scrape(url), BATCHED_MODEL[endpoint], "dynamic")
+                hist = batch_histogram(before, scrape(url), model or BATCHED_MODEL[endpoint], "dynamic")
                 run.mean_batch, run.batches = hist.mean, hist.describe()
             log(f"  {server:9s} {endpoint:24s} c={c:<3d} {result.rps:8.1f} req/s  p50 {result.p50_ms:7.2f} ms  "
                 f"p95 {result.p95_ms:7.2f}  p99 {result.p99_ms:7.2f}  errors {result.errors}"

@@ -12,7 +12,7 @@ import json
 import shlex
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,12 @@ class WrkResult:
     def errors(self) -> int:
         return self.status_errors + self.socket_errors
 
+    @property
+    def ok_rps(self) -> float:
+        """Answers with status < 400 per second: an error answer is not work done (wrk's ``requests`` counts
+        every completed response, whatever its status; socket errors and timeouts are not in it)."""
+        return max(0, self.requests - self.status_errors) / self.seconds if self.seconds else 0.0
+
 
 def run_wrk(url: str, body_args: list[str], connections: int, seconds: float) -> WrkResult:
     """One wrk run; ``body_args`` are post.lua's arguments (``multipart PNG [k=v ...]`` or
@@ -70,15 +76,19 @@ class RequestFiles:
 
     png: Path  # a held-out MNIST digit
     label: str  # its true label
-    v2_json: Path  # KServe v2 JSON infer request: that digit, preprocessed, batch 1
+    v2_json: Path | None = None  # KServe v2 JSON infer request: that digit, preprocessed, batch 1
+    classify_fields: dict[str, str] = field(default_factory=dict)  # form fields after the image, e.g. model
 
     def classify_args(self) -> list[str]:
-        return ["multipart", str(self.png)]  # top_k left at its default (5) on every server
+        # top_k left at its default (5) on every server
+        return ["multipart", str(self.png), *(f"{k}={v}" for k, v in self.classify_fields.items())]
 
     def features_args(self) -> list[str]:
         return ["multipart", str(self.png), "format=npy"]
 
     def v2_args(self) -> list[str]:
+        if self.v2_json is None:
+            raise ValueError("these request files have no KServe v2 body")
         return ["body", str(self.v2_json), "application/json"]
 
 
