@@ -32,7 +32,7 @@ import torch
 
 from export import optimize, parity
 from export.fold import finish_onnx_folding, prepare_for_export
-from export.graph import EXPORTER, OPSET, assert_no_bn_dropout, export_onnx, io_specs, op_counts
+from export.graph import EXPORTER, OPSET, assert_no_bn_dropout, check_graph, export_onnx, io_specs, op_counts
 from export.store import FORMAT, check_name_free, find_export, register
 from models.artifact import CARD, WEIGHTS, load_artifact, read_card, sha256_file, write_json
 from models.kinds import Kind, KindError, get_kind
@@ -145,8 +145,6 @@ def torch_stage(source: Source, work: Path, opts: Options) -> Graph:
     path = work / "exported.onnx"
     export_onnx(wrapper, kind, card, path, check=False)
     fold_info = finish_onnx_folding(path, fold_info, opts.strict_fold)
-    from export.graph import check_graph
-
     graph = check_graph(path)
     assert_no_bn_dropout(graph)
     log.info("%s: graph ops %s", source.name, op_counts(graph))
