@@ -75,11 +75,11 @@ def atomic_dir(target: str | Path, fill: Callable[[Path], None]) -> Path:
 def save_artifact(out_dir: str | Path, model, card: dict,
                   extra_files: Callable[[Path], None] | None = None) -> Path:
     """Write weights + card (the card gets the weights' sha256) atomically into ``out_dir``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_model
 
     def fill(tmp: Path) -> None:
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        # save_model, not save_file: it stores a tied weight (e.g. embedding = output head) once.
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         full = {"format": FORMAT, **card, "weights_sha256": sha256_file(tmp / WEIGHTS)}
         (tmp / CARD).write_text(json.dumps(full, indent=2) + "\n")
         if extra_files is not None:

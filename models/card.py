@@ -149,6 +149,12 @@ def read_state_dict(path: Path) -> dict:
 def load_state(model, state: dict, where: str) -> None:
     """``load_state_dict(strict=True)`` with every missing, unexpected and mis-shaped key listed."""
     expected = model.state_dict()
+    state = dict(state)
+    for keys in tied_groups(expected):  # a tied weight is saved once (safetensors' save_model keeps one name)
+        present = [k for k in keys if k in state]
+        for key in keys:
+            if present and key not in state:
+                state[key] = state[present[0]]
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
@@ -169,6 +175,15 @@ def load_state(model, state: dict, where: str) -> None:
         raise CardError(f"{where}: the weights do not fit the network config.factory builds: "
                         + "; ".join(details) + hint)
     model.load_state_dict(state)
+
+
+def tied_groups(state: dict) -> list[list[str]]:
+    """Groups of keys naming one tensor (tied weights, e.g. an embedding reused as the output head)."""
+    groups: dict[int, list[str]] = {}
+    for key, tensor in state.items():
+        if tensor.numel():
+            groups.setdefault(tensor.data_ptr(), []).append(key)
+    return [keys for keys in groups.values() if len(keys) > 1]
 
 
 def load_network(artifact_dir: str | Path, card: dict | None = None):

@@ -365,3 +365,25 @@ def test_user_models_over_rest_and_triton_clients(user_server, user_artifacts):
     served_graph = bentoml.models.get(models["effnet_digits"]["store_tag"]).path_of("model.onnx")
     onnx_logits = cpu_session(served_graph).run(None, {"input": x})[0]
     assert logits.shape == (3, 10) and np.allclose(logits, onnx_logits, atol=1e-4)
+
+
+def test_tied_weights_are_saved_once_and_load_back(tmp_path):
+    """An LM whose head shares the embedding's tensor (weight tying): safetensors stores it once, and the
+    network its factory builds (tied again) gets it under both names."""
+    from safetensors.torch import load_file
+
+    from models.artifact import load_artifact, save_artifact
+    from tests.user_models.word_lm import RNNModel
+
+    kwargs = {"rnn_type": "LSTM", "ntoken": 12, "ninp": 8, "nhid": 8, "nlayers": 1, "tie_weights": True}
+    model = RNNModel(**kwargs).eval()
+    card = {"name": "tied", "kind": "sequence_lm", "vocab": "abcdefghijkl", "lm": {"batch_first": False},
+            "config": {"factory": "tests.user_models.word_lm:RNNModel", "kwargs": kwargs}}
+    out = save_artifact(tmp_path / "tied", model, card)
+    assert len(load_file(str(out / "weights.safetensors"))) == len(model.state_dict()) - 1
+    loaded, _ = load_artifact(out)
+    assert loaded.decoder.weight is loaded.encoder.weight
+    tokens = torch.randint(0, 12, (5, 2))
+    state = (torch.zeros(1, 2, 8), torch.zeros(1, 2, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, state)[0], model(tokens, state)[0])

@@ -6,13 +6,16 @@ from torch import nn
 
 
 class RNNModel(nn.Module):
-    def __init__(self, rnn_type: str, ntoken: int, ninp: int, nhid: int, nlayers: int, dropout: float = 0.2):
+    def __init__(self, rnn_type: str, ntoken: int, ninp: int, nhid: int, nlayers: int, dropout: float = 0.2,
+                 tie_weights: bool = False):
         super().__init__()
         self.ntoken = ntoken
         self.drop = nn.Dropout(dropout)
         self.encoder = nn.Embedding(ntoken, ninp)
         self.rnn = getattr(nn, rnn_type)(ninp, nhid, nlayers, dropout=dropout)
         self.decoder = nn.Linear(nhid, ntoken)
+        if tie_weights:  # "Using the Output Embedding to Improve Language Models" (Press & Wolf 2016)
+            self.decoder.weight = self.encoder.weight
 
     def forward(self, input, hidden):
         emb = self.drop(self.encoder(input))
