@@ -4,6 +4,7 @@ mistake a user can make answered with a message naming the fix, nothing register
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -292,7 +293,6 @@ def user_server(own_server, user_store, session_dir):
 
 def probe_pngs(artifact: Path, count: int = 12) -> tuple[list[bytes], np.ndarray]:
     """Held-out digits as PNG uploads, and the eager model's top-1 on exactly those files."""
-    import io
 
     from PIL import Image
 
@@ -387,3 +387,41 @@ def test_tied_weights_are_saved_once_and_load_back(tmp_path):
     state = (torch.zeros(1, 2, 8), torch.zeros(1, 2, 8))
     with torch.no_grad():
         assert torch.equal(loaded(tokens, state)[0], model(tokens, state)[0])
+
+
+def test_a_channels_last_onnx_file_is_fed_in_its_own_layout(tmp_path):
+    """TensorFlow/Keras graphs take NHWC images: "layout": "NHWC" makes every upload [H, W, C]."""
+    from PIL import Image
+
+    from service.images import preprocess_upload
+
+    class KerasLike(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 3)
+
+        def forward(self, x):  # x: [N, H, W, C]
+            return self.head(self.conv(x.permute(0, 3, 1, 2)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = KerasLike().eval()
+    folder = tmp_path / "keras_like"
+    folder.mkdir()
+    torch.onnx.export(net, (torch.randn(2, 12, 10, 3),), str(folder / "model.onnx"), dynamo=False, opset_version=17,
+                      input_names=["input_1"], output_names=["dense"],
+                      dynamic_axes={"input_1": {0: "n"}, "dense": {0: "n"}})
+    spec = {"channels": 3, "resize": [12, 10], "mean": [0.5] * 3, "std": [0.25] * 3, "layout": "NHWC"}
+    card = {"format": "nnserve.artifact/2", "name": "keras_like", "kind": "image_classifier",
+            "onnx": {"file": "model.onnx"}, "labels": ["x", "y", "z"], "preprocessing": spec}
+    (folder / "card.json").write_text(json.dumps(card))
+    result = export_artifact(folder, Options(register=False, bench_runs=3, report_dir=tmp_path))
+    inputs = result.report["parity"]["io"]["inputs"]
+    assert inputs == [{"name": "input_1", "dtype": "float32", "shape": [-1, 12, 10, 3]}]
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 25, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    x = preprocess_upload(buffer.getvalue(), spec)
+    assert x.shape == (12, 10, 3)
+    served = cpu_session(folder / "model.onnx").run(None, {"input_1": x[None]})[0]
+    with torch.no_grad():
+        eager = net(torch.from_numpy(x[None])).numpy()
+    assert np.allclose(served, eager, atol=1e-5)

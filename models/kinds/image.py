@@ -58,8 +58,11 @@ class ImageClassifier(Kind):
             raise KindError(f"card preprocessing: {e}") from e
 
     def input_shape(self, card: dict, batch: int) -> tuple[int, ...]:
-        height, width = input_hw(card["preprocessing"])
-        return batch, card["preprocessing"]["channels"], height, width
+        """The model's input shape for ``batch`` images, in the spec's layout (NCHW, or NHWC)."""
+        spec = card["preprocessing"]
+        height, width = input_hw(spec)
+        channels = spec["channels"]
+        return (batch, height, width, channels) if spec.get("layout") == "NHWC" else (batch, channels, height, width)
 
     def export_wrapper(self, model, card: dict):
         """The user's module with named outputs: ``scores`` (+ the feature output)."""
@@ -367,7 +370,7 @@ def read_eval_images(path: Path, card: dict) -> tuple[np.ndarray, np.ndarray]:
             x = np.stack([preprocess_upload_pixels(image_to_uint8(Image.fromarray(img), spec), spec) for img in images])
         else:
             x = images.astype(np.float32)
-        expected = (card["preprocessing"]["channels"], *input_hw(spec))
+        expected = ImageClassifier().input_shape(card, len(x))[1:]
         if x.shape[1:] != expected:
             raise KindError(f"{path}: images preprocess to {list(x.shape[1:])}, the card's input is {list(expected)}")
         if labels and (y.min() < 0 or y.max() >= len(labels)):
