@@ -293,7 +293,6 @@ def user_server(own_server, user_store, session_dir):
 
 def probe_pngs(artifact: Path, count: int = 12) -> tuple[list[bytes], np.ndarray]:
     """Held-out digits as PNG uploads, and the eager model's top-1 on exactly those files."""
-
     from PIL import Image
 
     from models.artifact import load_artifact
