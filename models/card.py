@@ -15,8 +15,11 @@ import difflib
 import functools
 import importlib
 import json
+import logging
 import sys
 from pathlib import Path
+
+log = logging.getLogger("nnserve.export")
 
 FORMAT = "nnserve.artifact/2"
 CARD = "card.json"
@@ -38,6 +41,10 @@ def validate_card(card: object, where: str = CARD) -> dict:
     one), with the allowed names for a misspelled field."""
     import jsonschema
 
+    if isinstance(card, dict) and card.get("kind") == "sequence_lm" and "onnx" in card:
+        raise CardError(f"{where}: $.onnx: a sequence_lm is exported from its PyTorch module (config + weights): "
+                        "its recurrent state needs the module to be certified; ONNX files made elsewhere are "
+                        "supported for the image kinds")
     validator = jsonschema.Draft202012Validator(schema())
     errors = sorted(validator.iter_errors(card), key=jsonschema.exceptions.relevance)
     if not errors:
@@ -150,6 +157,11 @@ def load_state(model, state: dict, where: str) -> None:
     """``load_state_dict(strict=True)`` with every missing, unexpected and mis-shaped key listed."""
     expected = model.state_dict()
     state = dict(state)
+    prefix = "module."  # torch.nn.DataParallel / DistributedDataParallel checkpoints prefix every key
+    if set(state) != set(expected) and {k.removeprefix(prefix) for k in state} == set(expected) and all(
+            k.startswith(prefix) for k in state):
+        log.info("%s: keys saved from DataParallel ('module.' prefix): prefix removed", where)
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
     for keys in tied_groups(expected):  # a tied weight is saved once (safetensors' save_model keeps one name)
         present = [k for k in keys if k in state]
         for key in keys:

@@ -19,7 +19,7 @@ import torch
 from export.__main__ import main as export_main
 from export.graph import op_counts
 from export.pipeline import Options, export_artifact
-from models.card import CardError, read_card
+from models.card import CardError, read_card, validate_card
 from models.kinds.base import cpu_session
 
 pytest.importorskip("efficientnet_pytorch")
@@ -247,7 +247,7 @@ def test_a_name_keeps_its_kind_in_the_store(user_store, user_artifacts, tmp_path
 
 
 def test_the_schema_is_what_docs_publish():
-    from models.card import SCHEMA_PATH, validate_card
+    from models.card import SCHEMA_PATH
 
     documented = (Path(__file__).resolve().parent.parent / "docs" / "your-model.md").read_text()
     assert "models/card_schema.json" in documented
@@ -424,3 +424,18 @@ def test_a_channels_last_onnx_file_is_fed_in_its_own_layout(tmp_path):
     with torch.no_grad():
         eager = net(torch.from_numpy(x[None])).numpy()
     assert np.allclose(served, eager, atol=1e-5)
+
+
+def test_a_dataparallel_checkpoint_loads_without_its_module_prefix(user_artifacts, tmp_path):
+    artifact = edited(user_artifacts["word_gru"], tmp_path / "dp", "dp-checkpoint")
+    state = torch.load(artifact / "weights.pt", weights_only=True)
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, artifact / "weights.pt")
+    result = export_artifact(artifact, Options(register=False, bench_runs=3, report_dir=tmp_path))
+    assert result.report["parity"]["passed"]
+
+
+def test_a_language_model_onnx_file_is_refused_with_the_reason(tmp_path):
+    card = {"format": "nnserve.artifact/2", "name": "lm", "kind": "sequence_lm", "onnx": {"file": "lm.onnx"},
+            "vocab": "abc"}
+    with pytest.raises(CardError, match="a sequence_lm is exported from its PyTorch module"):
+        validate_card(card)
