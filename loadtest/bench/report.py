@@ -138,7 +138,8 @@ def in_process_section(args: argparse.Namespace, r: Results) -> list[str]:
     lines = ["", "## 1. PyTorch eager vs ONNX Runtime (CPU, in process)", "",
              "Held-out MNIST digits preprocessed as the service does; 10 warm-up calls, then up to "
              f"{args.runs} timed calls (at most {args.max_seconds:g} s) per row; one intra-op thread unless "
-             "the variant says more (the server gives ORT every core).", "",
+             "the variant says more (the server gives each ORT session cores / workers threads: one per session with "
+             "2 workers on 2 cores).", "",
              "| model | variant | batch | median ms | p90 ms | runs | µs / image | speed vs ORT fp32 | note |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for c in r.cases:
