@@ -4,7 +4,8 @@ Runs inside the BentoML service process (started from its startup hook). The pro
 servicer base class are the generated stubs shipped in tritonclient, so the wire format is Triton's own.
 RPCs not served here (model config, statistics, repository control, shared memory, ...) answer
 UNIMPLEMENTED with a message listing the ones that are. Inputs arrive as ``raw_input_contents`` or typed
-``contents``; outputs always go back as ``raw_output_contents``, as Triton does.
+``contents``; outputs always go back as ``raw_output_contents``, as Triton does. ``ModelStreamInfer``
+streams text generation for a prompt (Triton's decoupled models, ``triton_final_response``).
 """
 
 from __future__ import annotations

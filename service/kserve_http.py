@@ -3,7 +3,10 @@
 Speaks what ``tritonclient.http`` sends and parses: plain JSON tensors (``data`` lists) and Triton's binary
 tensor extension (a JSON header of ``Inference-Header-Content-Length`` bytes followed by the raw tensors;
 inputs carry ``parameters.binary_data_size``, outputs are asked for with ``parameters.binary_data`` or the
-request parameter ``binary_data_output``). Every client mistake is a 4xx with ``{"error": "..."}``.
+request parameter ``binary_data_output``). Triton's extras: BYTES protocol inputs (encoded ``image`` rows,
+a ``text_input`` prompt), the classification extension (``parameters.classification`` on an output) and the
+generate extension (``/generate``, ``/generate_stream`` as Server-Sent Events). Every client mistake is a
+4xx with ``{"error": "..."}``.
 """
 
 from __future__ import annotations
