@@ -43,6 +43,8 @@ log = logging.getLogger("nnserve.generation")
 MAX_PROMPT_CHARS = 2000  # prefilled in one call: bounds that call's time and memory
 MAX_NEW_CHARS = 2000  # bounds how long one request holds a batch slot
 MAX_LISTED_CHARS = 20  # unknown prompt characters named in an error message
+MAX_STOPS = 4  # stop strings per request (OpenAI's limit): each chunk is searched for every one
+MAX_STOP_CHARS = 100
 # Prompt characters prefilled per step boundary (at least one request): bounds how long joining
 # requests can stall the decode step of those already streaming.
 PREFILL_CHARS_PER_STEP = MAX_PROMPT_CHARS
@@ -56,7 +58,9 @@ class GenerationRequest:
     max_new_chars: int = 200
     temperature: float = 1.0
     top_k: int | None = None
+    top_p: float | None = None  # nucleus sampling: the likeliest tokens holding this much probability
     seed: int | None = None
+    stop: str | list[str] | None = None  # the text ends before the first of these (finish reason "stop")
     model: str = "char_lstm"
     stream: bool = False
 
@@ -75,32 +79,11 @@ class GenerationRequest:
             raise ClientError("missing field 'prompt'")
         return cls(**body)
 
-    def validate(self, vocab: Vocabulary) -> None:
-        """Raise ClientError naming the first problem: types, limits, prompt characters outside ``vocab``."""
-        if not isinstance(self.prompt, str):
-            raise ClientError(f"prompt must be a string, got {type(self.prompt).__name__}")
-        if not self.prompt:
-            raise ClientError("prompt must not be empty: generation continues from its last character")
-        if len(self.prompt) > MAX_PROMPT_CHARS:
-            raise ClientError(f"prompt has {len(self.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
-        if not _is_int(self.max_new_chars) or not 1 <= self.max_new_chars <= MAX_NEW_CHARS:
-            raise ClientError(f"max_new_chars must be an integer in [1, {MAX_NEW_CHARS}], "
-                              f"got {_show(self.max_new_chars)}")
-        if (isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float)
-                or not _finite(self.temperature) or self.temperature <= 0):
-            raise ClientError(f"temperature must be a finite number > 0, got {_show(self.temperature)}")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
-            raise ClientError(f"top_k must be an integer >= 1 (or null for no limit), got {_show(self.top_k)}")
-        if self.top_k is not None:
-            # More than the vocabulary means all of it; clamped here because the step loop keeps top_k in an
-            # int64 array, where a huge JSON integer would overflow mid-step and fail the whole batch.
-            self.top_k = min(self.top_k, len(vocab))
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise ClientError(f"seed must be a non-negative integer (or null for random), got {_show(self.seed)}")
-        if not isinstance(self.model, str):
-            raise ClientError(f"model must be a string, got {type(self.model).__name__}")
-        if not isinstance(self.stream, bool):
-            raise ClientError(f"stream must be true or false, got {_show(self.stream)}")
+    def validate(self, vocab: Vocabulary, names: Mapping[str, str] | None = None) -> None:
+        """Raise ClientError naming the first problem: types, limits, prompt characters outside ``vocab``.
+        ``names``: field -> the name the client used for it (Triton's ``max_tokens`` for ``max_new_chars``),
+        so the message names what the client sent. ``stop`` becomes a list."""
+        self._check_types(vocab, names or {})
         unknown = vocab.unknown(self.prompt)
         if unknown:
             listed = ", ".join(f"{ch!r} (U+{ord(ch):04X})" if len(ch) == 1 else repr(ch[:50])
@@ -108,6 +91,50 @@ class GenerationRequest:
             more = f" and {len(unknown) - MAX_LISTED_CHARS} more" if len(unknown) > MAX_LISTED_CHARS else ""
             what = "character(s)" if vocab.is_chars else "piece(s)"
             raise ClientError(f"prompt contains {len(unknown)} {what} outside the model vocabulary: {listed}{more}")
+
+    def stops(self) -> list[str]:
+        """The stop strings as a list (after validate)."""
+        return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def _check_types(self, vocab: Vocabulary, names: Mapping[str, str]) -> None:
+        def name(field_name: str) -> str:
+            return names.get(field_name, field_name)
+
+        if not isinstance(self.prompt, str):
+            raise ClientError(f"{name('prompt')} must be a string, got {type(self.prompt).__name__}")
+        if not self.prompt:
+            raise ClientError(f"{name('prompt')} must not be empty: generation continues from its last character")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise ClientError(f"{name('prompt')} has {len(self.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+        if not _is_int(self.max_new_chars) or not 1 <= self.max_new_chars <= MAX_NEW_CHARS:
+            raise ClientError(f"{name('max_new_chars')} must be an integer in [1, {MAX_NEW_CHARS}], "
+                              f"got {_show(self.max_new_chars)}")
+        if (isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float)
+                or not _finite(self.temperature) or self.temperature <= 0):
+            raise ClientError(f"{name('temperature')} must be a finite number > 0, got {_show(self.temperature)}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise ClientError(f"{name('top_k')} must be an integer >= 1 (or null for no limit), "
+                              f"got {_show(self.top_k)}")
+        if self.top_k is not None:
+            # More than the vocabulary means all of it; clamped here because the step loop keeps top_k in an
+            # int64 array, where a huge JSON integer would overflow mid-step and fail the whole batch.
+            self.top_k = min(self.top_k, len(vocab))
+        if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, int | float)
+                                       or not _finite(self.top_p) or not 0 < self.top_p <= 1):
+            raise ClientError(f"{name('top_p')} must be a number in (0, 1] (or null for no limit), "
+                              f"got {_show(self.top_p)}")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise ClientError(f"{name('seed')} must be a non-negative integer (or null for random), "
+                              f"got {_show(self.seed)}")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        if stops is not None and (not isinstance(stops, list) or not 1 <= len(stops) <= MAX_STOPS or not all(
+                isinstance(x, str) and 1 <= len(x) <= MAX_STOP_CHARS for x in stops)):
+            raise ClientError(f"{name('stop')} must be a string or a list of 1 to {MAX_STOPS} strings, each of 1 to "
+                              f"{MAX_STOP_CHARS} characters (or null), got {_show(self.stop)}")
+        if not isinstance(self.model, str):
+            raise ClientError(f"model must be a string, got {type(self.model).__name__}")
+        if not isinstance(self.stream, bool):
+            raise ClientError(f"stream must be true or false, got {_show(self.stream)}")
 
 
 def _is_int(value: object) -> bool:
@@ -133,11 +160,12 @@ def _finite(value: int | float) -> bool:
 
 
 def sample_tokens(logits: np.ndarray, temperatures: np.ndarray, top_ks: np.ndarray,
-                  uniforms: np.ndarray) -> np.ndarray:
+                  uniforms: np.ndarray, top_ps: np.ndarray | None = None) -> np.ndarray:
     """One token id per row of ``logits`` [B, V]: softmax(logits / temperature) restricted to the row's
-    ``top_k`` likeliest tokens (0 = all; ties at the k-th value are all kept), sampled by inverse CDF
-    with the row's uniform draw in [0, 1). Row-wise arithmetic only, so a row's token does not depend
-    on the other rows of the batch.
+    ``top_k`` likeliest tokens (0 = all; ties at the k-th value are all kept), then to the row's nucleus
+    (``top_ps``, 1 = all: the fewest likeliest tokens whose probability reaches top_p, ties kept), sampled
+    by inverse CDF with the row's uniform draw in [0, 1). Row-wise arithmetic only, so a row's token does
+    not depend on the other rows of the batch.
 
     Shifting by the row max before dividing keeps every positive temperature finite (the best token
     gets exp(0) = 1)."""
@@ -148,6 +176,15 @@ def sample_tokens(logits: np.ndarray, temperatures: np.ndarray, top_ks: np.ndarr
         descending = -np.sort(-z[limited], axis=1)
         kth = descending[np.arange(descending.shape[0]), top_ks[limited] - 1]
         z[limited] = np.where(z[limited] >= kth[:, None], z[limited], -np.inf)
+    nucleus = top_ps < 1.0 if top_ps is not None else np.zeros(len(z), dtype=bool)
+    if nucleus.any():
+        p = np.exp(z[nucleus])  # after top_k: the nucleus is taken from what top_k left
+        descending = -np.sort(-p, axis=1)
+        reached = np.cumsum(descending, axis=1) / descending.sum(axis=1, keepdims=True)
+        # Tokens needed: those before the cumulative probability reaches top_p, plus the one that reaches it.
+        needed = np.minimum((reached < top_ps[nucleus][:, None]).sum(axis=1) + 1, vocab)
+        smallest = descending[np.arange(descending.shape[0]), needed - 1]
+        z[nucleus] = np.where(p >= smallest[:, None], z[nucleus], -np.inf)
     cdf = np.cumsum(np.exp(z), axis=1)
     tokens = (cdf <= (uniforms * cdf[:, -1])[:, None]).sum(axis=1)
     # u * total can round up to total: fall back to the last token with probability > 0.
@@ -155,10 +192,12 @@ def sample_tokens(logits: np.ndarray, temperatures: np.ndarray, top_ks: np.ndarr
     return np.minimum(tokens, last)
 
 
-def sample_token(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
+def sample_token(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator,
+                 top_p: float | None = None) -> int:
     """``sample_tokens`` for one row of logits [V] and one request's generator."""
     return int(sample_tokens(logits[None], np.array([temperature], dtype=np.float64),
-                             np.array([top_k or 0], dtype=np.int64), np.array([rng.random()]))[0])
+                             np.array([top_k or 0], dtype=np.int64), np.array([rng.random()]),
+                             np.array([1.0 if top_p is None else top_p], dtype=np.float64))[0])
 
 
 class GenerationError(RuntimeError):
@@ -184,6 +223,32 @@ class _Slot:
     notified: bool = False  # a wake-up is on its way to the reader
     cancelled: bool = False
     wake_each_step: bool = True  # False: the reader wants the whole text, woken once when it is finished
+    top_p: float = 1.0  # 1 = no nucleus limit
+    stops: list[str] = field(default_factory=list)
+    finish_reason: str | None = None  # "length" or "stop" once the reader has the whole text
+
+
+class Generation:
+    """The chunks of one submitted request (an async iterator of str) and, once the last chunk has been
+    handed out, why the text ended: ``finish_reason`` "length" (max_new_chars reached) or "stop" (a stop
+    string was met; the text ends before it). ``finish_reason`` is set before the last chunk is yielded, so
+    a reader knows a chunk is the last one. ``aclose()`` frees the request's batch slot at once."""
+
+    def __init__(self, chunks: AsyncIterator[str], slot: _Slot) -> None:
+        self._chunks, self._slot = chunks, slot
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._slot.finish_reason
 
 
 class ContinuousBatcher:
@@ -195,12 +260,15 @@ class ContinuousBatcher:
     Closing the iterator (or cancelling its task) frees the request's slot at once."""
 
     def __init__(self, runtime: ModelRuntime, max_batch_size: int = 32,
-                 on_step: Callable[[int, float], None] | None = None) -> None:
+                 on_step: Callable[[int, float], None] | None = None,
+                 on_occupancy: Callable[[int, int], None] | None = None) -> None:
         if not runtime.kind_module.generates:
             raise ValueError(f"{runtime.tag} is a {runtime.kind!r} model; it does not generate text")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.runtime, self.max_batch_size, self.on_step = runtime, max_batch_size, on_step
+        self.on_occupancy = on_occupancy  # (active, waiting) whenever either changes: the metrics gauges
+        self._reported = (0, 0)
         self._bind(runtime)
         self._waiting: deque[_Slot] = deque()  # submitted, not yet in the batch
         self._active: list[_Slot] = []  # prefilled, decoding
@@ -220,26 +288,34 @@ class ContinuousBatcher:
         """Requests waiting for the next step boundary (or for a free slot)."""
         return len(self._waiting)
 
-    def submit(self, request: GenerationRequest, flush_interval_s: float | None = 0.0) -> AsyncIterator[str]:
+    def submit(self, request: GenerationRequest, flush_interval_s: float | None = 0.0,
+               names: Mapping[str, str] | None = None) -> Generation:
         """Validate and queue ``request`` (call on the event loop that will read it). Raises ClientError
         for a bad request, GenerationError once closed. ``request.seed`` is set if it was None.
 
         ``flush_interval_s``: the reader gets the first characters at once, then at most one chunk per
         interval (everything sampled meanwhile: one event-loop wake-up and one write instead of one per
-        character); 0 = as soon as each step is done; None = the whole text in one chunk at the end."""
-        request.validate(self.vocab)
+        character); 0 = as soon as each step is done; None = the whole text in one chunk at the end.
+        With stop strings a None interval still gives several chunks (each step is searched for them, so the
+        request ends at a stop): join them. ``names``: see GenerationRequest.validate."""
+        request.validate(self.vocab, names)
         if request.seed is None:  # written back so the caller can report it and reproduce the text
             request.seed = secrets.randbits(63)
+        stops = request.stops()
         slot = _Slot(tokens=np.array(self.vocab.encode(request.prompt), dtype=np.int64),
                      temperature=float(request.temperature), top_k=request.top_k or 0,
                      rng=np.random.default_rng(request.seed), remaining=request.max_new_chars,
-                     loop=asyncio.get_running_loop(), wake_each_step=flush_interval_s is not None)
+                     loop=asyncio.get_running_loop(),
+                     # With stop strings the reader must look at every step, to end the request at a stop.
+                     wake_each_step=flush_interval_s is not None or bool(stops),
+                     top_p=1.0 if request.top_p is None else float(request.top_p), stops=stops)
         with self._lock:
             if self._closed:
                 raise GenerationError("the generation service is shutting down")
             self._waiting.append(slot)
             self._lock.notify()
-        return self._read(slot, flush_interval_s or 0.0)
+            self._report_occupancy()
+        return Generation(self._read(slot, flush_interval_s or 0.0), slot)
 
     @contextmanager
     def held(self):
@@ -260,6 +336,7 @@ class ContinuousBatcher:
             slots = [*self._waiting, *self._active]
             self._waiting.clear()
             self._active.clear()
+            self._report_occupancy()
             self._lock.notify_all()
         await asyncio.to_thread(self._thread.join)
         self._finish(slots, GenerationError("the generation service is shutting down"))
@@ -267,6 +344,7 @@ class ContinuousBatcher:
     # -- reader side (event loop) -----------------------------------------------------------------------
 
     async def _read(self, slot: _Slot, flush_interval_s: float) -> AsyncIterator[str]:
+        held = ""  # the end of the text so far that may be the start of a stop string: not sent yet
         try:
             while True:
                 slot.ready.clear()
@@ -275,6 +353,15 @@ class ContinuousBatcher:
                     slot.buffer.clear()
                     slot.notified = False
                     finished, error = slot.finished, slot.error
+                if slot.stops and (text or finished):
+                    text, held, stopped = _cut_at_stop(held + text, slot.stops, finished)
+                    if stopped:
+                        slot.finish_reason = "stop"  # before the last chunk: its reader knows it is the last
+                        if text:
+                            yield text
+                        return
+                if finished and error is None:
+                    slot.finish_reason = "length"
                 if text:
                     yield text
                     if flush_interval_s and not finished:  # let the next characters gather meanwhile
@@ -292,6 +379,7 @@ class ContinuousBatcher:
                     self._active.remove(slot)
                 elif slot in self._waiting:
                     self._waiting.remove(slot)
+                self._report_occupancy()
 
     # -- step loop (its own thread) ---------------------------------------------------------------------
 
@@ -305,6 +393,7 @@ class ContinuousBatcher:
                 joining = self._admit()
                 decoding = list(self._active)
                 self._active.extend(joining)
+                self._report_occupancy()
             try:
                 self._step(joining, decoding)
             except Exception as e:  # a bug here must fail this step's requests, never hang them
@@ -373,7 +462,8 @@ class ContinuousBatcher:
     def _sample(self, batch: list[_Slot], logits: np.ndarray) -> np.ndarray:
         tokens = sample_tokens(logits, np.array([s.temperature for s in batch], dtype=np.float64),
                                np.array([s.top_k for s in batch], dtype=np.int64),
-                               np.array([s.rng.random() for s in batch]))
+                               np.array([s.rng.random() for s in batch]),
+                               np.array([s.top_p for s in batch], dtype=np.float64))
         for slot, token in zip(batch, tokens, strict=True):
             slot.token = int(token)
         return tokens
@@ -398,6 +488,7 @@ class ContinuousBatcher:
                     if not slot.notified and (slot.wake_each_step or slot.finished):
                         slot.notified = True
                         wake.append(slot)
+            self._report_occupancy()
         _wake(wake)
 
     def _finish(self, slots: list[_Slot], error: Exception) -> None:
@@ -410,6 +501,17 @@ class ContinuousBatcher:
                 slot.notified = True
         _wake(slots)
 
+    def _report_occupancy(self) -> None:
+        """Tell on_occupancy the active and waiting counts if they changed (call holding the lock)."""
+        now = (len(self._active), len(self._waiting))
+        if self.on_occupancy is None or now == self._reported:
+            return
+        self._reported = now
+        try:
+            self.on_occupancy(*now)
+        except Exception:  # a metrics bug must not stop generation
+            log.exception("on_occupancy callback failed")
+
     def _report_step(self, batch_size: int, seconds: float) -> None:
         if self.on_step is None:
             return
@@ -417,6 +519,19 @@ class ContinuousBatcher:
             self.on_step(batch_size, seconds)
         except Exception:  # a metrics bug must not stop generation
             log.exception("on_step callback failed")
+
+
+def _cut_at_stop(text: str, stops: list[str], finished: bool) -> tuple[str, str, bool]:
+    """(text to send, text held back, whether a stop string was met) for the unsent ``text``: the text before
+    the earliest stop string; else all but the longest end that could still become one (all when finished)."""
+    found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+    if found:
+        return text[:min(found)], "", True
+    if finished:
+        return text, "", False
+    keep = max((k for stop in stops for k in range(1, min(len(stop), len(text) + 1))
+                if text.endswith(stop[:k])), default=0)
+    return text[:len(text) - keep], text[len(text) - keep:], False
 
 
 def _wake(slots: list[_Slot]) -> None:

@@ -4,16 +4,20 @@ Runs inside the BentoML service process (started from its startup hook). The pro
 servicer base class are the generated stubs shipped in tritonclient, so the wire format is Triton's own.
 RPCs not served here (model config, statistics, repository control, shared memory, ...) answer
 UNIMPLEMENTED with a message listing the ones that are. Inputs arrive as ``raw_input_contents`` or typed
-``contents``; outputs always go back as ``raw_output_contents``, as Triton does.
+``contents``; outputs always go back as ``raw_output_contents``, as Triton does. ``ModelStreamInfer``
+streams text generation for a prompt (Triton's decoupled models, ``triton_final_response``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 from typing import TYPE_CHECKING
 
 import grpc
+import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
@@ -82,6 +86,10 @@ def decode_inputs(runtime, request: pb.ModelInferRequest, settings: Settings | N
         raise ClientError(f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs; "
                           "give every input raw, or none")
     for i, (t, message) in enumerate(zip(tensors, request.inputs, strict=True)):
+        if t.role:  # a BYTES protocol input: encoded images or a prompt
+            t.rows = kserve.split_bytes(t, raw[i]) if raw else kserve.bytes_from_values(
+                t, list(message.contents.bytes_contents))
+            continue
         if raw:
             t.array = kserve.array_from_bytes(t, raw[i])
             continue
@@ -92,13 +100,38 @@ def decode_inputs(runtime, request: pb.ModelInferRequest, settings: Settings | N
     return tensors
 
 
-def requested_outputs(runtime, request: pb.ModelInferRequest) -> list[str]:
+def requested_outputs(runtime, request: pb.ModelInferRequest, tensors: list[RequestTensor]
+                      ) -> tuple[list[str], dict[str, int]]:
+    """Output names, and output -> class count of those asked with ``parameters["classification"]``."""
+    classes = {}
     for out in request.outputs:
         reject_shared_memory(out.parameters, f"output {out.name!r}")
         if "classification" in out.parameters:
-            raise ClientError(f"output {out.name!r}: the classification extension is not supported; "
-                              "ask for the raw output")
-    return kserve.select_outputs(runtime, [out.name for out in request.outputs])
+            classes[out.name] = parameter_value(out.parameters["classification"])
+    names = kserve.select_outputs(runtime, [out.name for out in request.outputs], tensors)
+    return names, {name: kserve.check_classification(runtime, name, count) for name, count in classes.items()}
+
+
+def parameter_value(parameter: pb.InferParameter) -> object:
+    """The Python value of an InferParameter (whichever of its oneof fields is set)."""
+    field = parameter.WhichOneof("parameter_choice")
+    return None if field is None else getattr(parameter, field)
+
+
+def request_parameters(request: pb.ModelInferRequest) -> dict:
+    return {key: parameter_value(value) for key, value in request.parameters.items()}
+
+
+def text_response(runtime, request: pb.ModelInferRequest, text: str | None, final: bool) -> pb.ModelInferResponse:
+    """One response of a streamed generation: a BYTES ``text_output`` [1] (none in an empty final
+    response) and Triton's ``triton_final_response`` flag."""
+    response = pb.ModelInferResponse(model_name=runtime.name, model_version=runtime.version, id=request.id)
+    if text is not None:
+        name = runtime.kind_module.protocol_outputs(runtime.metadata)[0]["name"]
+        response.outputs.add(name=name, datatype=kserve.BYTES, shape=[1])
+        response.raw_output_contents.append(kserve.serialize_bytes(np.array([text.encode()], dtype=object)))
+    response.parameters["triton_final_response"].bool_param = final
+    return response
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -135,12 +168,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         runtime = kserve.get_model(self.repository, request.model_name, request.model_version)
         tensors = decode_inputs(runtime, request, self.repository.settings)
-        names = requested_outputs(runtime, request)
-        outputs = await kserve.infer(self.repository, runtime, tensors, names)
+        names, classes = requested_outputs(runtime, request, tensors)
+        prompt = bool(tensors) and tensors[0].role == "prompt"
+        outputs = await kserve.infer(self.repository, runtime, tensors, names, classes,
+                                     request_parameters(request) if prompt else None)
         response = pb.ModelInferResponse(model_name=runtime.name, model_version=runtime.version, id=request.id)
         for name, array in outputs.items():
             response.outputs.add(name=name, datatype=kserve.kserve_datatype(array.dtype), shape=list(array.shape))
-            response.raw_output_contents.append(array.tobytes())  # tobytes() is C order, whatever the layout
+            response.raw_output_contents.append(  # tobytes() is C order, whatever the layout
+                kserve.serialize_bytes(array) if array.dtype == object else array.tobytes())
         return response
 
     @rpc
@@ -148,13 +184,61 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self.infer(request)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Bidirectional stream (tritonclient's start_stream): one response per request; a bad request
-        answers with ``error_message`` and the stream goes on, as Triton does."""
-        async for request in request_iterator:
+        """Bidirectional stream (tritonclient's start_stream). A prompt (``text_input``) on a text model
+        streams a response per chunk, the continuous batcher's as /generate's (Triton's decoupled models);
+        any other request gets one response. Requests run concurrently, their responses interleaved (each
+        carries its request's id). A bad request answers with ``error_message`` and the stream goes on, as
+        Triton does. When the client closes the stream, every generation in it is closed at once (its batch
+        slot freed)."""
+        responses: asyncio.Queue = asyncio.Queue()
+        done = object()
+        tasks: set[asyncio.Task] = set()
+
+        async def read_requests() -> None:
             try:
-                yield pb.ModelStreamInferResponse(infer_response=await self.infer(request))
-            except Exception as e:
-                yield pb.ModelStreamInferResponse(error_message=failure_message(e, "ModelStreamInfer"))
+                async for request in request_iterator:
+                    task = asyncio.create_task(self.stream_one(request, responses.put_nowait))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.wait(list(tasks))
+            finally:
+                responses.put_nowait(done)
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while (item := await responses.get()) is not done:
+                yield item
+        finally:  # the client went away (or the stream ended): stop everything it started
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.gather(reader, *tasks, return_exceptions=True)
+
+    async def stream_one(self, request: pb.ModelInferRequest, send) -> None:
+        """One request of a stream: its responses (or its error) go to ``send``."""
+        try:
+            runtime = kserve.get_model(self.repository, request.model_name, request.model_version)
+            tensors = decode_inputs(runtime, request, self.repository.settings)
+            if not (tensors and tensors[0].role == "prompt"):
+                send(pb.ModelStreamInferResponse(infer_response=await self.infer(request)))
+                return
+            kserve.select_outputs(runtime, [out.name for out in request.outputs], tensors)
+            parameters = request_parameters(request)
+            empty_final = parameters.get("triton_enable_empty_final_response") is True
+            _, generation = kserve.start_generation(self.repository, runtime, tensors[0].rows[0], parameters,
+                                                    stream=True)
+            async with contextlib.aclosing(kserve.chunks(runtime, generation)) as parts:
+                async for text, reason in parts:
+                    last = reason is not None
+                    if text or not (last and empty_final):
+                        send(pb.ModelStreamInferResponse(
+                            infer_response=text_response(runtime, request, text, last and not empty_final)))
+            if empty_final:  # Triton's empty final response: no outputs, only the flag
+                send(pb.ModelStreamInferResponse(infer_response=text_response(runtime, request, None, True)))
+        except Exception as e:
+            send(pb.ModelStreamInferResponse(error_message=failure_message(e, "ModelStreamInfer"),
+                                             infer_response=pb.ModelInferResponse(id=request.id)))
 
 
 def add_unimplemented_rpcs(servicer_class: type) -> None:

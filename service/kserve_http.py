@@ -3,7 +3,10 @@
 Speaks what ``tritonclient.http`` sends and parses: plain JSON tensors (``data`` lists) and Triton's binary
 tensor extension (a JSON header of ``Inference-Header-Content-Length`` bytes followed by the raw tensors;
 inputs carry ``parameters.binary_data_size``, outputs are asked for with ``parameters.binary_data`` or the
-request parameter ``binary_data_output``). Every client mistake is a 4xx with ``{"error": "..."}``.
+request parameter ``binary_data_output``). Triton's extras: BYTES protocol inputs (encoded ``image`` rows,
+a ``text_input`` prompt), the classification extension (``parameters.classification`` on an output) and the
+generate extension (``/generate``, ``/generate_stream`` as Server-Sent Events). Every client mistake is a
+4xx with ``{"error": "..."}``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,7 +22,7 @@ import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from service import kserve
@@ -137,10 +140,16 @@ def parse_inputs(runtime, header: dict, binary: bytes, settings: Settings | None
             if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise ClientError(f"input {t.name!r}: binary_data_size {size!r} does not fit the "
                                   f"{len(binary) - offset} bytes left after the JSON header")
-            t.array = kserve.array_from_bytes(t, binary[offset:offset + size])
+            if t.role:
+                t.rows = kserve.split_bytes(t, binary[offset:offset + size])
+            else:
+                t.array = kserve.array_from_bytes(t, binary[offset:offset + size])
             offset += size
         elif "data" in item:
-            t.array = kserve.array_from_values(t, item["data"])
+            if t.role:
+                t.rows = kserve.bytes_from_values(t, item["data"])
+            else:
+                t.array = kserve.array_from_values(t, item["data"])
         else:
             raise ClientError(f"input {t.name!r} has neither 'data' nor parameters.binary_data_size")
     if offset != len(binary):
@@ -149,8 +158,10 @@ def parse_inputs(runtime, header: dict, binary: bytes, settings: Settings | None
     return tensors
 
 
-def parse_outputs(runtime, header: dict) -> tuple[list[str], dict[str, bool]]:
-    """Output names to return and, per name, whether to send it binary."""
+def parse_outputs(runtime, header: dict, tensors: list[RequestTensor]
+                  ) -> tuple[list[str], dict[str, bool], dict[str, int]]:
+    """Output names to return and, per name, whether to send it binary and how many classes it answers
+    (Triton's classification extension; 0 = the raw tensor)."""
     params = parameters_of(header, "request")
     default_binary = params.get("binary_data_output", False)
     if not isinstance(default_binary, bool):
@@ -158,21 +169,25 @@ def parse_outputs(runtime, header: dict) -> tuple[list[str], dict[str, bool]]:
     items = header.get("outputs") or []
     if not isinstance(items, list):
         raise ClientError("'outputs' must be a list of {'name': ...} objects")
-    requested, binary = [], {}
+    requested, binary, classes = [], {}, {}
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ClientError(f"outputs[{i}] must be an object with a 'name'")
         out_params = parameters_of(item, f"output {item['name']!r}")
-        if out_params.get("classification"):
-            raise ClientError(f"output {item['name']!r}: the classification extension is not supported; "
-                              "ask for the raw output")
         flag = out_params.get("binary_data", default_binary)
         if not isinstance(flag, bool):
             raise ClientError(f"output {item['name']!r}: parameters.binary_data must be true or false")
         requested.append(item["name"])
         binary[item["name"]] = flag
-    names = kserve.select_outputs(runtime, requested)
-    return names, {name: binary.get(name, default_binary) for name in names}
+        classes[item["name"]] = out_params.get("classification", 0)
+    names = kserve.select_outputs(runtime, requested, tensors)
+    classes = {name: kserve.check_classification(runtime, name, count) for name, count in classes.items() if count}
+    return names, {name: binary.get(name, default_binary) for name in names}, classes
+
+
+def sampling_parameters(header: dict) -> dict:
+    """A request's parameters other than the protocol's own (binary_data_output): a prompt's sampling options."""
+    return {k: v for k, v in parameters_of(header, "request").items() if k != "binary_data_output"}
 
 
 def infer_response(runtime, header: dict, outputs: dict[str, np.ndarray], binary: dict[str, bool]) -> Response:
@@ -181,7 +196,7 @@ def infer_response(runtime, header: dict, outputs: dict[str, np.ndarray], binary
     for name, array in outputs.items():
         entry = {"name": name, "datatype": kserve.kserve_datatype(array.dtype), "shape": list(array.shape)}
         if binary[name]:
-            data = np.ascontiguousarray(array).tobytes()
+            data = kserve.serialize_bytes(array) if array.dtype == object else np.ascontiguousarray(array).tobytes()
             entry["parameters"] = {"binary_data_size": len(data)}
             raw.append(data)
         else:
@@ -190,7 +205,8 @@ def infer_response(runtime, header: dict, outputs: dict[str, np.ndarray], binary
                 # overflow inside a model (e.g. values near the float32 maximum).
                 raise ClientError(f"output {name!r} of model {runtime.name!r} has NaN or infinite values, which JSON "
                                   "cannot carry: send smaller inputs, or ask for it with parameters.binary_data=true")
-            entry["data"] = array.ravel().tolist()
+            entry["data"] = ([v.decode(errors="replace") for v in array.ravel()] if array.dtype == object
+                             else array.ravel().tolist())
         described.append(entry)
     body = {"model_name": runtime.name, "model_version": runtime.version, "outputs": described}
     if "id" in header:
@@ -200,6 +216,59 @@ def infer_response(runtime, header: dict, outputs: dict[str, np.ndarray], binary
         return Response(json_bytes, media_type="application/json")
     return Response(b"".join([json_bytes, *raw]), media_type="application/octet-stream",
                     headers={HEADER_LENGTH: str(len(json_bytes))})
+
+
+def generate_body(body: bytes) -> dict:
+    """The generate extension's request: ``text_input`` and sampling options, in ``parameters`` or at the top
+    level (Triton maps top-level keys to model inputs; TensorRT-LLM clients send ``max_tokens`` there), and
+    an optional ``id``. Returns ``{"text_input", "parameters", "id"?}``."""
+    try:
+        parsed = json.loads(body) if body else None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ClientError(f"generate request is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(parsed, dict):
+        raise ClientError("generate request must be a JSON object with 'text_input'")
+    if "text_input" not in parsed:
+        raise ClientError("generate request needs 'text_input' (the prompt)")
+    if not isinstance(parsed["text_input"], str):
+        raise ClientError(f"text_input must be a string, got {type(parsed['text_input']).__name__}")
+    if "id" in parsed and not isinstance(parsed["id"], str):
+        raise ClientError(f"request 'id' must be a string, got {type(parsed['id']).__name__}")
+    parameters = parsed.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ClientError("generate request: 'parameters' must be a JSON object")
+    top_level = {k: v for k, v in parsed.items() if k not in ("text_input", "parameters", "id")}
+    both = sorted(set(top_level) & set(parameters))
+    if both:
+        raise ClientError(f"{both} given both at the top level and in 'parameters': give each once")
+    out = {"text_input": parsed["text_input"], "parameters": {**top_level, **parameters}}
+    return out | ({"id": parsed["id"]} if "id" in parsed else {})
+
+
+def generate_reply(runtime, body: dict, text: str) -> dict:
+    reply = {"model_name": runtime.name, "model_version": runtime.version, "text_output": text}
+    return reply | ({"id": body["id"]} if "id" in body else {})
+
+
+async def sse_events(runtime, body: dict, first: tuple[str, str | None],
+                     parts: AsyncIterator[tuple[str, str | None]]) -> AsyncIterator[str]:
+    """One ``data:`` event per chunk (Triton's generate_stream), the last with ``finish_reason``; a failure
+    mid-stream is a last ``data: {"error": ...}`` event. Closing the response closes ``parts`` and so frees
+    the batch slot at once."""
+    try:
+        text, reason = first
+        while True:
+            event = generate_reply(runtime, body, text) | ({"finish_reason": reason} if reason else {})
+            yield f"data: {json.dumps(event)}\n\n"
+            if reason:
+                return
+            text, reason = await anext(parts)
+    except Exception as e:  # the answer has started: the error goes into the stream, as Triton does
+        if not isinstance(e, kserve.EXPECTED_FAILURES):
+            log.error("generate_stream failed", exc_info=e)
+        yield f"data: {json.dumps({'error': str(e)})}\n\n"
+    finally:
+        await parts.aclose()
 
 
 def create_app(get_repository: Callable[[], Repository], prefix: str = "",
@@ -244,9 +313,40 @@ def create_app(get_repository: Callable[[], Repository], prefix: str = "",
         except ClientError:  # say what is wrong as the standard library reads it (parse_json)
             header, binary = split_body(request, body, exact=True)
             tensors = parse_inputs(runtime, header, binary, repo.settings)
-        names, binary_outputs = parse_outputs(runtime, header)
-        outputs = await kserve.infer(repo, runtime, tensors, names)
+        names, binary_outputs, classes = parse_outputs(runtime, header, tensors)
+        prompt = bool(tensors) and tensors[0].role == "prompt"
+        outputs = await kserve.infer(repo, runtime, tensors, names, classes,
+                                     sampling_parameters(header) if prompt else None)
         return infer_response(runtime, header, outputs, binary_outputs)
+
+    async def generate(request: Request) -> Response:
+        """Triton's generate extension: ``{"text_input": ..., "parameters": {...}}`` -> one JSON answer."""
+        repo, runtime, body = await generate_request(request)
+        text, generation = await kserve.generate_text(repo, runtime, body["text_input"], body["parameters"])
+        return JSONResponse(generate_reply(runtime, body, text) | {"finish_reason": generation.finish_reason})
+
+    async def generate_stream(request: Request) -> Response:
+        """The same as Server-Sent Events: a ``data:`` JSON object per chunk; the last one carries
+        ``finish_reason``. Errors before the first chunk are a JSON error answer; later, a ``data:`` error."""
+        repo, runtime, body = await generate_request(request)
+        _, generation = kserve.start_generation(repo, runtime, body["text_input"], body["parameters"], stream=True)
+        parts = kserve.chunks(runtime, generation)
+        try:
+            first = await anext(parts)  # a request that cannot start gets its error as a status code
+        except BaseException:
+            await parts.aclose()
+            raise
+        return StreamingResponse(sse_events(runtime, body, first, parts), media_type="text/event-stream")
+
+    async def generate_request(request: Request) -> tuple[Repository, object, dict]:
+        p = request.path_params
+        repo = get_repository()
+        runtime = kserve.get_model(repo, p["name"], p.get("version", ""))
+        if not runtime.kind_module.generates:
+            raise ClientError(f"model {runtime.name!r} is a {runtime.kind} model; the generate extension takes "
+                              "text models")
+        body = await read_body(request, max_request_bytes)
+        return repo, runtime, generate_body(body)
 
     async def expected_failure(request: Request, exc: Exception) -> Response:
         status = kserve.http_status(exc)
@@ -271,7 +371,9 @@ def create_app(get_repository: Callable[[], Repository], prefix: str = "",
     for base in (model, versioned):
         routes += [Route(base, model_metadata, methods=["GET"]),
                    Route(base + "/ready", model_ready, methods=["GET"]),
-                   Route(base + "/infer", model_infer, methods=["POST"])]
+                   Route(base + "/infer", model_infer, methods=["POST"]),
+                   Route(base + "/generate", generate, methods=["POST"]),
+                   Route(base + "/generate_stream", generate_stream, methods=["POST"])]
     async def no_route(request: Request) -> Response:
         # Any other path under the prefix (e.g. a model name holding '/') gets a JSON error as every /v2 route
         # does, not the plain-text 404 of the app behind: 405 when a route has this path for another method.

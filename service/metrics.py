@@ -55,7 +55,17 @@ def registry() -> SimpleNamespace:
                           multiprocess_mode="livemin"),
         active_streams=Gauge("nnserve_generation_streams_active", "Generation requests being decoded "
                              "(streamed or not).", model, multiprocess_mode="livesum"),
+        generation_slots=Gauge("nnserve_generation_slots", "Requests of the continuous batcher by state: "
+                               "active (holding a batch slot) or waiting (for the next step or a free slot).",
+                               [*model, "state"], multiprocess_mode="livesum"),
     )
+
+
+def set_generation_slots(model, active: int, waiting: int) -> None:
+    """The continuous batcher's occupancy (its on_occupancy callback): every front end's generations."""
+    m = registry()
+    m.generation_slots.labels(model.name, model.version, "active").set(active)
+    m.generation_slots.labels(model.name, model.version, "waiting").set(waiting)
 
 
 def observe_batch(model, batcher: str, size: int, seconds: float, queued: int | None = None) -> None:

@@ -4,7 +4,7 @@ generates no schema."""
 
 from __future__ import annotations
 
-from service.generation import MAX_NEW_CHARS, MAX_PROMPT_CHARS
+from service.generation import MAX_NEW_CHARS, MAX_PROMPT_CHARS, MAX_STOP_CHARS, MAX_STOPS
 
 DEFAULT_MODEL = "{} of GET /models; default: the first such model in models.yaml"
 
@@ -55,10 +55,17 @@ PATHS = {
                 # OpenAPI 3.0 (BentoML's document): exclusiveMinimum is a flag on minimum, null is `nullable`.
                 "temperature": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "default": 1.0},
                 "top_k": {"type": "integer", "nullable": True, "minimum": 1, "default": None},
+                "top_p": {"type": "number", "nullable": True, "minimum": 0, "exclusiveMinimum": True, "maximum": 1,
+                          "default": None, "description": "nucleus sampling (after top_k)"},
                 "seed": {"type": "integer", "nullable": True, "minimum": 0, "default": None},
+                "stop": {"nullable": True, "default": None, "description": "the text ends before the first one met",
+                         "oneOf": [{"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                                   {"type": "array", "minItems": 1, "maxItems": MAX_STOPS, "items": {
+                                       "type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}}]},
                 "model": {"type": "string", "description": DEFAULT_MODEL.format("a text model")},
                 "stream": {"type": "boolean", "default": False}}}}}},
-        "responses": {"200": {"description": "`{model, text, seed, timings_ms}`, or the stream",
+        "responses": {"200": {"description": "`{model, text, seed, finish_reason, timings_ms}` (finish_reason: "
+                                             "length or stop), or the stream",
                               "content": {"application/json": {"schema": {"type": "object"}},
                                           "text/plain": {}, "text/event-stream": {}}}, **ERRORS}}},
     "/models": {"get": {
@@ -69,6 +76,10 @@ PATHS = {
     "/v2/models/{name}/infer": {"post": {
         "summary": "KServe v2 / Open Inference Protocol inference", "tags": ["KServe v2"],
         "description": "JSON tensors or Triton's binary tensor extension (Inference-Header-Content-Length). "
+                       "Image models also take `image` (BYTES [N] or [N, 1]: encoded files, as /classify) and "
+                       "answer Triton's classification extension (`parameters.classification: K` on an output: "
+                       "BYTES `value:index:label`, value = the raw output); text models take `text_input` "
+                       "(BYTES [1]) and answer `text_output`. "
                        "Also: GET /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/ready], "
                        "/v2/models/{name}/versions/{version}/...; gRPC on NNSERVE_GRPC_PORT (docs/kserve.md).",
         "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
@@ -76,6 +87,33 @@ PATHS = {
                                                       "application/octet-stream": {}}},
         "responses": {"200": {"description": "`{model_name, model_version, outputs: [...]}`"}, **ERRORS}}},
 }
+
+GENERATE_BODY = {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["text_input"], "properties": {
+        "text_input": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS},
+        "id": {"type": "string"},
+        "parameters": {"type": "object", "additionalProperties": False, "properties": {
+            "max_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_NEW_CHARS, "default": 200},
+            "temperature": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "default": 1.0},
+            "top_k": {"type": "integer", "minimum": 1}, "top_p": {"type": "number", "minimum": 0,
+                                                                  "exclusiveMinimum": True, "maximum": 1},
+            "seed": {"type": "integer", "minimum": 0},
+            "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}}},
+    "description": "The sampling options may also be top-level keys (Triton maps those to inputs)."}}}}
+MODEL = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+PATHS["/v2/models/{name}/generate"] = {"post": {
+    "summary": "Triton's generate extension: a text model's whole answer", "tags": ["KServe v2"],
+    "description": "The continuous batcher of /generate. Also /v2/models/{name}/versions/{version}/generate; "
+                   "over gRPC, ModelStreamInfer with a BYTES text_input streams the same (docs/kserve.md).",
+    "parameters": MODEL, "requestBody": GENERATE_BODY,
+    "responses": {"200": {"description": "`{model_name, model_version, text_output, finish_reason, id?}`"},
+                  **ERRORS}}}
+PATHS["/v2/models/{name}/generate_stream"] = {"post": {
+    "summary": "Triton's generate extension, streamed", "tags": ["KServe v2"],
+    "description": "Server-Sent Events: `data: {model_name, model_version, text_output}` per chunk, the last "
+                   "with `finish_reason`; a failure after the first chunk is a last `data: {error}`.",
+    "parameters": MODEL, "requestBody": GENERATE_BODY,
+    "responses": {"200": {"description": "the event stream", "content": {"text/event-stream": {}}}, **ERRORS}}}
 
 
 def merge(base: dict) -> dict:

@@ -78,7 +78,8 @@ class Repository:
         if generates:
             self.generators[name] = ContinuousBatcher(
                 runtime, self.settings.generation_batch_size,
-                on_step=functools.partial(metrics.observe_batch, runtime, "continuous"))
+                on_step=functools.partial(metrics.observe_batch, runtime, "continuous"),
+                on_occupancy=functools.partial(metrics.set_generation_slots, runtime))
         self.models[name] = runtime  # last: a model is ready once everything it needs exists
 
     def close(self) -> None:

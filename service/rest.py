@@ -29,7 +29,7 @@ from starlette.routing import Route
 from models.kinds.image import class_probabilities
 from service import images, metrics, openapi
 from service.errors import ClientError
-from service.generation import GenerationRequest
+from service.generation import Generation, GenerationRequest
 from service.repository import Repository
 from service.runtime import ModelRuntime
 from service.uploads import (
@@ -192,7 +192,7 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
             stream_metrics.stop()
         record.finish(200)
         return JSONResponse({"model": model.tag, "text": "".join(text), "seed": job.seed,
-                             "timings_ms": record.timings_ms()})
+                             "finish_reason": chunks.finish_reason, "timings_ms": record.timings_ms()})
 
     async def list_models(request: Request) -> Response:
         return JSONResponse({"models": get_repository().describe()})
@@ -209,11 +209,11 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
     ])
 
 
-async def stream_body(first: str, chunks: AsyncIterator[str], record: metrics.RequestMetrics,
+async def stream_body(first: str, chunks: Generation, record: metrics.RequestMetrics,
                       stream_metrics: metrics.StreamMetrics, sse: bool, final: dict) -> AsyncIterator[str]:
     """The streamed characters, each chunk everything sampled since the last one was sent. Chunked text,
     or Server-Sent Events: a ``data:`` event per chunk (one ``data:`` line per line of text), then an
-    ``end`` event with the model, seed and character count (or an ``error`` event)."""
+    ``end`` event with the model, seed, character count and finish reason (or an ``error`` event)."""
     status, count = 500, 0  # failed mid-stream: the client gets a cut-off body, the server log the error
     try:
         chunk = first
@@ -226,7 +226,7 @@ async def stream_body(first: str, chunks: AsyncIterator[str], record: metrics.Re
                 break
             stream_metrics.chars(len(chunk))
         if sse:
-            yield sse_event(json.dumps({**final, "chars": count}), "end")
+            yield sse_event(json.dumps({**final, "chars": count, "finish_reason": chunks.finish_reason}), "end")
         status = 200
     except (GeneratorExit, asyncio.CancelledError):
         status = 499  # the client went away (nginx's "client closed request"): counted as client_error

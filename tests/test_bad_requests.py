@@ -134,6 +134,23 @@ def binary(inputs: list[dict], raw: bytes, length: str | None = None) -> tuple[b
     return header + raw, {"Inference-Header-Content-Length": length if length is not None else str(len(header))}
 
 
+def image_bytes(rows: list, shape: list[int] | None = None) -> dict:
+    """A BYTES ``image`` input in JSON (strings: JSON cannot carry raw bytes)."""
+    return {"name": "image", "datatype": "BYTES", "shape": shape or [len(rows)], "data": rows}
+
+
+def image_bytes_binary(rows: list[bytes]) -> tuple[dict, bytes]:
+    """A BYTES ``image`` input in the binary extension: its JSON description and its bytes."""
+    raw = b"".join(struct.pack("<I", len(r)) + r for r in rows)
+    return {"name": "image", "datatype": "BYTES", "shape": [len(rows)],
+            "parameters": {"binary_data_size": len(raw)}}, raw
+
+
+def tgen(**fields) -> bytes:
+    """A generate-extension body."""
+    return js({"text_input": "The ", **fields})
+
+
 def raw_json(text: str) -> bytes:
     """A JSON body json.dumps cannot write (NaN, Infinity, huge literals)."""
     return text.encode()
@@ -144,7 +161,7 @@ def zeros_csv(n: int) -> str:
 
 
 def grpc_request(model: str = "lenet5", inputs=None, raw=None, outputs=(), version: str = "",
-                 parameters: dict | None = None) -> pb.ModelInferRequest:
+                 parameters: dict | None = None, classification: int = 0) -> pb.ModelInferRequest:
     """``inputs``: (name, datatype, shape, typed contents field or None, values); ``raw``: raw_input_contents."""
     request = pb.ModelInferRequest(model_name=model, model_version=version)
     for name, datatype, shape, contents_field, values in inputs or []:
@@ -155,7 +172,23 @@ def grpc_request(model: str = "lenet5", inputs=None, raw=None, outputs=(), versi
             tensor.parameters[key].string_param = value
     request.raw_input_contents.extend(raw or [])
     for name in outputs:
-        request.outputs.add(name=name)
+        out = request.outputs.add(name=name)
+        if classification:
+            out.parameters["classification"].int64_param = classification
+    return request
+
+
+def bytes_raw(rows: list[bytes]) -> bytes:
+    """BYTES raw contents: a 4-byte little-endian length before each element."""
+    return b"".join(struct.pack("<I", len(r)) + r for r in rows)
+
+
+def stream_request(prompt: str = "The ", model: str = "char_lstm", **parameters) -> pb.ModelInferRequest:
+    """A ModelStreamInfer generation request, sampling options as Triton request parameters."""
+    request = grpc_request(model, [("text_input", "BYTES", [1], None, None)], [bytes_raw([prompt.encode()])])
+    for key, value in parameters.items():
+        field = {bool: "bool_param", int: "int64_param", float: "double_param", str: "string_param"}[type(value)]
+        setattr(request.parameters[key], field, value)
     return request
 
 
@@ -174,6 +207,7 @@ def grpc_text(tokens, shape=None, batch=None) -> pb.ModelInferRequest:
                                       *state(shape[0] if batch is None else batch)])
 
 
+SECOND_ROW_BAD = image_bytes_binary([PNG, b"GIF89a" + bytes(20)])  # a good PNG, then a corrupt GIF
 GZIP_BOMB = gzip.compress(b" " * ((64 << 20) + 1024), compresslevel=9)  # 64 MiB + 1 KiB of spaces: ~65 KB
 
 # -- the corpus --------------------------------------------------------------------------------------------
@@ -404,14 +438,102 @@ CASES: list[Case] = [
       "no output 'probs'"),
     C("v2-outputs-not-a-list", "POST", "/v2/models/lenet5/infer", v2(fp32(), outputs={"name": "logits"}), JSON, 400,
       "'outputs' must be a list"),
-    C("v2-classification-extension", "POST", "/v2/models/lenet5/infer",
-      v2(fp32(), outputs=[{"name": "logits", "parameters": {"classification": 3}}]), JSON, 400, "classification"),
+    C("v2-classification-over-classes", "POST", "/v2/models/lenet5/infer",
+      v2(fp32(), outputs=[{"name": "logits", "parameters": {"classification": 11}}]), JSON, 400,
+      "11 classes but the output has 10"),
+    C("v2-classification-string", "POST", "/v2/models/lenet5/infer",
+      v2(fp32(), outputs=[{"name": "logits", "parameters": {"classification": "3"}}]), JSON, 400,
+      "parameters.classification must be an integer"),
+    C("v2-classification-negative", "POST", "/v2/models/lenet5/infer",
+      v2(fp32(), outputs=[{"name": "logits", "parameters": {"classification": -1}}]), JSON, 400,
+      "parameters.classification must be an integer"),
+    C("v2-classification-of-text-logits", "POST", "/v2/models/char_lstm/infer",
+      js({"inputs": text_inputs([1, 2]), "outputs": [{"name": "logits", "parameters": {"classification": 2}}]}),
+      JSON, 400, "is not [batch, classes]"),
     C("v2-binary-data-output-string", "POST", "/v2/models/lenet5/infer",
       v2(fp32(), parameters={"binary_data_output": "yes"}), JSON, 400, "binary_data_output"),
     C("v2-output-binary-data-string", "POST", "/v2/models/lenet5/infer",
       v2(fp32(), outputs=[{"name": "logits", "parameters": {"binary_data": 1}}]), JSON, 400, "binary_data"),
     C("v2-no-data", "POST", "/v2/models/lenet5/infer", v2({"name": "input", "datatype": "FP32",
                                                            "shape": [1, 1, 32, 32]}), JSON, 400, "neither 'data'"),
+    # KServe v2 REST: encoded images (BYTES "image") and prompts (BYTES "text_input")
+    C("v2-image-bytes-not-an-image", "POST", "/v2/models/lenet5/infer", v2(image_bytes(["hello, world"])), JSON,
+      400, "input 'image' row 0"),
+    C("v2-image-bytes-second-row-bad", "POST", "/v2/models/vgg_fc7/infer",
+      *binary([SECOND_ROW_BAD[0]], SECOND_ROW_BAD[1]),
+      400, "input 'image' row 1"),
+    C("v2-image-bytes-and-float-input", "POST", "/v2/models/lenet5/infer", v2(image_bytes(["x"]), fp32()), JSON,
+      400, "alternatives"),
+    C("v2-image-bytes-2d-shape", "POST", "/v2/models/lenet5/infer", v2(image_bytes(["a", "b"], [1, 2])), JSON, 400,
+      "expected [N] or [N, 1]"),
+    C("v2-image-bytes-count-mismatch", "POST", "/v2/models/lenet5/infer", v2(image_bytes(["a"], [2])), JSON, 400,
+      "1 BYTES elements, expected 2"),
+    C("v2-image-bytes-numbers", "POST", "/v2/models/lenet5/infer", v2(image_bytes([1.5])), JSON, 400,
+      "data must be strings"),
+    C("v2-image-bytes-length-past-end", "POST", "/v2/models/lenet5/infer",
+      *binary([{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 8}}],
+              struct.pack("<I", 1000) + b"abcd"), 400, "claims 1000 bytes but only 4 follow"),
+    C("v2-image-bytes-on-text-model", "POST", "/v2/models/char_lstm/infer", v2(image_bytes([""])), JSON, 400,
+      "no input 'image'"),
+    C("v2-text-input-two-prompts", "POST", "/v2/models/char_lstm/infer",
+      v2({"name": "text_input", "datatype": "BYTES", "shape": [2], "data": ["a", "b"]}), JSON, 400, "one prompt"),
+    C("v2-text-input-unknown-parameter", "POST", "/v2/models/char_lstm/infer",
+      v2({"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["The "]}, parameters={"beams": 2}),
+      JSON, 400, "unknown sampling parameter(s) ['beams']"),
+    C("v2-text-input-with-tokens", "POST", "/v2/models/char_lstm/infer",
+      v2({"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["The "]}, *text_inputs([1])), JSON, 400,
+      "alternatives"),
+    # KServe v2 REST: the generate extension
+    C("v2-generate-not-json", "POST", "/v2/models/char_lstm/generate", b"text_input=The", JSON, 400, "not valid JSON"),
+    C("v2-generate-empty-body", "POST", "/v2/models/char_lstm/generate", b"", JSON, 400, "JSON object"),
+    C("v2-generate-array", "POST", "/v2/models/char_lstm/generate", js(["The "]), JSON, 400, "JSON object"),
+    C("v2-generate-no-text-input", "POST", "/v2/models/char_lstm/generate", js({"prompt": "The "}), JSON, 400,
+      "needs 'text_input'"),
+    C("v2-generate-text-input-number", "POST", "/v2/models/char_lstm/generate", js({"text_input": 5}), JSON, 400,
+      "text_input must be a string"),
+    C("v2-generate-text-input-empty", "POST", "/v2/models/char_lstm/generate", js({"text_input": ""}), JSON, 400,
+      "text_input must not be empty"),
+    C("v2-generate-text-input-2001-chars", "POST", "/v2/models/char_lstm/generate", js({"text_input": "e" * 2001}),
+      JSON, 400, "text_input has 2001 characters"),
+    C("v2-generate-outside-vocab", "POST", "/v2/models/char_lstm/generate", js({"text_input": "\u2603"}), JSON, 400,
+      "outside the model vocabulary"),
+    C("v2-generate-unknown-parameter", "POST", "/v2/models/char_lstm/generate",
+      tgen(parameters={"presence_penalty": 1}), JSON, 400, "presence_penalty"),
+    C("v2-generate-unknown-top-level", "POST", "/v2/models/char_lstm/generate", tgen(bad_words=""), JSON, 400,
+      "bad_words"),
+    C("v2-generate-parameters-not-object", "POST", "/v2/models/char_lstm/generate", tgen(parameters=[1]), JSON,
+      400, "'parameters' must be a JSON object"),
+    C("v2-generate-given-twice", "POST", "/v2/models/char_lstm/generate",
+      tgen(max_tokens=5, parameters={"max_tokens": 6}), JSON, 400, "given both"),
+    C("v2-generate-id-number", "POST", "/v2/models/char_lstm/generate", tgen(id=5), JSON, 400, "'id' must be"),
+    C("v2-generate-max-tokens-0", "POST", "/v2/models/char_lstm/generate", tgen(parameters={"max_tokens": 0}),
+      JSON, 400, "max_tokens must be an integer in [1, 2000]"),
+    C("v2-generate-top-p-0", "POST", "/v2/models/char_lstm/generate", tgen(parameters={"top_p": 0}), JSON, 400,
+      "top_p must be a number in (0, 1]"),
+    C("v2-generate-top-p-1.5", "POST", "/v2/models/char_lstm/generate", tgen(parameters={"top_p": 1.5}), JSON, 400,
+      "top_p"),
+    C("v2-generate-top-p-string", "POST", "/v2/models/char_lstm/generate", tgen(parameters={"top_p": "0.9"}), JSON,
+      400, "top_p"),
+    C("v2-generate-top-p-nan", "POST", "/v2/models/char_lstm/generate",
+      raw_json('{"text_input": "The ", "parameters": {"top_p": NaN}}'), JSON, 400, "top_p"),
+    C("v2-generate-temperature-0", "POST", "/v2/models/char_lstm/generate", tgen(parameters={"temperature": 0}),
+      JSON, 400, "temperature"),
+    C("v2-generate-seed-negative", "POST", "/v2/models/char_lstm/generate", tgen(seed=-1), JSON, 400, "seed"),
+    C("v2-generate-stop-empty-string", "POST", "/v2/models/char_lstm/generate", tgen(stop=""), JSON, 400, "stop"),
+    C("v2-generate-stop-5-strings", "POST", "/v2/models/char_lstm/generate", tgen(stop=list("abcde")), JSON, 400,
+      "list of 1 to 4 strings"),
+    C("v2-generate-stop-number", "POST", "/v2/models/char_lstm/generate", tgen(stop=5), JSON, 400, "stop"),
+    C("v2-generate-image-model", "POST", "/v2/models/lenet5/generate", tgen(), JSON, 400, "image_classifier model"),
+    C("v2-generate-unknown-model", "POST", "/v2/models/gpt9/generate", tgen(), JSON, 404, "unknown model 'gpt9'"),
+    C("v2-generate-unknown-version", "POST", "/v2/models/char_lstm/versions/0000/generate", tgen(), JSON, 404,
+      "no version '0000'"),
+    C("v2-generate-get", "GET", "/v2/models/char_lstm/generate", status=405, message="GET is not allowed"),
+    C("v2-generate-stream-unknown-parameter", "POST", "/v2/models/char_lstm/generate_stream",
+      tgen(parameters={"n": 2}), JSON, 400, "['n']"),
+    C("v2-generate-stream-2001-chars", "POST", "/v2/models/char_lstm/generate_stream",
+      js({"text_input": "e" * 2001}), JSON, 400, "text_input has 2001 characters"),
+    C("v2-generate-stream-image-model", "POST", "/v2/models/vgg_fc7/generate_stream", tgen(), JSON, 400,
+      "image_feature_extractor model"),
     # KServe v2 REST: the binary tensor extension
     C("v2-header-length-past-body", "POST", "/v2/models/lenet5/infer", *binary([fp32(data=None)], b"", "99999"), 400,
       "Inference-Header-Content-Length"),
@@ -503,6 +625,39 @@ CASES: list[Case] = [
       status="INVALID_ARGUMENT", message="shared memory is not supported"),
     C("grpc-model-metadata-unknown", "GRPC", "ModelMetadata", pb.ModelMetadataRequest(name="nope"),
       status="NOT_FOUND", message="unknown model 'nope'"),
+    C("grpc-classification-over-classes", "GRPC", "ModelInfer",
+      grpc_request("lenet5", [LENET_RAW], [IMAGE_RAW], outputs=["logits"], classification=11),
+      status="INVALID_ARGUMENT", message="11 classes but the output has 10"),
+    C("grpc-image-bytes-not-an-image", "GRPC", "ModelInfer",
+      grpc_request("lenet5", [("image", "BYTES", [2], None, None)], [bytes_raw([PNG, b"not an image"])]),
+      status="INVALID_ARGUMENT", message="input 'image' row 1"),
+    C("grpc-image-bytes-typed-contents-not-image", "GRPC", "ModelInfer",
+      grpc_request("vgg_fc7", [("image", "BYTES", [1, 1], "bytes_contents", [b"\x89PNG\r\n\x1a\n" + bytes(30)])]),
+      status="INVALID_ARGUMENT", message="input 'image' row 0: corrupt PNG"),
+    C("grpc-image-bytes-and-float", "GRPC", "ModelInfer",
+      grpc_request("lenet5", [("image", "BYTES", [1], None, None), LENET_RAW], [bytes_raw([PNG]), IMAGE_RAW]),
+      status="INVALID_ARGUMENT", message="alternatives"),
+    C("grpc-image-bytes-truncated-length", "GRPC", "ModelInfer",
+      grpc_request("lenet5", [("image", "BYTES", [1], None, None)], [b"\x05\x00"]),
+      status="INVALID_ARGUMENT", message="ends inside the length"),
+    C("grpc-text-input-not-utf8", "GRPC", "ModelInfer",
+      grpc_request("char_lstm", [("text_input", "BYTES", [1], None, None)], [bytes_raw([b"\xff\xfe"])]),
+      status="INVALID_ARGUMENT", message="not UTF-8"),
+    # gRPC ModelStreamInfer: a bad request is answered in the stream (error_message), the stream goes on
+    C("stream-unknown-parameter", "GRPC_STREAM", "ModelStreamInfer", stream_request(beam_width=4),
+      status="in-stream", message="unknown sampling parameter(s) ['beam_width']"),
+    C("stream-top-p-2", "GRPC_STREAM", "ModelStreamInfer", stream_request(top_p=2.0), status="in-stream",
+      message="top_p must be a number in (0, 1]"),
+    C("stream-max-tokens-huge", "GRPC_STREAM", "ModelStreamInfer", stream_request(max_tokens=10**12),
+      status="in-stream", message="max_tokens must be an integer in [1, 2000]"),
+    C("stream-temperature-string", "GRPC_STREAM", "ModelStreamInfer", stream_request(temperature="hot"),
+      status="in-stream", message="temperature"),
+    C("stream-prompt-over-limit", "GRPC_STREAM", "ModelStreamInfer", stream_request("e" * 2001),
+      status="in-stream", message="text_input has 2001 characters; the limit is 2000"),
+    C("stream-text-input-on-image-model", "GRPC_STREAM", "ModelStreamInfer",
+      stream_request(model="lenet5"), status="in-stream", message="no input 'text_input'"),
+    C("stream-unknown-model", "GRPC_STREAM", "ModelStreamInfer", stream_request(model="nope"), status="in-stream",
+      message="unknown model 'nope'"),
 ]
 
 
@@ -512,7 +667,7 @@ def test_the_corpus_is_large_and_distinct():
     assert len(CASES) >= 80
     assert {c.method for c in CASES} >= {"GET", "POST", "GRPC"}
     for case in CASES:  # never a 5xx expected: the corpus is client mistakes only
-        assert case.message and (case.method == "GRPC" or 400 <= case.status < 500), case.id
+        assert case.message and (case.method in ("GRPC", "GRPC_STREAM") or 400 <= case.status < 500), case.id
 
 
 def every_worker_ready(url: str, timeout_s: float = 120.0) -> None:
@@ -548,6 +703,12 @@ def grpc_stub(server):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_request_gets_4xx_naming_the_problem(server, grpc_stub, log_offset, case: Case):
+    if case.method == "GRPC_STREAM":  # Triton answers a stream's bad request in the stream, which goes on
+        call = grpc_stub.ModelStreamInfer(iter([case.body]), timeout=60)
+        first = next(call)
+        call.cancel()
+        assert case.message in first.error_message, first
+        return
     if case.method == "GRPC":
         with pytest.raises(grpc.RpcError) as e:
             getattr(grpc_stub, case.path)(case.body, timeout=60)

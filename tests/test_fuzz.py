@@ -30,7 +30,8 @@ def test_no_server_errors_and_documented_responses(live_server):
     every_worker_ready(live_server.http_url)
     schema = schemathesis.openapi.from_url(f"{live_server.http_url}/docs.json", timeout=30)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/classify", "/features", "/generate", "/v2/models/{name}/infer"}
+    assert {op.path for op in operations} >= {"/classify", "/features", "/generate", "/v2/models/{name}/infer",
+                                              "/v2/models/{name}/generate", "/v2/models/{name}/generate_stream"}
     failures = []
     for operation in operations:
         @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,

@@ -20,10 +20,12 @@ from service.errors import ClientError
 from service.generation import (
     MAX_NEW_CHARS,
     MAX_PROMPT_CHARS,
+    MAX_STOPS,
     PREFILL_CHARS_PER_STEP,
     ContinuousBatcher,
     GenerationError,
     GenerationRequest,
+    _cut_at_stop,
     measure_step_loop,
     sample_token,
     sample_tokens,
@@ -138,6 +140,58 @@ def test_validate_accepts_limits_and_from_dict_checks_fields() -> None:
         GenerationRequest.from_dict({"seed": 1})
     with pytest.raises(ClientError, match="must be a JSON object"):
         GenerationRequest.from_dict(["ab"])
+
+
+def test_top_p_is_the_nucleus_each_row_its_own() -> None:
+    """softmax([ln 5, ln 3, ln 1, ln 1]) = [.5, .3, .1, .1]: top_p 0.5 keeps one token, 0.6 two, 0.85 three
+    (ties at the smallest kept probability stay), 1 all; rows of one call each use their own top_p."""
+    logits = np.log(np.array([[5.0, 3.0, 1.0, 1.0]] * 4))
+    top_ps = np.array([0.5, 0.6, 0.85, 1.0])
+    seen = [set() for _ in top_ps]
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        tokens = sample_tokens(logits, np.ones(4), np.zeros(4, np.int64), rng.random(4), top_ps)
+        for row, token in enumerate(tokens):
+            seen[row].add(int(token))
+    assert seen == [{0}, {0, 1}, {0, 1, 2, 3}, {0, 1, 2, 3}]
+    # With top_k first: the nucleus is taken from what top_k left (renormalised): [.625, .375] -> 0.6 keeps one.
+    tokens = {int(sample_tokens(logits[:1], np.ones(1), np.array([2]), rng.random(1), np.array([0.6]))[0])
+              for _ in range(200)}
+    assert tokens == {0}
+    # Frequencies inside the nucleus follow the renormalised probabilities.
+    counts = np.bincount([sample_token(logits[0], 1.0, None, rng, top_p=0.8) for _ in range(8_000)], minlength=4)
+    np.testing.assert_allclose(counts / counts.sum(), [0.625, 0.375, 0, 0], atol=0.02)
+
+
+def test_stop_strings_cut_the_text_and_hold_back_possible_starts() -> None:
+    assert _cut_at_stop("hello world", ["o w", "zz"], False) == ("hell", "", True)
+    assert _cut_at_stop("hello wo", ["world"], False) == ("hello ", "wo", False)  # "wo" may become "world"
+    assert _cut_at_stop("hello wo", ["world"], True) == ("hello wo", "", False)  # finished: nothing more comes
+    assert _cut_at_stop("abc", ["x"], False) == ("abc", "", False)
+    for bad in ("", [], ["a"] * (MAX_STOPS + 1), [""], ["x" * 101], 5, [1]):
+        with pytest.raises(ClientError, match="stop must be"):
+            GenerationRequest("ab", stop=bad).validate(Vocabulary(VOCAB))
+    with pytest.raises(ClientError, match="max_tokens must be"):
+        GenerationRequest("ab", max_new_chars=0).validate(Vocabulary(VOCAB), {"max_new_chars": "max_tokens"})
+
+
+def test_stop_string_ends_generation_with_finish_reason(runtime: ModelRuntime) -> None:
+    async def run(request: GenerationRequest) -> tuple[str, str]:
+        batcher = ContinuousBatcher(runtime)
+        try:
+            stream = batcher.submit(request, 0.0)
+            text = "".join([chunk async for chunk in stream])
+            assert batcher.active == 0 and batcher.waiting == 0  # the stop freed the slot
+            return text, stream.finish_reason
+        finally:
+            await batcher.close()
+
+    prompt = prompt_for(runtime)
+    full, reason = asyncio.run(run(GenerationRequest(prompt, max_new_chars=120, seed=4)))
+    assert reason == "length" and len(full) == 120
+    stop = full[60:63]
+    text, reason = asyncio.run(run(GenerationRequest(prompt, max_new_chars=120, seed=4, stop=[stop, "\u2603"])))
+    assert reason == "stop" and text == full[:full.index(stop)]
 
 
 def test_sample_token_temperature_top_k_and_seed() -> None:

@@ -135,9 +135,15 @@ def test_model_metadata_comes_from_the_store(http, grpc_client, name):
     model = store_model(http, name)
     datatypes = {"float32": "FP32", "int64": "INT64"}
 
+    # The graph's tensors, then the kind's BYTES protocol tensors (tests/test_triton_extensions.py).
+    protocol = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1]}] if "vocab" in
+                model.info.metadata else [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
+                "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [1]}] if "vocab" in
+                model.info.metadata else []}
+
     def expected(key):
         return [{"name": t["name"], "datatype": datatypes[t["dtype"]], "shape": t["shape"]}
-                for t in model.info.metadata[key]]
+                for t in model.info.metadata[key]] + protocol[key]
 
     meta = http.get_model_metadata(name)
     assert meta["name"] == name and meta["versions"] == [model.tag.version]

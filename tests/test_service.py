@@ -111,7 +111,7 @@ def test_openapi_documents_the_endpoints(url):
     for path in ("/classify", "/features", "/generate"):
         assert "post" in spec["paths"][path], path
     generate = str(spec["paths"]["/generate"])
-    assert "max_new_chars" in generate and "temperature" in generate
+    assert all(field in generate for field in ("max_new_chars", "temperature", "top_p", "stop", "finish_reason"))
 
 
 # -- /classify, /features ----------------------------------------------------------------------------

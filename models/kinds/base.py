@@ -23,6 +23,11 @@ class KindError(ValueError):
     """The card, network or graph does not fit its kind's contract; the message says what to fix."""
 
 
+class RequestError(ValueError):
+    """A client's request does not fit the kind (an unknown sampling parameter, ...): the service answers
+    400 / INVALID_ARGUMENT with the message."""
+
+
 class Kind:
     name: ClassVar[str]
     endpoints: ClassVar[tuple[str, ...]] = ()  # REST endpoints that take this kind
@@ -58,6 +63,27 @@ class Kind:
     def check_request_values(self, metadata: dict, arrays: dict[str, np.ndarray]) -> str | None:
         """What a raw-tensor request's values break (e.g. token ids outside the vocabulary)."""
         return None
+
+    # ---- Triton's protocol extras (service/kserve.py) -------------------------------------------------
+
+    def protocol_inputs(self, metadata: dict) -> list[dict]:
+        """BYTES inputs the kind takes over KServe v2 besides the graph's own tensors, for model metadata and
+        requests: ``name``, ``datatype``, ``shape``, ``role`` (what the service does with the rows: "image" =
+        encoded images replacing the graph's image input, "prompt" = text to generate from)."""
+        return []
+
+    def protocol_outputs(self, metadata: dict) -> list[dict]:
+        """BYTES outputs answering the protocol inputs (``name``, ``datatype``, ``shape``)."""
+        return []
+
+    def output_labels(self, metadata: dict, output: str) -> list[str] | None:
+        """Class labels of a [batch, classes] output, for Triton's classification extension (None: unlabelled)."""
+        return None
+
+    def sampling_options(self, parameters: dict) -> tuple[dict, dict]:
+        """Triton request parameters -> (GenerationRequest fields, field -> the parameter's name for messages).
+        Raises RequestError for a parameter the kind does not take."""
+        raise RequestError(f"a {self.name} model does not generate text")
 
     # ---- export -------------------------------------------------------------------------------------
 

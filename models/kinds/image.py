@@ -40,6 +40,13 @@ class ImageClassifier(Kind):
 
     # ---- serving --------------------------------------------------------------------------------------
 
+    def protocol_inputs(self, metadata: dict) -> list[dict]:
+        # Encoded image files, one per batch row ([N] or [N, 1]): the same decode and preprocessing as /classify.
+        return [{"name": "image", "datatype": "BYTES", "shape": [-1], "role": "image"}]
+
+    def output_labels(self, metadata: dict, output: str) -> list[str] | None:
+        return metadata.get("labels") if output == metadata["roles"].get("scores") else None
+
     def describe(self, metadata: dict) -> dict:
         out = {"labels": metadata.get("labels"), "scores": metadata.get("scores"),
                "preprocessing": metadata["preprocessing"]}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.kinds.base import Kind, KindError, errors, summarize
+from models.kinds.base import Kind, KindError, RequestError, errors, summarize
 from models.vocab import Vocabulary, VocabularyError
 
 STATE_BATCH_AXIS = 1  # [layers, B, hidden]
@@ -32,6 +32,11 @@ PROMPT_TOKENS = 64
 PREFILL_WARMUP_LEN = 16  # one T > 1 shape at warm-up: prompts are prefilled in one call
 # As models/train.py's evaluate_bpc cuts the held-out text (the state is carried across windows).
 BPC_STREAMS, BPC_WINDOW = 16, 100
+# Triton's (and OpenAI's) sampling parameter names -> GenerationRequest fields (service/generation.py).
+SAMPLING_PARAMETERS = {"max_tokens": "max_new_chars", "temperature": "temperature", "top_k": "top_k",
+                       "top_p": "top_p", "seed": "seed", "stop": "stop"}
+# Parameters Triton clients send that change nothing here: the route decides streaming; Triton's own flags.
+IGNORED_PARAMETERS = {"stream", "triton_enable_empty_final_response", "priority", "timeout"}
 
 
 @dataclass
@@ -90,6 +95,20 @@ class SequenceLM(Kind):
         if tokens.min() < 0 or tokens.max() >= vocab_size:
             return f"token ids must be in [0, {vocab_size}), got values from {tokens.min()} to {tokens.max()}"
         return None
+
+    def protocol_inputs(self, metadata: dict) -> list[dict]:
+        return [{"name": "text_input", "datatype": "BYTES", "shape": [1], "role": "prompt"}]
+
+    def protocol_outputs(self, metadata: dict) -> list[dict]:
+        return [{"name": "text_output", "datatype": "BYTES", "shape": [1]}]
+
+    def sampling_options(self, parameters: dict) -> tuple[dict, dict]:
+        unknown = sorted(set(parameters) - set(SAMPLING_PARAMETERS) - IGNORED_PARAMETERS)
+        if unknown:
+            raise RequestError(f"unknown sampling parameter(s) {[str(u)[:50] for u in unknown[:5]]}; this model "
+                               f"takes {sorted(SAMPLING_PARAMETERS)}")
+        fields = {SAMPLING_PARAMETERS[k]: v for k, v in parameters.items() if k in SAMPLING_PARAMETERS}
+        return fields, {field: name for name, field in SAMPLING_PARAMETERS.items()} | {"prompt": "text_input"}
 
     # ---- card and network -------------------------------------------------------------------------------
 
