@@ -361,6 +361,13 @@ def test_user_models_over_rest_and_triton_clients(user_server, user_artifacts):
     ginp = grpcclient.InferInput("input", list(x.shape), "FP32")
     ginp.set_data_from_numpy(x)
     assert np.allclose(grpc.infer("effnet_digits", [ginp]).as_numpy("logits"), logits, atol=1e-5)
+    # Image bytes to a graph made elsewhere, whose float input has its own name ("pixels"), with top-2 classes.
+    image = httpclient.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([png], dtype=object))
+    top2 = http.infer("elsewhere_cnn", [image], outputs=[httpclient.InferRequestedOutput("class_scores",
+                                                                                         class_count=2)])
+    labels = [row.decode().split(":")[2] for row in top2.as_numpy("class_scores").ravel()]
+    assert labels == [p["label"] for p in shapes["predictions"][:2]], (labels, shapes)
     served_graph = bentoml.models.get(models["effnet_digits"]["store_tag"]).path_of("model.onnx")
     onnx_logits = cpu_session(served_graph).run(None, {"input": x})[0]
     assert logits.shape == (3, 10) and np.allclose(logits, onnx_logits, atol=1e-4)
