@@ -8,6 +8,7 @@ import json
 from collections import Counter
 
 import numpy as np
+import pytest
 
 from loadtest.bench.overload import OverloadResult
 from loadtest.bench.recovery import recovery_time
@@ -207,3 +208,104 @@ def test_user_model_section_reports_the_rows_and_the_verdict():
     assert "60.0 vs 50.0 req/s = 1.20x: **MISSED**" in text
     assert "batch 1: 20.0 ms, batch 32: 25.0 ms (0.80x batch 1's speed)" in text
     assert user_model_section(argparse.Namespace(duration=5), Results(info={})) == []
+
+
+# --- part 9: Triton protocols (loadtest/bench/triton.py) ---------------------------------------------------
+
+def call(ok: bool, units: int, started: float, first: float, ended: float, error: str = ""):
+    from loadtest.bench.protocol_clients import Call
+
+    return Call(ok, units, started, first, ended, error or ("" if ok else "stream ended early"))
+
+
+def test_summarize_counts_only_complete_streams():
+    from loadtest.bench.triton import GRPC_GENERATE, summarize
+
+    calls = [call(True, 200, 0.0, 0.010, 0.5), call(True, 200, 0.5, 0.520, 1.0),
+             call(False, 120, 1.0, 1.010, 2.0)]  # a short stream: its 120 characters are not work done
+    row = summarize(GRPC_GENERATE, 1, 1, calls, start_at=0.0, cpu_s=0.5)
+    assert (row.ok, row.errors, row.error_sample) == (2, 1, "stream ended early")
+    assert row.seconds == 2.0 and row.ok_per_s == 200.0  # 400 characters over the 2 s up to the last answer
+    assert row.first_p50_ms == pytest.approx(15.0) and row.full_p50_ms == pytest.approx(500.0)
+    assert row.client_cpu == 0.25
+
+
+def test_summarize_with_no_complete_call_measures_nothing():
+    from loadtest.bench.triton import REST_GENERATE, summarize
+
+    row = summarize(REST_GENERATE, 16, 1, [call(False, 0, 0.0, float("nan"), 1.0, "HTTP 503")], 0.0, None)
+    assert (row.ok, row.errors, row.ok_per_s, row.client_cpu) == (0, 1, 0.0, None)
+    assert np.isnan(row.first_p95_ms)
+
+
+def test_clients_are_spread_evenly_over_the_processes():
+    from loadtest.bench.triton import split
+
+    assert split(16, 4) == [4, 4, 4, 4]
+    assert split(1, 4) == [1]
+    assert split(6, 4) == [2, 2, 1, 1]
+    assert split(32, 3) == [11, 11, 10]
+
+
+def test_both_protocols_get_the_same_prompts_and_seeds():
+    from loadtest.bench.protocol_clients import request_plan
+
+    prompts = ["a", "b", "c"]
+    assert [request_plan(t, i, prompts) for t in range(2) for i in range(2)] == \
+        [("a", 0), ("b", 1), ("b", 1009), ("c", 1010)]
+
+
+def protocol_row(what: str, clients: int, per_s: float, first_p95: float, errors: int = 0, round_no: int = 1):
+    from loadtest.bench.triton import ProtocolRow
+
+    return ProtocolRow(what, clients, round_no, 4.0, int(per_s), errors, per_s, first_p95 / 2, first_p95, 50.0,
+                       60.0, 0.3)
+
+
+def triton_verdicts(rows) -> dict[str, str]:
+    from loadtest.bench.targets import triton_targets
+
+    return {t.what: t.verdict for t in triton_targets(rows, [1, 16])}
+
+
+def test_grpc_generation_within_ten_percent_of_rest():
+    from loadtest.bench.triton import GRPC_GENERATE as G
+    from loadtest.bench.triton import REST_GENERATE as R
+
+    rows = [protocol_row(R, 1, 1000, 10.0), protocol_row(G, 1, 910, 11.0),  # 0.91x, 1.10x: both met
+            protocol_row(R, 16, 4000, 20.0), protocol_row(G, 16, 3500, 23.0)]  # 0.875x, 1.15x: both missed
+    v = triton_verdicts(rows)
+    assert v["gRPC streamed generation chars/s at 1 stream"] == "met"
+    assert v["gRPC streamed generation first-chunk p95 at 1 stream"] == "met"
+    assert v["gRPC streamed generation chars/s at 16 streams"] == "**MISSED**"
+    assert v["gRPC streamed generation first-chunk p95 at 16 streams"] == "**MISSED**"
+
+
+def test_grpc_generation_judged_on_the_median_round_with_errors_shown():
+    from loadtest.bench.targets import triton_targets
+    from loadtest.bench.triton import GRPC_GENERATE as G
+    from loadtest.bench.triton import REST_GENERATE as R
+
+    # One slow gRPC round (other work on the machine) does not decide it: the median of three does.
+    rows = [protocol_row(R, 1, 1000, 10.0, round_no=i) for i in (1, 2, 3)]
+    rows += [protocol_row(G, 1, per_s, 10.0, errors=1, round_no=i) for i, per_s in ((1, 400), (2, 950), (3, 990))]
+    chars = triton_targets(rows, [1])[0]
+    assert chars.met and "median of 3" in chars.measured and "errors: 3 vs 0" in chars.measured
+
+
+def test_grpc_generation_not_measured_when_a_side_is_missing_or_rest_did_nothing():
+    from loadtest.bench.triton import GRPC_GENERATE as G
+    from loadtest.bench.triton import REST_GENERATE as R
+
+    v = triton_verdicts([protocol_row(G, 1, 900, 10.0), protocol_row(R, 16, 0, float("nan"), errors=5),
+                         protocol_row(G, 16, 900, 10.0)])
+    assert set(v.values()) == {"not measured"}
+
+
+def test_image_bytes_ratio_is_reported_without_a_verdict():
+    from loadtest.bench.targets import ratio_note
+    from loadtest.bench.triton import GRPC_CLASSIFY, REST_CLASSIFY, WRK_CLASSIFY
+
+    rows = [protocol_row(GRPC_CLASSIFY, 32, 600, 80.0), protocol_row(REST_CLASSIFY, 32, 400, 90.0)]
+    assert ratio_note(rows, GRPC_CLASSIFY, REST_CLASSIFY, 32).endswith("600 vs 400 answers/s = 1.50x (median)")
+    assert ratio_note(rows, GRPC_CLASSIFY, WRK_CLASSIFY, 32).endswith("not measured")

@@ -3,6 +3,8 @@
     python -m loadtest.bench                                   # the record (make bench)
     python -m loadtest.bench --duration 3 --runs 30 --max-seconds 0.5 --overload-seconds 3 \\
         --budget-duration 5 --skip-step-loop --skip user-model --out /tmp/b   # smoke: a minute or two
+    python -m loadtest.bench --duration 5 --skip in-process --skip stacks --skip generate --skip recovery \\
+        --skip overload --skip budgets --skip baselines --skip user-model --out /tmp/b   # only the triton part
     python -m loadtest.bench --duration 5 --skip in-process --skip nnserve --skip generate --skip baselines \\
         --out /tmp/b                                           # only the user-model part
 
@@ -11,6 +13,7 @@ One module per part, run in this order by ``__main__``; each server runs alone (
 - ``inprocess``: PyTorch eager vs ONNX Runtime variants, no server.
 - ``generate.bench_step_loop``: the bare generation step-loop limit, no server.
 - on one nnserve server: ``stacks`` (wrk on /classify, /features, /v2), ``generate.bench_streams`` (locust),
+  ``triton`` (gRPC ModelStreamInfer beside REST /generate, image bytes over gRPC beside /classify),
   ``recovery`` (a 10,000-item request, then small ones), ``overload`` (300 clients, asyncio), ``budgets``
   (the locust load test with budgets), ``server_info`` (models, settings, memory);
 - ``stacks.measure_baselines``: each baseline server of ``loadtest/baselines`` in turn;

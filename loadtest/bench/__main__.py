@@ -15,7 +15,8 @@ from loadtest.bench import __doc__ as PACKAGE_DOC
 from loadtest.bench.common import REPO_ROOT, load_average, log, machine, write_atomic
 from loadtest.bench.report import Results, report
 
-PARTS = ("in-process", "nnserve", "stacks", "generate", "recovery", "overload", "budgets", "baselines", "user-model")
+PARTS = ("in-process", "nnserve", "stacks", "generate", "triton", "recovery", "overload", "budgets", "baselines",
+         "user-model")
 
 
 def int_list(text: str) -> list[int]:
@@ -56,6 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "with models.finetune + export (minutes on a small CPU)")
     p.add_argument("--user-model-rounds", type=int, default=3,
                    help="user-model part: rounds of wrk rows, nnserve's and FastAPI's alternating (medians judged)")
+    p.add_argument("--triton-rounds", type=int, default=2,
+                   help="triton part: rounds of REST and gRPC rows, their order alternating (medians judged)")
+    p.add_argument("--triton-classify-clients", type=int, default=32,
+                   help="triton part: concurrent clients of the image-bytes (gRPC) and /classify rows")
+    p.add_argument("--triton-client-processes", type=int, default=4,
+                   help="triton part: worker processes the Python clients are spread over (one client per thread)")
     p.add_argument("--skip", choices=PARTS, action="append", default=[],
                    help="leave a part out (repeatable); nnserve = every part that needs the nnserve server")
     return p.parse_args(argv)
@@ -101,6 +108,12 @@ def run_nnserve(args: argparse.Namespace, env: dict[str, str], workdir: Path, r:
             r.runs += found
         if "generate" not in args.skip:
             r.generate = generate.bench_streams(url, args.streams, args.duration, args.generate_chars, workdir)
+        if "triton" not in args.skip:
+            from loadtest.bench.triton import bench_triton
+
+            r.triton = bench_triton(url, server.grpc_url, files.png, files.classify_args(), args.streams,
+                                    args.duration, args.generate_chars, args.triton_rounds,
+                                    args.triton_classify_clients, args.triton_client_processes)
         if "recovery" not in args.skip:
             log(f"large request ({args.large_items} items), then single-item requests")
             r.recovery = recovery.run_recovery(url, files.v2_json.read_bytes(), x_one, input_name,
@@ -219,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     r.targets = targets.evaluate(r.runs, levels[0], levels[-1], r.generate, r.step_limits, r.overload,
                                  as_float(delay), batch_ms, r.recovery)
     r.targets.append(targets.user_model_target(r.user_model.runs if r.user_model else [], levels[-1]))
+    if "triton" not in args.skip and "nnserve" not in args.skip:
+        r.targets += targets.triton_targets(r.triton, sorted(set(args.streams)))
     r.info.update(load_end=load_average(), seconds=time.perf_counter() - started)
     r.images = plot(r.cases, r.runs, r.labels, r.generate, args.out / "img")
     write_atomic(args.out / "bench.md", report(args, r).encode())

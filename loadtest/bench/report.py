@@ -15,7 +15,8 @@ from loadtest.bench.inprocess import REFERENCE, Case
 from loadtest.bench.overload import OverloadResult
 from loadtest.bench.recovery import WINDOW, RecoveryResult
 from loadtest.bench.stacks import CLASSIFY, StackRun
-from loadtest.bench.targets import Target, median_ok_rps
+from loadtest.bench.targets import Target, median_ok_rps, ratio_note
+from loadtest.bench.triton import GRPC_CLASSIFY, REST_CLASSIFY, WRK_CLASSIFY, ProtocolRow
 from loadtest.bench.user_model import LABELS as USER_LABELS
 from loadtest.bench.user_model import SIZE, UserModelResult
 from loadtest.locust_runner import BUDGETS
@@ -57,6 +58,9 @@ What each part measures:
 7. **User model** (section 8): a user's library network, EfficientNet-B0 at 224x224 (made with
    `models.finetune` + `export`, as docs/your-model.md shows), on `/classify` of an nnserve serving only it
    and of plain FastAPI + ORT on the same store entry: does dynamic batching pay on a real-size model?
+8. **Triton protocols** (section 9): streamed generation over gRPC `ModelStreamInfer` beside REST
+   `/generate`, and classification of image bytes over gRPC beside `/classify`, same server, same Python
+   client harness on both sides, rounds alternating (`--triton-rounds`; `--skip triton` leaves it out).
 
 Notes on method:
 
@@ -96,6 +100,7 @@ class Results:
     target_notes: list[str] = field(default_factory=list)
     images: list[str] = field(default_factory=list)
     user_model: UserModelResult | None = None
+    triton: list[ProtocolRow] = field(default_factory=list)
 
 
 def report(args: argparse.Namespace, r: Results) -> str:
@@ -129,6 +134,7 @@ def report(args: argparse.Namespace, r: Results) -> str:
     lines += budgets_section(args, r)
     lines += memory_section(r)
     lines += user_model_section(args, r)
+    lines += triton_section(args, r)
     return "\n".join(lines) + "\n"
 
 
@@ -348,4 +354,50 @@ def user_model_section(args: argparse.Namespace, r: Results) -> list[str]:
     target = next((t for t in r.targets if t.what.startswith("user model")), None)
     if target:
         lines += ["", f"Target: {target.what} {target.target}: {target.measured}: **{target.verdict.strip('*')}**."]
+    return lines
+
+
+# What targets.triton_targets judges, in words, written above the part's rows.
+TRITON_TARGET = """\
+Targets, fixed in `loadtest/bench/targets.py` (`triton_targets`) before the first run, per stream level:
+**gRPC streamed generation chars/s >= 0.9x REST `/generate` in the same run** and **gRPC first-chunk p95
+<= 1.1x REST's**, each the median over the rounds. chars/s counts only complete, error-free streams (a
+failed or short stream, a non-200, a stream error is not work done). Classification by image bytes has no
+target in the issue: its ratio to `/classify` is reported only."""
+
+
+def triton_section(args: argparse.Namespace, r: Results) -> list[str]:
+    if not r.triton:
+        return []
+    lines = ["", "## 9. Triton protocols: streamed generation over gRPC, image bytes", "", *TRITON_TARGET.splitlines(),
+             "", f"On the run's one nnserve server (after sections 2-3 when they run). Python closed-loop clients in "
+             f"{args.triton_client_processes} spawned worker processes, one client (its own HTTP session or gRPC "
+             f"channel) per thread, the same harness for REST and gRPC (`loadtest/bench/protocol_clients.py`); "
+             f"{args.duration} s per row, {args.triton_rounds} round(s), REST and gRPC order alternating. "
+             f"Generation: {args.generate_chars} characters per request, temperature 0.8, the same prompts and "
+             "seeds on both protocols (so the same texts); first chunk = request sent -> first text at the client. "
+             "Classification: the held-out digit's PNG, top 5 (`/classify` multipart; gRPC `image` BYTES [1] with "
+             "`class_count=5`); for classification the first/full columns are both the answer's latency, and "
+             "the wrk row has no client CPU figure (a C client: a few percent of a core). "
+             "client CPU = CPU seconds of the client processes / wall seconds, in cores.", "",
+             "| round | row | clients | ok | errors | ok chars/s or answers/s | first p50 / p95 ms "
+             "| full p50 / p95 ms | client CPU (cores) |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in r.triton:
+        lines.append(f"| {row.round_no} | {row.what} | {row.clients} | {row.ok:,} | {row.errors} | "
+                     f"{fmt(row.ok_per_s, 0)} | {fmt(row.first_p50_ms)} / {fmt(row.first_p95_ms)} | "
+                     f"{fmt(row.full_p50_ms)} / {fmt(row.full_p95_ms)} | {fmt(row.client_cpu, 2)} |")
+    samples = {f"{row.what}: {row.error_sample}" for row in r.triton if row.error_sample}
+    if samples:
+        lines += ["", "Errors seen (one per row kind): " + "; ".join(sorted(samples))]
+    cores = os.cpu_count() or 1
+    busy = sorted({row.what for row in r.triton if row.client_cpu is not None and row.client_cpu >= 0.5 * cores})
+    if busy:
+        lines += ["", f"The client took half the machine's {cores} cores or more in: {', '.join(busy)}: those rows "
+                  "are bounded by the client as much as by the server."]
+    clients = args.triton_classify_clients
+    lines += ["", "Classification by image bytes (no target): "
+              + "; ".join(ratio_note(r.triton, GRPC_CLASSIFY, theirs, clients) for theirs in (REST_CLASSIFY,
+                                                                                              WRK_CLASSIFY)) + "."]
+    verdicts = [t for t in r.targets if t.what.startswith("gRPC streamed generation")]
+    lines += [""] + [f"- {t.what} {t.target}: {t.measured}: **{t.verdict.strip('*')}**" for t in verdicts]
     return lines

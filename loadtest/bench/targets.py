@@ -10,6 +10,7 @@ from loadtest.bench.common import fmt
 from loadtest.bench.overload import OverloadResult
 from loadtest.bench.recovery import RecoveryResult
 from loadtest.bench.stacks import CLASSIFY, FEATURES, NNSERVE, V2, StackRun
+from loadtest.bench.triton import GRPC_GENERATE, REST_GENERATE, ProtocolRow
 from loadtest.bench.wrk import WrkResult
 
 
@@ -160,3 +161,56 @@ def user_model_target(runs: list[StackRun], high: int, ours: str = "nnserve", th
     r = a.ok_rps / b.ok_rps
     return Target(what, f"{rounds}{a.ok_rps:,.1f} vs {b.ok_rps:,.1f} req/s = {r:.2f}x{errors}", goal,
                   r >= USER_MODEL_FACTOR)
+
+
+# Issue 19, fixed before the first run: gRPC streamed generation "within 10% of REST" in the same run.
+GRPC_THROUGHPUT_FACTOR, GRPC_FIRST_P95_FACTOR = 0.9, 1.1
+
+
+def median_row(rows: list[ProtocolRow], what: str, clients: int, attr: str) -> tuple[float, int, int] | None:
+    """(median of ``attr`` over the rounds, errors summed, rounds) of part 9's rows ``what`` at ``clients``."""
+    found = [r for r in rows if (r.what, r.clients) == (what, clients)]
+    if not found:
+        return None
+    return float(median([getattr(r, attr) for r in found])), sum(r.errors for r in found), len(found)
+
+
+def triton_targets(rows: list[ProtocolRow], streams: list[int], rest: str = REST_GENERATE,
+                   grpc: str = GRPC_GENERATE) -> list[Target]:
+    """Part 9 (loadtest/bench/triton.py), per stream level: gRPC ModelStreamInfer chars/s >= 0.9x REST
+    /generate's, and gRPC first-chunk p95 <= 1.1x REST's, each the median over the interleaved rounds.
+    chars/s counts only complete, error-free streams on both sides (``summarize``): a failed stream is not
+    work done, so errors count against a protocol's throughput; errors are also shown beside the ratio."""
+    targets = []
+    for n in streams:
+        label = f"{n} stream{'s' if n != 1 else ''}"
+        what = f"gRPC streamed generation chars/s at {label}"
+        goal = f">= {GRPC_THROUGHPUT_FACTOR:g}x REST /generate, same run, errors not counted"
+        a, b = median_row(rows, grpc, n, "ok_per_s"), median_row(rows, rest, n, "ok_per_s")
+        if a is None or b is None or b[0] == 0:
+            targets.append(Target(what, "not measured" if a is None or b is None else "REST completed no stream",
+                                  goal, None))
+        else:
+            errors = f" (errors: {a[1]} vs {b[1]})" if a[1] or b[1] else ""
+            r = a[0] / b[0]
+            targets.append(Target(what, f"median of {min(a[2], b[2])}: {a[0]:,.0f} vs {b[0]:,.0f} chars/s = "
+                                        f"{r:.2f}x{errors}", goal, r >= GRPC_THROUGHPUT_FACTOR))
+        what = f"gRPC streamed generation first-chunk p95 at {label}"
+        goal = f"<= {GRPC_FIRST_P95_FACTOR:g}x REST /generate's"
+        a, b = median_row(rows, grpc, n, "first_p95_ms"), median_row(rows, rest, n, "first_p95_ms")
+        if a is None or b is None or math.isnan(a[0]) or math.isnan(b[0]) or b[0] == 0:
+            targets.append(Target(what, "not measured", goal, None))
+        else:
+            r = a[0] / b[0]
+            targets.append(Target(what, f"median of {min(a[2], b[2])}: {a[0]:.1f} vs {b[0]:.1f} ms = {r:.2f}x", goal,
+                                  r <= GRPC_FIRST_P95_FACTOR))
+    return targets
+
+
+def ratio_note(rows: list[ProtocolRow], ours: str, theirs: str, clients: int) -> str:
+    """No target in the issue for classification by image bytes: the median ratio only, in words."""
+    a, b = median_row(rows, ours, clients, "ok_per_s"), median_row(rows, theirs, clients, "ok_per_s")
+    if a is None or b is None:
+        return f"{ours} vs {theirs} at {clients} clients: not measured"
+    ratio = f" = {a[0] / b[0]:.2f}x" if b[0] else ""
+    return f"{ours} vs {theirs} at {clients} clients: {a[0]:,.0f} vs {b[0]:,.0f} answers/s{ratio} (median)"
