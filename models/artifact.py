@@ -78,7 +78,9 @@ def save_artifact(out_dir: str | Path, model, card: dict,
     from safetensors.torch import save_file
 
     def fill(tmp: Path) -> None:
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        # clone(): safetensors refuses tensors that share memory, as tied weights do (each name gets a copy;
+        # loading the copies back into the one shared parameter restores the tie).
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         full = {"format": FORMAT, **card, "weights_sha256": sha256_file(tmp / WEIGHTS)}
         (tmp / CARD).write_text(json.dumps(full, indent=2) + "\n")
