@@ -134,3 +134,12 @@ def test_weight_tying_shares_one_tensor_and_survives_saving(tmp_path):
     assert loaded.head.weight is loaded.embed.weight and loaded.head.weight[0, 0] == 5.0
     with pytest.raises(ValueError, match="embed_dim == hidden_size"):
         CharRNN("gru", vocab_size=11, embed_dim=4, hidden_size=8, tie_weights=True)
+
+
+def test_learning_rate_warms_up_then_decays_to_its_floor():
+    from models.train import lr_factor
+
+    factors = [lr_factor(step, total=100, warmup=10) for step in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False)), "no rise after the warm-up"
+    assert factors[100] == pytest.approx(0.1)
