@@ -121,7 +121,24 @@ def text_sections(name: str, card: dict, artifact: Path) -> list[str]:
 
 
 
-def render(cards: dict[str, dict], command: str, artifacts: Path, experiments: list[dict]) -> str:
+def previous_parts(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """{name: (table row, section lines)} of the report already at ``path``: a model whose artifact is not here
+    keeps what was measured for it last time instead of vanishing from the page."""
+    if not path.exists():
+        return {}
+    lines, parts = path.read_text().splitlines(), {}
+    for name in BARS:
+        row = next((ln for ln in lines if ln.startswith(f"| `{name}` |")), None)
+        if row is None or f"## `{name}`" not in lines:
+            continue
+        start = lines.index(f"## `{name}`")
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        parts[name] = (row, lines[start:end])
+    return parts
+
+
+def render(cards: dict[str, dict], command: str, artifacts: Path, experiments: list[dict],
+           kept: dict[str, tuple[str, list[str]]] | None = None) -> str:
     lines = [
         "# Models",
         "",
@@ -132,6 +149,8 @@ def render(cards: dict[str, dict], command: str, artifacts: Path, experiments: l
         "| model | quality bar | measured | pass | train time | trained | seed |",
         "|---|---|---|---|---|---|---|",
     ]
+    kept = {name: part for name, part in (kept or {}).items() if name not in cards}
+    lines += [row for row, _ in kept.values()]
     for name, card in cards.items():
         key, op, bar, what = BARS.get(name, (None, None, None, ""))
         value = card["metrics"].get(key) if key else None
@@ -140,10 +159,15 @@ def render(cards: dict[str, dict], command: str, artifacts: Path, experiments: l
         lines.append(f"| `{name}` | {what} {op} {bar} | {measured} | {passed} | "
                      f"{card.get('train_seconds', 0):.0f} s | {card.get('created', '?')} | {card['seed']} |")
     total = sum(card.get("train_seconds", 0) for card in cards.values())
-    lines += ["", f"Total training time of the set: {total / 60:.1f} minutes.", ""]
+    lines += ["", f"Training time of the models retrained for this report: {total / 60:.1f} minutes."]
+    if kept:
+        lines.append(f"Kept from the previous report (no artifact here this time): {', '.join(kept)}.")
+    lines.append("")
     if any(card["kind"] == "sequence_lm" for card in cards.values()):
         lines += CORPUS_NOTES.splitlines() + [""]
     lines += render_experiments(experiments)
+    for _, section in kept.values():
+        lines += section
     for name, card in cards.items():
         lines += [f"## `{name}`", "", f"![{name} training curves](img/{name}-curves.png)", ""]
         lines.append(f"- data: {card['dataset']['source']}; split {card['dataset']['split']}")
@@ -185,7 +209,7 @@ def main() -> None:
     for name in cards:  # the curves sit next to the numbers, in git (artifacts/ is not)
         shutil.copyfile(Path(args.artifacts) / name / "curves.png", images / f"{name}-curves.png")
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(render(cards, "python -m models.report", Path(args.artifacts), experiments))
+    tmp.write_text(render(cards, "python -m models.report", Path(args.artifacts), experiments, previous_parts(out)))
     tmp.replace(out)
     print(f"wrote {out} ({len(cards)} models)")
 
