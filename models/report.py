@@ -54,7 +54,8 @@ directions are dropped, an editor's bracketed insertion inside a verse line keep
 held out: validation Julius Caesar + Twelfth Night, test Hamlet + The Tempest; every card lists the plays of each
 split. The `--tiny` test configurations keep the stdlib docs (`pydoc_data`): seconds, and no wheel needed.
 
-Bits/char are measured as the export does (16 contiguous streams, 100-character windows, state carried).
+Bits/char are measured as the export does (16 contiguous streams, 100-character windows, state carried);
+the curves' valid points use the first 48,000 held-out characters (seconds), the tables all of them.
 The target, nanoGPT's character-level Shakespeare GPU baseline, is 1.4697 nats = 2.12 bits/char.
 """
 
