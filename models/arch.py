@@ -89,19 +89,28 @@ class CharRNN(nn.Module):
 
     ``forward(tokens[B,T], state) -> (logits[B,T,V], new_state)``: T>1 prefills a prompt, T=1 decodes
     a step. The state is ``(h, c)`` for LSTM and ``h`` for GRU, each ``[layers, B, hidden]``.
+
+    ``tie_weights``: the head's weight is the embedding matrix (Press & Wolf 2017; needs embed_dim ==
+    hidden_size): fewer parameters to learn from little data, and a character's input and output vectors
+    agree. ``dropout`` also applies to the RNN's output before the head (it is the only dropout of one layer).
     """
 
     def __init__(self, cell: str, vocab_size: int, embed_dim: int = 64, hidden_size: int = 256,
-                 num_layers: int = 2, dropout: float = 0.2) -> None:
+                 num_layers: int = 2, dropout: float = 0.2, tie_weights: bool = False) -> None:
         super().__init__()
         if cell not in ("lstm", "gru"):
             raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
+        if tie_weights and embed_dim != hidden_size:
+            raise ValueError(f"tie_weights needs embed_dim == hidden_size, got {embed_dim} and {hidden_size}")
         self.cell, self.num_layers, self.hidden_size = cell, num_layers, hidden_size
         rnn_cls = nn.LSTM if cell == "lstm" else nn.GRU
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.rnn = rnn_cls(embed_dim, hidden_size, num_layers, batch_first=True,
                            dropout=dropout if num_layers > 1 else 0.0)
+        self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size, vocab_size)
+        if tie_weights:
+            self.head.weight = self.embed.weight  # one Parameter: both names in state_dict, one tensor
 
     def init_state(self, batch: int) -> RNNState:
         h = torch.zeros(self.num_layers, batch, self.hidden_size)
@@ -111,7 +120,7 @@ class CharRNN(nn.Module):
         if state is None:
             state = self.init_state(tokens.shape[0])
         out, new_state = self.rnn(self.embed(tokens), state)
-        return self.head(out), new_state
+        return self.head(self.drop(out)), new_state
 
 
 # The card's config.factory for each of our networks (models/card.py builds any factory the same way).

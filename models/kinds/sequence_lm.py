@@ -233,12 +233,17 @@ class SequenceLM(Kind):
     def load_samples(self, card: dict, artifact_dir: Path, eval_data: Path | None) -> TextSamples:
         """Held-out text: the user's (--eval-data, a UTF-8 file), else our training text's held-out split when
         the card names it, else random token ids (said so in the certificate)."""
-        from models import data
+        from models import data, shakespeare
 
         vocab = vocabulary(card)
         if eval_data is not None:
             text = eval_data.read_text(encoding="utf-8")
             source = f"evaluation text {eval_data}"
+        elif card.get("dataset", {}).get("source") == shakespeare.SOURCE:
+            # The validation plays the card names (the test plays stay for the final number only).
+            plays = tuple(card["dataset"]["split"]["valid_plays"])
+            text = shakespeare.load_split(valid_plays=plays, test_plays=()).valid
+            source = f"held-out plays {', '.join(plays)} ({shakespeare.SOURCE})"
         elif card.get("dataset", {}).get("source") == data.TEXT_SOURCE:
             training = card.get("training", {})
             text, _ = data.load_text(training.get("text"))
