@@ -82,5 +82,7 @@ class Vocabulary:
         return self.separator.join(self.tokens[i] for i in ids)
 
     def describe(self) -> dict:
+        """The vocabulary as a client needs it to tokenize without our code (GET /models, v2 metadata)."""
         return {"size": len(self), "type": "characters" if self.is_chars else "tokens",
+                "tokens": "".join(self.tokens) if self.is_chars else self.tokens,
                 **({"separator": self.separator} if self.separator else {})}

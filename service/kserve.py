@@ -112,6 +112,7 @@ def model_metadata(runtime: ModelRuntime) -> dict:
         parameters["sampling"] = {"max_tokens": "integer", "temperature": "number > 0", "top_k": "integer >= 1",
                                   "top_p": "number in (0, 1]", "seed": "integer >= 0",
                                   "stop": "string (REST: or a list of strings)"}
+        parameters["vocabulary"] = kind.describe(meta)["vocab"]  # token id i = tokens[i]
     classes = [s.name for s in runtime.outputs if kind.output_labels(meta, s.name)]
     if classes:
         parameters["classification"] = classes

@@ -138,6 +138,9 @@ def test_model_metadata_describes_the_protocol_tensors(http, grpc_client):
     assert {"name": "text_input", "datatype": "BYTES", "shape": [1]} in text["inputs"]
     assert {"name": "text_output", "datatype": "BYTES", "shape": [1]} in text["outputs"]
     assert set(text["parameters"]["sampling"]) == {"max_tokens", "temperature", "top_k", "top_p", "seed", "stop"}
+    vocabulary = text["parameters"]["vocabulary"]  # a client tokenizes with it: token id i = tokens[i]
+    assert vocabulary["type"] == "characters" and len(vocabulary["tokens"]) == vocabulary["size"] == \
+        text["outputs"][0]["shape"][-1]
     grpc_meta = grpc_client.get_model_metadata("char_lstm", as_json=True)
     assert {"name": "text_input", "datatype": "BYTES", "shape": ["1"]} in grpc_meta["inputs"]
 
