@@ -34,3 +34,15 @@ class Unavailable(ClientError):
     def __init__(self, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Conflict(ClientError):
+    """Another change to the served models is in progress (one at a time, across every worker)."""
+
+    status = 409
+
+
+class ChangeTimeout(ClientError):
+    """A change that not every worker confirmed in time (they apply it when they come back)."""
+
+    status = 504

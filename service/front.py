@@ -22,7 +22,7 @@ import json
 from collections.abc import Callable
 
 from service import metrics
-from service.repository import Repository
+from service.repository import Repository, request_scope
 
 ASGIApp = Callable  # (scope, receive, send) -> awaitable
 REST_PATHS = frozenset({"/classify", "/features", "/generate", "/models"})
@@ -78,8 +78,9 @@ class FrontDoor:
 
 
 async def counted(app: ASGIApp, route: str, scope: dict, receive: Callable, send: Callable) -> None:
-    """Run ``app`` and count its response by status (nnserve_http_responses_total): BentoML's HTTP metrics
-    no longer see these routes."""
+    """Run ``app`` in a request scope (the model versions it uses stay loaded until its answer, streams
+    included, is over) and count its response by status (nnserve_http_responses_total): BentoML's HTTP
+    metrics no longer see these routes."""
     status = None  # no response started yet
 
     async def send_and_note(message: dict) -> None:
@@ -89,7 +90,8 @@ async def counted(app: ASGIApp, route: str, scope: dict, receive: Callable, send
         await send(message)
 
     try:
-        await app(scope, receive, send_and_note)
+        with request_scope({k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}):
+            await app(scope, receive, send_and_note)
     except asyncio.CancelledError:
         # uvicorn cancels what still runs once the drain bound (NNSERVE_DRAIN_TIMEOUT_S) has passed after
         # SIGTERM. A request whose answer has not started gets a 503 it can retry on another replica

@@ -24,7 +24,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from models.kinds.base import RequestError
 from service import images, metrics
-from service.errors import ClientError, NotFound, PayloadTooLarge, Unavailable
+from service.errors import ClientError, PayloadTooLarge, Unavailable
 from service.generation import MAX_PROMPT_CHARS, Generation, GenerationRequest
 from service.runtime import ModelRuntime
 from service.settings import Settings
@@ -90,11 +90,9 @@ def server_metadata() -> dict:
 
 
 def get_model(repository: Repository, name: str, version: str = "") -> ModelRuntime:
-    """The served model ``name``; an empty version means the one being served. Raises NotFound."""
-    runtime = repository.get(name)
-    if version and version != runtime.version:
-        raise NotFound(f"model {name!r} has no version {version!r}; serving version {runtime.version!r}")
-    return runtime
+    """The served model ``name`` in ``version``; an empty version: as the model's routing picks (the newest,
+    or its traffic split). Raises NotFound, or Unavailable while it loads."""
+    return repository.get(name, version)
 
 
 def model_metadata(runtime: ModelRuntime) -> dict:
@@ -479,7 +477,7 @@ async def infer(repository: Repository, runtime: ModelRuntime, tensors: list[Req
     check_values(runtime, tensors)
     feeds = {t.name: t.array for t in tensors}
     try:
-        outputs = await repository.infer(runtime.name, feeds)
+        outputs = await repository.infer(runtime, feeds)
     except InvalidArgument as e:  # ONNX Runtime rejected the input: a client mistake the checks above missed
         raise ClientError(f"model {runtime.name!r} rejected the input: {e}") from e
     return {name: classify(runtime, name, outputs[name], classes[name]) if (classes or {}).get(name)
@@ -513,7 +511,7 @@ def start_generation(repository: Repository, runtime: ModelRuntime, prompt: byte
         raise Unavailable(f"model {runtime.name!r} is not ready yet", retry_after=1)
     job, names = generation_request(runtime, prompt, parameters)
     flush = repository.settings.stream_flush_ms / 1e3 if stream else None
-    return job, repository.generators[runtime.name].submit(job, flush, names)
+    return job, repository.generator(runtime).submit(job, flush, names)
 
 
 async def chunks(runtime: ModelRuntime, generation: Generation) -> AsyncIterator[tuple[str, str | None]]:

@@ -24,6 +24,7 @@ from tritonclient.grpc import service_pb2_grpc
 from service import kserve
 from service.errors import ClientError
 from service.kserve import RequestTensor
+from service.repository import request_scope
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -58,12 +59,18 @@ def rpc(method):
     @functools.wraps(method)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         try:
-            return await method(self, request, context)
+            with request_scope(metadata_of(context)):
+                return await method(self, request, context)
         except Exception as e:
             code, details = grpc_status(e), failure_message(e, method.__name__)
         await context.abort(code, details)  # raises; never returns
 
     return wrapper
+
+
+def metadata_of(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The call's metadata as request headers (lower-case keys; a sticky traffic split reads one)."""
+    return {key.lower(): value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
 
 
 def reject_shared_memory(parameters, where: str) -> None:
@@ -149,8 +156,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelReady(self, request, context):
-        runtime = kserve.get_model(self.repository, request.name, request.version)
-        return pb.ModelReadyResponse(ready=self.repository.is_ready(runtime.name))
+        """ready=false for a model (or version) that is not served, loading or unloaded, as Triton answers."""
+        try:
+            kserve.get_model(self.repository, request.name, request.version)
+        except ClientError:  # NotFound, Unavailable
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
 
     @rpc
     async def ServerMetadata(self, request, context):
@@ -165,9 +176,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]],
             outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["outputs"]])
 
-    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        runtime = kserve.get_model(self.repository, request.model_name, request.model_version)
-        tensors = decode_inputs(runtime, request, self.repository.settings)
+    async def infer(self, request: pb.ModelInferRequest, runtime=None, tensors=None) -> pb.ModelInferResponse:
+        if runtime is None:
+            runtime = kserve.get_model(self.repository, request.model_name, request.model_version)
+            tensors = decode_inputs(runtime, request, self.repository.settings)
         names, classes = requested_outputs(runtime, request, tensors)
         prompt = bool(tensors) and tensors[0].role == "prompt"
         outputs = await kserve.infer(self.repository, runtime, tensors, names, classes,
@@ -191,13 +203,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         Triton does. When the client closes the stream, every generation in it is closed at once (its batch
         slot freed)."""
         responses: asyncio.Queue = asyncio.Queue()
+        headers = metadata_of(context)
         done = object()
         tasks: set[asyncio.Task] = set()
 
         async def read_requests() -> None:
             try:
                 async for request in request_iterator:
-                    task = asyncio.create_task(self.stream_one(request, responses.put_nowait))
+                    task = asyncio.create_task(self.stream_one(request, responses.put_nowait, headers))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 while tasks:
@@ -215,30 +228,35 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
             await asyncio.gather(reader, *tasks, return_exceptions=True)
 
-    async def stream_one(self, request: pb.ModelInferRequest, send) -> None:
-        """One request of a stream: its responses (or its error) go to ``send``."""
+    async def stream_one(self, request: pb.ModelInferRequest, send, headers: dict[str, str]) -> None:
+        """One request of a stream: its responses (or its error) go to ``send``; the version it runs on stays
+        loaded until its last response (request_scope), not for the whole stream."""
         try:
-            runtime = kserve.get_model(self.repository, request.model_name, request.model_version)
-            tensors = decode_inputs(runtime, request, self.repository.settings)
-            if not (tensors and tensors[0].role == "prompt"):
-                send(pb.ModelStreamInferResponse(infer_response=await self.infer(request)))
-                return
-            kserve.select_outputs(runtime, [out.name for out in request.outputs], tensors)
-            parameters = request_parameters(request)
-            empty_final = parameters.get("triton_enable_empty_final_response") is True
-            _, generation = kserve.start_generation(self.repository, runtime, tensors[0].rows[0], parameters,
-                                                    stream=True)
-            async with contextlib.aclosing(kserve.chunks(runtime, generation)) as parts:
-                async for text, reason in parts:
-                    last = reason is not None
-                    if text or not (last and empty_final):
-                        send(pb.ModelStreamInferResponse(
-                            infer_response=text_response(runtime, request, text, last and not empty_final)))
-            if empty_final:  # Triton's empty final response: no outputs, only the flag
-                send(pb.ModelStreamInferResponse(infer_response=text_response(runtime, request, None, True)))
+            with request_scope(headers):
+                await self.stream_request(request, send)
         except Exception as e:
             send(pb.ModelStreamInferResponse(error_message=failure_message(e, "ModelStreamInfer"),
                                              infer_response=pb.ModelInferResponse(id=request.id)))
+
+    async def stream_request(self, request: pb.ModelInferRequest, send) -> None:
+        runtime = kserve.get_model(self.repository, request.model_name, request.model_version)
+        tensors = decode_inputs(runtime, request, self.repository.settings)
+        if not (tensors and tensors[0].role == "prompt"):
+            send(pb.ModelStreamInferResponse(infer_response=await self.infer(request, runtime, tensors)))
+            return
+        kserve.select_outputs(runtime, [out.name for out in request.outputs], tensors)
+        parameters = request_parameters(request)
+        empty_final = parameters.get("triton_enable_empty_final_response") is True
+        _, generation = kserve.start_generation(self.repository, runtime, tensors[0].rows[0], parameters,
+                                                stream=True)
+        async with contextlib.aclosing(kserve.chunks(runtime, generation)) as parts:
+            async for text, reason in parts:
+                last = reason is not None
+                if text or not (last and empty_final):
+                    send(pb.ModelStreamInferResponse(
+                        infer_response=text_response(runtime, request, text, last and not empty_final)))
+        if empty_final:  # Triton's empty final response: no outputs, only the flag
+            send(pb.ModelStreamInferResponse(infer_response=text_response(runtime, request, None, True)))
 
 
 def add_unimplemented_rpcs(servicer_class: type) -> None:

@@ -1,17 +1,34 @@
-"""Every served model in this worker process: its ONNX Runtime session, its dynamic batcher and (text
-models) its generation loop, plus its state: loading, ready, or failed with the reason.
+"""Every served model in this worker process, each in one or more versions: per version an ONNX Runtime
+session, its dynamic batcher and (text models) its generation loop; per model the routing of requests that
+name no version (the newest, or a weighted split, optionally sticky by a request header).
 
-Models load in a background thread when the service starts, so health endpoints answer at once; a
-model that cannot load is marked failed (its reason shown by ``GET /models`` and the KServe
-readiness routes) while the others serve. All front ends (REST, KServe v2 REST and gRPC) call
-``infer`` or the batchers here; the repository knows nothing of them.
+What is served comes from the live state (service/lifecycle.py): a background thread loads it at start
+(health endpoints answer at once) and then reconciles to every change of it: new versions load and warm up
+before any request reaches them, then the routing switches at once, then versions no longer served drain
+(requests and streams holding them finish) and are freed. A version that cannot load is reported failed
+with the reason while the others serve. All front ends (REST, KServe v2 REST and gRPC) call ``get`` and
+then ``run`` / ``infer`` / ``generator``; the repository knows nothing of them.
+
+Requests run inside ``request_scope`` (the front door and the gRPC servicer open it): every version a
+request got from ``get`` stays loaded until the request, its streamed body included, is over.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
+import ctypes
 import functools
+import gc
 import logging
+import os
+import random
 import threading
+import time
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,10 +37,14 @@ from service import images, metrics
 from service.batching import BatchingConfig, BatchStats, DynamicBatcher
 from service.errors import ClientError, NotFound, Unavailable
 from service.generation import ContinuousBatcher
+from service.lifecycle import LiveState, StateDir, with_versions
 from service.runtime import ModelRuntime, load_runtime, store_model
 from service.settings import ModelConfig, Settings
 
 log = logging.getLogger("nnserve.repository")
+
+POLL_S = 0.1  # how often a worker looks for a new live state (a stat call)
+QUIET_S = 0.1  # a retired version must be idle this long before it is freed (see Served.idle)
 
 
 def batching_config(model: ModelConfig) -> BatchingConfig:
@@ -33,94 +54,322 @@ def batching_config(model: ModelConfig) -> BatchingConfig:
                           queue_timeout_s=model.queue_timeout_ms / 1e3)
 
 
-class Repository:
-    """Serves exactly ``settings.models``, in their config order."""
+# -- request scope: which versions a request holds ------------------------------------------------------------
 
-    def __init__(self, settings: Settings) -> None:
+@dataclass
+class RequestScope:
+    headers: Mapping[str, str]  # lower-case names: the sticky header of a traffic split is read here
+    held: list[Served] = field(default_factory=list)
+
+
+_scope: contextvars.ContextVar[RequestScope | None] = contextvars.ContextVar("nnserve_request", default=None)
+
+
+@contextlib.contextmanager
+def request_scope(headers: Mapping[str, str] | None = None) -> Iterator[RequestScope]:
+    """Around one request: the versions it gets from ``Repository.get`` are released when it is over."""
+    scope = RequestScope(headers or {})
+    token = _scope.set(scope)
+    try:
+        yield scope
+    finally:
+        _scope.reset(token)
+        for served in scope.held:
+            served.leases -= 1
+
+
+@dataclass(eq=False)
+class Served:
+    """One version of a served model in this worker."""
+
+    config: ModelConfig
+    runtime: ModelRuntime
+    batcher: DynamicBatcher
+    generator: ContinuousBatcher | None
+    leases: int = 0  # requests holding it (request_scope); changed on the event loop only
+    retired: bool = False  # no longer routed to: freed once idle
+
+    def idle(self) -> bool:
+        busy = self.generator is not None and (self.generator.active or self.generator.waiting)
+        return self.leases == 0 and self.batcher.queued == 0 and not busy
+
+
+@dataclass
+class Route:
+    """How a served model's requests find a version: the named one, else the traffic split, else the newest."""
+
+    config: ModelConfig
+    versions: dict[str, Served]  # ready versions, oldest first
+
+    def pick(self, version: str, headers: Mapping[str, str]) -> Served:
+        if version:
+            if version not in self.versions:
+                raise NotFound(f"model {self.config.name!r} has no version {str(version)[:100]!r} being served; "
+                               f"serving: {', '.join(self.versions) or 'none'}")
+            return self.versions[version]
+        weights = [(v, w) for v, w in self.config.traffic if v in self.versions and w > 0]
+        if not weights:
+            return self.versions[next(reversed(self.versions))]
+        key = headers.get(self.config.sticky_header) if self.config.sticky_header else None
+        # Sticky: the same header value lands on the same version in every worker and replica (crc32 is
+        # stable across processes, unlike hash()).
+        point = (zlib.crc32(key.encode()) % 10_000) / 100 if key else random.random() * 100
+        total = sum(w for _, w in weights)  # < 100 while a weighted version is not ready: the rest share it
+        point *= total / 100
+        for v, w in weights:
+            point -= w
+            if point < 0:
+                return self.versions[v]
+        return self.versions[weights[-1][0]]
+
+
+class Repository:
+    """Serves the live state (``state``), or exactly ``settings.models`` when there is none (tests, tools)."""
+
+    def __init__(self, settings: Settings, state: StateDir | None = None, worker: int = 0) -> None:
         self.settings = settings
-        self.configs = {model.name: model for model in settings.models}
-        self._names = tuple(self.configs)
-        self.models: dict[str, ModelRuntime] = {}
-        self.batchers: dict[str, DynamicBatcher] = {}
-        self.generators: dict[str, ContinuousBatcher] = {}
-        self.failures: dict[str, str] = {}  # name -> why it could not load
+        self.state = state
+        self.worker = worker
+        self.desired = LiveState(0, settings.models)
+        self.routes: dict[str, Route] = {}  # replaced whole on each change: readers never see a half-made one
+        self.served: dict[tuple[str, str], Served] = {}  # every loaded version, retiring ones included
+        self.failures: dict[str, str] = {}  # name -> why it serves no version
+        self.version_failures: dict[tuple[str, str], str] = {}  # (name, version) -> why it could not load
         self.kinds: dict[str, str | None] = {}  # name -> kind from the store metadata: known even if loading fails
-        self.loaded = threading.Event()  # every model is ready or failed
+        self.loaded = threading.Event()  # the first state is served (or failed)
+        self._stop = threading.Event()
+        self._reconcile_lock = threading.Lock()
 
     def start_loading(self) -> threading.Thread:
-        thread = threading.Thread(target=self.load_all, name="model-loader", daemon=True)
+        thread = threading.Thread(target=self._serve_state, name="model-loader", daemon=True)
         thread.start()
         return thread
 
     def load_all(self) -> None:
-        for name in self._names:
-            metrics.set_model_ready(name, False)
-        for name in self._names:
-            try:
-                self._load(name)
-            except Exception as e:  # a broken model must not take the others down
-                self.failures[name] = f"{type(e).__name__}: {e}"
-                log.error("model %s failed to load and is not served: %s", name, self.failures[name])
-            metrics.set_model_ready(name, name in self.models)
+        """Serve ``settings.models`` (no live state), in this thread."""
+        self.reconcile(self.desired)
         self.loaded.set()
 
-    def _load(self, name: str) -> None:
-        config = self.configs[name]
-        # The kind first: an endpoint's default model must not change because the model failed to load.
-        self.kinds[name] = store_model(config.tag).info.metadata.get("kind")
-        runtime = load_runtime(name, config.tag, settings=self.settings)  # the store tag, served as `name`
-        generates = runtime.kind_module.generates
-        runtime.warmup(warmup_sizes(self.settings.generation_batch_size if generates else config.max_batch_size))
-        if "image" in runtime.roles:  # Pillow loads its decoders on first use: not on a client's request
-            images.preprocess_upload(images.blank_png(), runtime.metadata["preprocessing"])
-        self.batchers[name] = DynamicBatcher(name, runtime.run, runtime.batch_axis, batching_config(config),
-                                             on_batch=functools.partial(metrics.observe_batch, runtime, "dynamic"))
-        if generates:
-            self.generators[name] = ContinuousBatcher(
+    def _serve_state(self) -> None:
+        if self.state is None:
+            return self.load_all()
+        stamp = None
+        try:
+            self.state.initialize(self.settings.models)
+            stamp = self.state.stamp()
+            self.reconcile(self.state.read())
+        except Exception as e:  # e.g. an unwritable state dir: every model reports it (/readyz, GET /models)
+            log.exception("worker %s cannot serve the live state in %s", self.worker, self.state.path)
+            self.failures = {m.name: f"the live state in {self.state.path} cannot be used: {e}"
+                             for m in self.settings.models}
+        finally:
+            self.loaded.set()
+        while not self._stop.wait(POLL_S):
+            if self.state.stamp() == stamp:
+                continue
+            stamp = self.state.stamp()
+            try:
+                desired = self.state.read()
+            except Exception as e:  # a state this worker cannot read: keep serving, say why
+                log.error("worker %s cannot read the live state %s: %s", self.worker, self.state.state_file, e)
+                continue
+            self.reconcile(desired)
+
+    def reconcile(self, desired: LiveState) -> None:
+        """Serve ``desired``: load what is new, switch the routing, retire what is gone."""
+        with self._reconcile_lock:
+            routes, failures, resolved = {}, {}, []
+            for config in desired.models:
+                if config.name not in self.routes:
+                    metrics.set_model_ready(config.name, False)
+                if not config.versions and self.state is None:  # no live state: this worker resolves its own
+                    try:
+                        config = with_versions(config)
+                    except ClientError as e:
+                        failures[config.name] = str(e)
+                        self.kinds.setdefault(config.name, None)
+                resolved.append(config)
+                versions = config.versions
+                if config.name in failures:
+                    continue
+                if not versions:
+                    failures[config.name] = (f"model {config.store_name!r} is not in the model store (run `make export`"
+                                             f" or python -m export ...)")
+                    continue
+                ready = {}
+                for version in versions:
+                    served = self._version(config, version)
+                    if served is not None:
+                        ready[version] = served
+                if ready:
+                    routes[config.name] = Route(config, ready)
+                else:
+                    failures[config.name] = "; ".join(self.version_failures[(config.name, v)] for v in versions)
+            kept = {id(s) for route in routes.values() for s in route.versions.values()}
+            retiring = [s for s in self.served.values() if id(s) not in kept and not s.retired]
+            self.routes, self.failures = routes, failures
+            self.desired = LiveState(desired.generation, tuple(resolved))
+            for served in retiring:
+                served.retired = True
+            for config in desired.models:
+                metrics.set_model_ready(config.name, config.name in routes)
+            self._report()
+        if retiring:
+            threading.Thread(target=self._drain, args=(retiring,), name="drain", daemon=True).start()
+
+    def _version(self, config: ModelConfig, version: str) -> Served | None:
+        """The served version, loaded now if it is new or its batching changed; None if it cannot load."""
+        key = (config.name, version)
+        current = self.served.get(key)
+        if current is not None and not current.retired and current.config.to_entry() == config.to_entry():
+            current.config = config  # same settings; the traffic split lives in the Route
+            return current
+        try:
+            served = self._load(config, version, current.runtime if current and not current.retired else None)
+        except Exception as e:  # a broken version must not take the others down
+            self.version_failures[key] = f"{type(e).__name__}: {e}"
+            log.error("worker %s: model %s version %s failed to load and is not served: %s", self.worker,
+                      config.name, version, self.version_failures[key])
+            return None
+        self.version_failures.pop(key, None)
+        if current is not None:
+            current.retired = True
+            threading.Thread(target=self._drain, args=([current],), name="drain", daemon=True).start()
+        self.served[key] = served
+        return served
+
+    def _load(self, config: ModelConfig, version: str, runtime: ModelRuntime | None) -> Served:
+        """A version's session (or ``runtime``, when only its batching changed), warmed up, and its batchers."""
+        tag = f"{config.store_name}:{version}"
+        if runtime is None:
+            # The kind first: an endpoint's default model must not change because the model failed to load.
+            self.kinds[config.name] = store_model(tag).info.metadata.get("kind")
+            runtime = load_runtime(config.name, tag, settings=self.settings)  # the store tag, served as `name`
+            generates = runtime.kind_module.generates
+            runtime.warmup(warmup_sizes(self.settings.generation_batch_size if generates else config.max_batch_size))
+            if "image" in runtime.roles:  # Pillow loads its decoders on first use: not on a client's request
+                images.preprocess_upload(images.blank_png(), runtime.metadata["preprocessing"])
+        batcher = DynamicBatcher(f"{config.name}:{version}", runtime.run, runtime.batch_axis, batching_config(config),
+                                 on_batch=functools.partial(metrics.observe_batch, runtime, "dynamic"))
+        generator = None
+        if runtime.kind_module.generates:
+            generator = ContinuousBatcher(
                 runtime, self.settings.generation_batch_size,
                 on_step=functools.partial(metrics.observe_batch, runtime, "continuous"),
                 on_occupancy=functools.partial(metrics.set_generation_slots, runtime))
-        self.models[name] = runtime  # last: a model is ready once everything it needs exists
+        return Served(config, runtime, batcher, generator)
+
+    def _drain(self, retiring: list[Served]) -> None:
+        """Free retired versions once nothing uses them (NNSERVE_DRAIN_TIMEOUT_S at most): requests and streams
+        that got one before the switch finish on it."""
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        quiet_since: dict[int, float] = {}
+        pending = list(retiring)
+        while pending:
+            now = time.monotonic()
+            for served in list(pending):
+                # Idle for QUIET_S, not just now: a request that read the old routing an instant before the
+                # switch takes its lease a few microseconds later.
+                if served.idle():
+                    quiet_since.setdefault(id(served), now)
+                else:
+                    quiet_since.pop(id(served), None)
+                if now - quiet_since.get(id(served), now) >= QUIET_S or now > deadline:
+                    if now > deadline and not served.idle():
+                        log.warning("worker %s: %s still busy after %.0f s (NNSERVE_DRAIN_TIMEOUT_S): closed",
+                                    self.worker, served.runtime.tag, self.settings.drain_timeout_s)
+                    self._free(served)
+                    pending.remove(served)
+            time.sleep(0.02)
+        gc.collect()
+        _release_freed_memory()
+
+    def _free(self, served: Served) -> None:
+        served.batcher.close()
+        if served.generator is not None:
+            asyncio.run(served.generator.close())  # its own loop: no slot is left to wake on the server's
+        key = (served.config.name, served.runtime.version)
+        with self._reconcile_lock:
+            if self.served.get(key) is served:
+                del self.served[key]
+        self._report()
+        log.info("worker %s: freed %s", self.worker, served.runtime.tag)
+
+    def _report(self) -> None:
+        """Tell the live state what this worker serves (management API changes wait for every worker)."""
+        if self.state is None:
+            return
+        models: dict[str, dict] = {}
+        for config in self.desired.models:
+            route = self.routes.get(config.name)
+            status = models.setdefault(config.name, {})
+            for version in config.versions:
+                if route is not None and version in route.versions:
+                    status[version] = {"state": "READY", "reason": ""}
+                else:
+                    status[version] = {"state": "UNAVAILABLE", "reason": self.version_failures.get(
+                        (config.name, version), self.failures.get(config.name, "not loaded"))}
+        draining = sorted(f"{n}:{v}" for (n, v), s in self.served.items() if s.retired)
+        self.state.report(self.worker, {"pid": os.getpid(), "generation": self.desired.generation, "models": models,
+                                        "draining": draining})
 
     def close(self) -> None:
-        for batcher in self.batchers.values():
-            batcher.close()
+        self._stop.set()
+        for served in list(self.served.values()):
+            served.batcher.close()
+
+    async def close_generators(self) -> None:
+        for served in list(self.served.values()):
+            if served.generator is not None:
+                await served.generator.close()
 
     # -- what front ends ask ------------------------------------------------------------------------------
 
     def names(self) -> list[str]:
-        return list(self._names)
+        return [m.name for m in self.desired.models]
+
+    @property
+    def models(self) -> dict[str, ModelRuntime]:
+        """Each served model's newest ready version."""
+        return {name: route.versions[next(reversed(route.versions))].runtime for name, route in self.routes.items()}
 
     def is_ready(self, name: str) -> bool:
-        return name in self.models
+        return name in self.routes
 
     def all_ready(self) -> bool:
-        return all(name in self.models for name in self._names)
+        return all(name in self.routes for name in self.names())
 
     def not_ready_reason(self) -> str | None:
         """None once every model is ready, else which are not and why (for /readyz)."""
         reasons = [f"{n} failed to load: {self.failures[n]}" if n in self.failures else f"{n} is loading"
-                   for n in self._names if n not in self.models]
+                   for n in self.names() if n not in self.routes]
         return "; ".join(reasons) or None
 
-    def state(self, name: str) -> str:
-        return "ready" if name in self.models else "failed" if name in self.failures else "loading"
+    def state_of(self, name: str) -> str:
+        return "ready" if name in self.routes else "failed" if name in self.failures else "loading"
 
-    def get(self, name: str) -> ModelRuntime:
-        """The served model ``name``: NotFound if unknown, Unavailable while loading or if it failed."""
-        if name in self.models:
-            return self.models[name]
-        if name in self.failures:
-            raise Unavailable(f"model {name!r} failed to load: {self.failures[name]}")
-        if name in self._names:
-            raise Unavailable(f"model {name!r} is still loading", retry_after=1)
-        raise NotFound(f"unknown model {str(name)[:100]!r}; served models: {', '.join(self._names)}")
+    def get(self, name: str, version: str = "") -> ModelRuntime:
+        """The served model ``name`` in ``version`` (or as its routing picks): NotFound if unknown, Unavailable
+        while loading or if it failed. Inside a request_scope the version stays loaded until the request ends."""
+        route = self.routes.get(name)
+        if route is None:
+            if name in self.failures:
+                raise Unavailable(f"model {name!r} failed to load: {self.failures[name]}")
+            if name in self.names():
+                raise Unavailable(f"model {name!r} is still loading", retry_after=1)
+            raise NotFound(f"unknown model {str(name)[:100]!r}; served models: {', '.join(self.names()) or 'none'}")
+        scope = _scope.get()
+        served = route.pick(version, scope.headers if scope else {})
+        if scope is not None:
+            served.leases += 1
+            scope.held.append(served)
+        return served.runtime
 
-    def model_for(self, name: str, endpoint: str) -> ModelRuntime:
+    def model_for(self, name: str, endpoint: str, version: str = "") -> ModelRuntime:
         """The served model ``name`` if ``endpoint`` takes its kind (models/kinds: each kind lists its endpoints)."""
-        model = self.get(name)
+        model = self.get(name, version)
         if endpoint not in model.kind_module.endpoints:
-            fitting = [m.name for m in self.models.values() if endpoint in m.kind_module.endpoints]
+            fitting = [n for n, m in self.models.items() if endpoint in m.kind_module.endpoints]
             raise ClientError(f"model {name!r} is a {model.kind} model; {endpoint} serves "
                               f"{', '.join(fitting) or 'no model of this server'}")
         return model
@@ -129,38 +378,51 @@ class Repository:
         """The model ``endpoint`` uses when a request names none: the first in config order of a kind it
         serves (if that one failed to load, requests get its reason from ``get``, not another model)."""
         kinds = kinds_for(endpoint)
-        for name in self._names:
+        for name in self.names():
             if self.kinds.get(name) in kinds:
                 return name
             if name not in self.kinds and name not in self.failures:  # its kind is not known yet
                 raise Unavailable(f"{endpoint}: model {name!r} is still loading", retry_after=1)
-        served = ", ".join(f"{n} ({self.kinds.get(n) or 'kind unknown'})" for n in self._names)
+        served = ", ".join(f"{n} ({self.kinds.get(n) or 'kind unknown'})" for n in self.names())
         wanted = " or ".join(kinds) or "(none serves it)"
         raise NotFound(f"{endpoint} needs a model of kind {wanted} and none is served; served models: {served}")
 
     def describe(self) -> list[dict]:
-        return [self.models[n].describe() | {"state": "ready", "batching": self._batching_of(n)} if n in self.models
-                else {"name": n, "state": self.state(n), "reason": self.failures.get(n)} for n in self._names]
+        """GET /models: per model its newest ready version (what a request naming none gets without a traffic
+        split), every version with its state, and the split."""
+        out = []
+        for config in self.desired.models:
+            route = self.routes.get(config.name)
+            if route is None:
+                out.append({"name": config.name, "state": self.state_of(config.name),
+                            "reason": self.failures.get(config.name)})
+                continue
+            newest = route.versions[next(reversed(route.versions))]
+            versions = [{"version": v, "state": "ready" if v in route.versions else "failed",
+                         "reason": self.version_failures.get((config.name, v))} for v in config.versions]
+            out.append(newest.runtime.describe() | {
+                "state": "ready", "batching": _batching_of(newest.batcher), "versions": versions,
+                "traffic": {"weights": dict(config.traffic), "sticky_header": config.sticky_header or None}})
+        return out
 
-    def _batching_of(self, name: str) -> dict:
-        """The dynamic batcher's configuration, in the units of its settings (Triton shows its own per model)."""
-        c = self.batchers[name].config
-        return {"max_batch_size": c.max_batch_size, "max_queue_delay_ms": c.max_queue_delay_s * 1e3,
-                "preferred_batch_sizes": list(c.preferred_batch_sizes), "max_queue_size": c.max_queue_size,
-                "queue_timeout_ms": c.queue_timeout_s * 1e3}
+    def served_version(self, runtime: ModelRuntime) -> Served:
+        return self.served[(runtime.name, runtime.version)]
 
-    async def run(self, name: str, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], BatchStats]:
-        """Checked inputs through the model's dynamic batcher."""
-        return await self.batchers[name].infer(feeds)
+    def generator(self, runtime: ModelRuntime) -> ContinuousBatcher:
+        return self.served_version(runtime).generator
 
-    async def infer(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def run(self, runtime: ModelRuntime, feeds: dict[str, np.ndarray]
+                  ) -> tuple[dict[str, np.ndarray], BatchStats]:
+        """Checked inputs through the version's dynamic batcher."""
+        return await self.served_version(runtime).batcher.infer(feeds)
+
+    async def infer(self, runtime: ModelRuntime, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """KServe v2 (REST and gRPC): feeds already validated against the metadata; counted as endpoint v2."""
         request = metrics.RequestMetrics("v2")
         status = 500
         try:
-            model = self.get(name)
-            request.begin(model)
-            outputs, stats = await self.run(name, feeds)
+            request.begin(runtime)
+            outputs, stats = await self.run(runtime, feeds)
             request.observe("batch_wait", stats.queue_s)
             status = 200
             return outputs
@@ -169,6 +431,23 @@ class Repository:
             raise
         finally:
             request.finish(status)
+
+
+def _batching_of(batcher: DynamicBatcher) -> dict:
+    """The dynamic batcher's configuration, in the units of its settings (Triton shows its own per model)."""
+    c = batcher.config
+    return {"max_batch_size": c.max_batch_size, "max_queue_delay_ms": c.max_queue_delay_s * 1e3,
+            "preferred_batch_sizes": list(c.preferred_batch_sizes), "max_queue_size": c.max_queue_size,
+            "queue_timeout_ms": c.queue_timeout_s * 1e3}
+
+
+def _release_freed_memory() -> None:
+    """Give freed sessions' memory back to the OS: glibc keeps freed arenas otherwise, and a worker that
+    loads and unloads versions would keep the high-water mark of every load (measured: docs/service.md)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def warmup_sizes(max_batch: int) -> tuple[int, ...]:

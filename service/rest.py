@@ -81,7 +81,7 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
         """The form's ``model``, else the endpoint's default: the first configured model of a fitting kind."""
         repository = get_repository()
         name = text_field(parts, "model", "") if "model" in parts else repository.default_model(endpoint)
-        return repository.model_for(name, endpoint)
+        return repository.model_for(name, endpoint, text_field(parts, "version", ""))
 
     async def image_input(data: bytes, model, request: metrics.RequestMetrics) -> np.ndarray:
         """Upload bytes -> model input [1, C, H, W] (decoded once; large uploads in a worker thread)."""
@@ -96,7 +96,7 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
         return x[None]
 
     async def run_image(model, x: np.ndarray, request: metrics.RequestMetrics) -> tuple[dict, int]:
-        outputs, stats = await get_repository().run(model.name, {model.roles["image"]: x})
+        outputs, stats = await get_repository().run(model, {model.roles["image"]: x})
         request.observe("batch_wait", stats.queue_s)
         request.observe("inference", stats.inference_s)
         return outputs, stats.batch_size
@@ -104,7 +104,7 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
     async def classify(request: Request) -> Response:
         record = metrics.RequestMetrics("classify")
         try:
-            parts = await read_image_form(request, ("image", "model", "top_k"))
+            parts = await read_image_form(request, ("image", "model", "version", "top_k"))
             model = chosen_model(parts, "/classify")
             if "scores" not in model.roles:
                 raise ClientError(f"model {model.name!r} has no class scores (its card has no labels); use /features")
@@ -125,7 +125,7 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
     async def features(request: Request) -> Response:
         record = metrics.RequestMetrics("features")
         try:
-            parts = await read_image_form(request, ("image", "model", "normalize", "format"))
+            parts = await read_image_form(request, ("image", "model", "version", "normalize", "format"))
             model = chosen_model(parts, "/features")
             record.begin(model)
             normalize = bool_field(parts, "normalize", False)
@@ -165,7 +165,7 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
             model = repository.model_for(job.model, "/generate")
             record.begin(model)
             # Streams get a chunk per NNSERVE_STREAM_FLUSH_MS at most; a JSON answer is woken once, at the end.
-            chunks = repository.generators[model.name].submit(
+            chunks = repository.generator(model).submit(
                 job, repository.settings.stream_flush_ms / 1e3 if job.stream else None)
             stream_metrics = metrics.StreamMetrics(model).start()
             # Wait for the first characters before answering: a request that cannot start gets its error.

@@ -21,11 +21,13 @@ import socket
 import sys
 
 import bentoml
+from bentoml._internal.context import server_context
 
 from service import bentoml_fixes, drain, metrics, rest
 from service.front import FrontDoor
 from service.kserve_grpc import start_grpc_server
 from service.kserve_http import create_app as create_kserve_app
+from service.lifecycle import StateDir, default_state_dir
 from service.repository import Repository
 from service.settings import Settings
 
@@ -67,7 +69,10 @@ class NNServe:
 
     def __init__(self) -> None:
         log.info("nnserve settings:\n%s", SETTINGS.describe())
-        self.repository = Repository(SETTINGS)
+        state = StateDir(SETTINGS.state_dir or default_state_dir(), SETTINGS)
+        worker = server_context.worker_index or 1
+        log.info("worker %s serves the live state in %s", worker, state.path)
+        self.repository = Repository(SETTINGS, state, worker)
         self.repository.start_loading()  # in a thread; start() waits for it
         self.grpc_server = None
 
@@ -84,8 +89,7 @@ class NNServe:
     async def stop(self) -> None:
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=5)
-        for generator in self.repository.generators.values():
-            await generator.close()
+        await self.repository.close_generators()
         self.repository.close()
 
     def not_ready_reason(self) -> str | None:

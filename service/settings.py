@@ -53,6 +53,48 @@ class ModelConfig:
     preferred_batch_sizes: tuple[int, ...] = ()  # run at once when one of these sizes can be formed
     max_queue_size: int = 128  # requests waiting per worker; past it: 503 + Retry-After
     queue_timeout_ms: float = 1000.0  # a request waiting longer is answered 503 + Retry-After (0 = never)
+    # Versions (Triton's version_policy): ("latest", n) | ("all",) | ("specific", (v, ...)); () = the tag's own:
+    # a version in the tag serves exactly it, else the latest one of the tag's store name.
+    version_policy: tuple = ()
+    # The concrete store versions the policy chose, written into the live state (service/lifecycle.py) so that
+    # every worker serves the same ones whatever the store gains meanwhile; () = not resolved yet.
+    versions: tuple[str, ...] = ()
+    # Traffic split of requests that name no version (ours): ((version, percent), ...) summing to 100;
+    # () = every such request goes to the newest served version, as in Triton.
+    traffic: tuple[tuple[str, float], ...] = ()
+    sticky_header: str = ""  # a request header whose value keeps a client on one version of the split
+
+    @property
+    def store_name(self) -> str:
+        """The name in the BentoML store whose versions this model serves."""
+        return self.tag.split(":")[0]
+
+    @property
+    def policy(self) -> tuple:
+        """The effective version policy (the tag's own when none is set)."""
+        if self.version_policy:
+            return self.version_policy
+        version = self.tag.partition(":")[2]
+        return ("specific", (version,)) if version and version != "latest" else ("latest", 1)
+
+    def to_entry(self) -> dict:
+        """This config as a models config entry (Triton's names), every key explicit: what the live state holds."""
+        kind, *args = self.policy
+        policy = {"latest": lambda n: {"latest": {"num_versions": n}}, "all": lambda: {"all": {}},
+                  "specific": lambda versions: {"specific": {"versions": list(versions)}}}[kind](*args)
+        entry = {"tag": self.store_name, "max_batch_size": self.max_batch_size,
+                 "dynamic_batching": {"max_queue_delay_microseconds": round(self.max_queue_delay_ms * 1e3),
+                                      "preferred_batch_size": list(self.preferred_batch_sizes),
+                                      "default_queue_policy": {
+                                          "max_queue_size": self.max_queue_size,
+                                          "default_timeout_microseconds": round(self.queue_timeout_ms * 1e3)}},
+                 "version_policy": policy}
+        if self.traffic or self.sticky_header:
+            entry["traffic"] = {"weights": dict(self.traffic), **({"sticky_header": self.sticky_header}
+                                                                  if self.sticky_header else {})}
+        if self.versions:
+            entry["versions"] = list(self.versions)
+        return entry
 
     @property
     def env_prefix(self) -> str:
@@ -64,7 +106,9 @@ class ModelConfig:
         return (f"{self.name}: tag={self.tag!r} max_batch_size={self.max_batch_size} "
                 f"max_queue_delay_ms={self.max_queue_delay_ms} "
                 f"preferred_batch_sizes={list(self.preferred_batch_sizes)} max_queue_size={self.max_queue_size} "
-                f"queue_timeout_ms={self.queue_timeout_ms}")
+                f"queue_timeout_ms={self.queue_timeout_ms} version_policy={self.policy}"
+                + (f" traffic={dict(self.traffic)}" if self.traffic else "")
+                + (f" sticky_header={self.sticky_header!r}" if self.sticky_header else ""))
 
 
 @dataclass(frozen=True)
@@ -96,6 +140,10 @@ class Settings:
     # Network and logs
     grpc_port: int = 8001
     grpc_host: str = ""  # "" = the address the HTTP server listens on (bentoml serve --host)
+    # Live changes (service/lifecycle.py): where the live state is kept ("" = per server, in the system's temporary
+    # directory, so a restarted server starts from its models config), and how long a change waits for every worker
+    state_dir: str = ""
+    change_timeout_s: float = 120.0
     # Shutdown: on SIGTERM open requests and streams get this long to finish, then are cut (service/drain.py)
     drain_timeout_s: float = 60.0  # the longest stream (2000 characters) on a busy CPU; k8s grace period 90 s
     access_log: bool = False  # BentoML's per-request access log line (off: it costs ~20% throughput)
@@ -131,7 +179,7 @@ class Settings:
     def validate(self) -> None:
         positive = ("workers", "max_batch_size", "max_queue_size", "generation_batch_size", "max_upload_bytes",
                     "max_concurrent_requests", "max_image_pixels", "kserve_max_request_bytes", "max_request_items",
-                    "max_request_tokens", "drain_timeout_s")
+                    "max_request_tokens", "drain_timeout_s", "change_timeout_s")
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"NNSERVE_{name.upper()} must be >= 1, got {getattr(self, name)}")
@@ -197,6 +245,57 @@ def _parse(key: str, raw: str, kind: type):
 
 # -- the models config file ---------------------------------------------------------------------------------
 
+def _version_list(value: object, key_path: str, fail) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(valid_name(str(v)) for v in value):
+        fail(key_path, f"must be a non-empty list of store versions, got {_show(value)}")
+    versions = tuple(str(v) for v in value)  # YAML reads a version such as 2 as a number
+    if len(set(versions)) != len(versions):
+        fail(key_path, f"lists a version twice: {list(versions)}")
+    return versions
+
+
+def _read_version_policy(value: object, key_path: str, fail) -> dict:
+    """Triton's version_policy: exactly one of latest {num_versions}, all {}, specific {versions}."""
+    if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in ("latest", "all", "specific"):
+        fail(key_path, "must be one of {latest: {num_versions: N}}, {all: {}}, {specific: {versions: [...]}}, "
+                       f"got {_show(value)}")
+    kind, body = next(iter(value.items()))
+    body = {} if body is None else body
+    expected = {"latest": {"num_versions"}, "all": set(), "specific": {"versions"}}[kind]
+    if not isinstance(body, dict) or set(body) != expected:
+        fail(f"{key_path}.{kind}", f"must be a mapping with the keys {sorted(expected) or 'none'}, got {_show(body)}")
+    if kind == "latest":
+        n = body["num_versions"]
+        if not _is_int(n) or n < 1:
+            fail(f"{key_path}.latest.num_versions", f"must be an integer >= 1, got {_show(n)}")
+        return {"version_policy": (("latest", n), key_path)}
+    if kind == "all":
+        return {"version_policy": (("all",), key_path)}
+    return {"version_policy": (("specific", _version_list(body["versions"], f"{key_path}.specific.versions", fail)),
+                               key_path)}
+
+
+def read_traffic(value: object, key_path: str, fail) -> dict:
+    """``traffic: {weights: {version: percent, ...}, sticky_header: name}`` (ours): the percentages add up to 100."""
+    if not isinstance(value, dict) or not set(value) <= {"weights", "sticky_header"}:
+        fail(key_path, f"must be a mapping with 'weights' and optionally 'sticky_header', got {_show(value)}")
+    weights = value.get("weights")
+    if not isinstance(weights, dict) or not weights:
+        fail(f"{key_path}.weights", f"must be a mapping of version to percent, got {_show(weights)}")
+    for version, weight in weights.items():
+        if not valid_name(str(version)):
+            fail(f"{key_path}.weights", f"{_show(version)} is not a store version")
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight <= 100:
+            fail(f"{key_path}.weights.{version}", f"must be a percentage in [0, 100], got {_show(weight)}")
+    if abs(sum(weights.values()) - 100) > 1e-6:
+        fail(f"{key_path}.weights", f"must add up to 100, got {sum(weights.values())} ({_show(weights)})")
+    header = value.get("sticky_header", "")
+    if not isinstance(header, str) or (header and not re.fullmatch(r"[A-Za-z0-9-]{1,64}", header)):
+        fail(f"{key_path}.sticky_header", f"must be an HTTP header name, got {_show(header)}")
+    return {"traffic": (tuple((str(v), float(w)) for v, w in weights.items()), key_path),
+            "sticky_header": (header.lower(), f"{key_path}.sticky_header")}
+
+
 # What a model's entry may set: Triton's config.pbtxt names, nested as there. Leaf -> (ModelConfig field,
 # minimum, scale to the field's unit). Anything else is refused: a misspelt key must not be ignored.
 MODEL_KEYS = {
@@ -210,7 +309,12 @@ MODEL_KEYS = {
             "default_timeout_microseconds": ("queue_timeout_ms", 0, 1e-3),  # 0 = no timeout, as in Triton
         },
     },
+    "version_policy": _read_version_policy,
+    "traffic": read_traffic,
 }
+# The live state (service/lifecycle.py) also holds the versions the policy resolved to.
+LIVE_KEYS = MODEL_KEYS | {"versions": lambda value, key_path, fail: {
+    "versions": (_version_list(value, key_path, fail), key_path)}}
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -226,9 +330,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def read_models_file(path: str) -> dict[str, dict[str, tuple[object, str]]]:
+def read_models_file(path: str, live: bool = False) -> dict[str, dict[str, tuple[object, str]]]:
     """The models the file at ``path`` names, in file order: ``{name: {ModelConfig field: (value, key path)}}``
-    for the keys each entry sets. SettingsError (``<path>: <key path>: <problem>``) for anything unusable."""
+    for the keys each entry sets. SettingsError (``<path>: <key path>: <problem>``) for anything unusable.
+    ``live``: the live state nnserve writes (service/lifecycle.py), which may be empty and holds resolved
+    ``versions``."""
     try:
         with open(path, encoding="utf-8") as f:
             document = yaml.load(f, Loader=_UniqueKeyLoader)  # YAML; JSON is YAML too
@@ -236,28 +342,38 @@ def read_models_file(path: str) -> dict[str, dict[str, tuple[object, str]]]:
         raise SettingsError(f"{path}: cannot read the models config: {e.strerror or e}") from e
     except yaml.YAMLError as e:
         raise SettingsError(f"{path}: not valid YAML or JSON: {e}") from e
+    return read_models_document(document, path, live)
 
+
+def read_models_document(document: object, source: str, live: bool = False) -> dict[str, dict[str, tuple[object, str]]]:
+    """read_models_file for a parsed document; ``source`` names it in errors."""
     def fail(key_path: str, problem: str):
-        raise SettingsError(f"{path}: {key_path}: {problem}")
+        raise SettingsError(f"{source}: {key_path}: {problem}")
 
-    if not isinstance(document, dict) or set(document) != {"models"}:
+    top = {"models", "generation"} if live else {"models"}
+    if not isinstance(document, dict) or "models" not in document or set(document) - top:
         fail("(top level)", f"must be a mapping with the one key 'models', got {_show(document)}")
     entries = document["models"]
-    if not isinstance(entries, dict) or not entries:
+    if not isinstance(entries, dict) or not (entries or live):
         fail("models", f"must be a non-empty mapping of model name to its config, got {_show(entries)}")
     models: dict[str, dict[str, tuple[object, str]]] = {}
     env_names: dict[str, str] = {}
     for name, entry in entries.items():
         where = f"models.{name}"
-        if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > NAME_MAX_LENGTH:
+        if not valid_name(name):
             fail(where, f"a model name has at most {NAME_MAX_LENGTH} characters: lowercase letters, digits, "
                         "'-', '_', '.', starting and ending with a letter or digit (BentoML's tag rule)")
         prefix = ModelConfig(name, "").env_prefix
         if prefix in env_names:
             fail(where, f"its variables ({prefix}TAG, ...) would be those of model {env_names[prefix]!r}: rename one")
         env_names[prefix] = name
-        models[name] = _read_entry(entry, MODEL_KEYS, where, fail)
+        models[name] = _read_entry(entry, LIVE_KEYS if live else MODEL_KEYS, where, fail)
     return models
+
+
+def valid_name(name: object) -> bool:
+    """BentoML's rule for a tag's name or version, which served names and versions follow too."""
+    return isinstance(name, str) and len(name) <= NAME_MAX_LENGTH and bool(NAME_RE.match(name))
 
 
 def _read_entry(entry: object, schema: dict, where: str, fail) -> dict[str, tuple[object, str]]:
@@ -273,6 +389,9 @@ def _read_entry(entry: object, schema: dict, where: str, fail) -> dict[str, tupl
         key_path = f"{where}.{key}"
         if isinstance(schema[key], dict):
             values |= _read_entry(value, schema[key], key_path, fail)
+            continue
+        if callable(schema[key]):  # a key with its own shape (version_policy, traffic, versions)
+            values |= schema[key](value, key_path, fail)
             continue
         target, minimum, scale = schema[key]
         if target == "tag":
@@ -304,6 +423,20 @@ def _resolve_models(globals_: Settings, env: Mapping[str, str]) -> tuple[ModelCo
         path = ""
     else:
         entries = read_models_file(path)
+    models = resolve_entries(globals_, entries, path, env)
+    # A variable for a model that is not served does nothing: say so (a typo, or a model left out of the file).
+    prefixes = {m.env_prefix for m in models}
+    for key in env:
+        match = re.fullmatch(r"(NNSERVE_.+_)(TAG|MAX_QUEUE_DELAY_MS)", key)
+        if match and match[1] not in prefixes:
+            log.warning("%s is ignored: no served model has it (served: %s)", key, ", ".join(m.name for m in models))
+    return models
+
+
+def resolve_entries(globals_: Settings, entries: dict[str, dict[str, tuple[object, str]]], source: str,
+                    env: Mapping[str, str] | None = None) -> tuple[ModelConfig, ...]:
+    """ModelConfigs from entries read by read_models_file (from ``source``): the globals fill what an entry
+    leaves unset; ``env``'s NNSERVE_<NAME>_* (none for the live state, which is already resolved) win."""
     models = []
     for name, entry in entries.items():
         # Where each value comes from (a variable or a key path), for the checks that combine two of them.
@@ -311,23 +444,17 @@ def _resolve_models(globals_: Settings, env: Mapping[str, str]) -> tuple[ModelCo
         values["tag"] = (f"{name}:latest", "the default tag")
         values |= entry
         prefix = ModelConfig(name, "").env_prefix
-        if (key := prefix + "TAG") in env:
+        if env is not None and (key := prefix + "TAG") in env:
             values["tag"] = (env[key].strip(), key)
-        if (key := prefix + "MAX_QUEUE_DELAY_MS") in env:
+        if env is not None and (key := prefix + "MAX_QUEUE_DELAY_MS") in env:
             delay = _parse(key, env[key], float)
             if delay < 0:
                 raise SettingsError(f"{key} must be >= 0, got {delay}")
             values["max_queue_delay_ms"] = (delay, key)
         model = ModelConfig(name, **{f: value for f, (value, _) in values.items()})
         _check_combined(model, {f: source for f, (_, source) in values.items()},
-                        f"{path}: models.{name}" if path else f"model {name}")
+                        f"{source}: models.{name}" if source else f"model {name}")
         models.append(model)
-    # A variable for a model that is not served does nothing: say so (a typo, or a model left out of the file).
-    prefixes = {m.env_prefix for m in models}
-    for key in env:
-        match = re.fullmatch(r"(NNSERVE_.+_)(TAG|MAX_QUEUE_DELAY_MS)", key)
-        if match and match[1] not in prefixes:
-            log.warning("%s is ignored: no served model has it (served: %s)", key, ", ".join(m.name for m in models))
     return tuple(models)
 
 
@@ -337,6 +464,10 @@ def _check_combined(model: ModelConfig, source: dict[str, str], where: str) -> N
         raise SettingsError(f"{where}: preferred batch sizes {list(model.preferred_batch_sizes)} "
                             f"({source['preferred_batch_sizes']}) must be in [1, max_batch_size] = "
                             f"[1, {model.max_batch_size}] ({source['max_batch_size']})")
+    tag_version = model.tag.partition(":")[2]
+    if model.version_policy and tag_version and tag_version != "latest":
+        raise SettingsError(f"{where}: the tag {model.tag!r} ({source['tag']}) names a version and a version_policy "
+                            f"is set ({source['version_policy']}): give the store name alone in the tag")
     if 0 < model.queue_timeout_ms <= model.max_queue_delay_ms:
         raise SettingsError(f"{where}: the queue timeout, {model.queue_timeout_ms} ms ({source['queue_timeout_ms']}), "
                             f"must be larger than the max queue delay, {model.max_queue_delay_ms} ms "
