@@ -170,6 +170,12 @@ def summarize(outcomes: list[Outcome], killed_at: float) -> dict:
 def truncated_copy(source_tag: str, name: str) -> str:
     """Register a copy of the store model ``source_tag`` as ``name`` with its ONNX file cut to half its
     size (a failed copy or disk); returns the new tag. Uses the store of this process's BENTOML_HOME."""
+    return store_copy(source_tag, name, truncate=True)
+
+
+def store_copy(source_tag: str, name: str, truncate: bool = False) -> str:
+    """Register a copy of the store model ``source_tag`` as a new version of ``name`` (its ONNX file cut to
+    half its size with ``truncate``); returns the new tag."""
     import bentoml
 
     source = bentoml.models.get(source_tag)
@@ -178,8 +184,9 @@ def truncated_copy(source_tag: str, name: str) -> str:
         for path in Path(source.path).iterdir():
             if path.is_file() and path.name != "model.yaml":
                 shutil.copy2(path, model.path_of(path.name))
-        onnx = Path(model.path_of(metadata["onnx_file"]))
-        onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])
+        if truncate:
+            onnx = Path(model.path_of(metadata["onnx_file"]))
+            onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])
     return str(model.tag)
 
 

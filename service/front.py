@@ -56,7 +56,8 @@ class FrontDoor:
         else:
             return await self.bentoml_app(scope, receive, send)
         route = "v2" if app is self.kserve_app else path[1:]
-        if path in UNLIMITED or scope["method"] != "POST":
+        # Cheap reads, and the management API: an operator must be able to act on an overloaded server.
+        if path in UNLIMITED or scope["method"] != "POST" or path.startswith("/v2/repository/"):
             return await counted(app, route, scope, receive, send)
         if self.in_flight >= self.max_concurrent_requests:
             metrics.count_response(route, 503)

@@ -36,7 +36,8 @@ SERVER_NAME = "nnserve"
 PLATFORM = "onnxruntime_onnx"  # what Triton reports for ONNX models
 # Triton's names: the binary tensor extension, top-k classes as "score:index:label" strings, and the text
 # generate extension (REST /generate, /generate_stream; over gRPC, ModelStreamInfer streams the same).
-EXTENSIONS = ["binary_tensor_data", "classification", "generate"]
+EXTENSIONS = ["binary_tensor_data", "classification", "generate", "model_repository", "model_configuration",
+              "statistics"]
 BYTES = "BYTES"  # strings and encoded files: 4-byte little-endian length + bytes per element on the wire
 
 # KServe datatype -> (numpy dtype, gRPC InferTensorContents field). Hand-written rather than using

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc
 
-from service import kserve
+from service import kserve, management
 from service.errors import ClientError
 from service.kserve import RequestTensor
 from service.repository import request_scope
@@ -36,6 +37,7 @@ SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "
 
 
 GRPC_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+               409: grpc.StatusCode.ABORTED, 504: grpc.StatusCode.DEADLINE_EXCEEDED,
                413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
                503: grpc.StatusCode.UNAVAILABLE}
 
@@ -125,6 +127,15 @@ def parameter_value(parameter: pb.InferParameter) -> object:
     return None if field is None else getattr(parameter, field)
 
 
+def repository_parameters(parameters) -> dict:
+    """RepositoryModelLoad/Unload parameters (ModelRepositoryParameter: bool, int64, string or bytes)."""
+    out = {}
+    for key, value in parameters.items():
+        field = value.WhichOneof("parameter_choice")
+        out[key] = None if field is None else getattr(value, field)
+    return out
+
+
 def request_parameters(request: pb.ModelInferRequest) -> dict:
     return {key: parameter_value(value) for key, value in request.parameters.items()}
 
@@ -175,6 +186,37 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             name=meta["name"], versions=meta["versions"], platform=meta["platform"],
             inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]],
             outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["outputs"]])
+
+    # -- management: Triton's model-repository extension, configuration and statistics ------------------------
+
+    @rpc
+    async def RepositoryIndex(self, request, context):
+        entries = await asyncio.to_thread(management.index, self.repository, request.ready)
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**e) for e in entries])
+
+    @rpc
+    async def RepositoryModelLoad(self, request, context):
+        await asyncio.to_thread(management.load, self.repository, request.model_name,
+                                repository_parameters(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc
+    async def RepositoryModelUnload(self, request, context):
+        await asyncio.to_thread(management.unload, self.repository, request.model_name,
+                                repository_parameters(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
+
+    @rpc
+    async def ModelConfig(self, request, context):
+        config = management.model_config(self.repository, request.name, request.version)
+        if "specific" in config["version_policy"]:  # the proto's versions are int64, store versions are strings:
+            del config["version_policy"]  # the served ones are in parameters.served_versions
+        return pb.ModelConfigResponse(config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
+
+    @rpc
+    async def ModelStatistics(self, request, context):
+        stats = await asyncio.to_thread(management.model_statistics, self.repository, request.name, request.version)
+        return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
 
     async def infer(self, request: pb.ModelInferRequest, runtime=None, tensors=None) -> pb.ModelInferResponse:
         if runtime is None:

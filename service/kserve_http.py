@@ -11,6 +11,7 @@ generate extension (``/generate``, ``/generate_stream`` as Server-Sent Events). 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import zlib
@@ -25,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from service import kserve
+from service import kserve, management
 from service.errors import ClientError, PayloadTooLarge
 from service.kserve import RequestTensor
 from service.settings import Settings
@@ -348,6 +349,54 @@ def create_app(get_repository: Callable[[], Repository], prefix: str = "",
         body = await read_body(request, max_request_bytes)
         return repo, runtime, generate_body(body)
 
+    # -- management: Triton's model-repository extension (+ our traffic split), configuration, statistics ----
+
+    async def management_body(request: Request) -> dict:
+        body = await read_body(request, 1 << 20)
+        try:
+            parsed = json.loads(body) if body.strip() else {}
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ClientError(f"the body must be a JSON object ({type(e).__name__}: {str(e)[:200]})") from e
+        if not isinstance(parsed, dict):
+            raise ClientError("the body must be a JSON object")
+        return parsed
+
+    def parameters(body: dict) -> dict:
+        params = body.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ClientError("'parameters' must be a JSON object")
+        return params
+
+    async def repository_index(request: Request) -> Response:
+        ready = (await management_body(request)).get("ready", False)
+        if not isinstance(ready, bool):
+            raise ClientError("'ready' must be true or false")
+        return JSONResponse(await asyncio.to_thread(management.index, get_repository(), ready))
+
+    async def repository_load(request: Request) -> Response:
+        params = parameters(await management_body(request))
+        return JSONResponse(await asyncio.to_thread(management.load, get_repository(),
+                                                    request.path_params["name"], params))
+
+    async def repository_unload(request: Request) -> Response:
+        params = parameters(await management_body(request))
+        return JSONResponse(await asyncio.to_thread(management.unload, get_repository(),
+                                                    request.path_params["name"], params))
+
+    async def repository_traffic(request: Request) -> Response:
+        body = await management_body(request)
+        return JSONResponse(await asyncio.to_thread(management.set_traffic, get_repository(),
+                                                    request.path_params["name"], body))
+
+    async def model_config(request: Request) -> Response:
+        p = request.path_params
+        return JSONResponse(management.model_config(get_repository(), p["name"], p.get("version", "")))
+
+    async def model_stats(request: Request) -> Response:
+        p = request.path_params
+        return JSONResponse(await asyncio.to_thread(management.model_statistics, get_repository(),
+                                                    p.get("name", ""), p.get("version", "")))
+
     async def expected_failure(request: Request, exc: Exception) -> Response:
         status = kserve.http_status(exc)
         if status >= 500 and status != 503:
@@ -365,11 +414,19 @@ def create_app(get_repository: Callable[[], Repository], prefix: str = "",
 
     model = prefix + "/models/{name}"
     versioned = model + "/versions/{version}"
+    repo_model = prefix + "/repository/models/{name}"
     routes = [Route(prefix or "/", server_metadata, methods=["GET"]),
               Route(prefix + "/health/live", live, methods=["GET"]),
-              Route(prefix + "/health/ready", ready, methods=["GET"])]
+              Route(prefix + "/health/ready", ready, methods=["GET"]),
+              Route(prefix + "/repository/index", repository_index, methods=["POST"]),
+              Route(repo_model + "/load", repository_load, methods=["POST"]),
+              Route(repo_model + "/unload", repository_unload, methods=["POST"]),
+              Route(repo_model + "/traffic", repository_traffic, methods=["POST"]),
+              Route(prefix + "/models/stats", model_stats, methods=["GET"])]
     for base in (model, versioned):
         routes += [Route(base, model_metadata, methods=["GET"]),
+                   Route(base + "/config", model_config, methods=["GET"]),
+                   Route(base + "/stats", model_stats, methods=["GET"]),
                    Route(base + "/ready", model_ready, methods=["GET"]),
                    Route(base + "/infer", model_infer, methods=["POST"]),
                    Route(base + "/generate", generate, methods=["POST"]),

@@ -1,0 +1,305 @@
+"""The management API's operations, shared by KServe v2 REST and gRPC: Triton's model-repository extension
+(index, load, unload), our traffic split, and Triton's model configuration and statistics.
+
+A change edits the live state (service/lifecycle.py) under its lock, then waits until every worker serves
+it; if any worker cannot, the previous state is written back and the answer says which worker failed and
+why. Models load from the BentoML model store by name and version only: a request never names a path,
+a URL or files. The token check is the front door's (service/auth.py), not this module's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+
+from service.errors import ClientError, NotFound
+from service.lifecycle import LiveState, load_failures, store_index, with_versions
+from service.repository import Repository
+from service.settings import ModelConfig, SettingsError, read_models_document, read_traffic, resolve_entries, valid_name
+
+TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
+
+
+# -- index ----------------------------------------------------------------------------------------------------
+
+def index(repository: Repository, ready_only: bool = False) -> list[dict]:
+    """Triton's repository index: every served model's versions with their state in this worker, then every
+    other store version (state "UNAVAILABLE", reason "not loaded" or why it failed to load)."""
+    entries = []
+    for model in repository.desired.models:
+        route = repository.routes.get(model.name)
+        for version in model.versions or ("",):
+            if route is not None and version in route.versions:
+                entries.append({"name": model.name, "version": version, "state": "READY", "reason": ""})
+            else:
+                reason = repository.version_failures.get((model.name, version)) or repository.failures.get(model.name)
+                entries.append({"name": model.name, "version": version, "state": "UNAVAILABLE" if reason else "LOADING",
+                                "reason": reason or ""})
+    listed = {(e["name"], e["version"]) for e in entries}
+    for name, versions in store_index().items():
+        entries += [{"name": name, "version": v, "state": "UNAVAILABLE",
+                     "reason": repository.version_failures.get((name, v), "not loaded")}
+                    for v in versions if (name, v) not in listed]
+    return [e for e in entries if e["state"] == "READY"] if ready_only else entries
+
+
+# -- changes --------------------------------------------------------------------------------------------------
+
+def load(repository: Repository, name: str, parameters: dict) -> dict:
+    """Load (or reload) ``name``: a served model re-applies its version policy (new store versions join), a
+    store model not served starts being served under its own name. ``parameters``: ``config`` (a JSON
+    string: a models config entry, Triton's names, merged over the current one) and ``version`` (ours: serve
+    that store version too)."""
+    check_name(name)
+    unknown = sorted(set(parameters) - {"config", "version"})
+    if any(k.startswith("file:") for k in unknown):
+        raise ClientError("load parameters name files: nnserve loads models from its model store only (by name "
+                          "and version); export the model into the store first (python -m export ...)")
+    if unknown:
+        raise ClientError(f"unknown load parameter(s) {unknown}; expected 'config' (JSON) and/or 'version'")
+
+    def edit(state: LiveState) -> list[ModelConfig]:
+        models = list(state.models)
+        current = state.model(name)
+        entry = current.to_entry() if current is not None else {}
+        entry.pop("versions", None)  # resolved again below
+        if "config" in parameters:
+            entry = merge(entry, parse_config(parameters["config"]))
+        config = entry_config(repository, name, entry)
+        if "version" in parameters:
+            version = parameters["version"]
+            if not isinstance(version, str) or not valid_name(version):
+                raise ClientError(f"parameter 'version' must be a store version, got {str(version)[:100]!r}")
+            kept = current.versions if current is not None else ()
+            config = replace(config, version_policy=("specific", (*kept, version) if version not in kept else kept))
+        try:
+            config = with_versions(config)
+        except NotFound as e:
+            raise NotFound(f"cannot load model {name!r}: {e}") from e
+        if current is None:
+            models.append(config)
+        else:
+            models[models.index(current)] = config
+        return models
+
+    return change(repository, f"load {name}", edit, changed=name)
+
+
+def unload(repository: Repository, name: str, parameters: dict) -> dict:
+    """Stop serving ``name`` (or only its ``version``): requests and streams already on it finish first."""
+    check_name(name)
+    unknown = sorted(set(parameters) - {"version", "unload_dependents"})
+    if unknown:
+        raise ClientError(f"unknown unload parameter(s) {unknown}; expected 'version' (and Triton's "
+                          "'unload_dependents', which has no meaning here)")
+
+    def edit(state: LiveState) -> list[ModelConfig]:
+        current = served_config(state, name)
+        version = parameters.get("version")
+        if not version:
+            return [m for m in state.models if m.name != name]
+        if version not in current.versions:
+            raise NotFound(f"model {name!r} does not serve version {str(version)[:100]!r}; it serves "
+                           f"{', '.join(current.versions)}")
+        if dict(current.traffic).get(version):
+            raise ClientError(f"version {version!r} of model {name!r} gets {dict(current.traffic)[version]:g}% of its "
+                              "traffic: move the traffic first (POST .../traffic)")
+        kept = tuple(v for v in current.versions if v != version)
+        if not kept:
+            return [m for m in state.models if m.name != name]
+        config = replace(current, version_policy=("specific", kept), versions=kept,
+                         traffic=tuple((v, w) for v, w in current.traffic if v != version))
+        return [config if m.name == name else m for m in state.models]
+
+    return change(repository, f"unload {name}", edit, changed=name)
+
+
+def set_traffic(repository: Repository, name: str, body: dict) -> dict:
+    """Split ``name``'s requests that name no version: ``{"weights": {version: percent}, "sticky_header": h}``
+    (percentages adding up to 100), or ``{"default_version": v}`` (all of them to ``v``)."""
+    check_name(name)
+    if not isinstance(body, dict) or not body or not (set(body) <= {"weights", "sticky_header"}
+                                                      or set(body) == {"default_version"}):
+        raise ClientError("the body must be {\"default_version\": V} or {\"weights\": {V: percent, ...}, "
+                          "\"sticky_header\": name}")
+    if "default_version" in body:
+        body = {"weights": {str(body["default_version"]): 100}}
+
+    def fail(key_path: str, problem: str):
+        raise ClientError(f"{key_path}: {problem}")
+
+    values = read_traffic(body, "traffic", fail)
+
+    def edit(state: LiveState) -> list[ModelConfig]:
+        current = served_config(state, name)
+        traffic = values["traffic"][0]
+        unknown = [v for v, _ in traffic if v not in current.versions]
+        if unknown:
+            raise NotFound(f"model {name!r} does not serve version {', '.join(map(repr, unknown))}; it serves "
+                           f"{', '.join(current.versions)} (load a version first)")
+        config = replace(current, traffic=traffic, sticky_header=values["sticky_header"][0])
+        return [config if m.name == name else m for m in state.models]
+
+    return change(repository, f"traffic {name}", edit, changed=name)
+
+
+def change(repository: Repository, what: str, edit, changed: str) -> dict:
+    """Apply ``edit`` (current LiveState -> its models) as the next generation and wait for every worker; roll
+    back if any cannot serve the changed model. Blocking: call it from a thread."""
+    state_dir = repository.state
+    if state_dir is None:
+        raise ClientError("this server has no live state: its models are fixed")
+    timeout = repository.settings.change_timeout_s
+    with state_dir.change_lock():
+        current = state_dir.read()
+        new = LiveState(current.generation + 1, tuple(edit(current)))
+        start = time.monotonic()
+        state_dir.write(new)
+        reports = state_dir.wait_for(new.generation, timeout)
+        failures = load_failures(reports, LiveState(new.generation, tuple(m for m in new.models if m.name == changed)))
+        if failures:
+            state_dir.write(LiveState(new.generation + 1, current.models))
+            state_dir.wait_for(new.generation + 1, timeout)
+            raise ClientError(f"{what} failed and was rolled back (the previous state serves): {'; '.join(failures)}")
+        seconds = time.monotonic() - start
+    model = new.model(changed)
+    return {"generation": new.generation, "seconds": round(seconds, 3), "workers": len(reports),
+            "model": changed, "versions": list(model.versions) if model else [],
+            "traffic": dict(model.traffic) if model else {}}
+
+
+def served_config(state: LiveState, name: str) -> ModelConfig:
+    current = state.model(name)
+    if current is None:
+        raise NotFound(f"model {name!r} is not served; served: {', '.join(m.name for m in state.models) or 'none'}")
+    return current
+
+
+def check_name(name: str) -> None:
+    if not valid_name(name):
+        raise ClientError(f"{str(name)[:100]!r} is not a model name (lowercase letters, digits, '-', '_', '.')")
+
+
+def parse_config(raw: object) -> dict:
+    """Triton's load ``config`` parameter: a JSON string (a mapping is taken as is)."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError as e:
+            raise ClientError(f"parameter 'config' is not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ClientError("parameter 'config' must be a JSON object: a models config entry (docs/service.md)")
+    return raw
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            and key != "version_policy" else value
+    if "version_policy" in override and ":" in str(out.get("tag", "")):
+        out["tag"] = str(out["tag"]).split(":")[0]
+    return out
+
+
+def entry_config(repository: Repository, name: str, entry: dict) -> ModelConfig:
+    """A models config entry (as the file takes it) -> ModelConfig, the globals filling what it leaves unset."""
+    try:
+        entries = read_models_document({"models": {name: entry}}, "config")
+        return resolve_entries(repository.settings, entries, "config")[0]
+    except SettingsError as e:
+        raise ClientError(str(e)) from e
+
+
+# -- Triton's model configuration and statistics ---------------------------------------------------------------
+
+def model_config(repository: Repository, name: str, version: str = "") -> dict:
+    """Triton's model configuration (config.pbtxt as JSON) of a served model."""
+    runtime = repository.get(name, version)
+    config = repository.served_version(runtime).config
+    batch_first = all(runtime.batch_axis(t.name) == 0 for t in [*runtime.inputs, *runtime.outputs])
+
+    def tensors(specs):
+        return [{"name": t.name, "data_type": TRITON_TYPES.get(t.dtype, "TYPE_INVALID"),
+                 "dims": list(t.shape[1:] if batch_first else t.shape)} for t in specs]
+
+    policy = config.to_entry()["version_policy"]
+    return {
+        "name": name, "platform": "onnxruntime_onnx", "backend": "onnxruntime", "version_policy": policy,
+        # Triton's max_batch_size 0 means "no batch axis first": text models carry their state batch-second.
+        "max_batch_size": config.max_batch_size if batch_first else 0,
+        "input": tensors(runtime.inputs), "output": tensors(runtime.outputs),
+        "dynamic_batching": {
+            "max_queue_delay_microseconds": round(config.max_queue_delay_ms * 1e3),
+            "preferred_batch_size": list(config.preferred_batch_sizes),
+            "default_queue_policy": {"max_queue_size": config.max_queue_size, "timeout_action": "REJECT",
+                                     "default_timeout_microseconds": round(config.queue_timeout_ms * 1e3)}},
+        "instance_group": [{"name": f"{name}_0", "kind": "KIND_CPU" if runtime.provider == "CPUExecutionProvider"
+                            else "KIND_GPU", "count": repository.settings.workers}],
+        "parameters": {"store_tag": {"string_value": runtime.store_tag or runtime.tag},
+                       "served_versions": {"string_value": ",".join(config.versions)},
+                       "execution_provider": {"string_value": runtime.provider}},
+    }
+
+
+def model_statistics(repository: Repository, name: str = "", version: str = "") -> dict:
+    """Triton's statistics per served version, summed over every worker from the Prometheus metrics
+    (docs/metrics.md): success / fail = requests by outcome with their time; queue = time in the dynamic
+    batcher's queue; compute_input = image decode and preprocessing; compute_infer = ONNX Runtime calls;
+    inference_count = items run, execution_count = ONNX Runtime calls. compute_output is not measured
+    apart (0)."""
+    if name:
+        repository.get(name, version)  # NotFound / Unavailable as for inference
+    samples = _metric_samples()
+    stats = []
+    for model in repository.desired.models:
+        if name and model.name != name:
+            continue
+        for v in model.versions:
+            if version and v != version:
+                continue
+            get = _summer(samples, model.name, v)
+            stats.append({
+                "name": model.name, "version": v, "last_inference": 0,
+                "inference_count": int(get("nnserve_batch_size_sum")),
+                "execution_count": int(get("nnserve_batch_size_count")),
+                "inference_stats": {
+                    "success": _duration(get("nnserve_requests_total", outcome="ok"),
+                                         get("nnserve_request_duration_seconds_sum")),
+                    "fail": _duration(get("nnserve_requests_total") - get("nnserve_requests_total", outcome="ok"), 0),
+                    "queue": _duration(get("nnserve_batch_wait_duration_seconds_count"),
+                                       get("nnserve_batch_wait_duration_seconds_sum")),
+                    "compute_input": _duration(get("nnserve_preprocess_duration_seconds_count"),
+                                               get("nnserve_preprocess_duration_seconds_sum")),
+                    "compute_infer": _duration(get("nnserve_inference_duration_seconds_count"),
+                                               get("nnserve_inference_duration_seconds_sum")),
+                    "compute_output": _duration(0, 0), "cache_hit": _duration(0, 0), "cache_miss": _duration(0, 0)},
+                "batch_stats": []})
+    return {"model_stats": stats}
+
+
+def _duration(count: float, seconds: float) -> dict:
+    return {"count": int(count), "ns": int(seconds * 1e9)}
+
+
+def _metric_samples() -> list:
+    """Every sample of every worker's metrics (the multiprocess files /metrics merges too)."""
+    import os
+
+    from prometheus_client import REGISTRY, CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    return [s for family in registry.collect() for s in family.samples]
+
+
+def _summer(samples: list, model: str, version: str):
+    def get(metric: str, **labels) -> float:
+        return sum(s.value for s in samples if s.name == metric and s.labels.get("model") == model
+                   and s.labels.get("version") == version and all(s.labels.get(k) == v for k, v in labels.items()))
+    return get
