@@ -170,10 +170,14 @@ class Lock:
                      Path(settings.inference_token_file).expanduser())
         return cls(management, inference)
 
+    def free(self, scope: str) -> bool:
+        """Whether endpoints of ``scope`` need no token on this server."""
+        return scope == OPEN or (scope == INFERENCE and not self.inference_locked)
+
     def check(self, scope: str, authorization: list[bytes]) -> Denied | None:
         """None if a request to an endpoint of ``scope`` with these Authorization header values (or gRPC
         ``authorization`` metadata values) may pass, else why not."""
-        if scope == OPEN or (scope == INFERENCE and not self.inference_locked):
+        if self.free(scope):
             return None
         accepted = self._management if scope == MANAGEMENT else self._inference
         what = "the management API" if scope == MANAGEMENT else "this endpoint"
@@ -195,7 +199,10 @@ class Lock:
 
     def check_rest(self, path: str, headers: list[tuple[bytes, bytes]]) -> Denied | None:
         """``check`` for an ASGI request: its path and its (lower-case) header list."""
-        return self.check(rest_scope(path), [value for name, value in headers if name == b"authorization"])
+        scope = rest_scope(path)
+        if self.free(scope):  # the hot path without an inference token: no header scan
+            return None
+        return self.check(scope, [value for name, value in headers if name == b"authorization"])
 
     def check_grpc(self, method: str, metadata: tuple | None) -> Denied | None:
         """``check`` for a gRPC call: its full method name and its invocation metadata."""
