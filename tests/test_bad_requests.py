@@ -341,7 +341,11 @@ CASES: list[Case] = [
     C("v2-unknown-version", "POST", "/v2/models/lenet5/versions/0000/infer", v2(fp32()), JSON, 404,
       "no version '0000'"),
     C("v2-get-infer", "GET", "/v2/models/lenet5/infer", status=405, message="GET is not allowed"),
-    C("v2-unknown-route", "GET", "/v2/repository/index", status=404, message="no KServe v2 route"),
+    C("v2-unknown-route", "GET", "/v2/no/such/route", status=404, message="no KServe v2 route"),
+    # The management API with no NNSERVE_MANAGEMENT_TOKEN_FILE (the session's server): off, saying how to turn it on
+    C("v2-repository-api-off", "POST", "/v2/repository/index", status=403, message="NNSERVE_MANAGEMENT_TOKEN_FILE"),
+    C("v2-repository-load-off", "POST", "/v2/repository/models/lenet5/load",
+      headers={"Authorization": "Bearer " + "x" * 20}, status=403, message="the management API is off"),
     C("unknown-route", "GET", "/v3/models", status=404, message="Not Found"),
     # KServe v2 REST: JSON shape
     C("v2-malformed-json", "POST", "/v2/models/lenet5/infer", b'{"inputs": [', JSON, 400, "not valid JSON"),
@@ -575,6 +579,8 @@ CASES: list[Case] = [
     C("grpc-unknown-version", "GRPC", "ModelInfer", grpc_request("lenet5", [LENET_RAW], [IMAGE_RAW], version="0000"),
       status="NOT_FOUND", message="no version '0000'"),
     C("grpc-no-inputs", "GRPC", "ModelInfer", grpc_request("lenet5"), status="INVALID_ARGUMENT", message="no inputs"),
+    C("grpc-repository-api-off", "GRPC", "RepositoryIndex", pb.RepositoryIndexRequest(), status="PERMISSION_DENIED",
+      message="NNSERVE_MANAGEMENT_TOKEN_FILE"),
     C("grpc-wrong-datatype", "GRPC", "ModelInfer",
       grpc_request("lenet5", [("input", "FP64", [1, 1, 32, 32], None, None)], [bytes(8192)]),
       status="INVALID_ARGUMENT", message="datatype 'FP64'"),

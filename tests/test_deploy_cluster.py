@@ -1,7 +1,8 @@
 """Scale-out with real servers behind a real HAProxy (deploy/cluster.py): a replica SIGKILLed under load
 costs no request (the balancer retries on another replica), a replica drained and SIGTERMed finishes its
 streams, a restarted one takes traffic again, and a rolling update moves lenet5 from version A to B with
-no failed request. Short runs (seconds of load); ``make cluster`` is the long version with the numbers."""
+no failed request (a 503 or a cut stream is a failure). Short runs (seconds of load); ``make cluster`` is
+the long version with the numbers."""
 
 from __future__ import annotations
 
@@ -77,3 +78,18 @@ def test_kill_drain_restart_and_roll_behind_haproxy(env, tiny_store, version_b, 
         assert rolled["versions"] == sorted([a, b]), rolled
         assert c.status()["r1"].startswith(("DOWN", "MAINT", "DRAIN")) and c.status()["r3"].startswith("UP")
         print(json.dumps({"kill": killed, "drain": drained, "roll": rolled}, indent=1))
+
+
+def test_a_503_or_a_cut_stream_counts_as_a_failure():
+    """The rule the rollout and drain numbers are judged by: only a 2xx answer with the whole stream is ok.
+    A 503 (shed under load, or a replica shutting down) is a request the client did not get served."""
+    ok = dc.Result("classify", 0.0, 0.1, 200, "r1", "lenet5:a")
+    shed = dc.Result("classify", 0.1, 0.1, 503, "r2", error="server busy")
+    cut = dc.Result("stream", 0.2, 0.5, 200, "r1", complete=False)
+    no_answer = dc.Result("classify", 0.3, 0.1, None, error="ConnectionError")
+    created = dc.Result("classify", 0.4, 0.1, 201, "r1")
+    report = dc.summary([ok, shed, cut, no_answer, created, dc.Result("classify", 0.5, 0.1, 404)])
+    assert (report["ok"], report["failed"]) == (2, 4), report
+    assert report["failed_non_2xx"] == {"404": 1, "503": 1} and report["failed_no_answer_or_cut"] == 2, report
+    assert "shed_503" not in report
+    assert dc.summary([ok, shed])["failed"] == 1

@@ -47,6 +47,24 @@ def test_the_targets_hold_what_the_issue_asks_for(rendered):
     assert all(o["metadata"]["namespace"] == "nnserve" for o in rendered["overlays/cpu"])
 
 
+def test_every_pod_reads_the_management_token_from_one_secret(rendered):
+    """One Secret for every replica (a token each pod generated would differ), mounted 0440 for the non-root
+    server through fsGroup: what service/auth.py accepts (a root-owned, group-readable file)."""
+    isvc = _one(rendered["kserve"], "InferenceService")["spec"]["predictor"]
+    pods = [_pod(_one(rendered[t], "Deployment")) for t in ("overlays/cpu", "overlays/gpu")] + [isvc]
+    for pod in pods:
+        container = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "management-token"]
+        assert env["NNSERVE_MANAGEMENT_TOKEN_FILE"].startswith(mount["mountPath"] + "/") and mount["readOnly"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "management-token"]
+        assert volume["secret"] == {"secretName": "nnserve-management-token", "defaultMode": 0o440}
+        assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"] == 1034
+        assert "NNSERVE_INFERENCE_TOKEN_FILE" not in env  # inference stays open by default
+    gpu = _pod(_one(rendered["overlays/gpu"], "Deployment"))
+    assert {v["name"] for v in gpu["volumes"]} == {"management-token", "tensorrt-cache"}  # appended, not replaced
+
+
 def test_settings_configmap_is_hashed_and_referenced(rendered):
     """A changed setting must roll the pods: the ConfigMap's name carries a content hash, and the
     Deployment (and the KServe predictor, a CRD kustomize needs told about) name that exact ConfigMap."""
@@ -107,6 +125,10 @@ def _container(deployment: dict) -> dict:
     return deployment["spec"]["template"]["spec"]["containers"][0]
 
 
+def _pod(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["spec"]
+
+
 @pytest.mark.parametrize(("kind", "change", "message"), [
     ("Deployment", lambda d: _container(d)["readinessProbe"]["httpGet"].update(path="/healthz"),
      "not a path the server serves"),
@@ -132,6 +154,13 @@ def _container(deployment: dict) -> dict:
     ("ServiceMonitor", lambda m: m["spec"]["endpoints"][0].update(port="metrics"), "endpoint port"),
     ("ServiceMonitor", lambda m: m["spec"]["endpoints"][0].update(path="/prometheus"), "want /metrics"),
     ("ServiceMonitor", lambda m: m.update(apiVersion="monitoring.coreos.com/v1beta1"), "apiVersion"),
+    # the management token: from a Secret, mounted where the variable points, unreadable by others
+    ("Deployment", lambda d: _pod(d)["volumes"].__setitem__(0, {"name": "management-token", "emptyDir": {}}),
+     "from a Secret"),
+    ("Deployment", lambda d: _pod(d)["volumes"][0]["secret"].update(defaultMode=0o444), "others could read"),
+    ("Deployment", lambda d: _pod(d)["volumes"][0]["secret"].pop("defaultMode"), "others could read"),
+    ("Deployment", lambda d: _pod(d)["securityContext"].pop("fsGroup"), "fsGroup"),
+    ("Deployment", lambda d: _container(d)["volumeMounts"].clear(), "no volume mounted"),
 ])
 def test_lint_catches(rendered, kind, change, message):
     problems = _broken(rendered, "overlays/cpu", kind, change)

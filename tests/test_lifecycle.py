@@ -20,7 +20,6 @@ import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from PIL import Image
-from tritonclient.utils import InferenceServerException
 
 from loadtest.faults import store_copy, truncated_copy
 

@@ -89,11 +89,17 @@ def test_settings_from_the_environment_are_typed_and_validated():
     assert settings.access_log is True and settings.model_tags["lenet5"] == "lenet5-int8:abc"
     assert settings.model_tags["vgg_fc7"] == "vgg_fc7:latest"
     assert "NNSERVE_MAX_QUEUE_SIZE = 128" in settings.describe()
+    assert settings.header_timeout_s == 60.0 and settings.management_token_file == ""  # management off by default
+    assert Settings.from_env({"NNSERVE_HEADER_TIMEOUT_S": "0.5"}).header_timeout_s == 0.5
     for env, words in [({"NNSERVE_WORKERS": "two"}, "NNSERVE_WORKERS='two' is not a valid int"),
                        ({"NNSERVE_WORKERS": "0"}, "NNSERVE_WORKERS must be >= 1"),
                        ({"NNSERVE_ACCESS_LOG": "maybe"}, "NNSERVE_ACCESS_LOG"),
                        ({"NNSERVE_PREFERRED_BATCH_SIZES": "64"}, "NNSERVE_PREFERRED_BATCH_SIZES"),
                        ({"NNSERVE_LOG_LEVEL": "LOUD"}, "NNSERVE_LOG_LEVEL"),
+                       ({"NNSERVE_HEADER_TIMEOUT_S": "0"}, "NNSERVE_HEADER_TIMEOUT_S must be a number of seconds > 0"),
+                       ({"NNSERVE_HEADER_TIMEOUT_S": "-5"}, "NNSERVE_HEADER_TIMEOUT_S"),
+                       ({"NNSERVE_HEADER_TIMEOUT_S": "nan"}, "NNSERVE_HEADER_TIMEOUT_S"),
+                       ({"NNSERVE_HEADER_TIMEOUT_S": "inf"}, "NNSERVE_HEADER_TIMEOUT_S"),
                        ({"NNSERVE_MAX_QUEUE_DELAY_MS": "2000"}, "NNSERVE_QUEUE_TIMEOUT_MS"),
                        ({"NNSERVE_VGG_FC7_MAX_QUEUE_DELAY_MS": "-1"}, "NNSERVE_VGG_FC7_MAX_QUEUE_DELAY_MS"),
                        ({"NNSERVE_VGG_FC7_MAX_QUEUE_DELAY_MS": "5000"}, "NNSERVE_VGG_FC7_MAX_QUEUE_DELAY_MS")]:
