@@ -20,10 +20,13 @@ import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 from loadtest.faults import store_copy, truncated_copy
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+TOKEN = "lifecycle-test-token-0123456789"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,11 @@ def server(own_server, versions, session_dir: Path):
     config = session_dir / "lifecycle-models.yaml"
     config.write_text(json.dumps({"models": {"digits": {"tag": "digits"}, "poet": {"tag": "poet"}}}))
     state = session_dir / "lifecycle-state"
-    env = {"NNSERVE_MODELS_CONFIG": str(config), "NNSERVE_WORKERS": "2", "NNSERVE_STATE_DIR": str(state),
+    token = session_dir / "lifecycle-token"
+    token.write_text(TOKEN)
+    token.chmod(0o600)
+    env = {"NNSERVE_MANAGEMENT_TOKEN_FILE": str(token), "NNSERVE_MODELS_CONFIG": str(config), "NNSERVE_WORKERS": "2",
+           "NNSERVE_STATE_DIR": str(state),
            "NNSERVE_QUEUE_TIMEOUT_MS": "60000"}
     with own_server("lifecycle", env) as live:
         live.state_dir = state
@@ -92,7 +99,7 @@ def reports(server) -> dict[int, dict]:
 
 
 def index(http) -> dict[tuple[str, str], dict]:
-    return {(e["name"], e["version"]): e for e in http.get_model_repository_index()}
+    return {(e["name"], e["version"]): e for e in http.get_model_repository_index(headers=AUTH)}
 
 
 def test_start_serves_the_latest_version_and_the_index_lists_the_store(server, http, grpc, versions):
@@ -101,7 +108,7 @@ def test_start_serves_the_latest_version_and_the_index_lists_the_store(server, h
     assert entries[("digits", new)]["state"] == "READY"
     assert entries[("digits", old)]["state"] == "UNAVAILABLE"
     assert ("poet", versions["poet"][1]) in entries
-    grpc_entries = {(m.name, m.version): m.state for m in grpc.get_model_repository_index().models}
+    grpc_entries = {(m.name, m.version): m.state for m in grpc.get_model_repository_index(headers=AUTH).models}
     assert grpc_entries[("digits", new)] == "READY"
     assert answered_version(classify(server)) == new
     assert "model_repository" in http.get_server_metadata()["extensions"]
@@ -109,7 +116,8 @@ def test_start_serves_the_latest_version_and_the_index_lists_the_store(server, h
 
 def test_load_a_second_version_then_each_is_reachable_by_version(server, http, versions):
     old, new = versions["digits"]
-    http.load_model("digits", config=json.dumps({"version_policy": {"latest": {"num_versions": 2}}}))
+    http.load_model("digits", headers=AUTH,
+                    config=json.dumps({"version_policy": {"latest": {"num_versions": 2}}}))
     assert http.is_model_ready("digits", old) and http.is_model_ready("digits", new)
     assert v2_infer(http, old)[0] == old
     assert v2_infer(http, new)[0] == new
@@ -124,10 +132,10 @@ def test_load_a_second_version_then_each_is_reachable_by_version(server, http, v
 def test_default_switch_and_a_sticky_canary_split(server, http, versions):
     old, new = versions["digits"]
     url = f"{server.http_url}/v2/repository/models/digits/traffic"
-    assert requests.post(url, json={"default_version": old}, timeout=120).status_code == 200
+    assert requests.post(url, json={"default_version": old}, headers=AUTH, timeout=120).status_code == 200
     assert {answered_version(classify(server)) for _ in range(10)} == {old}
     body = {"weights": {old: 50, new: 50}, "sticky_header": "x-user"}
-    answer = requests.post(url, json=body, timeout=120)
+    answer = requests.post(url, json=body, headers=AUTH, timeout=120)
     assert answer.status_code == 200 and answer.json()["traffic"] == {old: 50.0, new: 50.0}
     seen = [answered_version(classify(server)) for _ in range(40)]
     assert set(seen) == {old, new}  # 40 fair coin flips all equal: p = 2e-12
@@ -142,20 +150,21 @@ def test_default_switch_and_a_sticky_canary_split(server, http, versions):
     ({"weights": {"x": 100}, "sticky_header": "bad header!"}, 400, "sticky_header"),
 ])
 def test_bad_traffic_changes_are_refused_naming_the_problem(server, body, status, named):
-    answer = requests.post(f"{server.http_url}/v2/repository/models/digits/traffic", json=body, timeout=60)
+    answer = requests.post(f"{server.http_url}/v2/repository/models/digits/traffic", json=body, headers=AUTH,
+                           timeout=60)
     assert answer.status_code == status and named in answer.json()["error"]
 
 
 def test_unknown_model_and_version_answer_404_naming_what_exists(server, http, versions):
-    answer = requests.post(f"{server.http_url}/v2/repository/models/ghost/load", json={}, timeout=60)
+    answer = requests.post(f"{server.http_url}/v2/repository/models/ghost/load", json={}, headers=AUTH, timeout=60)
     assert answer.status_code == 404 and "ghost" in answer.json()["error"]
     answer = requests.post(f"{server.http_url}/v2/repository/models/digits/load",
-                           json={"parameters": {"version": "nope"}}, timeout=60)
+                           json={"parameters": {"version": "nope"}}, headers=AUTH, timeout=60)
     assert answer.status_code == 404 and versions["digits"][0] in answer.json()["error"]
     answer = requests.post(f"{server.http_url}/v2/models/digits/versions/nope/infer", json={"inputs": []}, timeout=60)
     assert answer.status_code == 404 and "serving" in answer.json()["error"]
     answer = requests.post(f"{server.http_url}/v2/repository/models/digits/load",
-                           json={"parameters": {"file:1/model.onnx": "AAAA"}}, timeout=60)
+                           json={"parameters": {"file:1/model.onnx": "AAAA"}}, headers=AUTH, timeout=60)
     assert answer.status_code == 400 and "model store only" in answer.json()["error"]
 
 
@@ -163,7 +172,7 @@ def test_a_version_that_cannot_load_is_rolled_back_and_the_old_ones_serve(server
     broken = truncated_copy(tiny_store["lenet5"], "digits").split(":")[1]
     before = {e for e, v in index(http).items() if v["state"] == "READY"}
     answer = requests.post(f"{server.http_url}/v2/repository/models/digits/load",
-                           json={"parameters": {"version": broken}}, timeout=300)
+                           json={"parameters": {"version": broken}}, headers=AUTH, timeout=300)
     assert answer.status_code == 400
     assert "rolled back" in answer.json()["error"] and broken in answer.json()["error"]
     after = index(http)
@@ -172,11 +181,22 @@ def test_a_version_that_cannot_load_is_rolled_back_and_the_old_ones_serve(server
     assert answered_version(classify(server, versions["digits"][0])) == versions["digits"][0]
 
 
+def test_changes_need_the_management_token(server, grpc):
+    url = f"{server.http_url}/v2/repository/models/digits/unload"
+    assert requests.post(url, json={}, timeout=60).status_code == 401
+    wrong = requests.post(url, json={}, headers={"authorization": "Bearer wrong-token-0123456789"}, timeout=60)
+    assert wrong.status_code == 403 and "wrong-token" not in wrong.text
+    with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
+        grpc.unload_model("digits")
+    assert grpc.is_model_ready("digits")
+
+
 def test_a_change_while_another_runs_gets_409(server):
     with open(server.state_dir / "change.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # what a change in progress holds
         try:
-            answer = requests.post(f"{server.http_url}/v2/repository/models/digits/load", json={}, timeout=60)
+            answer = requests.post(f"{server.http_url}/v2/repository/models/digits/load", json={}, headers=AUTH,
+                                   timeout=60)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     assert answer.status_code == 409 and "in progress" in answer.json()["error"]
@@ -196,22 +216,23 @@ def test_unloading_while_a_stream_runs_lets_it_finish(server, http, versions):
     thread = threading.Thread(target=stream)
     thread.start()
     time.sleep(0.3)
-    http.unload_model("poet")
+    http.unload_model("poet", headers=AUTH)
     thread.join(timeout=300)
     assert got["status"] == 200 and len(got["text"]) == chars
     assert not http.is_model_ready("poet")
     assert requests.post(f"{server.http_url}/generate", json={"model": "poet", "prompt": "a"},
                          timeout=60).status_code == 404
-    http.load_model("poet")
+    http.load_model("poet", headers=AUTH)
     assert http.is_model_ready("poet", versions["poet"][1])
 
 
 def test_grpc_load_unload_config_and_statistics(server, grpc, versions):
     old, new = versions["digits"]
-    grpc.unload_model("digits")
+    grpc.unload_model("digits", headers=AUTH)
     assert not grpc.is_model_ready("digits")
     # (the store's newest digits is the broken copy of an earlier test: name the version)
-    grpc.load_model("digits", config=json.dumps({"version_policy": {"specific": {"versions": [new]}}}))
+    grpc.load_model("digits", headers=AUTH,
+                    config=json.dumps({"version_policy": {"specific": {"versions": [new]}}}))
     assert grpc.is_model_ready("digits", new) and not grpc.is_model_ready("digits", old)
     config = grpc.get_model_config("digits", as_json=True)["config"]
     assert config["max_batch_size"] == 32 and config["input"][0]["dims"] == ["1", "32", "32"]
@@ -232,12 +253,16 @@ def test_http_config_and_stats(server, http):
 
 def test_a_killed_worker_comes_back_serving_the_current_state(server, http, versions):
     old, new = versions["digits"]
-    http.load_model("digits", config=json.dumps({"version_policy": {"specific": {"versions": [old]}}}))
+    http.load_model("digits", headers=AUTH,
+                    config=json.dumps({"version_policy": {"specific": {"versions": [old]}}}))
     generation = max(r["generation"] for r in reports(server).values())
     victim = reports(server)[2]["pid"]
     os.kill(victim, signal.SIGKILL)
-    # A change while the worker is dead waits for its replacement (circus restarts it).
-    http.load_model("digits", config=json.dumps({"version_policy": {"specific": {"versions": [old, new]}}}))
+    # A change while the worker is dead waits for its replacement (circus restarts it). A new connection:
+    # the client's kept-alive one may have been to the killed worker.
+    answer = requests.post(f"{server.http_url}/v2/repository/models/digits/load", headers=AUTH, timeout=300,
+                           json={"parameters": {"config": {"version_policy": {"specific": {"versions": [old, new]}}}}})
+    assert answer.status_code == 200, answer.text
     after = reports(server)
     assert after[2]["pid"] != victim and after[2]["generation"] > generation
     assert set(after[2]["models"]["digits"]) == {old, new}
