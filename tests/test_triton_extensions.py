@@ -136,8 +136,8 @@ def test_model_metadata_describes_the_protocol_tensors(http, grpc_client):
     assert image["parameters"]["classification"] == ["logits"]
     text = http.get_model_metadata("char_lstm")
     assert {"name": "text_input", "datatype": "BYTES", "shape": [1]} in text["inputs"]
-    assert {"name": "text_output", "datatype": "BYTES", "shape": [1]} in text["outputs"]
-    assert set(text["parameters"]["sampling"]) == {"max_tokens", "temperature", "top_k", "top_p", "seed", "stop"}
+    assert {"name": "text_output", "datatype": "BYTES", "shape": [-1]} in text["outputs"]  # [n]: one per sample
+    assert set(text["parameters"]["sampling"]) == {"max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "n"}
     vocabulary = text["parameters"]["vocabulary"]  # a client tokenizes with it: token id i = tokens[i]
     assert vocabulary["type"] == "characters" and len(vocabulary["tokens"]) == vocabulary["size"] == \
         text["outputs"][0]["shape"][-1]

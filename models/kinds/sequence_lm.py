@@ -100,7 +100,7 @@ class SequenceLM(Kind):
         return [{"name": "text_input", "datatype": "BYTES", "shape": [1], "role": "prompt"}]
 
     def protocol_outputs(self, metadata: dict) -> list[dict]:
-        return [{"name": "text_output", "datatype": "BYTES", "shape": [1]}]
+        return [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]  # one element per sample (n)
 
     def sampling_options(self, parameters: dict) -> tuple[dict, dict]:
         unknown = sorted(set(parameters) - set(SAMPLING_PARAMETERS) - IGNORED_PARAMETERS)
