@@ -508,3 +508,25 @@ def test_a_client_leaving_a_stream_frees_it(url, tiny_store):
     assert metric(after, "nnserve_requests_total", **left) == before + 1, "the abandoned stream was not counted"
     assert metric(after, "nnserve_generation_streams_active", **lstm) == 0
     assert generate(url, prompt="The", max_new_chars=5).status_code == 200
+
+
+def test_a_client_leaving_an_n_sample_stream_frees_every_slot(url, tiny_store):
+    """Hang up on a 4-sample SSE stream after its first event: the abandoned request is counted (499) only
+    after its generations were closed, and at that point no slot of the batcher is held."""
+    lstm = dict(model="char_lstm", version=tiny_store["char_lstm"].split(":")[1])
+    left = dict(endpoint="generate", outcome="client_error", **lstm)
+    before = metric(scrape(url), "nnserve_requests_total", **left)
+    with requests.post(f"{url}/generate", json={"prompt": "The ", "max_new_chars": 2500, "n": 4, "stream": True},
+                       headers={"Accept": "text/event-stream"}, stream=True, timeout=60) as response:
+        assert response.status_code == 200
+        assert next(response.iter_content(chunk_size=1))
+    deadline = time.monotonic() + 60  # a generous bound on a busy box; usually well under a second
+    while time.monotonic() < deadline:
+        after = scrape(url)
+        if metric(after, "nnserve_requests_total", **left) > before:
+            break
+        time.sleep(0.2)
+    assert metric(after, "nnserve_requests_total", **left) == before + 1, "the abandoned stream was not counted"
+    assert metric(after, "nnserve_generation_slots", state="active", **lstm) == 0
+    assert metric(after, "nnserve_generation_streams_active", **lstm) == 0
+    assert generate(url, prompt="The", max_new_chars=5, n=2).status_code == 200
