@@ -174,7 +174,10 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
             stream_metrics = metrics.StreamMetrics(model).start()
             chunks = generations[0] if job.n == 1 else read_choices(generations)
             # Wait for the first characters before answering: a request that cannot start gets its error.
-            first = await anext(chunks)
+            try:
+                first = await anext(chunks)
+            except StopAsyncIteration:  # one sample whose first characters are a stop string: an empty text
+                first = ""
         except Exception as e:
             if stream_metrics is not None:
                 stream_metrics.stop()
@@ -260,7 +263,8 @@ async def stream_body(first: str, chunks: Generation, record: metrics.RequestMet
         chunk = first
         while True:
             count += len(chunk)
-            yield sse_event(chunk) if sse else chunk
+            if chunk:  # only the first can be empty (a stop string at once): no empty event
+                yield sse_event(chunk) if sse else chunk
             try:
                 chunk = await anext(chunks)
             except StopAsyncIteration:

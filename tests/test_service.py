@@ -530,3 +530,18 @@ def test_a_client_leaving_an_n_sample_stream_frees_every_slot(url, tiny_store):
     assert metric(after, "nnserve_generation_slots", state="active", **lstm) == 0
     assert metric(after, "nnserve_generation_streams_active", **lstm) == 0
     assert generate(url, prompt="The", max_new_chars=5, n=2).status_code == 200
+
+
+def test_a_stop_string_at_the_very_start_gives_an_empty_text(url):
+    """The first character sampled is a stop string: an empty text with finish_reason "stop" (JSON, stream,
+    SSE), not a server error."""
+    first = generate(url, prompt="The ", max_new_chars=1, seed=13).json()["text"]
+    body = generate(url, prompt="The ", max_new_chars=50, seed=13, stop=first).json()
+    assert (body["text"], body["finish_reason"]) == ("", "stop")
+    with requests.post(f"{url}/generate", json={"prompt": "The ", "max_new_chars": 50, "seed": 13, "stop": first,
+                                                "stream": True}, stream=True, timeout=60) as response:
+        assert response.status_code == 200 and response.content == b""
+    events = sse_generate(url, prompt="The ", max_new_chars=50, seed=13, stop=first)
+    assert [name for name, _ in events] == ["end"] and json.loads(events[0][1])["finish_reason"] == "stop"
+    choices = generate(url, prompt="The ", max_new_chars=50, seed=13, stop=first, n=2).json()["choices"]
+    assert choices[0] == {"index": 0, "text": "", "finish_reason": "stop"}
