@@ -10,6 +10,10 @@ without changing the state), which also samples their first character. It leaves
 ``max_new_chars`` or its reader went away. Rows of a batched step do not interact, so a request's
 text is the same alone or beside others (see docs/generation.md).
 
+A request for ``n`` samples of one prompt takes n slots that join together: its prompt is prefilled
+once and the resulting state copied into each slot; sample i draws from its own generator seeded
+``seed + i``, so it is exactly the text of a one-sample request with that seed.
+
 Characters reach the event loop in batches: each request has a buffer the step thread appends to,
 and its reader is woken at most once until it has taken what is there, so a stream sends every
 character that is ready in one chunk, however fast the model runs.
@@ -41,7 +45,12 @@ from service.runtime import ModelRuntime
 log = logging.getLogger("nnserve.generation")
 
 MAX_PROMPT_CHARS = 2000  # prefilled in one call: bounds that call's time and memory
-MAX_NEW_CHARS = 2000  # bounds how long one request holds a batch slot
+# Characters one request may ask for in all (n x max_new_chars): bounds how long it holds its batch slots.
+# A JSON answer sends nothing until its last character (a proxy's read timeout, often 60 s, or a drain cuts it
+# with nothing delivered); a stream delivers from its first character, so it may ask for more.
+MAX_NEW_CHARS = 2000
+MAX_STREAM_CHARS = 10_000
+MAX_N = 16  # samples of one prompt (n): each takes a batch slot, and all n must fit in the batch at once
 MAX_LISTED_CHARS = 20  # unknown prompt characters named in an error message
 MAX_STOPS = 4  # stop strings per request (OpenAI's limit): each chunk is searched for every one
 MAX_STOP_CHARS = 100
@@ -63,6 +72,7 @@ class GenerationRequest:
     stop: str | list[str] | None = None  # the text ends before the first of these (finish reason "stop")
     model: str = "char_lstm"
     stream: bool = False
+    n: int = 1  # samples of the prompt, decoded together; sample i is seeded seed + i
 
     @classmethod
     def from_dict(cls, body: Mapping) -> GenerationRequest:
@@ -96,19 +106,36 @@ class GenerationRequest:
         """The stop strings as a list (after validate)."""
         return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def char_limit(self) -> int:
+        """The characters this request may ask for in all (n x max_new_chars)."""
+        return MAX_STREAM_CHARS if self.stream is True else MAX_NEW_CHARS
+
+    def choice_seeds(self) -> list[int]:
+        """Each sample's seed (after ``seed`` is set): sample i = a one-sample request with seed + i."""
+        return [self.seed + i for i in range(self.n)]
+
     def _check_types(self, vocab: Vocabulary, names: Mapping[str, str]) -> None:
         def name(field_name: str) -> str:
             return names.get(field_name, field_name)
 
+        if not isinstance(self.stream, bool):  # first: the limits below depend on it
+            raise ClientError(f"stream must be true or false, got {_show(self.stream)}")
+        limit = self.char_limit()
+        streamed = "" if self.stream else f" ({MAX_STREAM_CHARS} when streamed)"
         if not isinstance(self.prompt, str):
             raise ClientError(f"{name('prompt')} must be a string, got {type(self.prompt).__name__}")
         if not self.prompt:
             raise ClientError(f"{name('prompt')} must not be empty: generation continues from its last character")
         if len(self.prompt) > MAX_PROMPT_CHARS:
             raise ClientError(f"{name('prompt')} has {len(self.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
-        if not _is_int(self.max_new_chars) or not 1 <= self.max_new_chars <= MAX_NEW_CHARS:
-            raise ClientError(f"{name('max_new_chars')} must be an integer in [1, {MAX_NEW_CHARS}], "
+        if not _is_int(self.max_new_chars) or not 1 <= self.max_new_chars <= limit:
+            raise ClientError(f"{name('max_new_chars')} must be an integer in [1, {limit}]{streamed}, "
                               f"got {_show(self.max_new_chars)}")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise ClientError(f"{name('n')} must be an integer in [1, {MAX_N}], got {_show(self.n)}")
+        if self.n * self.max_new_chars > limit:
+            raise ClientError(f"{name('n')} x {name('max_new_chars')} = {self.n} x {self.max_new_chars} = "
+                              f"{self.n * self.max_new_chars} characters; the limit is {limit} per request{streamed}")
         if (isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float)
                 or not _finite(self.temperature) or self.temperature <= 0):
             raise ClientError(f"{name('temperature')} must be a finite number > 0, got {_show(self.temperature)}")
@@ -133,8 +160,6 @@ class GenerationRequest:
                               f"{MAX_STOP_CHARS} characters (or null), got {_show(self.stop)}")
         if not isinstance(self.model, str):
             raise ClientError(f"model must be a string, got {type(self.model).__name__}")
-        if not isinstance(self.stream, bool):
-            raise ClientError(f"stream must be true or false, got {_show(self.stream)}")
 
 
 def _is_int(value: object) -> bool:
@@ -226,6 +251,9 @@ class _Slot:
     top_p: float = 1.0  # 1 = no nucleus limit
     stops: list[str] = field(default_factory=list)
     finish_reason: str | None = None  # "length" or "stop" once the reader has the whole text
+    # The n slots of one request (the same list object in each; None alone): they join the batch together
+    # and share one prefill of their prompt.
+    siblings: list[_Slot] | None = None
 
 
 class Generation:
@@ -249,6 +277,55 @@ class Generation:
     @property
     def finish_reason(self) -> str | None:
         return self._slot.finish_reason
+
+
+async def read_choices(generations: list[Generation]) -> AsyncIterator[tuple[int, str, str | None]]:
+    """(choice index, text, finish_reason) per chunk of the samples of one request, in the order the chunks
+    are ready: finish_reason is None but on each choice's last chunk, which is ("", reason) when its text
+    ended without a chunk known to be the last (a stop string right at a chunk's start). The first failure
+    ends them all. Closing this iterator closes every Generation (frees every slot). Use with
+    contextlib.aclosing."""
+    if len(generations) == 1:  # no task per choice for the common case
+        generation, reason = generations[0], None
+        try:
+            async for text in generation:
+                reason = generation.finish_reason
+                yield 0, text, reason
+            if reason is None:
+                yield 0, "", generation.finish_reason or "length"
+        finally:
+            await generation.aclose()
+        return
+    # A bounded queue: a choice's reader waits while its last chunk is unread, so what its slot samples
+    # meanwhile gathers into one chunk, as for one sample.
+    queue: asyncio.Queue[tuple[int, str, str | None] | BaseException] = asyncio.Queue(maxsize=len(generations))
+
+    async def pump(index: int, generation: Generation) -> None:
+        reason = None
+        try:
+            async for text in generation:
+                reason = generation.finish_reason
+                await queue.put((index, text, reason))
+            if reason is None:
+                await queue.put((index, "", generation.finish_reason or "length"))
+        except Exception as e:
+            await queue.put(e)
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        left = len(generations)
+        while left:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            left -= item[2] is not None
+            yield item
+    finally:  # done, failed or abandoned: stop every reader, then close every generation (frees its slot)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for generation in generations:
+            await generation.aclose()
 
 
 class ContinuousBatcher:
@@ -290,32 +367,50 @@ class ContinuousBatcher:
 
     def submit(self, request: GenerationRequest, flush_interval_s: float | None = 0.0,
                names: Mapping[str, str] | None = None) -> Generation:
-        """Validate and queue ``request`` (call on the event loop that will read it). Raises ClientError
-        for a bad request, GenerationError once closed. ``request.seed`` is set if it was None.
+        """Validate and queue a one-sample ``request`` (call on the event loop that will read it). Raises
+        ClientError for a bad request, GenerationError once closed. ``request.seed`` is set if it was None.
 
         ``flush_interval_s``: the reader gets the first characters at once, then at most one chunk per
         interval (everything sampled meanwhile: one event-loop wake-up and one write instead of one per
         character); 0 = as soon as each step is done; None = the whole text in one chunk at the end.
         With stop strings a None interval still gives several chunks (each step is searched for them, so the
-        request ends at a stop): join them. ``names``: see GenerationRequest.validate."""
+        request ends at a stop): join them. ``names``: see GenerationRequest.validate. ``n`` > 1: use
+        submit_choices."""
         request.validate(self.vocab, names)
+        if request.n != 1:
+            raise ValueError(f"submit takes one sample; use submit_choices for n={request.n}")
+        return self.submit_choices(request, flush_interval_s, names)[0]
+
+    def submit_choices(self, request: GenerationRequest, flush_interval_s: float | None = 0.0,
+                       names: Mapping[str, str] | None = None) -> list[Generation]:
+        """``submit`` for ``request.n`` samples of one prompt: one Generation per sample, sample i seeded
+        ``seed + i``. The n slots join the batch at one step boundary (they wait until n slots are free) and
+        their prompt is prefilled once. Read them with ``read_choices``; closing every Generation frees
+        every slot."""
+        request.validate(self.vocab, names)
+        if request.n > self.max_batch_size:
+            raise ClientError(f"{(names or {}).get('n', 'n')} is {request.n}; this server decodes at most "
+                              f"{self.max_batch_size} sequences together (NNSERVE_GENERATION_BATCH_SIZE)")
         if request.seed is None:  # written back so the caller can report it and reproduce the text
             request.seed = secrets.randbits(63)
-        stops = request.stops()
-        slot = _Slot(tokens=np.array(self.vocab.encode(request.prompt), dtype=np.int64),
-                     temperature=float(request.temperature), top_k=request.top_k or 0,
-                     rng=np.random.default_rng(request.seed), remaining=request.max_new_chars,
-                     loop=asyncio.get_running_loop(),
-                     # With stop strings the reader must look at every step, to end the request at a stop.
-                     wake_each_step=flush_interval_s is not None or bool(stops),
-                     top_p=1.0 if request.top_p is None else float(request.top_p), stops=stops)
+        stops, loop = request.stops(), asyncio.get_running_loop()
+        tokens = np.array(self.vocab.encode(request.prompt), dtype=np.int64)
+        slots = [_Slot(tokens=tokens, temperature=float(request.temperature), top_k=request.top_k or 0,
+                       rng=np.random.default_rng(seed), remaining=request.max_new_chars, loop=loop,
+                       # With stop strings the reader must look at every step, to end the request at a stop.
+                       wake_each_step=flush_interval_s is not None or bool(stops),
+                       top_p=1.0 if request.top_p is None else float(request.top_p), stops=stops)
+                 for seed in request.choice_seeds()]
+        if len(slots) > 1:
+            for slot in slots:
+                slot.siblings = slots
         with self._lock:
             if self._closed:
                 raise GenerationError("the generation service is shutting down")
-            self._waiting.append(slot)
+            self._waiting.extend(slots)
             self._lock.notify()
             self._report_occupancy()
-        return Generation(self._read(slot, flush_interval_s or 0.0), slot)
+        return [Generation(self._read(slot, flush_interval_s or 0.0), slot) for slot in slots]
 
     @contextmanager
     def held(self):
@@ -401,13 +496,21 @@ class ContinuousBatcher:
                 self._finish([*joining, *decoding], GenerationError(f"generation failed: {type(e).__name__}: {e}"))
 
     def _admit(self) -> list[_Slot]:
-        """Waiting requests that join at this boundary: FIFO into free slots, within the prefill budget."""
+        """Waiting requests that join at this boundary: FIFO into free slots, within the prefill budget. The
+        samples of one request join together (those still wanted), or wait for enough free slots."""
         joining, prefill_chars = [], 0
-        while self._waiting and len(self._active) + len(joining) < self.max_batch_size:
-            prompt_chars = self._waiting[0].tokens.size
+        while self._waiting:
+            head = self._waiting[0]
+            # Siblings not cancelled are all still waiting: a reader leaving removes its slot at once.
+            members = [head] if head.siblings is None else [s for s in head.siblings if not s.cancelled]
+            if len(self._active) + len(joining) + len(members) > self.max_batch_size:
+                break  # FIFO: nobody overtakes a request waiting for its slots
+            prompt_chars = head.tokens.size  # prefilled once for all its samples
             if joining and prefill_chars + prompt_chars > PREFILL_CHARS_PER_STEP:
                 break  # the rest join at the next boundary
-            joining.append(self._waiting.popleft())
+            for slot in members:
+                self._waiting.remove(slot)
+            joining.extend(members)
             prefill_chars += prompt_chars
         return joining
 
@@ -442,9 +545,18 @@ class ContinuousBatcher:
         self._probabilities = runtime.metadata.get("scores") == "probabilities"  # sampled from their log
 
     def _prefill(self, group: list[_Slot]) -> np.ndarray:
-        feeds = self.runtime.example_feeds(len(group))  # zero initial state of the right shape and dtype
-        feeds[self._tokens] = np.stack([slot.tokens for slot in group])
-        return self._run(group, feeds)
+        """One [B, T] call for the group's distinct prompts: the samples of one request share a row (its state
+        is copied into each of their slots, and each samples its first character from it)."""
+        rows, prompts, row_of = [], [], {}
+        for slot in group:
+            key = id(slot.siblings) if slot.siblings is not None else id(slot)
+            if key not in row_of:
+                row_of[key] = len(prompts)
+                prompts.append(slot.tokens)
+            rows.append(row_of[key])
+        feeds = self.runtime.example_feeds(len(prompts))  # zero initial state of the right shape and dtype
+        feeds[self._tokens] = np.stack(prompts)
+        return self._run(group, feeds, rows)
 
     def _decode(self, batch: list[_Slot]) -> np.ndarray:
         feeds = {self._tokens: np.array([[slot.token] for slot in batch], dtype=np.int64)}
@@ -452,11 +564,14 @@ class ContinuousBatcher:
             feeds[name] = np.concatenate([slot.state[name] for slot in batch], axis=axis)
         return self._run(batch, feeds)
 
-    def _run(self, batch: list[_Slot], feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def _run(self, batch: list[_Slot], feeds: dict[str, np.ndarray], rows: list[int] | None = None) -> np.ndarray:
+        """Run the model; slot k takes output row ``rows[k]`` (default k). np.take copies: every slot owns its
+        state, also those that share a row."""
         out = self.runtime.run(feeds)
-        for i, slot in enumerate(batch):
-            slot.state = {name: np.take(out[out_name], [i], axis=axis) for name, out_name, axis in self._state}
-        scores = out[self._scores][:, -1]
+        rows = list(range(len(batch))) if rows is None else rows
+        for slot, row in zip(batch, rows, strict=True):
+            slot.state = {name: np.take(out[out_name], [row], axis=axis) for name, out_name, axis in self._state}
+        scores = out[self._scores][:, -1][rows]
         return self._sample(batch, np.log(np.maximum(scores, 1e-30)) if self._probabilities else scores)
 
     def _sample(self, batch: list[_Slot], logits: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from models.kinds.base import RequestError
 from service import images, metrics
 from service.errors import ClientError, PayloadTooLarge, Unavailable
-from service.generation import MAX_PROMPT_CHARS, Generation, GenerationRequest
+from service.generation import MAX_N, MAX_PROMPT_CHARS, Generation, GenerationRequest, read_choices
 from service.runtime import ModelRuntime
 from service.settings import Settings
 
@@ -110,7 +110,8 @@ def model_metadata(runtime: ModelRuntime) -> dict:
     if kind.generates:
         parameters["sampling"] = {"max_tokens": "integer", "temperature": "number > 0", "top_k": "integer >= 1",
                                   "top_p": "number in (0, 1]", "seed": "integer >= 0",
-                                  "stop": "string (REST: or a list of strings)"}
+                                  "stop": "string (REST: or a list of strings)",
+                                  "n": f"integer in [1, {MAX_N}]: samples, text_output [n]; sample i: seed + i"}
         parameters["vocabulary"] = kind.describe(meta)["vocab"]  # token id i = tokens[i]
     classes = [s.name for s in runtime.outputs if kind.output_labels(meta, s.name)]
     if classes:
@@ -470,9 +471,9 @@ async def infer(repository: Repository, runtime: ModelRuntime, tensors: list[Req
     extension."""
     if not repository.is_ready(runtime.name):
         raise Unavailable(f"model {runtime.name!r} is not ready yet", retry_after=1)
-    if tensors and tensors[0].role == "prompt":
-        text, _ = await generate_text(repository, runtime, tensors[0].rows[0], parameters or {})
-        return {output_names[0]: np.array([text.encode()], dtype=object)}
+    if tensors and tensors[0].role == "prompt":  # text_output [n]: one element per sample
+        texts, _ = await generate_text(repository, runtime, tensors[0].rows[0], parameters or {})
+        return {output_names[0]: np.array([text.encode() for text in texts], dtype=object)}
     if tensors and tensors[0].role == "image":
         tensors = [await decode_images(runtime, tensors[0], repository.settings)]
     check_values(runtime, tensors)
@@ -504,40 +505,46 @@ def generation_request(runtime: ModelRuntime, prompt: bytes | str, parameters: d
 
 
 def start_generation(repository: Repository, runtime: ModelRuntime, prompt: bytes | str, parameters: dict,
-                     stream: bool) -> tuple[GenerationRequest, Generation]:
-    """Validate and queue a generation on the model's continuous batcher (the one /generate uses)."""
+                     stream: bool) -> tuple[GenerationRequest, list[Generation]]:
+    """Validate and queue a generation on the model's continuous batcher (the one /generate uses): one
+    Generation per sample (parameter ``n``). ``stream`` raises the character limit (service/generation.py)."""
     if not runtime.kind_module.generates:
         raise ClientError(f"model {runtime.name!r} is a {runtime.kind} model; it does not generate text")
     if not repository.is_ready(runtime.name):
         raise Unavailable(f"model {runtime.name!r} is not ready yet", retry_after=1)
     job, names = generation_request(runtime, prompt, parameters)
+    job.stream = stream
     flush = repository.settings.stream_flush_ms / 1e3 if stream else None
-    return job, repository.generator(runtime).submit(job, flush, names)
+    return job, repository.generator(runtime).submit_choices(job, flush, names)
 
 
-async def chunks(runtime: ModelRuntime, generation: Generation) -> AsyncIterator[tuple[str, str | None]]:
-    """(text, finish_reason) per chunk, counted in the stream metrics: finish_reason is None but on the last
-    chunk ("length" or "stop"); a last ("", reason) when the text ended without a chunk known to be the last
-    (a stop string right at a chunk's start). Use with contextlib.aclosing: closing it frees the batch slot
-    at once."""
+async def chunks(runtime: ModelRuntime, generations: list[Generation]
+                 ) -> AsyncIterator[tuple[int, str, str | None]]:
+    """(sample index, text, finish_reason) per chunk, counted in the stream metrics: finish_reason is None but
+    on each sample's last chunk ("length" or "stop"), which is ("", reason) when the text ended without a
+    chunk known to be the last (see read_choices). Use with contextlib.aclosing: closing it frees every
+    batch slot at once."""
     stream_metrics = metrics.StreamMetrics(runtime).start()
     try:
-        reason = None
-        async for text in generation:
-            stream_metrics.chars(len(text))
-            reason = generation.finish_reason
-            yield text, reason
-        if reason is None:
-            yield "", generation.finish_reason or "length"
+        async with contextlib.aclosing(read_choices(generations)) as parts:
+            async for index, text, reason in parts:
+                stream_metrics.chars(len(text))
+                yield index, text, reason
     finally:
         stream_metrics.stop()
-        await generation.aclose()
+        for generation in generations:
+            await generation.aclose()
 
 
 async def generate_text(repository: Repository, runtime: ModelRuntime, prompt: bytes | str, parameters: dict
-                        ) -> tuple[str, Generation]:
-    """The whole text of one generation, and its Generation (finish_reason)."""
-    _, generation = start_generation(repository, runtime, prompt, parameters, stream=False)
-    async with contextlib.aclosing(chunks(runtime, generation)) as parts:
-        text = "".join([part async for part, _ in parts])
-    return text, generation
+                        ) -> tuple[list[str], list[str]]:
+    """The whole text of each sample of one generation, and each one's finish_reason."""
+    _, generations = start_generation(repository, runtime, prompt, parameters, stream=False)
+    texts: list[list[str]] = [[] for _ in generations]
+    reasons: list[str] = ["length"] * len(generations)
+    async with contextlib.aclosing(chunks(runtime, generations)) as parts:
+        async for index, text, reason in parts:
+            texts[index].append(text)
+            if reason is not None:
+                reasons[index] = reason
+    return ["".join(parts) for parts in texts], reasons

@@ -140,15 +140,21 @@ def request_parameters(request: pb.ModelInferRequest) -> dict:
     return {key: parameter_value(value) for key, value in request.parameters.items()}
 
 
-def text_response(runtime, request: pb.ModelInferRequest, text: str | None, final: bool) -> pb.ModelInferResponse:
+def text_response(runtime, request: pb.ModelInferRequest, text: str | None, final: bool,
+                  sequence_index: int | None = None, finish_reason: str | None = None) -> pb.ModelInferResponse:
     """One response of a streamed generation: a BYTES ``text_output`` [1] (none in an empty final
-    response) and Triton's ``triton_final_response`` flag."""
+    response), Triton's ``triton_final_response`` flag, and as parameters the sample it belongs to
+    (``sequence_index``, when n > 1) and, on a sample's last chunk, its ``finish_reason``."""
     response = pb.ModelInferResponse(model_name=runtime.name, model_version=runtime.version, id=request.id)
     if text is not None:
         name = runtime.kind_module.protocol_outputs(runtime.metadata)[0]["name"]
         response.outputs.add(name=name, datatype=kserve.BYTES, shape=[1])
         response.raw_output_contents.append(kserve.serialize_bytes(np.array([text.encode()], dtype=object)))
     response.parameters["triton_final_response"].bool_param = final
+    if sequence_index is not None:
+        response.parameters["sequence_index"].int64_param = sequence_index
+    if finish_reason is not None:
+        response.parameters["finish_reason"].string_param = finish_reason
     return response
 
 
@@ -289,16 +295,22 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         kserve.select_outputs(runtime, [out.name for out in request.outputs], tensors)
         parameters = request_parameters(request)
         empty_final = parameters.get("triton_enable_empty_final_response") is True
-        _, generation = kserve.start_generation(self.repository, runtime, tensors[0].rows[0], parameters,
-                                                stream=True)
-        async with contextlib.aclosing(kserve.chunks(runtime, generation)) as parts:
-            async for text, reason in parts:
-                last = reason is not None
-                if text or not (last and empty_final):
-                    send(pb.ModelStreamInferResponse(
-                        infer_response=text_response(runtime, request, text, last and not empty_final)))
-        if empty_final:  # Triton's empty final response: no outputs, only the flag
-            send(pb.ModelStreamInferResponse(infer_response=text_response(runtime, request, None, True)))
+        _, generations = kserve.start_generation(self.repository, runtime, tensors[0].rows[0], parameters,
+                                                 stream=True)
+        several = len(generations) > 1
+        left = len(generations)  # samples not finished: the final flag goes on the last one's last chunk
+        ended: tuple[int | None, str | None] = (None, None)  # an empty last chunk left to the final response
+        async with contextlib.aclosing(kserve.chunks(runtime, generations)) as parts:
+            async for index, text, reason in parts:
+                left -= reason is not None
+                last = not left
+                if text or reason is not None and not (last and empty_final):
+                    send(pb.ModelStreamInferResponse(infer_response=text_response(
+                        runtime, request, text, last and not empty_final, index if several else None, reason)))
+                elif last:
+                    ended = (index if several else None, reason)
+        if empty_final:  # Triton's empty final response: no outputs, the flag (and a finish_reason not yet sent)
+            send(pb.ModelStreamInferResponse(infer_response=text_response(runtime, request, None, True, *ended)))
 
 
 def add_unimplemented_rpcs(servicer_class: type) -> None:

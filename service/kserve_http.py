@@ -246,24 +246,28 @@ def generate_body(body: bytes) -> dict:
     return out | ({"id": parsed["id"]} if "id" in parsed else {})
 
 
-def generate_reply(runtime, body: dict, text: str) -> dict:
+def generate_reply(runtime, body: dict, text: str | list[str]) -> dict:
     reply = {"model_name": runtime.name, "model_version": runtime.version, "text_output": text}
     return reply | ({"id": body["id"]} if "id" in body else {})
 
 
-async def sse_events(runtime, body: dict, first: tuple[str, str | None],
-                     parts: AsyncIterator[tuple[str, str | None]]) -> AsyncIterator[str]:
-    """One ``data:`` event per chunk (Triton's generate_stream), the last with ``finish_reason``; a failure
+async def sse_events(runtime, body: dict, first: tuple[int, str, str | None],
+                     parts: AsyncIterator[tuple[int, str, str | None]], n: int) -> AsyncIterator[str]:
+    """One ``data:`` event per chunk (Triton's generate_stream), each sample's last with ``finish_reason``;
+    with ``n`` > 1 each event says its sample in ``sequence_index`` (TensorRT-LLM's Triton name). A failure
     mid-stream is a last ``data: {"error": ...}`` event. Closing the response closes ``parts`` and so frees
-    the batch slot at once."""
+    every batch slot at once."""
     try:
-        text, reason = first
+        index, text, reason = first
+        left = n
         while True:
-            event = generate_reply(runtime, body, text) | ({"finish_reason": reason} if reason else {})
+            event = (generate_reply(runtime, body, text) | ({"sequence_index": index} if n > 1 else {})
+                     | ({"finish_reason": reason} if reason else {}))
             yield f"data: {json.dumps(event)}\n\n"
-            if reason:
+            left -= reason is not None
+            if not left:
                 return
-            text, reason = await anext(parts)
+            index, text, reason = await anext(parts)
     except Exception as e:  # the answer has started: the error goes into the stream, as Triton does
         if not isinstance(e, kserve.EXPECTED_FAILURES):
             log.error("generate_stream failed", exc_info=e)
@@ -321,23 +325,28 @@ def create_app(get_repository: Callable[[], Repository], prefix: str = "",
         return infer_response(runtime, header, outputs, binary_outputs)
 
     async def generate(request: Request) -> Response:
-        """Triton's generate extension: ``{"text_input": ..., "parameters": {...}}`` -> one JSON answer."""
+        """Triton's generate extension: ``{"text_input": ..., "parameters": {...}}`` -> one JSON answer. With
+        ``n`` > 1, ``text_output`` and ``finish_reason`` are lists, one element per sample (Triton answers a
+        multi-element output as a JSON array)."""
         repo, runtime, body = await generate_request(request)
-        text, generation = await kserve.generate_text(repo, runtime, body["text_input"], body["parameters"])
-        return JSONResponse(generate_reply(runtime, body, text) | {"finish_reason": generation.finish_reason})
+        texts, reasons = await kserve.generate_text(repo, runtime, body["text_input"], body["parameters"])
+        if len(texts) == 1:
+            return JSONResponse(generate_reply(runtime, body, texts[0]) | {"finish_reason": reasons[0]})
+        return JSONResponse(generate_reply(runtime, body, texts) | {"finish_reason": reasons})
 
     async def generate_stream(request: Request) -> Response:
         """The same as Server-Sent Events: a ``data:`` JSON object per chunk; the last one carries
         ``finish_reason``. Errors before the first chunk are a JSON error answer; later, a ``data:`` error."""
         repo, runtime, body = await generate_request(request)
-        _, generation = kserve.start_generation(repo, runtime, body["text_input"], body["parameters"], stream=True)
-        parts = kserve.chunks(runtime, generation)
+        _, generations = kserve.start_generation(repo, runtime, body["text_input"], body["parameters"], stream=True)
+        parts = kserve.chunks(runtime, generations)
         try:
             first = await anext(parts)  # a request that cannot start gets its error as a status code
         except BaseException:
             await parts.aclose()
             raise
-        return StreamingResponse(sse_events(runtime, body, first, parts), media_type="text/event-stream")
+        return StreamingResponse(sse_events(runtime, body, first, parts, len(generations)),
+                                 media_type="text/event-stream")
 
     async def generate_request(request: Request) -> tuple[Repository, object, dict]:
         p = request.path_params

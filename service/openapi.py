@@ -4,7 +4,7 @@ generates no schema."""
 
 from __future__ import annotations
 
-from service.generation import MAX_NEW_CHARS, MAX_PROMPT_CHARS, MAX_STOP_CHARS, MAX_STOPS
+from service.generation import MAX_N, MAX_NEW_CHARS, MAX_PROMPT_CHARS, MAX_STOP_CHARS, MAX_STOPS, MAX_STREAM_CHARS
 
 DEFAULT_MODEL = "{} of GET /models; default: the first such model in models.yaml"
 
@@ -47,11 +47,18 @@ PATHS = {
         "summary": "Continue a prompt character by character", "tags": ["REST"],
         "description": "Continuous batching across concurrent requests; same seed, same text. With "
                        "`stream: true` the characters arrive as chunked text/plain, or as Server-Sent Events "
-                       "with `Accept: text/event-stream` (an `end` event closes the stream).",
+                       "with `Accept: text/event-stream` (an `end` event closes the stream). `n` > 1: n samples "
+                       "decoded together, sample i seeded `seed + i`; the answer's `choices` holds one "
+                       "`{index, text, finish_reason}` per sample, and a stream (Server-Sent Events only) sends "
+                       "`choice` events `{index, text, finish_reason?}` (docs/generation.md).",
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
             "type": "object", "additionalProperties": False, "required": ["prompt"], "properties": {
                 "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS},
-                "max_new_chars": {"type": "integer", "minimum": 1, "maximum": MAX_NEW_CHARS, "default": 200},
+                "max_new_chars": {"type": "integer", "minimum": 1, "maximum": MAX_STREAM_CHARS, "default": 200,
+                                  "description": f"per sample; n x max_new_chars <= {MAX_NEW_CHARS}, or "
+                                                 f"{MAX_STREAM_CHARS} with stream: true"},
+                "n": {"type": "integer", "minimum": 1, "maximum": MAX_N, "default": 1,
+                      "description": "samples of the prompt, decoded together; sample i is seeded seed + i"},
                 # OpenAPI 3.0 (BentoML's document): exclusiveMinimum is a flag on minimum, null is `nullable`.
                 "temperature": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "default": 1.0},
                 "top_k": {"type": "integer", "nullable": True, "minimum": 1, "default": None},
@@ -64,8 +71,10 @@ PATHS = {
                                        "type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}}]},
                 "model": {"type": "string", "description": DEFAULT_MODEL.format("a text model")},
                 "stream": {"type": "boolean", "default": False}}}}}},
-        "responses": {"200": {"description": "`{model, text, seed, finish_reason, timings_ms}` (finish_reason: "
-                                             "length or stop), or the stream",
+        "responses": {"200": {"description": "`{model, text, seed, finish_reason, choices, timings_ms}` "
+                                             "(finish_reason: length or stop; choices: [{index, text, "
+                                             "finish_reason}]; n > 1: no top-level text or finish_reason), or the "
+                                             "stream",
                               "content": {"application/json": {"schema": {"type": "object"}},
                                           "text/plain": {}, "text/event-stream": {}}}, **ERRORS}}},
     "/models": {"get": {
@@ -93,7 +102,11 @@ GENERATE_BODY = {"required": True, "content": {"application/json": {"schema": {
         "text_input": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS},
         "id": {"type": "string"},
         "parameters": {"type": "object", "additionalProperties": False, "properties": {
-            "max_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_NEW_CHARS, "default": 200},
+            "max_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_STREAM_CHARS, "default": 200,
+                           "description": f"per sample; n x max_tokens <= {MAX_NEW_CHARS} ({MAX_STREAM_CHARS} in "
+                                          "generate_stream)"},
+            "n": {"type": "integer", "minimum": 1, "maximum": MAX_N, "default": 1,
+                  "description": "samples, decoded together; sample i is seeded seed + i"},
             "temperature": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "default": 1.0},
             "top_k": {"type": "integer", "minimum": 1}, "top_p": {"type": "number", "minimum": 0,
                                                                   "exclusiveMinimum": True, "maximum": 1},
@@ -106,12 +119,14 @@ PATHS["/v2/models/{name}/generate"] = {"post": {
     "description": "The continuous batcher of /generate. Also /v2/models/{name}/versions/{version}/generate; "
                    "over gRPC, ModelStreamInfer with a BYTES text_input streams the same (docs/kserve.md).",
     "parameters": MODEL, "requestBody": GENERATE_BODY,
-    "responses": {"200": {"description": "`{model_name, model_version, text_output, finish_reason, id?}`"},
+    "responses": {"200": {"description": "`{model_name, model_version, text_output, finish_reason, id?}`; with "
+                                         "n > 1 text_output and finish_reason are lists, one element per sample"},
                   **ERRORS}}}
 PATHS["/v2/models/{name}/generate_stream"] = {"post": {
     "summary": "Triton's generate extension, streamed", "tags": ["KServe v2"],
-    "description": "Server-Sent Events: `data: {model_name, model_version, text_output}` per chunk, the last "
-                   "with `finish_reason`; a failure after the first chunk is a last `data: {error}`.",
+    "description": "Server-Sent Events: `data: {model_name, model_version, text_output}` per chunk, each "
+                   "sample's last with `finish_reason`, and with n > 1 `sequence_index` (the sample) in every "
+                   "event; a failure after the first chunk is a last `data: {error}`.",
     "parameters": MODEL, "requestBody": GENERATE_BODY,
     "responses": {"200": {"description": "the event stream", "content": {"text/event-stream": {}}}, **ERRORS}}}
 

@@ -29,7 +29,7 @@ from starlette.routing import Route
 from models.kinds.image import class_probabilities
 from service import images, metrics, openapi
 from service.errors import ClientError
-from service.generation import Generation, GenerationRequest
+from service.generation import Generation, GenerationRequest, read_choices
 from service.repository import Repository
 from service.runtime import ModelRuntime
 from service.uploads import (
@@ -159,40 +159,84 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
             job = GenerationRequest.from_dict(parsed)
             if not isinstance(job.model, str):
                 raise ClientError(f"model must be a string, got {type(job.model).__name__}")
+            sse = "text/event-stream" in request.headers.get("accept", "")
+            if job.stream is True and isinstance(job.n, int) and job.n > 1 and not sse:
+                raise ClientError(f"n is {job.n} with stream: true, which needs Accept: text/event-stream: a chunked "
+                                  "text/plain stream cannot say which sample a chunk belongs to")
             repository = get_repository()
             if "model" not in parsed:  # GenerationRequest's own default is a name that may not be served
                 job.model = repository.default_model("/generate")
             model = repository.model_for(job.model, "/generate")
             record.begin(model)
             # Streams get a chunk per NNSERVE_STREAM_FLUSH_MS at most; a JSON answer is woken once, at the end.
-            chunks = repository.generator(model).submit(
+            generations = repository.generator(model).submit_choices(
                 job, repository.settings.stream_flush_ms / 1e3 if job.stream else None)
             stream_metrics = metrics.StreamMetrics(model).start()
+            chunks = generations[0] if job.n == 1 else read_choices(generations)
             # Wait for the first characters before answering: a request that cannot start gets its error.
-            first = await anext(chunks)
+            try:
+                first = await anext(chunks)
+            except StopAsyncIteration:  # one sample whose first characters are a stop string: an empty text
+                first = ""
         except Exception as e:
             if stream_metrics is not None:
                 stream_metrics.stop()
+                await chunks.aclose()
             return error_response(record, e)
-        stream_metrics.chars(len(first))
         headers = {"X-Model": model.tag, "X-Seed": str(job.seed)}
+        final = {"model": model.tag, "seed": job.seed}
+        if job.n > 1:
+            return await generate_choices(job, first, chunks, record, stream_metrics, headers, final)
+        stream_metrics.chars(len(first))
         if job.stream:
-            sse = "text/event-stream" in request.headers.get("accept", "")
-            body = stream_body(first, chunks, record, stream_metrics, sse, {"model": model.tag, "seed": job.seed})
+            body = stream_body(first, chunks, record, stream_metrics, sse, final)
             return StreamingResponse(body, headers=headers,
                                      media_type="text/event-stream" if sse else "text/plain; charset=utf-8")
-        text = [first]
+        parts = [first]
         try:
             async for chunk in chunks:
-                text.append(chunk)
+                parts.append(chunk)
                 stream_metrics.chars(len(chunk))
         except Exception as e:
             return error_response(record, e)
         finally:
             stream_metrics.stop()
         record.finish(200)
-        return JSONResponse({"model": model.tag, "text": "".join(text), "seed": job.seed,
-                             "finish_reason": chunks.finish_reason, "timings_ms": record.timings_ms()})
+        text, reason = "".join(parts), chunks.finish_reason
+        return JSONResponse({"model": model.tag, "text": text, "seed": job.seed, "finish_reason": reason,
+                             "choices": [{"index": 0, "text": text, "finish_reason": reason}],
+                             "timings_ms": record.timings_ms()})
+
+    async def generate_choices(job: GenerationRequest, first: tuple[int, str, str | None],
+                               chunks: AsyncIterator[tuple[int, str, str | None]], record: metrics.RequestMetrics,
+                               stream_metrics: metrics.StreamMetrics, headers: dict, final: dict) -> Response:
+        """The answer to n > 1 samples: their event stream, or one JSON answer with a ``choices`` list."""
+        if job.stream:
+            body = stream_choices(first, chunks, record, stream_metrics, final | {"n": job.n})
+            return StreamingResponse(body, headers=headers, media_type="text/event-stream")
+        texts: list[list[str]] = [[] for _ in range(job.n)]
+        reasons: list[str | None] = [None] * job.n
+        try:
+            part = first
+            while True:
+                index, text, reason = part
+                stream_metrics.chars(len(text))
+                texts[index].append(text)
+                reasons[index] = reason or reasons[index]
+                try:
+                    part = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+        except Exception as e:
+            return error_response(record, e)
+        finally:
+            stream_metrics.stop()
+            await chunks.aclose()
+        record.finish(200)
+        return JSONResponse({"model": final["model"], "seed": job.seed, "n": job.n,
+                             "choices": [{"index": i, "text": "".join(parts), "finish_reason": reasons[i]}
+                                         for i, parts in enumerate(texts)],
+                             "timings_ms": record.timings_ms()})
 
     async def list_models(request: Request) -> Response:
         return JSONResponse({"models": get_repository().describe()})
@@ -219,7 +263,8 @@ async def stream_body(first: str, chunks: Generation, record: metrics.RequestMet
         chunk = first
         while True:
             count += len(chunk)
-            yield sse_event(chunk) if sse else chunk
+            if chunk:  # only the first can be empty (a stop string at once): no empty event
+                yield sse_event(chunk) if sse else chunk
             try:
                 chunk = await anext(chunks)
             except StopAsyncIteration:
@@ -237,6 +282,42 @@ async def stream_body(first: str, chunks: Generation, record: metrics.RequestMet
             yield sse_event(json.dumps({"error": str(e)}), "error")
     finally:
         await chunks.aclose()  # frees the request's batch slot at once
+        stream_metrics.stop()
+        record.finish(status)
+
+
+async def stream_choices(first: tuple[int, str, str | None], chunks: AsyncIterator[tuple[int, str, str | None]],
+                         record: metrics.RequestMetrics, stream_metrics: metrics.StreamMetrics, final: dict
+                         ) -> AsyncIterator[str]:
+    """Server-Sent Events for n > 1 samples: a ``choice`` event per chunk, ``{"index", "text"}`` with the
+    sample's ``finish_reason`` on its last one, then an ``end`` event with the model, seed, n, and each
+    sample's character count and finish reason (or an ``error`` event)."""
+    status, counts, reasons = 500, [0] * final["n"], [None] * final["n"]
+    try:
+        part = first
+        while True:
+            index, text, reason = part
+            stream_metrics.chars(len(text))
+            counts[index] += len(text)
+            reasons[index] = reason or reasons[index]
+            yield sse_event(json.dumps({"index": index, "text": text} | ({"finish_reason": reason} if reason else {})),
+                            "choice")
+            try:
+                part = await anext(chunks)
+            except StopAsyncIteration:
+                break
+        choices = [{"index": i, "chars": count, "finish_reason": reason}
+                   for i, (count, reason) in enumerate(zip(counts, reasons, strict=True))]
+        yield sse_event(json.dumps({**final, "chars": sum(counts), "choices": choices}), "end")
+        status = 200
+    except (GeneratorExit, asyncio.CancelledError):
+        status = 499  # the client went away: closing ``chunks`` below frees every sample's slot
+        raise
+    except Exception as e:
+        log.error("generation stream failed", exc_info=e)
+        yield sse_event(json.dumps({"error": str(e)}), "error")
+    finally:
+        await chunks.aclose()
         stream_metrics.stop()
         record.finish(status)
 

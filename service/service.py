@@ -62,7 +62,9 @@ kserve_app = create_kserve_app(current_repository, prefix="/v2", max_request_byt
     workers=SETTINGS.workers,
     # BentoML's own request histograms: same buckets as ours (its default starts at 5 ms).
     metrics={"enabled": True, "duration": {"buckets": list(metrics.LATENCY_BUCKETS)}},
-    traffic={"timeout": 300},  # a 2000-character generation on a busy CPU takes a while
+    # BentoML's own routes only: /generate and /v2 go through the front door (front.py) without BentoML's
+    # timeout middleware, so a stream (up to 10,000 characters) is bounded by its length (docs/generation.md).
+    traffic={"timeout": 300},
     # One INFO line per request costs ~20% of the throughput of a small request: off unless asked for.
     logging={"access": {"enabled": SETTINGS.access_log}},
 )

@@ -18,15 +18,18 @@ import pytest
 from models.vocab import Vocabulary
 from service.errors import ClientError
 from service.generation import (
+    MAX_N,
     MAX_NEW_CHARS,
     MAX_PROMPT_CHARS,
     MAX_STOPS,
+    MAX_STREAM_CHARS,
     PREFILL_CHARS_PER_STEP,
     ContinuousBatcher,
     GenerationError,
     GenerationRequest,
     _cut_at_stop,
     measure_step_loop,
+    read_choices,
     sample_token,
     sample_tokens,
 )
@@ -111,6 +114,16 @@ VOCAB = "Tabcefh ."
     ({"seed": -1}, "seed must be a non-negative integer"),
     ({"seed": "7"}, "seed"),
     ({"stream": "yes"}, "stream must be true or false"),
+    ({"max_new_chars": MAX_STREAM_CHARS}, "max_new_chars must be an integer in [1, 2000] (10000 when streamed)"),
+    ({"max_new_chars": MAX_STREAM_CHARS + 1, "stream": True}, "max_new_chars must be an integer in [1, 10000]"),
+    ({"n": 0}, f"n must be an integer in [1, {MAX_N}], got 0"),
+    ({"n": 1.5}, "n must be an integer in [1, 16], got 1.5"),
+    ({"n": "3"}, "n must be an integer in [1, 16], got '3'"),
+    ({"n": True}, "n must be an integer"),
+    ({"n": MAX_N + 1}, "n must be an integer in [1, 16], got 17"),
+    ({"n": 3, "max_new_chars": 1000}, "n x max_new_chars = 3 x 1000 = 3000 characters; the limit is 2000 per request"),
+    ({"n": 2, "max_new_chars": 5001, "stream": True}, "n x max_new_chars = 2 x 5001 = 10002 characters; the limit is "
+                                                      "10000 per request"),
 ])
 def test_validate_rejects_out_of_range_parameters(changes: dict, message: str) -> None:
     request = GenerationRequest(**{"prompt": "The cab", **changes})
@@ -132,6 +145,9 @@ def test_validate_accepts_limits_and_from_dict_checks_fields() -> None:
     GenerationRequest("T" * MAX_PROMPT_CHARS, max_new_chars=MAX_NEW_CHARS, temperature=1e-9, top_k=1,
                       seed=0).validate(Vocabulary(VOCAB))
     GenerationRequest("a b", temperature=5, top_k=10_000, seed=2**70).validate(Vocabulary(VOCAB))
+    GenerationRequest("ab", max_new_chars=MAX_STREAM_CHARS, stream=True).validate(Vocabulary(VOCAB))
+    GenerationRequest("ab", n=MAX_N, max_new_chars=MAX_NEW_CHARS // MAX_N).validate(Vocabulary(VOCAB))
+    GenerationRequest("ab", n=2, max_new_chars=MAX_STREAM_CHARS // 2, stream=True).validate(Vocabulary(VOCAB))
     request = GenerationRequest.from_dict({"prompt": "ab", "seed": 3, "stream": True})
     assert (request.prompt, request.seed, request.stream, request.max_new_chars) == ("ab", 3, True, 200)
     with pytest.raises(ClientError, match=r"unknown field\(s\) \['max_tokens'\]"):
@@ -510,6 +526,151 @@ def test_vectorised_sampling_rows_do_not_depend_on_the_batch() -> None:
     assert together[3] == logits[3].argmax() and together[4] == logits[4].argmax()  # greedy rows
     assert uniforms.max() < 1 and sample_tokens(logits[:1], temperatures[:1], top_ks[:1],
                                                 np.array([np.nextafter(1.0, 0)]))[0] < 40
+
+
+# -- n samples of one prompt -------------------------------------------------------------------------
+
+async def read_all(generations) -> tuple[list[str], list[str | None], list[int]]:
+    """Every sample's text and finish reason through read_choices, and the order the chunks came in."""
+    texts, reasons, order = [""] * len(generations), [None] * len(generations), []
+    async with contextlib.aclosing(read_choices(generations)) as parts:
+        async for index, text, reason in parts:
+            assert reasons[index] is None  # nothing after a sample's last chunk
+            texts[index] += text
+            reasons[index] = reason
+            order.append(index)
+    return texts, reasons, order
+
+
+def test_n_samples_are_decoded_together_from_one_prefill(runtime: ModelRuntime) -> None:
+    """n = 4: one [1, T] prefill for the four samples (beside a one-sample request of the same prompt: [2, T]),
+    every decode step has all of them, and sample i is exactly the one-sample text of seed + i."""
+    prompt = prompt_for(runtime)
+    calls: list[tuple[int, int]] = []
+    steps: list[int] = []
+    real_run = runtime.run
+
+    def spy(feeds, outputs=None):
+        if feeds["tokens"].shape[1] > 1:
+            calls.append(feeds["tokens"].shape)
+        return real_run(feeds, outputs)
+
+    request = GenerationRequest(prompt, max_new_chars=40, seed=100, temperature=1.3, n=4)
+    single = GenerationRequest(prompt, max_new_chars=40, seed=100, temperature=1.3)
+
+    async def main():
+        batcher = ContinuousBatcher(runtime, on_step=lambda size, seconds: steps.append(size))
+        try:
+            with batcher.held():
+                samples = batcher.submit_choices(request, 0.0)
+                alone = batcher.submit(single, 0.0)
+                assert batcher.waiting == 5
+            return await asyncio.gather(read_all(samples), read(alone))
+        finally:
+            await batcher.close()
+
+    runtime.run = spy
+    try:
+        (texts, reasons, _), single_text = run(main())
+    finally:
+        del runtime.run
+    assert calls == [(2, len(prompt))]  # the four samples shared one prefill row
+    assert steps == [5] * (request.max_new_chars - 1)
+    assert texts == [generate_alone(runtime, GenerationRequest(prompt, max_new_chars=40, seed=100 + i,
+                                                               temperature=1.3)) for i in range(4)]
+    assert texts[0] == single_text  # sample 0 is the one-sample request of the same seed
+    assert len(set(texts)) == 4 and reasons == ["length"] * 4
+
+
+def test_n_samples_wait_for_enough_free_slots_and_nobody_overtakes(runtime: ModelRuntime) -> None:
+    """max_batch_size 3: a running one-sample request leaves 2 slots; the n = 3 request waits until it is done
+    (the samples join together), and a one-sample request behind it waits too (FIFO)."""
+    prompt = prompt_for(runtime)
+    first = GenerationRequest(prompt, max_new_chars=5, seed=1)
+    group = GenerationRequest(prompt, max_new_chars=4, seed=2, n=3)
+    last = GenerationRequest(prompt, max_new_chars=2, seed=9)
+    texts, steps = None, []
+
+    async def main():
+        batcher = ContinuousBatcher(runtime, max_batch_size=3, on_step=lambda size, seconds: steps.append(size))
+        try:
+            with batcher.held():
+                streams = [batcher.submit(first), batcher.submit_choices(group), batcher.submit(last)]
+            return await asyncio.gather(read(streams[0]), read_all(streams[1]), read(streams[2]))
+        finally:
+            await batcher.close()
+
+    first_text, (texts, _, _), last_text = run(main())
+    # first decodes alone (4 steps); then the three samples join and decode together (3 steps); `last` only
+    # joins after them (its 1 decode step alone) although a slot was free meanwhile.
+    assert steps == [1, 1, 1, 1, 3, 3, 3, 1]
+    assert first_text == generate_alone(runtime, first) and last_text == generate_alone(runtime, last)
+    assert texts == [generate_alone(runtime, GenerationRequest(prompt, max_new_chars=4, seed=2 + i)) for i in range(3)]
+
+
+def test_n_samples_with_stop_strings_end_each_on_its_own(runtime: ModelRuntime) -> None:
+    prompt = prompt_for(runtime)
+    full = [generate_alone(runtime, GenerationRequest(prompt, max_new_chars=80, seed=50 + i)) for i in range(3)]
+    stop = full[1][30:33]  # met by sample 1; maybe by the others, wherever it first occurs in each
+
+    async def main():
+        batcher = ContinuousBatcher(runtime)
+        try:
+            return await read_all(batcher.submit_choices(
+                GenerationRequest(prompt, max_new_chars=80, seed=50, n=3, stop=stop), 0.0))
+        finally:
+            await batcher.close()
+
+    texts, reasons, order = run(main())
+    for text, reason, whole in zip(texts, reasons, full, strict=True):
+        assert (text, reason) == ((whole[:whole.index(stop)], "stop") if stop in whole else (whole, "length"))
+    assert reasons[1] == "stop" and sorted(set(order)) == [0, 1, 2]
+
+
+def test_closing_the_samples_frees_every_slot(runtime: ModelRuntime) -> None:
+    prompt = prompt_for(runtime)
+
+    async def main() -> None:
+        batcher = ContinuousBatcher(runtime)
+        try:
+            # Closed after the first chunk (a client that went away): all n slots come back at once.
+            parts = read_choices(batcher.submit_choices(GenerationRequest(prompt, max_new_chars=500, n=4), 0.0))
+            await anext(parts)
+            assert batcher.active == 4
+            await parts.aclose()
+            assert (batcher.active, batcher.waiting) == (0, 0)
+            # Closed while still waiting for slots: they leave the queue.
+            with batcher.held():
+                parts = read_choices(batcher.submit_choices(GenerationRequest(prompt, max_new_chars=5, n=3), 0.0))
+                assert batcher.waiting == 3
+                task = asyncio.create_task(anext(parts))
+                await asyncio.sleep(0)  # the readers start and wait
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                await parts.aclose()
+                assert (batcher.active, batcher.waiting) == (0, 0)
+            after = GenerationRequest(prompt, max_new_chars=6, seed=3)
+            assert await collect(batcher, after) == generate_alone(runtime, after)  # still serving
+        finally:
+            await batcher.close()
+
+    run(main())
+
+
+def test_n_over_the_batch_size_is_a_client_error(runtime: ModelRuntime) -> None:
+    async def main() -> None:
+        batcher = ContinuousBatcher(runtime, max_batch_size=4)
+        try:
+            with pytest.raises(ClientError, match="n is 5; this server decodes at most 4 sequences together"):
+                batcher.submit_choices(GenerationRequest(prompt_for(runtime), max_new_chars=5, n=5))
+            with pytest.raises(ClientError, match="n must be an integer"):
+                batcher.submit_choices(GenerationRequest(prompt_for(runtime), n=0))
+            assert (batcher.active, batcher.waiting) == (0, 0)
+        finally:
+            await batcher.close()
+
+    run(main())
 
 
 def test_measure_step_loop_reports_a_rate(runtimes: dict[str, ModelRuntime]) -> None:

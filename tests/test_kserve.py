@@ -138,7 +138,7 @@ def test_model_metadata_comes_from_the_store(http, grpc_client, name):
     # The graph's tensors, then the kind's BYTES protocol tensors (tests/test_triton_extensions.py).
     protocol = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1]}] if "vocab" in
                 model.info.metadata else [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
-                "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [1]}] if "vocab" in
+                "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}] if "vocab" in
                 model.info.metadata else []}
 
     def expected(key):

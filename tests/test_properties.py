@@ -271,7 +271,7 @@ def test_token_ids_checked_against_the_vocabulary(runtimes, tokens):
 # -- /generate ---------------------------------------------------------------------------------------------
 
 generation_bodies = st.dictionaries(
-    st.sampled_from(["prompt", "max_new_chars", "temperature", "top_k", "seed", "model", "stream", "extra"])
+    st.sampled_from(["prompt", "max_new_chars", "temperature", "top_k", "seed", "model", "stream", "n", "extra"])
     | st.text(max_size=5) | st.integers(), json_like | st.integers() | st.floats(), max_size=7)
 
 

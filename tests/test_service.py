@@ -248,6 +248,88 @@ def test_concurrent_generations_equal_their_solo_results(url):
     assert together == solo * 2
 
 
+def sse_events(body: str) -> list[tuple[str | None, str]]:
+    """(event name, data) per Server-Sent Event of a whole body: data lines joined with newlines (the spec)."""
+    events, name, data = [], None, []
+    for line in body.split("\n"):
+        if not line:
+            if data or name:
+                events.append((name, "\n".join(data)))
+            name, data = None, []
+        elif line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            data.append(line.removeprefix("data: "))
+        else:
+            raise AssertionError(f"not an SSE line: {line!r}")
+    assert not data and name is None, "the stream ended inside an event"
+    return events
+
+
+def sse_generate(url: str, **body) -> list[tuple[str | None, str]]:
+    with requests.post(f"{url}/generate", json={**body, "stream": True}, headers={"Accept": "text/event-stream"},
+                       stream=True, timeout=120) as response:
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return sse_events(response.content.decode())
+
+
+def test_generate_n_samples_each_is_the_one_sample_text_of_seed_plus_i(url):
+    one = generate(url, prompt="The ", max_new_chars=60, seed=5, temperature=1.2).json()
+    # n = 1 keeps its shape (text, finish_reason) and adds the same answer as a one-element choices list.
+    assert one["choices"] == [{"index": 0, "text": one["text"], "finish_reason": "length"}]
+    response = generate(url, prompt="The ", max_new_chars=60, seed=5, temperature=1.2, n=3)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["seed"] == 5 and body["n"] == 3 and "text" not in body and "finish_reason" not in body
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert [c["finish_reason"] for c in body["choices"]] == ["length"] * 3
+    solo = [generate(url, prompt="The ", max_new_chars=60, seed=5 + i, temperature=1.2).json()["text"]
+            for i in range(3)]
+    assert [c["text"] for c in body["choices"]] == solo and solo[0] == one["text"]
+    assert len(set(solo)) == 3
+    # Without a seed: the one drawn is reported and reproduces every sample.
+    drawn = generate(url, prompt="The ", max_new_chars=30, n=2).json()
+    again = generate(url, prompt="The ", max_new_chars=30, n=2, seed=drawn["seed"]).json()
+    assert again["choices"] == drawn["choices"]
+
+
+def test_generate_n_samples_streamed_as_server_sent_events(url):
+    want = generate(url, prompt="The ", max_new_chars=150, seed=21, n=3).json()["choices"]
+    events = sse_generate(url, prompt="The ", max_new_chars=150, seed=21, n=3)
+    assert [name for name, _ in events[:-1]] == ["choice"] * (len(events) - 1) and events[-1][0] == "end"
+    choices = [json.loads(data) for _, data in events[:-1]]
+    texts, reasons = ["", "", ""], [None, None, None]
+    for event in choices:
+        assert reasons[event["index"]] is None, "an event after its sample's last one"
+        texts[event["index"]] += event["text"]
+        reasons[event["index"]] = event.get("finish_reason")
+    assert [{"index": i, "text": t, "finish_reason": r}
+            for i, (t, r) in enumerate(zip(texts, reasons, strict=True))] == want
+    end = json.loads(events[-1][1])
+    assert end["seed"] == 21 and end["n"] == 3 and end["chars"] == 450
+    assert end["choices"] == [{"index": i, "chars": 150, "finish_reason": "length"} for i in range(3)]
+    # Chunked text/plain cannot say which sample a chunk is: refused, naming n.
+    response = requests.post(f"{url}/generate", json={"prompt": "The ", "n": 2, "stream": True}, timeout=60)
+    assert response.status_code == 400 and "n is 2 with stream: true" in response.json()["error"]
+
+
+def test_a_10000_character_stream_arrives_whole(url):
+    """The longest stream allowed, over real HTTP: every character arrives, as text/plain and as SSE (same
+    seed, same text), and the JSON answer keeps its lower limit."""
+    with requests.post(f"{url}/generate", json={"prompt": "The ", "max_new_chars": 10_000, "seed": 4,
+                                                "stream": True}, stream=True, timeout=120) as response:
+        assert response.status_code == 200, response.text
+        text = response.content.decode()
+    assert len(text) == 10_000
+    events = sse_generate(url, prompt="The ", max_new_chars=10_000, seed=4)
+    assert "".join(data for name, data in events if name is None) == text
+    end = json.loads(events[-1][1])
+    assert events[-1][0] == "end" and (end["seed"], end["chars"], end["finish_reason"]) == (4, 10_000, "length")
+    response = generate(url, prompt="The ", max_new_chars=10_000)
+    assert response.status_code == 400 and "[1, 2000] (10000 when streamed)" in response.json()["error"]
+
+
 # -- client errors -----------------------------------------------------------------------------------
 
 
@@ -298,6 +380,11 @@ def test_generate_client_errors_name_the_problem(url, tiny_store):
         (dict(prompt="The", temperature=0), "temperature"),
         (dict(prompt="The", temperature=-1.5), "temperature"),
         (dict(prompt="The", top_k=0), "top_k"),
+        (dict(prompt="The", n=0), "n must be an integer in [1, 16]"),
+        (dict(prompt="The", n=1.5), "n must be an integer"),
+        (dict(prompt="The", n="3"), "n must be an integer"),
+        (dict(prompt="The", n=17), "n must be an integer in [1, 16], got 17"),
+        (dict(prompt="The", n=16, max_new_chars=200), "n x max_new_chars = 16 x 200 = 3200"),
         (dict(prompt="The", seed=-1), "seed"),
         (dict(prompt="The", model="gpt-5"), "unknown model 'gpt-5'"),
         (dict(prompt="The", model="lenet5"), "image_classifier"),
@@ -421,3 +508,40 @@ def test_a_client_leaving_a_stream_frees_it(url, tiny_store):
     assert metric(after, "nnserve_requests_total", **left) == before + 1, "the abandoned stream was not counted"
     assert metric(after, "nnserve_generation_streams_active", **lstm) == 0
     assert generate(url, prompt="The", max_new_chars=5).status_code == 200
+
+
+def test_a_client_leaving_an_n_sample_stream_frees_every_slot(url, tiny_store):
+    """Hang up on a 4-sample SSE stream after its first event: the abandoned request is counted (499) only
+    after its generations were closed, and at that point no slot of the batcher is held."""
+    lstm = dict(model="char_lstm", version=tiny_store["char_lstm"].split(":")[1])
+    left = dict(endpoint="generate", outcome="client_error", **lstm)
+    before = metric(scrape(url), "nnserve_requests_total", **left)
+    with requests.post(f"{url}/generate", json={"prompt": "The ", "max_new_chars": 2500, "n": 4, "stream": True},
+                       headers={"Accept": "text/event-stream"}, stream=True, timeout=60) as response:
+        assert response.status_code == 200
+        assert next(response.iter_content(chunk_size=1))
+    deadline = time.monotonic() + 60  # a generous bound on a busy box; usually well under a second
+    while time.monotonic() < deadline:
+        after = scrape(url)
+        if metric(after, "nnserve_requests_total", **left) > before:
+            break
+        time.sleep(0.2)
+    assert metric(after, "nnserve_requests_total", **left) == before + 1, "the abandoned stream was not counted"
+    assert metric(after, "nnserve_generation_slots", state="active", **lstm) == 0
+    assert metric(after, "nnserve_generation_streams_active", **lstm) == 0
+    assert generate(url, prompt="The", max_new_chars=5, n=2).status_code == 200
+
+
+def test_a_stop_string_at_the_very_start_gives_an_empty_text(url):
+    """The first character sampled is a stop string: an empty text with finish_reason "stop" (JSON, stream,
+    SSE), not a server error."""
+    first = generate(url, prompt="The ", max_new_chars=1, seed=13).json()["text"]
+    body = generate(url, prompt="The ", max_new_chars=50, seed=13, stop=first).json()
+    assert (body["text"], body["finish_reason"]) == ("", "stop")
+    with requests.post(f"{url}/generate", json={"prompt": "The ", "max_new_chars": 50, "seed": 13, "stop": first,
+                                                "stream": True}, stream=True, timeout=60) as response:
+        assert response.status_code == 200 and response.content == b""
+    events = sse_generate(url, prompt="The ", max_new_chars=50, seed=13, stop=first)
+    assert [name for name, _ in events] == ["end"] and json.loads(events[0][1])["finish_reason"] == "stop"
+    choices = generate(url, prompt="The ", max_new_chars=50, seed=13, stop=first, n=2).json()["choices"]
+    assert choices[0] == {"index": 0, "text": "", "finish_reason": "stop"}

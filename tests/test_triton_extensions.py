@@ -136,8 +136,8 @@ def test_model_metadata_describes_the_protocol_tensors(http, grpc_client):
     assert image["parameters"]["classification"] == ["logits"]
     text = http.get_model_metadata("char_lstm")
     assert {"name": "text_input", "datatype": "BYTES", "shape": [1]} in text["inputs"]
-    assert {"name": "text_output", "datatype": "BYTES", "shape": [1]} in text["outputs"]
-    assert set(text["parameters"]["sampling"]) == {"max_tokens", "temperature", "top_k", "top_p", "seed", "stop"}
+    assert {"name": "text_output", "datatype": "BYTES", "shape": [-1]} in text["outputs"]  # [n]: one per sample
+    assert set(text["parameters"]["sampling"]) == {"max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "n"}
     vocabulary = text["parameters"]["vocabulary"]  # a client tokenizes with it: token id i = tokens[i]
     assert vocabulary["type"] == "characters" and len(vocabulary["tokens"]) == vocabulary["size"] == \
         text["outputs"][0]["shape"][-1]
@@ -270,6 +270,91 @@ def test_http_generate_errors_are_triton_shaped(server, path, body, status, name
     response = requests.post(f"{server.http_url}/v2/models/{path}", json=body, timeout=60)
     assert response.status_code == status, response.text
     assert named in response.json()["error"]
+
+
+# --- n samples of one prompt ---------------------------------------------------------------------------------
+
+def rest_choices(server, n: int, **fields) -> list[dict]:
+    return rest_generate(server, n=n, **fields)["choices"]
+
+
+def test_n_samples_in_the_generate_extension(server):
+    want = rest_choices(server, 3, max_new_chars=50, seed=12)
+    body = {"text_input": PROMPT, "parameters": {"max_tokens": 50, "seed": 12, "n": 3}}
+    response = requests.post(f"{server.http_url}/v2/models/char_lstm/generate", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    reply = response.json()  # a multi-element output is a JSON array, as Triton answers it
+    assert reply["text_output"] == [c["text"] for c in want] and reply["finish_reason"] == ["length"] * 3
+    with requests.post(f"{server.http_url}/v2/models/char_lstm/generate_stream", json=body, stream=True,
+                       timeout=120) as response:
+        assert response.status_code == 200, response.text
+        events = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines(decode_unicode=True)
+                  if line]
+    texts, reasons = ["", "", ""], [None, None, None]
+    for event in events:
+        assert reasons[event["sequence_index"]] is None, "an event after its sample's last one"
+        texts[event["sequence_index"]] += event["text_output"]
+        reasons[event["sequence_index"]] = event.get("finish_reason")
+    assert texts == [c["text"] for c in want] and reasons == ["length"] * 3
+
+
+@pytest.mark.parametrize("empty_final", [False, True], ids=["flag-on-last-chunk", "empty-final-response"])
+def test_n_samples_over_grpc_stream_carry_their_sequence_index(server, grpc_client, empty_final):
+    want = rest_choices(server, 4, max_new_chars=80, seed=31, top_k=10)
+    responses = stream_generate(grpc_client, {"max_tokens": 80, "seed": 31, "top_k": 10, "n": 4}, empty_final)
+    finals = [r.get_response().parameters["triton_final_response"].bool_param for r in responses]
+    assert finals == [False] * (len(finals) - 1) + [True]  # the request's last response, not each sample's
+    texts, reasons = [""] * 4, [None] * 4
+    for result in responses:
+        parameters = result.get_response().parameters
+        if not result.get_response().outputs:  # Triton's empty final response
+            assert empty_final and result is responses[-1]
+            continue
+        index = parameters["sequence_index"].int64_param
+        assert reasons[index] is None, "a response after its sample's last one"
+        texts[index] += result.as_numpy("text_output")[0].decode()
+        if "finish_reason" in parameters:
+            reasons[index] = parameters["finish_reason"].string_param
+    assert texts == [c["text"] for c in want] and reasons == ["length"] * 4
+
+
+def test_n_samples_through_infer_are_text_output_n(server, http, grpc_client):
+    want = [c["text"].encode() for c in rest_choices(server, 2, max_new_chars=40, seed=3)]
+    parameters = {"max_tokens": 40, "seed": 3, "n": 2}
+    for client, cls in ((http, httpclient.InferInput), (grpc_client, grpcclient.InferInput)):
+        result = client.infer("char_lstm", [text_input(cls=cls)], parameters=parameters)
+        assert result.as_numpy("text_output").tolist() == want
+
+
+def test_a_10000_character_grpc_stream_arrives_whole(server, grpc_client):
+    responses = stream_generate(grpc_client, {"max_tokens": 10_000, "seed": 6})
+    text = "".join(r.as_numpy("text_output")[0].decode() for r in responses)
+    assert len(text) == 10_000
+    assert responses[-1].get_response().parameters["finish_reason"].string_param == "length"
+    with requests.post(f"{server.http_url}/generate", json={"prompt": PROMPT, "max_new_chars": 10_000, "seed": 6,
+                                                            "stream": True}, stream=True, timeout=120) as response:
+        assert response.content.decode() == text
+    with pytest.raises(InferenceServerException, match=r"max_tokens must be an integer in \[1, 2000\]"):
+        grpc_client.infer("char_lstm", [text_input()], parameters={"max_tokens": 10_000})  # not streamed
+
+
+@pytest.mark.parametrize(("parameters", "named"), [
+    ({"n": 0}, "n must be an integer in [1, 16], got 0"),
+    ({"n": "3"}, "n must be an integer in [1, 16], got '3'"),
+    ({"n": 1.5}, "n must be an integer in [1, 16], got 1.5"),
+    ({"n": 17}, "n must be an integer in [1, 16], got 17"),
+    ({"n": 4, "max_tokens": 600}, "n x max_tokens = 4 x 600 = 2400 characters; the limit is 2000"),
+])
+def test_bad_n_is_named_everywhere(server, grpc_client, parameters, named):
+    body = {"text_input": PROMPT, "parameters": parameters}
+    response = requests.post(f"{server.http_url}/v2/models/char_lstm/generate", json=body, timeout=60)
+    assert response.status_code == 400 and named in response.json()["error"], response.text
+    if "max_tokens" not in parameters:  # a stream allows 10,000 characters in all
+        response = requests.post(f"{server.http_url}/v2/models/char_lstm/generate_stream", json=body, timeout=60)
+        assert response.status_code == 400 and named in response.json()["error"], response.text
+        with pytest.raises(InferenceServerException) as error:
+            stream_generate(grpc_client, parameters)
+        assert named in error.value.message()
 
 
 # --- the classification extension ----------------------------------------------------------------------------

@@ -34,7 +34,7 @@ PREFILL_WARMUP_LEN = 16  # one T > 1 shape at warm-up: prompts are prefilled in 
 BPC_STREAMS, BPC_WINDOW = 16, 100
 # Triton's (and OpenAI's) sampling parameter names -> GenerationRequest fields (service/generation.py).
 SAMPLING_PARAMETERS = {"max_tokens": "max_new_chars", "temperature": "temperature", "top_k": "top_k",
-                       "top_p": "top_p", "seed": "seed", "stop": "stop"}
+                       "top_p": "top_p", "seed": "seed", "stop": "stop", "n": "n"}
 # Parameters Triton clients send that change nothing here: the route decides streaming; Triton's own flags.
 IGNORED_PARAMETERS = {"stream", "triton_enable_empty_final_response", "priority", "timeout"}
 
@@ -100,7 +100,7 @@ class SequenceLM(Kind):
         return [{"name": "text_input", "datatype": "BYTES", "shape": [1], "role": "prompt"}]
 
     def protocol_outputs(self, metadata: dict) -> list[dict]:
-        return [{"name": "text_output", "datatype": "BYTES", "shape": [1]}]
+        return [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]  # one element per sample (n)
 
     def sampling_options(self, parameters: dict) -> tuple[dict, dict]:
         unknown = sorted(set(parameters) - set(SAMPLING_PARAMETERS) - IGNORED_PARAMETERS)
