@@ -96,7 +96,7 @@ def get_model(repository: Repository, name: str, version: str = "") -> ModelRunt
     return repository.get(name, version)
 
 
-def model_metadata(runtime: ModelRuntime) -> dict:
+def model_metadata(runtime: ModelRuntime, versions: list[str] | None = None) -> dict:
     """KServe model metadata: names, datatypes and shapes (-1 = dynamic) straight from the store metadata,
     then the kind's BYTES protocol inputs and outputs. ``parameters`` (REST only: gRPC's message has no such
     field) says what those take: sampling parameters, which outputs answer the classification extension."""
@@ -120,7 +120,7 @@ def model_metadata(runtime: ModelRuntime) -> dict:
         if p["role"] == "image":
             parameters["image"] = (f"encoded image files (PNG, JPEG, ...) instead of {meta['roles']['image']!r}, "
                                    "one per batch row, shape [N] or [N, 1]")
-    return {"name": runtime.name, "versions": [runtime.version], "platform": PLATFORM,
+    return {"name": runtime.name, "versions": versions or [runtime.version], "platform": PLATFORM,
             "inputs": tensors(runtime.inputs) + extra_in, "outputs": tensors(runtime.outputs) + extra_out,
             **({"parameters": parameters} if parameters else {})}
 

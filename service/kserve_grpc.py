@@ -187,7 +187,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def ModelMetadata(self, request, context):
         runtime = kserve.get_model(self.repository, request.name, request.version)
-        meta = kserve.model_metadata(runtime)
+        meta = kserve.model_metadata(runtime, self.repository.served_versions(runtime.name))
         return pb.ModelMetadataResponse(
             name=meta["name"], versions=meta["versions"], platform=meta["platform"],
             inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]],

@@ -299,7 +299,7 @@ def create_app(get_repository: Callable[[], Repository], prefix: str = "",
     async def model_metadata(request: Request) -> Response:
         p = request.path_params
         runtime = kserve.get_model(get_repository(), p["name"], p.get("version", ""))
-        return JSONResponse(kserve.model_metadata(runtime))
+        return JSONResponse(kserve.model_metadata(runtime, get_repository().served_versions(runtime.name)))
 
     async def model_ready(request: Request) -> Response:
         p = request.path_params

@@ -405,6 +405,11 @@ class Repository:
                 "traffic": {"weights": dict(config.traffic), "sticky_header": config.sticky_header or None}})
         return out
 
+    def served_versions(self, name: str) -> list[str]:
+        """The ready versions of ``name``, oldest first (KServe model metadata's ``versions``)."""
+        route = self.routes.get(name)
+        return list(route.versions) if route else []
+
     def served_version(self, runtime: ModelRuntime) -> Served:
         return self.served[(runtime.name, runtime.version)]
 
