@@ -47,7 +47,21 @@ train-full: setup
 export: train
 	$(PY) -m export $(addprefix artifacts/,$(MODELS)) --int8 --if-missing
 
-serve: export
+# One default model trained (if its artifact is missing) and exported (if the store lacks it).
+model-%: setup
+	@if [ ! -f artifacts/$*/card.json ]; then $(PY) -m models.train $* || exit 1; fi
+	@$(PY) -m export artifacts/$* --int8 --if-missing
+
+# The first default model is trained and exported, then the server starts while the others are built in
+# the background (log: .nnserve/build.log); they join as each is exported, reported as loading until then
+# (docs/service.md, "Live changes"). Stopping the server stops the build.
+FIRST_MODEL := lenet5
+serve: setup model-$(FIRST_MODEL)
+	@mkdir -p .nnserve
+	@setsid sh -c 'for m in "$$@"; do $(MAKE) --no-print-directory model-$$m || exit 1; done; echo "all default models built"' \
+	  build $(filter-out $(FIRST_MODEL),$(MODELS)) > .nnserve/build.log 2>&1 & builder=$$!; \
+	trap 'kill -TERM -- -$$builder 2>/dev/null' EXIT INT TERM; \
+	echo "building $(filter-out $(FIRST_MODEL),$(MODELS)) in the background (.nnserve/build.log); they join when exported"; \
 	NNSERVE_GRPC_PORT=$(GRPC_PORT) NNSERVE_MANAGEMENT_TOKEN_FILE=$(NNSERVE_MANAGEMENT_TOKEN_FILE) \
 	  $(VENV)/bin/bentoml serve service.service:NNServe --port $(HTTP_PORT)
 

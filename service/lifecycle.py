@@ -65,6 +65,18 @@ def store_versions(store_name: str) -> list[str]:
     return [m.tag.version for m in sorted(models, key=lambda m: m.info.creation_time)]
 
 
+def store_model_complete(store_name: str) -> bool:
+    """Whether ``store_name`` has a finished version: the store writes its ``latest`` pointer only once a
+    version's files are all in place (a version being exported right now is not served half-copied)."""
+    import bentoml
+
+    try:
+        bentoml.models.get(f"{store_name}:latest")
+    except bentoml.exceptions.NotFound:
+        return False
+    return True
+
+
 def store_index() -> dict[str, list[str]]:
     """Every model name in the store with its versions, oldest first."""
     import bentoml

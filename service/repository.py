@@ -35,15 +35,16 @@ import numpy as np
 from models.kinds import kinds_for
 from service import images, metrics
 from service.batching import BatchingConfig, BatchStats, DynamicBatcher
-from service.errors import ClientError, NotFound, Unavailable
+from service.errors import ClientError, Conflict, NotFound, Unavailable
 from service.generation import ContinuousBatcher
-from service.lifecycle import LiveState, StateDir, with_versions
+from service.lifecycle import LiveState, StateDir, store_model_complete, with_versions
 from service.runtime import ModelRuntime, load_runtime, store_model
 from service.settings import ModelConfig, Settings
 
 log = logging.getLogger("nnserve.repository")
 
 POLL_S = 0.1  # how often a worker looks for a new live state (a stat call)
+JOIN_S = 2.0  # how often a worker looks in the store for configured models not exported yet
 QUIET_S = 0.1  # a retired version must be idle this long before it is freed (see Served.idle)
 
 
@@ -134,6 +135,7 @@ class Repository:
         self.routes: dict[str, Route] = {}  # replaced whole on each change: readers never see a half-made one
         self.served: dict[tuple[str, str], Served] = {}  # every loaded version, retiring ones included
         self.failures: dict[str, str] = {}  # name -> why it serves no version
+        self.waiting: dict[str, str] = {}  # name -> not in the store yet: served once it is exported
         self.version_failures: dict[tuple[str, str], str] = {}  # (name, version) -> why it could not load
         self.kinds: dict[str, str | None] = {}  # name -> kind from the store metadata: known even if loading fails
         self.loaded = threading.Event()  # the first state is served (or failed)
@@ -164,7 +166,11 @@ class Repository:
                              for m in self.settings.models}
         finally:
             self.loaded.set()
+        next_join = time.monotonic() + JOIN_S
         while not self._stop.wait(POLL_S):
+            if self.waiting and time.monotonic() > next_join:
+                next_join = time.monotonic() + JOIN_S
+                self._join_exported()
             if self.state.stamp() == stamp:
                 continue
             stamp = self.state.stamp()
@@ -175,26 +181,53 @@ class Repository:
                 continue
             self.reconcile(desired)
 
+    def _join_exported(self) -> None:
+        """Configured models that were not in the store when the state was written join once they are
+        (``make serve`` serves lenet5 while the other default models still train): the worker that sees it
+        first writes the next generation, the others load it from there."""
+        try:
+            if not any(store_model_complete(self.desired.model(n).store_name) for n in self.waiting
+                       if self.desired.model(n) is not None):
+                return
+            with self.state.change_lock():
+                current = self.state.read()
+                models, joined = [], []
+                for model in current.models:
+                    if not model.versions and store_model_complete(model.store_name):
+                        with contextlib.suppress(ClientError):
+                            model = with_versions(model)
+                            joined.append(model.name)
+                    models.append(model)
+                if joined:
+                    log.info("worker %s: %s now in the store: serving", self.worker, ", ".join(joined))
+                    self.state.write(LiveState(current.generation + 1, tuple(models)))
+        except Conflict:  # a change (or another worker's join) is being written: look again later
+            pass
+        except Exception:  # never let the watch loop die
+            log.exception("worker %s: looking for newly exported models failed", self.worker)
+
     def reconcile(self, desired: LiveState) -> None:
         """Serve ``desired``: load what is new, switch the routing, retire what is gone."""
         with self._reconcile_lock:
-            routes, failures, resolved = {}, {}, []
+            routes, failures, waiting, resolved = {}, {}, {}, []
             for config in desired.models:
                 if config.name not in self.routes:
                     metrics.set_model_ready(config.name, False)
                 if not config.versions and self.state is None:  # no live state: this worker resolves its own
                     try:
                         config = with_versions(config)
+                    except NotFound:
+                        pass  # waiting, below
                     except ClientError as e:
                         failures[config.name] = str(e)
-                        self.kinds.setdefault(config.name, None)
                 resolved.append(config)
                 versions = config.versions
                 if config.name in failures:
                     continue
                 if not versions:
-                    failures[config.name] = (f"model {config.store_name!r} is not in the model store (run `make export`"
-                                             f" or python -m export ...)")
+                    waiting[config.name] = (f"model {config.name!r} is waiting for {config.store_name!r} to be "
+                                            "exported into the model store (make export, or python -m export ...); "
+                                            "it is served as soon as it is there")
                     continue
                 ready = {}
                 for version in versions:
@@ -207,7 +240,7 @@ class Repository:
                     failures[config.name] = "; ".join(self.version_failures[(config.name, v)] for v in versions)
             kept = {id(s) for route in routes.values() for s in route.versions.values()}
             retiring = [s for s in self.served.values() if id(s) not in kept and not s.retired]
-            self.routes, self.failures = routes, failures
+            self.routes, self.failures, self.waiting = routes, failures, waiting
             self.desired = LiveState(desired.generation, tuple(resolved))
             for served in retiring:
                 served.retired = True
@@ -341,8 +374,8 @@ class Repository:
 
     def not_ready_reason(self) -> str | None:
         """None once every model is ready, else which are not and why (for /readyz)."""
-        reasons = [f"{n} failed to load: {self.failures[n]}" if n in self.failures else f"{n} is loading"
-                   for n in self.names() if n not in self.routes]
+        reasons = [f"{n} failed to load: {self.failures[n]}" if n in self.failures else self.waiting.get(n)
+                   or f"{n} is loading" for n in self.names() if n not in self.routes]
         return "; ".join(reasons) or None
 
     def state_of(self, name: str) -> str:
@@ -355,6 +388,8 @@ class Repository:
         if route is None:
             if name in self.failures:
                 raise Unavailable(f"model {name!r} failed to load: {self.failures[name]}")
+            if name in self.waiting:
+                raise Unavailable(self.waiting[name], retry_after=5)
             if name in self.names():
                 raise Unavailable(f"model {name!r} is still loading", retry_after=1)
             raise NotFound(f"unknown model {str(name)[:100]!r}; served models: {', '.join(self.names()) or 'none'}")
@@ -382,7 +417,9 @@ class Repository:
             if self.kinds.get(name) in kinds:
                 return name
             if name not in self.kinds and name not in self.failures:  # its kind is not known yet
-                raise Unavailable(f"{endpoint}: model {name!r} is still loading", retry_after=1)
+                raise Unavailable(f"{endpoint}: model {name!r} (the first configured one that may serve it) is "
+                                  f"still loading{': ' + self.waiting[name] if name in self.waiting else ''}",
+                                  retry_after=1)
         served = ", ".join(f"{n} ({self.kinds.get(n) or 'kind unknown'})" for n in self.names())
         wanted = " or ".join(kinds) or "(none serves it)"
         raise NotFound(f"{endpoint} needs a model of kind {wanted} and none is served; served models: {served}")
@@ -395,7 +432,7 @@ class Repository:
             route = self.routes.get(config.name)
             if route is None:
                 out.append({"name": config.name, "state": self.state_of(config.name),
-                            "reason": self.failures.get(config.name)})
+                            "reason": self.failures.get(config.name) or self.waiting.get(config.name)})
                 continue
             newest = route.versions[next(reversed(route.versions))]
             versions = [{"version": v, "state": "ready" if v in route.versions else "failed",

@@ -209,27 +209,31 @@ def test_a_missing_file_named_by_the_variable_is_an_error(tmp_path, monkeypatch)
 
 def test_each_endpoints_default_is_the_first_configured_model_of_its_kind(tiny_store, tmp_path):
     """In process, on the session store: a model that failed to load stays its endpoint's default (requests
-    get its reason, not another model); one missing from the store has no kind and is passed over."""
+    get its reason, not another model); one not in the store yet waits for its export (its kind is unknown:
+    an endpoint whose default it may be answers 503 naming it, never another model)."""
     from loadtest.faults import truncated_copy
     from service.errors import NotFound, Unavailable
 
     broken = truncated_copy(tiny_store["lenet5"], "digits-truncated")
-    config = {"ghost": {"tag": "ghost:latest"}, "broken": {"tag": broken}, "features": {"tag": tiny_store["vgg_fc7"]},
+    config = {"broken": {"tag": broken}, "features": {"tag": tiny_store["vgg_fc7"]}, "ghost": {"tag": "ghost:latest"},
               "poet": {"tag": tiny_store["char_gru"]}}
     settings = settings_from(tmp_path, yaml.safe_dump({"models": config}, sort_keys=False),
                              {"NNSERVE_PROVIDERS": "CPUExecutionProvider", "NNSERVE_INTRA_OP_THREADS": "1"})
     repository = Repository(settings)
     repository.load_all()
     try:
-        assert set(repository.failures) == {"ghost", "broken"} and set(repository.models) == {"features", "poet"}
+        assert set(repository.failures) == {"broken"} and set(repository.models) == {"features", "poet"}
+        assert set(repository.waiting) == {"ghost"} and repository.state_of("ghost") == "loading"
+        with pytest.raises(Unavailable, match="'ghost' is waiting for 'ghost' to be exported"):
+            repository.get("ghost")
         assert repository.default_model("/classify") == "broken"
         with pytest.raises(Unavailable, match="model 'broken' failed to load"):
             repository.get("broken")
         assert repository.default_model("/features") == "features"
-        assert repository.default_model("/generate") == "poet"
-        with pytest.raises(NotFound, match=r"/x needs a model of kind .*and none is served; served models: "
-                                           r"ghost \(kind unknown\), broken \(image_classifier\), features"):
-            repository.default_model("/x")
+        with pytest.raises(Unavailable, match="/generate: model 'ghost' .* still loading"):
+            repository.default_model("/generate")
+        with pytest.raises(NotFound, match="unknown model 'nope'"):
+            repository.get("nope")
     finally:
         repository.close()
 
