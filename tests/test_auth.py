@@ -222,8 +222,9 @@ def test_the_generated_management_token_is_owner_only_and_only_its_path_is_logge
 
 @pytest.mark.integration
 @pytest.mark.parametrize(("method", "path"), [
-    ("POST", "/v2/repository/index"), ("POST", "/v2/repository/models/lenet5/load"),
-    ("POST", "/v2/repository/models/lenet5/unload"), ("POST", "/v2/repository/models/lenet5/traffic"),
+    # "ghost": with the right token a call passes the lock and changes nothing (404: no such model)
+    ("POST", "/v2/repository/index"), ("POST", "/v2/repository/models/ghost/load"),
+    ("POST", "/v2/repository/models/ghost/unload"), ("POST", "/v2/repository/models/ghost/traffic"),
     ("GET", "/v2/repository/index"),
 ])
 def test_rest_management_needs_the_management_token(locked, method, path):
@@ -290,8 +291,8 @@ def test_grpc_management_and_inference_need_their_tokens(locked):
     server, token, inference_token, _ = locked
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         for call in (lambda h: client.get_model_repository_index(headers=h),
-                     lambda h: client.load_model("lenet5", headers=h),
-                     lambda h: client.unload_model("lenet5", headers=h)):
+                     lambda h: client.load_model("ghost", headers=h),  # passes the lock, then 404
+                     lambda h: client.unload_model("ghost", headers=h)):
             with pytest.raises(InferenceServerException) as e:
                 call(None)
             assert e.value.status() == "StatusCode.UNAUTHENTICATED", e.value

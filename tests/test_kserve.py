@@ -365,5 +365,5 @@ def test_http_float_data_for_int64_input_is_400(server, http):
 
 def test_grpc_unserved_rpc_is_unimplemented(grpc_client):
     with pytest.raises(InferenceServerException, match="not implemented") as e:
-        grpc_client.get_model_config("lenet5")
+        grpc_client.get_log_settings()
     assert e.value.status() == "StatusCode.UNIMPLEMENTED"
