@@ -41,7 +41,9 @@ def versions(tiny_store) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def server(own_server, versions, session_dir: Path):
     config = session_dir / "lifecycle-models.yaml"
-    config.write_text(json.dumps({"models": {"digits": {"tag": "digits"}, "poet": {"tag": "poet"}}}))
+    # "late" is not in the store at start: it waits, then joins once exported (test below)
+    config.write_text(json.dumps({"models": {"digits": {"tag": "digits"}, "poet": {"tag": "poet"},
+                                             "late": {"tag": "late"}}}))
     state = session_dir / "lifecycle-state"
     token = session_dir / "lifecycle-token"
     token.write_text(TOKEN)
@@ -49,9 +51,17 @@ def server(own_server, versions, session_dir: Path):
     env = {"NNSERVE_MANAGEMENT_TOKEN_FILE": str(token), "NNSERVE_MODELS_CONFIG": str(config), "NNSERVE_WORKERS": "2",
            "NNSERVE_STATE_DIR": str(state),
            "NNSERVE_QUEUE_TIMEOUT_MS": "60000"}
-    with own_server("lifecycle", env) as live:
+    with own_server("lifecycle", env, ready_path="/livez") as live:  # /readyz: 503 while "late" waits
         live.state_dir = state
+        wait_until(lambda: requests.get(f"{live.http_url}/v2/models/poet/ready", timeout=10).status_code == 200)
         yield live
+
+
+def wait_until(condition, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +122,19 @@ def test_start_serves_the_latest_version_and_the_index_lists_the_store(server, h
     assert grpc_entries[("digits", new)] == "READY"
     assert answered_version(classify(server)) == new
     assert "model_repository" in http.get_server_metadata()["extensions"]
+
+
+def test_a_configured_model_exported_after_start_joins_without_a_change(server, tiny_store):
+    late = {m["name"]: m for m in requests.get(f"{server.http_url}/models", timeout=30).json()["models"]}["late"]
+    assert late["state"] == "loading" and "waiting for 'late' to be exported" in late["reason"]
+    answer = requests.post(f"{server.http_url}/classify", files={"image": png()}, data={"model": "late"}, timeout=30)
+    assert answer.status_code == 503 and "waiting" in answer.json()["error"]
+    version = store_copy(tiny_store["lenet5"], "late").split(":")[1]
+    wait_until(lambda: len(reports(server)) == 2 and all(
+        r["models"]["late"].get(version, {}).get("state") == "READY" for r in reports(server).values()), 60)
+    assert requests.get(f"{server.http_url}/readyz", timeout=10).status_code == 200
+    assert answered_version(requests.post(f"{server.http_url}/classify", files={"image": png()},
+                                          data={"model": "late"}, timeout=30)) == version
 
 
 def test_load_a_second_version_then_each_is_reachable_by_version(server, http, versions):
