@@ -254,8 +254,8 @@ class Repository:
         """The served version, loaded now if it is new or its batching changed; None if it cannot load."""
         key = (config.name, version)
         current = self.served.get(key)
-        if current is not None and not current.retired and current.config.to_entry() == config.to_entry():
-            current.config = config  # same settings; the traffic split lives in the Route
+        if current is not None and not current.retired and batching_config(current.config) == batching_config(config):
+            current.config = config  # same batching: only versions or traffic changed, which live in the Route
             return current
         try:
             served = self._load(config, version, current.runtime if current and not current.retired else None)
