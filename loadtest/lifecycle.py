@@ -150,7 +150,8 @@ def render(result: dict) -> str:
         changes = ", ".join(f"{c['what']} {c['call_s']:.2f} ({c['seconds']:.2f})" if c["status"] == 200
                             else f"{c['what']} **{c['status']}**" for c in p["changes"]) or "-"
         lines.append(f"| {p['round']} | {p['kind']} | {p['load_avg']} | {p['requests']:,} | {p['rps']:,.0f} | "
-                     f"{p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {p['max_ms']:.0f} | {p['errors']} | {changes} |")
+                     f"{p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {p['max_ms']:.0f} | {p['errors']}{jumped(p)} | "
+                     f"{changes} |")
     lines += ["", f"Streams: {load['streams']} of {load['stream_chars']} characters ({load['text_model']}), "
               f"{load['cut_streams']} cut" + (": " + "; ".join(load["cut_examples"]) if load["cut_examples"] else ""),
               f"Probe: {load['probe_answers']:,} answers, {load['probe_failures']} not 200; versions that answered "
@@ -179,6 +180,17 @@ def render(result: dict) -> str:
               "'freed' lines (a version freed after its drain)."]
     lines += [f"    {x}" for x in result["log"]["examples"]]
     return "\n".join(lines)
+
+
+def jumped(phase: dict) -> str:
+    jump = phase.get("clock_jump_s", 0.0)
+    return f" (wall clock jumped {jump:+.0f} s)" if abs(jump) > 1 else ""
+
+
+def steady(series: list[float], window: int = 4, tolerance_mib: float = 1.0) -> bool:
+    """The last ``window`` RSS samples within ``tolerance_mib`` of each other."""
+    tail = series[-window:]
+    return len(tail) == window and max(tail) - min(tail) <= tolerance_mib
 
 
 def update_doc(doc: str, section: str) -> str:
@@ -298,6 +310,20 @@ def worker_rss(server: LiveServer, state_dir: Path) -> dict[int, tuple[int, floa
     return out
 
 
+def steady_rss(server: LiveServer, state_dir: Path, timeout_s: float = 15.0) -> dict[int, tuple[int, float]]:
+    """worker_rss once every worker's RSS has held still for about a second (sampled every 0.25 s): a worker
+    reports its drain done before its gc.collect() and malloc_trim(0) give the memory back."""
+    history: dict[int, list[float]] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = worker_rss(server, state_dir)
+        for w, (_, mib) in now.items():
+            history.setdefault(w, []).append(mib)
+        if all(steady(h) for h in history.values()) or time.monotonic() > deadline:
+            return now
+        time.sleep(0.25)
+
+
 def ready_probes(url: str, name: str, version: str, n: int = 10) -> int:
     """Not-200 answers of ``n`` version-ready checks, each on a new connection (either worker may answer)."""
     bad = 0
@@ -335,9 +361,13 @@ def run_phase(url: str, token: str, png_path: Path, kind: str, rnd: int, seconds
 
     result: dict = {}
     load_avg = load_average()
-    wrk = threading.Thread(target=lambda: result.update(wrk=run_wrk(f"{url}/classify", ["multipart", str(png_path)],
-                                                                      connections, seconds)))
-    t0 = time.monotonic()
+
+    def load() -> None:
+        result["wrk"] = run_wrk(f"{url}/classify", ["multipart", str(png_path)], connections, seconds)
+        result["end"], result["wall_end"] = time.monotonic(), time.time()
+
+    wrk = threading.Thread(target=load)
+    t0, wall0 = time.monotonic(), time.time()
     wrk.start()
     changes = []
     for i in range(actions if kind != "quiet" else 0):
@@ -351,14 +381,18 @@ def run_phase(url: str, token: str, png_path: Path, kind: str, rnd: int, seconds
             changes.append(manage(url, token, "load C", f"{SERVED}/load", body))
             changes.append(manage(url, token, "unload C", f"{SERVED}/unload", body))
     wrk.join()
-    t_end = time.monotonic()
+    t_end = result["end"]
     w = result["wrk"]
     spilled = sum(c.t1 > t_end for c in changes)
+    # wrk times with the wall clock: a step of it (a VM paused, then resumed) times out every request in flight
+    jump = (result["wall_end"] - wall0) - (t_end - t0)
     say(f"round {rnd} {kind:6s}: {w.requests} requests, p50 {w.p50_ms:.1f} ms, p99 {w.p99_ms:.1f} ms, "
-        f"{w.errors} errors, {len(changes)} changes ({spilled} ended after wrk), load avg {load_avg}")
+        f"{w.errors} errors, {len(changes)} changes ({spilled} ended after wrk), load avg {load_avg}"
+        + (f"; the wall clock jumped {jump:+.1f} s" if abs(jump) > 1 else ""))
     return {"kind": kind, "round": rnd, "t0": t0, "t1": t_end, "load_avg": load_avg, "requests": w.requests,
             "rps": w.rps, "p50_ms": w.p50_ms, "p99_ms": w.p99_ms, "max_ms": w.max_ms, "errors": w.errors,
             "status_errors": w.status_errors, "socket_errors": w.socket_errors, "spilled": spilled,
+            "clock_jump_s": round(jump, 2),
             "changes": [asdict(c) | {"call_s": c.call_s} for c in changes]}
 
 
@@ -409,8 +443,7 @@ def memory_part(server: LiveServer, token: str, state_dir: Path, cycles: int, wo
     """Part 2: load / unload the whole ``lifecycle-vgg`` ``cycles`` times; RSS per worker after each."""
     url = server.http_url
     settled(state_dir, workers)
-    time.sleep(1.0)
-    baseline = worker_rss(server, state_dir)
+    baseline = steady_rss(server, state_dir)
     load_avg = load_average()
     samples = []  # (cycle, "loaded" | "unloaded", worker, pid, MiB)
     failed = 0
@@ -421,8 +454,7 @@ def memory_part(server: LiveServer, token: str, state_dir: Path, cycles: int, wo
         failed += (loaded.status != 200) + (unloaded.status != 200)
         if not settled(state_dir, workers):
             say(f"  cycle {cycle}: a worker still drains after 120 s")
-        time.sleep(0.3)
-        samples += [(cycle, "unloaded", w, pid, mib) for w, (pid, mib) in worker_rss(server, state_dir).items()]
+        samples += [(cycle, "unloaded", w, pid, mib) for w, (pid, mib) in steady_rss(server, state_dir).items()]
         if cycle % 10 == 0:
             say(f"memory cycle {cycle}: " + ", ".join(f"worker {s[2]} {s[4]:.1f} MiB" for s in samples[-workers:]))
     out_workers, drift = {}, {}

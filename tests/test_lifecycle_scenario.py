@@ -112,3 +112,14 @@ def test_the_docs_targets_are_the_scenarios():
     assert f"<= {lifecycle.TARGETS['p99_ratio']:g} x p99" in doc
     assert f"within {lifecycle.TARGETS['rss_mib']:g} MiB" in doc
     assert "| 1a | 0 non-2xx" in doc and "| 1b | 0 cut streams" in doc
+
+
+def test_rss_counts_as_settled_only_once_it_holds_still():
+    assert not lifecycle.steady([270.0, 171.0, 171.2])  # too few samples
+    assert not lifecycle.steady([270.0, 270.1, 171.0, 171.2])  # still falling within the window
+    assert lifecycle.steady([270.0, 171.0, 171.2, 171.9, 171.1])
+
+
+def test_a_wall_clock_jump_is_named_next_to_the_phases_errors():
+    assert lifecycle.jumped({"clock_jump_s": 21.3}) == " (wall clock jumped +21 s)"
+    assert lifecycle.jumped({"clock_jump_s": 0.2}) == lifecycle.jumped({}) == ""
