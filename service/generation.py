@@ -71,6 +71,7 @@ class GenerationRequest:
     seed: int | None = None
     stop: str | list[str] | None = None  # the text ends before the first of these (finish reason "stop")
     model: str = "char_lstm"
+    version: str = ""  # a served version of the model; "" = its traffic split, else its newest
     stream: bool = False
     n: int = 1  # samples of the prompt, decoded together; sample i is seeded seed + i
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from service.generation import MAX_N, MAX_NEW_CHARS, MAX_PROMPT_CHARS, MAX_STOP_CHARS, MAX_STOPS, MAX_STREAM_CHARS
 
 DEFAULT_MODEL = "{} of GET /models; default: the first such model in models.yaml"
+VERSION = {"type": "string", "description": "a served version of the model (GET /models lists them); default: "
+                                            "the model's traffic split, else its newest version"}
 
 ERROR = {"description": "The problem, named: `{\"error\": \"...\"}` (503 adds Retry-After)",
          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -29,6 +31,7 @@ PATHS = {
                        "`curl -F image=@digit.png -F top_k=3 localhost:3000/classify`",
         "requestBody": form({"image": IMAGE,
                              "model": {"type": "string", "description": DEFAULT_MODEL.format("an image model")},
+                             "version": VERSION,
                              "top_k": {"type": "integer", "minimum": 1, "default": 5}}, ["image"]),
         "responses": {"200": {"description": "`model` (name:version), `predictions` [{label, probability}], "
                                              "`batch_size`, `timings_ms`",
@@ -38,6 +41,7 @@ PATHS = {
         "description": "the model's embedding (4096 floats for vgg_fc7); `format=npy` answers a float32 .npy file.",
         "requestBody": form({"image": IMAGE,
                              "model": {"type": "string", "description": DEFAULT_MODEL.format("a feature extractor")},
+                             "version": VERSION,
                              "normalize": {"type": "boolean", "default": False, "description": "L2-normalise"},
                              "format": {"type": "string", "enum": ["json", "npy"], "default": "json"}}, ["image"]),
         "responses": {"200": {"description": "`model`, `dim`, `features`, `batch_size`, `timings_ms` (or .npy)",
@@ -70,6 +74,7 @@ PATHS = {
                                    {"type": "array", "minItems": 1, "maxItems": MAX_STOPS, "items": {
                                        "type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}}]},
                 "model": {"type": "string", "description": DEFAULT_MODEL.format("a text model")},
+                "version": VERSION,
                 "stream": {"type": "boolean", "default": False}}}}}},
         "responses": {"200": {"description": "`{model, text, seed, finish_reason, choices, timings_ms}` "
                                              "(finish_reason: length or stop; choices: [{index, text, "

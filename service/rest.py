@@ -157,8 +157,9 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
             except (UnicodeDecodeError, ValueError, RecursionError) as e:
                 raise ClientError(f"the body must be a JSON object ({type(e).__name__}: {str(e)[:200]})") from e
             job = GenerationRequest.from_dict(parsed)
-            if not isinstance(job.model, str):
-                raise ClientError(f"model must be a string, got {type(job.model).__name__}")
+            for name in ("model", "version"):
+                if not isinstance(getattr(job, name), str):
+                    raise ClientError(f"{name} must be a string, got {type(getattr(job, name)).__name__}")
             sse = "text/event-stream" in request.headers.get("accept", "")
             if job.stream is True and isinstance(job.n, int) and job.n > 1 and not sse:
                 raise ClientError(f"n is {job.n} with stream: true, which needs Accept: text/event-stream: a chunked "
@@ -166,7 +167,7 @@ def create_app(get_repository: Callable[[], Repository], base_spec: Callable[[],
             repository = get_repository()
             if "model" not in parsed:  # GenerationRequest's own default is a name that may not be served
                 job.model = repository.default_model("/generate")
-            model = repository.model_for(job.model, "/generate")
+            model = repository.model_for(job.model, "/generate", job.version)
             record.begin(model)
             # Streams get a chunk per NNSERVE_STREAM_FLUSH_MS at most; a JSON answer is woken once, at the end.
             generations = repository.generator(model).submit_choices(

@@ -289,3 +289,15 @@ def test_a_killed_worker_comes_back_serving_the_current_state(server, http, vers
     after = reports(server)
     assert after[2]["pid"] != victim and after[2]["generation"] > generation
     assert set(after[2]["models"]["digits"]) == {old, new}
+
+
+def test_rest_generate_takes_a_version(server, versions):
+    served = versions["poet"][1]
+    answer = requests.post(f"{server.http_url}/generate", timeout=60,
+                           json={"model": "poet", "version": served, "prompt": "a", "max_new_chars": 5})
+    assert answer.status_code == 200 and answer.json()["model"] == f"poet:{served}"
+    answer = requests.post(f"{server.http_url}/generate", timeout=60,
+                           json={"model": "poet", "version": "nope", "prompt": "a"})
+    assert answer.status_code == 404 and served in answer.json()["error"]
+    answer = requests.post(f"{server.http_url}/generate", timeout=60, json={"model": "poet", "version": 3, "prompt": "a"})
+    assert answer.status_code == 400 and "version must be a string" in answer.json()["error"]
