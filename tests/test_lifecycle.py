@@ -299,5 +299,6 @@ def test_rest_generate_takes_a_version(server, versions):
     answer = requests.post(f"{server.http_url}/generate", timeout=60,
                            json={"model": "poet", "version": "nope", "prompt": "a"})
     assert answer.status_code == 404 and served in answer.json()["error"]
-    answer = requests.post(f"{server.http_url}/generate", timeout=60, json={"model": "poet", "version": 3, "prompt": "a"})
+    answer = requests.post(f"{server.http_url}/generate", timeout=60,
+                           json={"model": "poet", "version": 3, "prompt": "a"})
     assert answer.status_code == 400 and "version must be a string" in answer.json()["error"]
