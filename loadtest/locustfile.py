@@ -29,7 +29,7 @@ import numpy as np
 import tritonclient.http as triton_http
 from locust import FastHttpUser, constant, events, task
 
-from loadtest.data import held_out_digits, png_bytes, prompts
+from harness.data import held_out_digits, png_bytes, prompts
 from models.preprocess import preprocess_uint8
 
 log = logging.getLogger("nnserve.loadtest")

@@ -33,7 +33,7 @@ import numpy as np
 import psutil
 import requests
 
-from loadtest.server import LiveServer, running_server
+from harness.server import LiveServer, running_server
 
 MIB = 1 << 20
 # Chosen from measurements (docs/reliability.md): after the warm-up a worker's RSS grew at most 0.3 MiB
@@ -171,7 +171,7 @@ def soak(server: LiveServer, seconds: float, warmup_s: float, bound_mib: float, 
     """Run the load on ``server`` for ``seconds``; write soak.csv, soak.json and the plot (default
     ``out_dir/soak-rss.png``); return the summary (``ok``: no worker grew past ``bound_mib`` and
     every answer was the expected one or a 503)."""
-    from loadtest.data import held_out_digits, png_bytes, prompts
+    from harness.data import held_out_digits, png_bytes, prompts
 
     say = log or (lambda line: print(f"[soak] {line}", file=sys.stderr, flush=True))
     image = png_bytes(held_out_digits()[0][0])

@@ -20,11 +20,11 @@ import pytest
 pytest.importorskip("litserve", reason="the bench extra is not installed: pip install -e '.[bench]'")
 pytest.importorskip("fastapi", reason="the bench extra is not installed: pip install -e '.[bench]'")
 
+from harness.data import held_out_digits, png_bytes  # noqa: E402
 from loadtest.baselines.common import StoreModel  # noqa: E402
 from loadtest.baselines.launch import BASELINES, running_baseline  # noqa: E402
 from loadtest.bench.stacks import top_label  # noqa: E402
 from loadtest.bench.wrk import multipart_body, run_wrk  # noqa: E402
-from loadtest.data import held_out_digits, png_bytes  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from loadtest.bench.overload import OverloadResult
-from loadtest.bench.recovery import recovery_time
+from loadtest.bench.recovery import RecoveryResult, recovery_time, recovery_time_single
 from loadtest.bench.stacks import CLASSIFY, FEATURES, NNSERVE, V2, StackRun
-from loadtest.bench.targets import evaluate
+from loadtest.bench.targets import evaluate, recovery_target
 from loadtest.bench.wrk import WrkResult
 
 
@@ -93,6 +93,21 @@ def test_recovery_is_where_the_median_of_a_run_of_requests_is_back_under_the_thr
     assert recovered and 0.11 < seconds < 0.2
     slow_end = [(s, 5.0 if i >= 30 else ms) for i, (s, ms) in enumerate(fast)]
     assert recovery_time(slow_end, 2.0)[1] is False
+
+
+def test_recovery_target_is_judged_by_the_rule_fixed_before_the_first_run():
+    # One lone slow request 1.5 s in: the original rule (last single request over 2x idle) says 1.5 s, a miss;
+    # the windowed rule added after a miss would say 0 s. The target must follow the original rule.
+    samples = [(0.01 * i, 9.0 if i == 150 else 1.0) for i in range(200)]
+    assert recovery_time_single(samples, 2.0) == (pytest.approx(1.509), True)
+    assert recovery_time(samples, 2.0) == (0.0, True)
+    result = RecoveryResult(items=10, idle_median_ms=1.0, large_status=200, samples=samples)
+    result.recovery_s, result.recovered = recovery_time(samples, 2.0)
+    result.recovery_single_s, result.recovered_single = recovery_time_single(samples, 2.0)
+    target = recovery_target(result)
+    assert target.met is False and "1.509 s" in target.measured and "windowed" in target.measured
+    still_slow = samples[:-1] + [(2.0, 9.0)]
+    assert recovery_time_single(still_slow, 2.0)[1] is False
 
 
 # ---- the user-model part (loadtest/bench/user_model.py) -------------------------------------------------------

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from loadtest.server import LiveServer, free_port, start_process, stop_server
+from harness.server import LiveServer, free_port, start_process, stop_server
 
 # name -> (label for the report, routes it serves, readiness path)
 BASELINES = {

@@ -75,9 +75,16 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
     return dict(pairs)
 
 
+def server_threads(env: dict[str, str]) -> int:
+    """ORT threads per session of the nnserve server the bench started (its settings: cores / workers)."""
+    from service.settings import Settings
+
+    return Settings.from_env({**os.environ, **env}).threads_per_session()
+
+
 def batch_time_ms(batch: int, threads: int) -> float:
-    """Median time of one lenet5 ORT call at ``batch`` items, as the server runs it (in process, every core,
-    spinning off): the "batch time" of the overload target."""
+    """Median time of one lenet5 ORT call at ``batch`` items, as the server runs it (in process, ``threads``
+    = the server's threads per session, spinning off): the "batch time" of the overload target."""
     import numpy as np
 
     from loadtest.baselines.common import StoreModel
@@ -90,8 +97,8 @@ def batch_time_ms(batch: int, threads: int) -> float:
 
 def run_nnserve(args: argparse.Namespace, env: dict[str, str], workdir: Path, r: Results) -> None:
     """Every part that needs the nnserve server, on one server."""
+    from harness.server import running_server
     from loadtest.bench import budgets, generate, overload, recovery, server_info, stacks, wrk
-    from loadtest.server import running_server
 
     log("starting nnserve (bentoml serve; loads and warms up every model)")
     with running_server(workdir / "nnserve.log", env) as server:
@@ -135,8 +142,8 @@ def lenet5_inputs(workdir: Path, tag: str):
     preprocessed for lenet5 [1, C, H, W] with the model's input name; all from the store entry ``tag``."""
     import bentoml
 
+    from harness.data import held_out_digits
     from loadtest.bench.wrk import request_files
-    from loadtest.data import held_out_digits
     from models.preprocess import preprocess_uint8
 
     meta = bentoml.models.get(tag).info.metadata
@@ -213,9 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     batch_ms, delay = None, env.get("NNSERVE_MAX_QUEUE_DELAY_MS") or find_setting(r.settings, "max_queue_delay")
     if r.overload:
         max_batch = int(env.get("NNSERVE_MAX_BATCH_SIZE") or find_setting(r.settings, "max_batch_size") or 32)
-        batch_ms = batch_time_ms(max_batch, args.threads)
+        threads = server_threads(env)
+        batch_ms = batch_time_ms(max_batch, threads)
         r.target_notes.append(f"batch time in the overload bound: lenet5 ORT at batch {max_batch} "
-                              f"({args.threads} threads, in process), median {batch_ms:.2f} ms; max_queue_delay "
+                              f"({threads} thread(s) per session as the server runs it, in process), median "
+                              f"{batch_ms:.2f} ms; max_queue_delay "
                               f"{f'{delay} ms' if delay is not None else 'unknown'}")
     if r.overload:
         o = r.overload

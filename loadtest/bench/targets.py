@@ -113,15 +113,23 @@ def evaluate(runs: list[StackRun], low: int, high: int, generate: list[dict], st
         others = overload.others
         targets.append(Target("overload: any other status or failure",
                               ", ".join(f"{k}: {v}" for k, v in others.items()) or "none", "none", not others))
-    if not recovery:
-        targets.append(Target("large request then small: recovery", "not measured", "< 1 s", None))
-    else:
-        ok = recovery.large_status == 200 and recovery.small_errors == 0 and recovery.recovered
-        problems = "" if ok else (f" (large request answered {recovery.large_status}, small errors "
-                                  f"{recovery.small_errors}{'' if recovery.recovered else ', still slow at the end'})")
-        targets.append(Target(f"large request ({recovery.items:,} items) then small: recovery",
-                              f"{recovery.recovery_s:.3f} s{problems}", "< 1 s", recovery.recovery_s < 1 and ok))
+    targets.append(recovery_target(recovery))
     return targets
+
+
+def recovery_target(recovery: RecoveryResult | None) -> Target:
+    """Judged by the rule fixed before the first run (the last single request over 2x idle); the windowed
+    rule added after that rule missed is shown beside it, never judged (loadtest/bench/recovery.py)."""
+    goal = "< 1 s (last single request over 2x idle; rule fixed before the first run)"
+    if not recovery:
+        return Target("large request then small: recovery", "not measured", goal, None)
+    ok = recovery.large_status == 200 and recovery.small_errors == 0 and recovery.recovered_single
+    slow_end = "" if recovery.recovered_single else ", still slow at the end"
+    problems = "" if ok else (f" (large request answered {recovery.large_status}, small errors "
+                              f"{recovery.small_errors}{slow_end})")
+    return Target(f"large request ({recovery.items:,} items) then small: recovery",
+                  f"{recovery.recovery_single_s:.3f} s{problems}; windowed rule (information only): "
+                  f"{recovery.recovery_s:.3f} s", goal, recovery.recovery_single_s < 1 and ok)
 
 
 

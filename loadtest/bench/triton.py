@@ -119,8 +119,8 @@ def scores_output(url: str) -> str:
 
 def bench_triton(url: str, grpc_url: str, png: Path, wrk_args: list[str], streams: list[int], seconds: float,
                  chars: int, rounds: int, classify_clients: int, processes: int) -> list[ProtocolRow]:
+    from harness.data import prompts
     from loadtest.bench.wrk import run_wrk
-    from loadtest.data import prompts
 
     rest = Options(url, prompts(), chars, png.read_bytes(), scores_output(url))
     grpc = Options(grpc_url, rest.prompts, chars, rest.png, rest.scores_output)

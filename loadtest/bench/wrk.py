@@ -99,7 +99,7 @@ def v2_json_body(x: np.ndarray, input_name: str) -> bytes:
 
 
 def request_files(workdir: Path, preprocessing: dict, input_name: str) -> RequestFiles:
-    from loadtest.data import held_out_digits, png_bytes
+    from harness.data import held_out_digits, png_bytes
     from models.preprocess import preprocess_uint8
 
     digits, labels = held_out_digits()
