@@ -29,7 +29,10 @@ class StackRun:
     result: WrkResult
     mean_batch: float = float("nan")  # nnserve only, from /metrics
     batches: str = ""
-    round_no: int = 0  # the user-model part's interleaved round (1, 2, ...); 0 elsewhere
+    round_no: int = 0  # the interleaved round (1, 2, ...); 0: the sweep, or a part without rounds
+    config: str = ""  # the server's configuration (compare.Unit.describe)
+    load: str = ""  # load average (1/5/15 min) just before the row
+    cpu_ms_per_request: float = float("nan")  # the server processes' CPU time over the row / requests
 
 
 def top_label(answer: object) -> str:
