@@ -116,11 +116,18 @@ def sweep(peers: list[str], files: RequestFiles, connections: list[int], seconds
                 cmp.skipped[f"{peer} {config.describe()}"] = str(e).splitlines()[0][:200]
                 continue
             cmp.sweep += found
-    for run in cmp.sweep:
-        key = (run.server, run.endpoint, run.result.connections)
-        rivals = [r for r in cmp.sweep if (r.server, r.endpoint, r.result.connections) == key]
+    cmp.best = pick_best(cmp.sweep)
+
+
+def pick_best(sweep_runs: list[StackRun]) -> dict[tuple[str, str, int], str]:
+    """(peer, endpoint, clients) -> the configuration with the most 2xx/s among those without errors (among
+    all of them when every one had errors)."""
+    best = {}
+    for key in dict.fromkeys((r.server, r.endpoint, r.result.connections) for r in sweep_runs):
+        rivals = [r for r in sweep_runs if (r.server, r.endpoint, r.result.connections) == key]
         clean = [r for r in rivals if r.result.errors == 0] or rivals
-        cmp.best[key] = max(clean, key=lambda r: r.result.ok_rps).config
+        best[key] = max(clean, key=lambda r: r.result.ok_rps).config
+    return best
 
 
 def units(peers: list[str], connections: list[int], cmp: Comparison) -> list[Unit]:
