@@ -28,13 +28,15 @@ BASELINES = {
     "bentoml": ("BentoML by the book", ("/classify",), "/readyz"),
     "litserve": ("LitServe", ("/classify",), "/health"),
     "fastapi": ("FastAPI + ORT", ("/classify", "/features"), "/health"),
-    "mlserver": ("MLServer (custom ONNX runtime)", ("/v2/models/lenet5/infer",), "/v2/health/ready"),
+    "mlserver": ("MLServer (custom ONNX runtime)", ("/v2/models/lenet5/infer",), "/v2/models/lenet5/ready"),
     # The limit: nnserve's HTTP stack (bentoml serve, 2 workers, uvicorn + uvloop + httptools, a raw ASGI
     # route) reading the same body and answering a fixed JSON: no parsing, no model (limit.py).
     "limit": ("bare HTTP stack (fixed JSON)", ("/classify",), "/readyz"),
 }
 MLSERVER_VENV = REPO_ROOT / ".venv-mlserver"
-MLSERVER_PINS = ("mlserver==1.7.1", "onnxruntime==1.32.0")
+# uvloop 0.21: MLServer 1.7.1's parallel workers call asyncio.get_event_loop() outside a running loop, which
+# uvloop 0.22+ refuses ("There is no current event loop"): with a newer one every parallel worker dies at start.
+MLSERVER_PINS = ("mlserver==1.7.1", "onnxruntime==1.32.0", "uvloop==0.21.0")
 
 
 @dataclass(frozen=True)
@@ -99,17 +101,21 @@ def ensure_mlserver() -> str | None:
     missing; None when ready, else why MLServer cannot run."""
     import subprocess
 
-    mlserver = MLSERVER_VENV / "bin" / "mlserver"
-    if mlserver.exists():
+    mlserver, marker = MLSERVER_VENV / "bin" / "mlserver", MLSERVER_VENV / "bench-pins.txt"
+    if mlserver.exists() and marker.exists() and marker.read_text() == " ".join(MLSERVER_PINS):
         return None
     try:
-        subprocess.run([sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True, capture_output=True)
+        if not (MLSERVER_VENV / "bin" / "pip").exists():
+            subprocess.run([sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True, capture_output=True)
         subprocess.run([str(MLSERVER_VENV / "bin" / "pip"), "install", "--quiet", *MLSERVER_PINS], check=True,
                        capture_output=True, text=True, timeout=900)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
         tail = getattr(e, "stderr", "") or ""
         return f"pip install {' '.join(MLSERVER_PINS)} into {MLSERVER_VENV} failed: {e} {tail[-500:]}"
-    return None if mlserver.exists() else f"{mlserver} missing after pip install"
+    if not mlserver.exists():
+        return f"{mlserver} missing after pip install"
+    marker.write_text(" ".join(MLSERVER_PINS))
+    return None
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ HOW_TO = """## How to run
 
 ```bash
 make bench                      # the record: installs wrk (apt-get, as root) and the `bench` extra, writes this file
-.venv/bin/python -m loadtest.bench --duration 3 --skip in-process --out /tmp/b   # a quick look, not the record
+.venv/bin/python -m loadtest.bench --duration 2 --sweep-duration 1 --rounds 1 --skip in-process --out /tmp/b  # smoke
 make bench BENCH_ARGS="--duration 10 --connections 1,8,32"   # options for the make target
 ```
 

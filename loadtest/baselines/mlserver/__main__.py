@@ -4,7 +4,7 @@ MLServer 1.7.1 pins fastapi < 0.116, which conflicts with the ``bench`` extra, s
 virtual environment, ``.venv-mlserver``, which the bench creates itself (``launch.ensure_mlserver``) and
 starts like every other peer, alone. By hand:
 
-    python -m venv .venv-mlserver && .venv-mlserver/bin/pip install mlserver==1.7.1 onnxruntime==1.32.0
+    python -m venv .venv-mlserver && .venv-mlserver/bin/pip install mlserver==1.7.1 onnxruntime==1.32.0 uvloop==0.21.0
     .venv/bin/python -m loadtest.baselines.mlserver /tmp/mlserver-models --workers 2 --max-batch 32 --wait-ms 1
     .venv-mlserver/bin/mlserver start /tmp/mlserver-models &               # HTTP on :8090
 
