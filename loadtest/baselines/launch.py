@@ -49,7 +49,12 @@ class Config:
     wait_ms: float = 0.0
 
     def describe(self) -> str:
-        batching = f"batch <= {self.max_batch}, wait {self.wait_ms:g} ms" if self.max_batch else "no batching"
+        if not self.max_batch:
+            batching = "no batching"
+        elif self.peer == "bentoml":  # BentoML's adaptive batcher sets its own wait, bounded by max_latency_ms
+            batching = f"adaptive batching <= {self.max_batch} (max_latency_ms 500)"
+        else:
+            batching = f"batch <= {self.max_batch}, wait {self.wait_ms:g} ms"
         unit = {"mlserver": "parallel_workers", "litserve": "workers_per_device"}.get(self.peer, "workers")
         return f"{unit}={self.workers}, {batching}"
 
@@ -138,4 +143,5 @@ def running_baseline(config: Config | str, log_path: Path, env: dict[str, str] |
     try:
         yield server
     finally:
-        stop_server(server)
+        # A peer's graceful shutdown is not measured: MLServer waits ~30 s for its workers; 10 s, then kill.
+        stop_server(server, grace_s=10)

@@ -212,7 +212,9 @@ def stacks_section(args: argparse.Namespace, r: Results) -> list[str]:
              "[min-max] over the rounds.", "",
              "| server | endpoint | clients | configuration | 2xx/s | p50 ms | p95 ms | errors | nnserve / this |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|"]
-    keys = list(dict.fromkeys((x.server, x.endpoint, x.result.connections) for x in cmp.runs))
+    servers = list(dict.fromkeys([NNSERVE, LIMIT, *(x.server for x in cmp.runs)]))
+    keys = sorted(dict.fromkeys((x.server, x.endpoint, x.result.connections) for x in cmp.runs),
+                  key=lambda k: (servers.index(k[0]), k[1], k[2]))
     for server, endpoint, c in keys:
         agg = find(cmp.runs, server, endpoint, c)
         config = next(x.config for x in cmp.runs if (x.server, x.endpoint, x.result.connections) ==
