@@ -356,3 +356,30 @@ def test_image_bytes_ratio_is_reported_without_a_verdict():
     rows = [protocol_row(GRPC_CLASSIFY, 32, 600, 80.0), protocol_row(REST_CLASSIFY, 32, 400, 90.0)]
     assert ratio_note(rows, GRPC_CLASSIFY, REST_CLASSIFY, 32).endswith("600 vs 400 answers/s = 1.50x (median)")
     assert ratio_note(rows, GRPC_CLASSIFY, WRK_CLASSIFY, 32).endswith("not measured")
+
+
+def test_report_shows_medians_spread_configurations_and_the_load_before_each_row():
+    import argparse
+
+    from loadtest.bench.compare import LIMIT, Comparison
+    from loadtest.bench.report import Results, stacks_section
+
+    def row(server, c, rps, round_no, config, load="1.0 / 1.0 / 1.0"):
+        r = run(server, CLASSIFY, c, rps, 2.0, 4.0, round_no=round_no)
+        r.config, r.load, r.cpu_ms_per_request = config, load, 0.5
+        return r
+
+    runs = [row(NNSERVE, 32, rps, i + 1, "defaults", load=f"{i}.5 / 1.0 / 1.0")
+            for i, rps in enumerate((900, 1100, 1000))]
+    runs += [row("fastapi", 32, rps, i + 1, "workers=2, no batching") for i, rps in enumerate((400, 600, 500))]
+    runs += [row(LIMIT, 32, rps, i + 1, "workers=2, no batching") for i, rps in enumerate((9000, 10000, 11000))]
+    sweep = [row("fastapi", 32, 450, 0, "workers=1, no batching"), row("fastapi", 32, 520, 0, "workers=2, no batching")]
+    cmp = Comparison(runs=runs, sweep=sweep, best={("fastapi", CLASSIFY, 32): "workers=2, no batching"},
+                     orders=[["nnserve", "fastapi", "limit"]] * 3)
+    args = argparse.Namespace(duration=5, rounds=3, sweep_duration=3)
+    text = "\n".join(stacks_section(args, Results(info={}, comparison=cmp)))
+    assert "| nnserve | `/classify` | 32 | defaults | 1,000 [900-1,100] |" in text
+    assert "| fastapi | `/classify` | 32 | workers=2, no batching | 500 [400-600] |" in text and "| 2.00x |" in text
+    assert "**10% of the bare stack's throughput**" in text  # 1,000 / 10,000
+    assert "| 2 | 1.5 / 1.0 / 1.0 | nnserve |" in text  # the load average read before round 2's row
+    assert "| **workers=2, no batching** |" in text and "| workers=1, no batching |" in text  # the sweep, kept one bold
