@@ -3,9 +3,10 @@
 - Images: the held-out test split of ``models.data.load_mnist`` with the default training seed, i.e. the
   1,000 digits the default lenet5 / vgg_fc7 never trained on (tiny test models use a subset split, so
   for them these are just real digits).
-- Prompts: snippets from the start of the char models' training corpus. The server does not publish a
-  char model's vocabulary, and every char model is trained on a prefix of that corpus at least
-  ``PROMPT_SOURCE_CHARS`` long (the tiny test config uses 20,000), so these characters are in its vocab.
+- Prompts: snippets from the start of the stdlib docs (the tiny test models' corpus), kept only where every
+  character is in the served model's vocabulary when one is given (``served_vocab``: GET /models publishes
+  it). The default char models train on Shakespeare, whose vocabulary lacks characters such as ``_`` or
+  ``=``: without the filter a share of the prompts would be answered 400.
 """
 
 from __future__ import annotations
@@ -34,15 +35,32 @@ def png_bytes(digit: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def prompts(count: int = 64, seed: int = 0, min_chars: int = 4, max_chars: int = 40) -> list[str]:
-    """``count`` prompts of ``min_chars``..``max_chars`` characters, each starting at a word."""
+def prompts(count: int = 64, seed: int = 0, min_chars: int = 4, max_chars: int = 40,
+            vocab: str | None = None) -> list[str]:
+    """``count`` prompts of ``min_chars``..``max_chars`` characters, each starting at a word; with ``vocab``,
+    only characters in it (a prompt with others is a client error, 400)."""
     text, _ = load_text()
     source = text[:PROMPT_SOURCE_CHARS]
+    allowed = set(vocab) if vocab else None
     starts = [i for i in range(len(source) - max_chars)
               if source[i].isalnum() and (i == 0 or source[i - 1].isspace())]
     rng = np.random.default_rng(seed)
     out = []
-    for start in rng.choice(starts, size=count):
-        length = int(rng.integers(min_chars, max_chars + 1))
-        out.append(source[start:start + length])
+    while len(out) < count:
+        start, length = int(rng.choice(starts)), int(rng.integers(min_chars, max_chars + 1))
+        snippet = source[start:start + length]
+        if allowed is None or set(snippet) <= allowed:
+            out.append(snippet)
     return out
+
+
+def served_vocab(url: str, model: str = "char_lstm") -> str | None:
+    """The characters of ``model``'s vocabulary as the server at ``url`` publishes it (GET /models), or None
+    when it does not say (then ``prompts`` does not filter)."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url.rstrip("/") + "/models", timeout=30) as response:
+        models = {m["name"]: m for m in json.load(response)["models"]}
+    vocab = models.get(model, {}).get("vocab")
+    return vocab["tokens"] if isinstance(vocab, dict) and vocab.get("type") == "characters" else None
