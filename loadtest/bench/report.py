@@ -261,6 +261,15 @@ def stacks_section(args: argparse.Namespace, r: Results) -> list[str]:
     return lines
 
 
+def biggest_slice(b: Breakdown, total_us: float) -> str:
+    """Which slice the next speed work should aim at: the largest stage, or the unprofiled rest."""
+    stage, us = max(b.stages_us.items(), key=lambda kv: kv[1])
+    rest = total_us - b.total_us
+    if rest > us:
+        return f"The biggest slice is that rest ({rest:,.0f} µs), then the {stage} ({us:,.0f} µs)."
+    return f"The biggest slice is the {stage} ({us:,.0f} µs of {total_us:,.0f})."
+
+
 def limit_lines(r: Results) -> list[str]:
     """The bare stack beside nnserve, and where a request's CPU goes."""
     cmp, lines = r.comparison, ["", "### The limit: the same HTTP stack with nothing behind it", ""]
@@ -282,8 +291,10 @@ def limit_lines(r: Results) -> list[str]:
            (NNSERVE, CLASSIFY, high) and x.cpu_ms_per_request == x.cpu_ms_per_request]
     bare_cpu = [x.cpu_ms_per_request for x in cmp.runs if (x.server, x.result.connections) == (LIMIT, high)
                 and x.cpu_ms_per_request == x.cpu_ms_per_request]
-    lines += ["", "Per-request CPU of nnserve's /classify path, each stage timed in process with the server's own "
-              "functions (median of 400 calls, one thread; `loadtest/bench/profile.py`):", "",
+    lines += ["", "Per-request cost of nnserve's /classify path, each stage timed in process with the server's own "
+              "functions (median of 400 calls, one thread, on the same shared machine; `loadtest/bench/profile.py`). "
+              "All are CPU time on the request's path except the queue hop, which is mostly the wait for the "
+              "batcher's thread to wake and hand the answer back:", "",
               "| stage | µs per request | share of the stages |", "|---|---:|---:|"]
     for stage, us in sorted(b.stages_us.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {stage} | {us:,.1f} | {us / b.total_us:.0%} |")
@@ -297,8 +308,8 @@ def limit_lines(r: Results) -> list[str]:
                   + (f"; the bare stack {bare_total:,.0f} µs per request" if bare_total else "")
                   + f". The stages above account for {b.total_us:,.0f} µs; the rest "
                   f"({total - b.total_us:,.0f} µs) is the HTTP stack, the ASGI layers, the event loop and the "
-                  "batcher's thread switches under load: the biggest slice, and the bare-stack row shows how much of "
-                  "it is the stack alone."]
+                  "batcher's thread switches under load (the bare-stack row measures the stack alone). "
+                  + biggest_slice(b, total)]
     lines += ["", f"Preprocessing (nnserve's speed-up, its own row): the served lookup-table path "
               f"{b.stages_us['preprocess']:.1f} µs per image vs training's array path (`preprocess_uint8`, what "
               f"the baselines used before) {b.reference_preprocess_us:.1f} µs: "
