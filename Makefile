@@ -81,8 +81,9 @@ fuzz: setup
 audit: setup
 	$(PY) .ci/audit.py
 
-# The record (docs/bench.md): needs wrk (installed here with apt-get when run as root) and the `bench` extra
-# (the baseline servers: LitServe, FastAPI, uvicorn[standard]), installed into .venv.
+# The record (docs/bench.md), ~26 minutes on 2 cores: needs wrk (installed here with apt-get when run as root)
+# and the `bench` extra (the peer servers: LitServe, FastAPI, uvicorn[standard]), installed into .venv;
+# MLServer gets its own venv, .venv-mlserver, which the bench creates with pip when missing.
 bench: export
 	@if ! command -v wrk >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

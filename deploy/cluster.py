@@ -37,7 +37,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from loadtest.server import REPO_ROOT, SERVICE, BackgroundThreads, LiveServer, _ready, free_port, stop_server
+from harness.server import REPO_ROOT, SERVICE, BackgroundThreads, LiveServer, _ready, free_port, stop_server
 
 HAPROXY_TEMPLATE = """\
 global
@@ -362,7 +362,7 @@ def summary(results: list[Result], seconds: float | None = None) -> dict:
 
 
 def png_digit() -> bytes:
-    from loadtest.data import held_out_digits, png_bytes
+    from harness.data import held_out_digits, png_bytes
 
     images, _ = held_out_digits()
     return png_bytes(images[0])

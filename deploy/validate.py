@@ -144,10 +144,10 @@ def _lint_pod(obj: dict, pod: dict, configmaps: dict[str, dict]) -> list[str]:
             missing = {"cpu", "memory"} - set(resources.get(kind, {}))
             if missing:
                 problems.append(f"{c}: no {kind} for {sorted(missing)}")
-        threads = [e for e in container.get("env", []) if e["name"] == "NNSERVE_INTRA_OP_THREADS"]
+        threads = [e for e in container.get("env", []) if e["name"] == "NNSERVE_CPUS"]
         ref = threads[0].get("valueFrom", {}).get("resourceFieldRef", {}) if threads else {}
         if ref.get("resource") != "limits.cpu" or ref.get("containerName") != container["name"]:
-            problems.append(f"{c}: NNSERVE_INTRA_OP_THREADS must come from its own limits.cpu (downward API)")
+            problems.append(f"{c}: NNSERVE_CPUS must come from its own limits.cpu (downward API)")
         for source in container.get("envFrom", []):
             name = source.get("configMapRef", {}).get("name")
             if name is not None and name not in configmaps:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import requests
 
-from loadtest.server import BackgroundThreads, LiveServer, running_server, worker_pids
+from harness.server import BackgroundThreads, LiveServer, running_server, worker_pids
 
 PROBE_TIMEOUT_S = 5.0  # a health probe that takes longer counts as not answered
 # BentoML logs this once per worker when its start-up hook (ours waits for the models) is done; from then
@@ -44,7 +44,7 @@ class Outcome:
 
 
 def digit_png() -> bytes:
-    from loadtest.data import held_out_digits, png_bytes
+    from harness.data import held_out_digits, png_bytes
 
     return png_bytes(held_out_digits()[0][0])
 

@@ -29,7 +29,7 @@ import psutil
 import requests
 
 from loadtest.bench.common import load_average, machine, write_atomic
-from loadtest.server import REPO_ROOT, LiveServer, running_server
+from harness.server import REPO_ROOT, LiveServer, running_server
 
 MIB = 1 << 20
 TARGETS = {"non_2xx": 0, "cut_streams": 0, "p99_ratio": 1.5, "failed_changes": 0, "rss_mib": 10.0}
@@ -399,11 +399,12 @@ def run_phase(url: str, token: str, png_path: Path, kind: str, rnd: int, seconds
 def load_part(server: LiveServer, token: str, png: bytes, png_path: Path, versions: dict, text_model: str | None,
               args) -> dict:
     """Part 1: rounds of quiet / switch / cycle phases under wrk, with the probe and the streams."""
-    from loadtest.data import prompts
+    from harness.data import prompts, served_vocab
 
     url = server.http_url
     per_round = args.changes // args.rounds
-    clients = Clients(url, png, prompts(1)[0], args.stream_chars, args.streams if text_model else 0)
+    prompt = prompts(1, vocab=served_vocab(url, text_model) if text_model else None)[0]  # within its vocabulary
+    clients = Clients(url, png, prompt, args.stream_chars, args.streams if text_model else 0)
     before = http_codes(requests.get(f"{url}/metrics", timeout=30).text)
     threads = clients.start()
     phases = []
@@ -576,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be >= 2 and divide --changes")
     import bentoml
 
-    from loadtest.data import held_out_digits, png_bytes
+    from harness.data import held_out_digits, png_bytes
     from loadtest.faults import store_copy
 
     store = store_models()

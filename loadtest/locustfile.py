@@ -29,7 +29,7 @@ import numpy as np
 import tritonclient.http as triton_http
 from locust import FastHttpUser, constant, events, task
 
-from loadtest.data import held_out_digits, png_bytes, prompts
+from harness.data import held_out_digits, png_bytes, prompts, served_vocab
 from models.preprocess import preprocess_uint8
 
 log = logging.getLogger("nnserve.loadtest")
@@ -61,7 +61,6 @@ class Workload:
 
 
 DIGITS: np.ndarray | None = None  # uint8 [N, 28, 28] held-out digits
-PROMPTS: list[str] = []
 BUDGETS: dict[str, dict[str, float]] | None = None  # None: --budgets none
 WORKLOAD: Workload | None = None
 
@@ -71,16 +70,15 @@ def load_inputs(environment, **_kwargs) -> None:
     """The slow part (importing scikit-learn, splitting MNIST: seconds on a busy box) runs here, before
     locust starts the -t clock; test_start only asks the server about its models. The budget table is
     read here too, so a broken one stops the run before it starts, not after."""
-    global DIGITS, PROMPTS, BUDGETS
+    global DIGITS, BUDGETS
     path = environment.parsed_options.budgets
     BUDGETS = None if path.lower() == "none" else load_budgets(path)
     started = time.perf_counter()
     DIGITS, _ = held_out_digits()
-    PROMPTS = prompts()
     # gevent's loop caches "now" and nothing ran it while we blocked: without this, locust's -t timer
     # (spawn_later, armed next) would count those seconds and could end the run before it starts.
     gevent.get_hub().loop.update_now()
-    log.info("loaded %d held-out digits and %d prompts in %.1f s", len(DIGITS), len(PROMPTS),
+    log.info("loaded %d held-out digits in %.1f s (prompts: at test start, in the served vocabulary)", len(DIGITS),
              time.perf_counter() - started)
 
 
@@ -114,7 +112,7 @@ def build_workload(host: str, generate_chars: int) -> Workload:
         pngs=[png_bytes(d) for d in DIGITS], labels=set(models[CLASSIFY_MODEL]["labels"]),
         feature_dim=int(features_out[-1]), kserve_bodies=bodies,
         kserve_outputs={o["name"]: [1, *o["shape"][1:]] for o in meta["outputs"]},
-        prompts=PROMPTS, generate_chars=generate_chars)
+        prompts=prompts(vocab=served_vocab(host, GENERATE_MODEL)), generate_chars=generate_chars)
 
 
 @events.test_start.add_listener

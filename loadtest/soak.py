@@ -33,7 +33,7 @@ import numpy as np
 import psutil
 import requests
 
-from loadtest.server import LiveServer, running_server
+from harness.server import LiveServer, running_server
 
 MIB = 1 << 20
 # Chosen from measurements (docs/reliability.md): after the warm-up a worker's RSS grew at most 0.3 MiB
@@ -171,11 +171,11 @@ def soak(server: LiveServer, seconds: float, warmup_s: float, bound_mib: float, 
     """Run the load on ``server`` for ``seconds``; write soak.csv, soak.json and the plot (default
     ``out_dir/soak-rss.png``); return the summary (``ok``: no worker grew past ``bound_mib`` and
     every answer was the expected one or a 503)."""
-    from loadtest.data import held_out_digits, png_bytes, prompts
+    from harness.data import held_out_digits, png_bytes, prompts, served_vocab
 
     say = log or (lambda line: print(f"[soak] {line}", file=sys.stderr, flush=True))
     image = png_bytes(held_out_digits()[0][0])
-    kinds = requests_by_kind(server.http_url, image, prompts(1)[0])
+    kinds = requests_by_kind(server.http_url, image, prompts(1, vocab=served_vocab(server.http_url))[0])
     tally, stop = Tally(), threading.Event()
 
     def client(kind: str, one: Callable) -> None:

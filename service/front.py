@@ -2,7 +2,8 @@
 
 BentoML wraps every route it serves in its middleware stack: OpenTelemetry spans, its own request
 metrics, a timeout task per request, a context middleware. For a 0.05 ms model that stack costs more
-than the model (docs/bench.md measures the difference), and nnserve keeps its own complete metrics
+than the model (measured when this front door was written; docs/bench.md does not hold that figure,
+its limit row shows what the bare HTTP stack costs), and nnserve keeps its own complete metrics
 (``nnserve_*``, docs/metrics.md). So this front door first checks the request's token (service/auth.py:
 the management API always needs one, the rest only with ``NNSERVE_INFERENCE_TOKEN_FILE``; health and
 ``/metrics`` never), then dispatches:

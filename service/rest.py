@@ -3,7 +3,8 @@
 
 These routes are plain Starlette rather than ``@bentoml.api``: measured on 2 cores, BentoML's API
 machinery (its file input, pydantic validation, per-request bookkeeping) cost 2x the throughput of the
-same work in a mounted route (docs/bench.md). The request format is unchanged
+same work in a mounted route (measured when the routes moved; not a docs/bench.md figure). The request
+format is unchanged
 (``curl -F image=@digit.png localhost:3000/classify``); BentoML's Python client cannot call these
 routes: use any HTTP client (docs/service.md).
 

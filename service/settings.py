@@ -117,8 +117,11 @@ class Settings:
     # Models: which are served, and each one's batching (the file: module doc, docs/service.md)
     models_config: str = DEFAULT_MODELS_CONFIG  # YAML or JSON; a missing default file serves DEFAULT_MODELS
     # Processes and threads
-    workers: int = 2  # BentoML workers, each with every model (measured: docs/bench.md)
-    intra_op_threads: int = 0  # ONNX Runtime threads per session; 0 = cores // workers (never oversubscribe)
+    workers: int = 2  # BentoML workers, each with every model (measured: docs/service.md, workers and delay)
+    intra_op_threads: int = 0  # ONNX Runtime threads per session; 0 = cpus // workers (never oversubscribe)
+    # Cores the server may use; 0 = os.cpu_count(). A container sees the node's cores, not its CPU limit:
+    # Kubernetes passes the limit here (downward API), so 2 workers on a 2-CPU pod get 1 thread per session.
+    cpus: int = 0
     ort_spinning: bool = False  # ORT intra-op spin-waiting: steals CPU from other sessions on few cores
     providers: tuple[str, ...] = DEFAULT_PROVIDERS  # preferred order; unavailable ones are skipped (logged)
     # Dynamic batching of whole requests (Triton's dynamic_batching semantics): the defaults of every model
@@ -193,7 +196,7 @@ class Settings:
         if not 0 < self.header_timeout_s < math.inf:  # 0 would cut every client before its first byte
             raise SettingsError(f"NNSERVE_HEADER_TIMEOUT_S must be a number of seconds > 0, "
                                 f"got {self.header_timeout_s}")
-        for name in ("intra_op_threads", "max_queue_delay_ms", "queue_timeout_ms", "stream_flush_ms"):
+        for name in ("intra_op_threads", "cpus", "max_queue_delay_ms", "queue_timeout_ms", "stream_flush_ms"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"NNSERVE_{name.upper()} must be >= 0, got {getattr(self, name)}")
         if any(not 1 <= size <= self.max_batch_size for size in self.preferred_batch_sizes):
@@ -227,8 +230,8 @@ class Settings:
         return self.model(model).max_queue_delay_ms
 
     def threads_per_session(self) -> int:
-        """ONNX Runtime intra-op threads: as configured, else the cores shared among the workers."""
-        return self.intra_op_threads or max(1, (os.cpu_count() or 1) // self.workers)
+        """ONNX Runtime intra-op threads: as configured, else the cores (``cpus``) shared among the workers."""
+        return self.intra_op_threads or max(1, (self.cpus or os.cpu_count() or 1) // self.workers)
 
     def describe(self) -> str:
         """One line per setting, then one per served model with its effective config, for the start-up log."""

@@ -40,9 +40,9 @@ def tiny_artifacts(session_dir: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def live_server(tiny_store, session_dir: Path):
     """The real ``bentoml serve service.service:NNServe`` serving the tiny_store models, started once per
-    session on free ports. Yields a ``loadtest.server.LiveServer``: ``http_url``, ``grpc_port``
+    session on free ports. Yields a ``harness.server.LiveServer``: ``http_url``, ``grpc_port``
     (``grpc_url``), ``log()`` for assertion messages. Stopped (SIGTERM, then killed) at session end."""
-    from loadtest.server import running_server
+    from harness.server import running_server
 
     # A generous queue timeout: the CI box is shared and busy, and a request that waits past it gets a
     # 503 (load shedding), which is not what these tests probe (tests/test_overload.py does).
@@ -69,7 +69,7 @@ def own_server(tiny_store: dict[str, str], session_dir: Path):
 
     It serves the tiny_store models (``env`` may override any tag) on free ports from the session's
     store; log in ``<session_dir>/<name>-server.log``."""
-    from loadtest.server import running_server
+    from harness.server import running_server
 
     @contextlib.contextmanager
     def start(name: str, env: dict[str, str] | None = None, ready_path: str = "/readyz"):

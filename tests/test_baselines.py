@@ -20,11 +20,12 @@ import pytest
 pytest.importorskip("litserve", reason="the bench extra is not installed: pip install -e '.[bench]'")
 pytest.importorskip("fastapi", reason="the bench extra is not installed: pip install -e '.[bench]'")
 
+from harness.data import held_out_digits, png_bytes  # noqa: E402
 from loadtest.baselines.common import StoreModel  # noqa: E402
-from loadtest.baselines.launch import BASELINES, running_baseline  # noqa: E402
+from loadtest.baselines.launch import BASELINES, MLSERVER_VENV, Config, grid, running_baseline  # noqa: E402
+from loadtest.bench.compare import LIMIT, Unit, pick_best, round_order, units  # noqa: E402
 from loadtest.bench.stacks import top_label  # noqa: E402
 from loadtest.bench.wrk import multipart_body, run_wrk  # noqa: E402
-from loadtest.data import held_out_digits, png_bytes  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +43,10 @@ def post_digit(url: str, png: bytes, fields: dict[str, str] | None = None) -> tu
         return response.status, response.read()
 
 
-@pytest.mark.parametrize("name", sorted(BASELINES))
+PEERS = ("bentoml", "fastapi", "litserve")
+
+
+@pytest.mark.parametrize("name", PEERS)
 def test_baseline_answers_like_onnx_runtime_in_process(name, baseline_env, monkeypatch, tmp_path):
     monkeypatch.setenv("BASELINE_LENET5_TAG", baseline_env["BASELINE_LENET5_TAG"])
     model = StoreModel.load("lenet5", threads=1)
@@ -74,3 +78,87 @@ def test_wrk_script_sends_requests_the_server_accepts(baseline_env, tmp_path):
         assert result.errors == 0, server.log(3000)
         bad = run_wrk(server.http_url + "/classify", ["multipart", str(png), "top_k=zero"], connections=1, seconds=1)
         assert bad.requests > 0 and bad.status_errors == bad.requests  # a 422 for every request: counted
+
+
+
+# ---- the grid each peer is swept over, and how the rounds are planned (no server) -------------------------
+
+def test_each_peer_is_swept_over_workers_and_its_batching_knobs():
+    cores = 2
+    assert [c.workers for c in grid("fastapi", cores)] == [1, 2]
+    assert all(c.max_batch == 0 for c in grid("fastapi", cores))  # FastAPI has no batching
+    for peer in ("litserve", "mlserver"):
+        assert {(c.workers, c.max_batch, c.wait_ms) for c in grid(peer, cores)} == {
+            (w, b, wait) for w in (1, 2) for b, wait in ((0, 0.0), (32, 1.0), (32, 5.0))}
+    assert {(c.workers, c.max_batch) for c in grid("bentoml", cores)} == {(1, 0), (1, 32), (2, 0), (2, 32)}
+    # ORT threads never oversubscribe: cores / workers, as nnserve's sessions
+    assert Config("fastapi", 2).env()["BASELINE_ORT_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert Config("litserve", 1, 32, 5.0).describe() == "workers_per_device=1, batch <= 32, wait 5 ms"
+
+
+def test_the_best_configuration_is_picked_per_row_and_errors_disqualify():
+    from loadtest.bench.stacks import CLASSIFY, StackRun
+    from loadtest.bench.wrk import WrkResult
+
+    def row(config: str, c: int, rps: float, errors: int = 0) -> StackRun:
+        return StackRun("litserve", CLASSIFY, WrkResult(c, int(rps * 3), 3.0, rps, 1, 2, 3, 4, errors, 0),
+                        config=config)
+
+    sweep = [row("a", 1, 500), row("b", 1, 400), row("a", 32, 900, errors=3), row("b", 32, 800)]
+    assert pick_best(sweep) == {("litserve", CLASSIFY, 1): "a", ("litserve", CLASSIFY, 32): "b"}
+    plan = units(["litserve"], [1, 32], type("C", (), {"best": {("litserve", CLASSIFY, 1):
+                                                                 Config("litserve", 1).describe()}})())
+    assert [u.server for u in plan] == ["nnserve", LIMIT, "litserve"]
+    assert plan[2].rows == ((CLASSIFY, 1),) and plan[2].config == Config("litserve", 1)
+
+
+def test_every_round_runs_every_server_in_a_new_order():
+    plan = [Unit(name, None, ()) for name in ("nnserve", "limit", "fastapi", "litserve", "bentoml")]
+    orders, previous = [], None
+    for round_no in (1, 2, 3):
+        previous = round_order(plan, round_no, previous)
+        orders.append([u.server for u in previous])
+    assert all(sorted(o) == sorted(u.server for u in plan) for o in orders)
+    assert orders[0] != orders[1] != orders[2]
+
+
+# ---- the limit (bare HTTP stack) and configured peers, live -----------------------------------------------
+
+def test_limit_server_reads_the_body_and_answers_a_fixed_json(baseline_env, tmp_path):
+    digits, _ = held_out_digits()
+    with running_baseline(LIMIT, tmp_path / "limit.log", baseline_env) as server:
+        status, body = post_digit(server.http_url + "/classify", png_bytes(digits[0]))
+        again = post_digit(server.http_url + "/classify", png_bytes(digits[1]))
+    assert status == 200 and again == (200, body)  # the same answer whatever the image: no model behind it
+    assert len(json.loads(body)["predictions"]) == 5
+
+
+@pytest.mark.parametrize("config", [Config("litserve", 1, 32, 1.0), Config("bentoml", 1, 32)],
+                         ids=["litserve-batching", "bentoml-batching"])
+def test_peer_with_its_batching_on_answers_like_onnx_runtime(config, baseline_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("BASELINE_LENET5_TAG", baseline_env["BASELINE_LENET5_TAG"])
+    model = StoreModel.load("lenet5", threads=1)
+    png = png_bytes(held_out_digits()[0][0])
+    want = model.top_k(model.run(model.decode(png)[None], output="logits")[0])["predictions"][0]["label"]
+    with running_baseline(config, tmp_path / "peer.log", baseline_env) as server:
+        status, body = post_digit(server.http_url + "/classify", png)
+        assert status == 200, server.log(3000)
+    assert top_label(json.loads(body)) == want
+
+
+@pytest.mark.skipif(not (MLSERVER_VENV / "bin" / "mlserver").exists(),
+                    reason="MLServer's venv (.venv-mlserver) not created: the bench makes it (launch.ensure_mlserver)")
+def test_mlserver_with_adaptive_batching_answers_like_onnx_runtime(baseline_env, monkeypatch, tmp_path):
+    from loadtest.bench.wrk import v2_json_body
+
+    monkeypatch.setenv("BASELINE_LENET5_TAG", baseline_env["BASELINE_LENET5_TAG"])
+    model = StoreModel.load("lenet5", threads=1)
+    x = model.decode(png_bytes(held_out_digits()[0][0]))[None]
+    want = model.run(x, output="logits")[0]
+    with running_baseline(Config("mlserver", 2, 32, 1.0), tmp_path / "mlserver.log", baseline_env) as server:
+        request = urllib.request.Request(server.http_url + "/v2/models/lenet5/infer",
+                                         data=v2_json_body(x, model.input_name),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+    assert np.allclose(answer["outputs"][0]["data"], want, rtol=1e-4, atol=1e-5)

@@ -5,6 +5,7 @@ lint catches the mistakes it is there for."""
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 
@@ -92,7 +93,19 @@ def test_configmap_hash_is_kustomizes():
     assert renderer.configmap_hash({"kind": "ConfigMap", "data": {"A": "1", "B": "<x&y>"}}) == "kh7f5d858d"
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed: nothing to compare with")
+def kustomize_major() -> int | None:
+    """The major version of the kustomize inside ``kubectl`` (None: no kubectl, or it does not say)."""
+    if shutil.which("kubectl") is None:
+        return None
+    out = subprocess.run(["kubectl", "version", "--client"], capture_output=True, text=True, timeout=30).stdout
+    found = re.search(r"Kustomize Version: v(\d+)", out)
+    return int(found.group(1)) if found else None
+
+
+# Debian 12's kubernetes-client (kubectl 1.20.2) embeds kustomize v2.0.3, which cannot load these
+# kustomizations ("'../../base' must be a file"): comparing with it would test kustomize's age, not ours.
+@pytest.mark.skipif((kustomize_major() or 0) < 5, reason="needs kubectl with kustomize v5+ on PATH (not installed, "
+                    "or too old: Debian 12's kubernetes-client 1.20 has kustomize v2.0.3)")
 @pytest.mark.parametrize("target", v.TARGETS)
 def test_render_equals_kubectl_kustomize(target):
     real = subprocess.run(["kubectl", "kustomize", str(v.K8S / target)], capture_output=True, text=True,
@@ -136,7 +149,7 @@ def _pod(deployment: dict) -> dict:
     ("Deployment", lambda d: _container(d)["startupProbe"]["httpGet"].update(port=8080), "HTTP port"),
     ("Deployment", lambda d: _container(d)["readinessProbe"]["httpGet"].update(port="grpc"), "HTTP port"),
     ("Deployment", lambda d: _container(d)["resources"].pop("limits"), "no limits"),
-    ("Deployment", lambda d: _container(d)["env"].clear(), "NNSERVE_INTRA_OP_THREADS"),
+    ("Deployment", lambda d: _container(d)["env"].clear(), "NNSERVE_CPUS"),
     ("Deployment", lambda d: _container(d)["envFrom"][0]["configMapRef"].update(name="nnserve-settings"),
      "not among the rendered"),
     ("Deployment", lambda d: d["spec"]["template"]["spec"].update(terminationGracePeriodSeconds=30),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import numpy as np
 import pytest
@@ -675,6 +676,14 @@ def test_n_over_the_batch_size_is_a_client_error(runtime: ModelRuntime) -> None:
 
 def test_measure_step_loop_reports_a_rate(runtimes: dict[str, ModelRuntime]) -> None:
     assert measure_step_loop(runtimes["char_lstm"], batch_size=4, steps=20) > 0
+
+
+def test_measure_step_loop_counts_every_row_of_every_step(runtimes: dict[str, ModelRuntime]) -> None:
+    # The loop times itself inside this call, so its rate can never be below the characters it produced
+    # (batch_size x steps) over the call's whole wall time; a rate that forgot the batch rows would be.
+    start = time.perf_counter()
+    rate = measure_step_loop(runtimes["char_lstm"], batch_size=4, steps=20)
+    assert rate >= 4 * 20 / (time.perf_counter() - start)
 
 
 def test_generation_module_does_not_import_torch() -> None:

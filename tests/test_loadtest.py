@@ -60,3 +60,13 @@ def test_broken_budgets_fail_the_run_naming_the_endpoint(live_server, tmp_path):
     assert "BUDGET EXCEEDED /classify: p50" in output, context
     assert "BUDGET EXCEEDED /generate: error rate 100.00%" in output, context
     assert "all budgets met" not in output, context
+
+
+def test_prompts_stay_inside_the_served_vocabulary():
+    # The default char models train on Shakespeare: '_', '=' or '*' from the stdlib docs would be a 400.
+    from harness.data import prompts
+
+    vocab = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:'\n"
+    found = prompts(32, vocab=vocab)
+    assert len(found) == 32 and all(set(p) <= set(vocab) for p in found)
+    assert any(set(p) - set(vocab) for p in prompts(64))  # unfiltered, the docs do have such characters

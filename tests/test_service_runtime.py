@@ -49,7 +49,10 @@ def test_runtime_reports_its_provider_and_tensors(lenet5, tiny_store):
     assert info["provider"] == lenet5.session.get_providers()[0] and info["provider"] in ort.get_available_providers()
     assert info["inputs"] == [{"name": "input", "dtype": "float32", "shape": [-1, 1, 32, 32]}]
     assert len(info["labels"]) == 10 and info["preprocessing"]["input_size"] == 32
-    assert lenet5.warmup((1, 3)) >= 0
+    # warmup runs exactly the served batch shapes (ORT's first call per shape is the slow one)
+    feeds = lenet5.kind_module.warmup_feeds(lenet5.metadata, lenet5.inputs, (1, 3))
+    assert [f["input"].shape for f in feeds] == [(1, 1, 32, 32), (3, 1, 32, 32)]
+    assert isinstance(lenet5.warmup((1, 3)), float)
 
 
 def test_ort_thread_spinning_is_off_unless_configured(tiny_store, monkeypatch):
@@ -121,6 +124,9 @@ def test_threads_per_session_never_oversubscribe_the_cores():
     assert Settings(workers=1).threads_per_session() == cores
     assert Settings(workers=cores * 2).threads_per_session() == 1
     assert Settings(workers=1, intra_op_threads=3).threads_per_session() == 3
+    # A pod's CPU limit (NNSERVE_CPUS), not the node's cores: 2 workers on 2 CPUs get one thread each.
+    assert Settings(workers=2, cpus=2).threads_per_session() == 1
+    assert Settings.from_env({"NNSERVE_CPUS": "4", "NNSERVE_WORKERS": "2"}).threads_per_session() == 2
 
 
 # ---- service/bentoml_fixes.py: BentoML's request timeout timer is cancelled once the request is over ----

@@ -20,6 +20,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from models.preprocess import image_to_uint8, preprocess_uint8
+from service.images import preprocess_upload
 
 
 def tag_variable(name: str) -> str:
@@ -39,6 +40,12 @@ def served_models(environ: Mapping[str, str]) -> tuple[str, str | None]:
 def ort_threads(workers: int = 1) -> int:
     """``BASELINE_ORT_THREADS``, else the cores shared out between the server's worker processes."""
     return int(os.environ.get("BASELINE_ORT_THREADS", "0")) or max(1, (os.cpu_count() or 1) // workers)
+
+
+def knob(name: str, default: float) -> float:
+    """A configuration knob the launcher sets (``BASELINE_WORKERS``, ``BASELINE_MAX_BATCH``,
+    ``BASELINE_WAIT_MS``: launch.Config.env)."""
+    return float(os.environ.get(f"BASELINE_{name}", default))
 
 
 @dataclass
@@ -75,10 +82,15 @@ class StoreModel:
         return self.metadata["inputs"][0]["shape"][1:]
 
     def decode(self, data: bytes) -> np.ndarray:
-        """Upload bytes -> float32 [C, H, W]: Pillow decode, then models.preprocess as in nnserve."""
+        """Upload bytes -> float32 [C, H, W] with nnserve's own code (service.images: Pillow decode, then the
+        lookup-table preprocessing), so the rows compare serving stacks, not preprocessing paths."""
+        return preprocess_upload(data, self.metadata["preprocessing"])
+
+    def decode_reference(self, data: bytes) -> np.ndarray:
+        """The same with training's array path (models.preprocess.preprocess_uint8): what the baselines used
+        before issue 16; the bench times both (nnserve's preprocessing speed-up, its own row)."""
         spec = self.metadata["preprocessing"]
-        image = Image.open(io.BytesIO(data))
-        return preprocess_uint8(image_to_uint8(image, spec)[None], spec)[0]
+        return preprocess_uint8(image_to_uint8(Image.open(io.BytesIO(data)), spec)[None], spec)[0]
 
     def run(self, batch: np.ndarray, output: str | None = None) -> np.ndarray:
         """One ORT call on a float32 [N, C, H, W] batch; the first output unless ``output`` names one."""

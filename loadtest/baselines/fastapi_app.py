@@ -1,6 +1,6 @@
 """Baseline (c): plain FastAPI + ONNX Runtime, no batching: one ORT call per request.
 
-    BASELINE_ORT_THREADS=1 uvicorn loadtest.baselines.fastapi_app:app --workers 2 --port 8000
+    BASELINE_WORKERS=2 uvicorn loadtest.baselines.fastapi_app:app --workers 2 --no-access-log --port 8000
     BASELINE_CLASSIFY_MODEL=effnet_b0 BASELINE_FEATURES_MODEL= uvicorn loadtest.baselines.fastapi_app:app ...
 
 How a FastAPI model server is commonly written: sync endpoints (FastAPI runs them in its thread pool, ORT
@@ -23,9 +23,9 @@ from typing import Annotated
 import numpy as np
 from fastapi import FastAPI, File, Form, Response
 
-from loadtest.baselines.common import StoreModel, ort_threads, served_models
+from loadtest.baselines.common import StoreModel, knob, ort_threads, served_models
 
-WORKERS = 2  # the launcher starts uvicorn with --workers 2; ORT threads = cores / workers
+WORKERS = int(knob("WORKERS", 2))  # uvicorn --workers (the launcher sets both); ORT threads = cores / workers
 
 
 def output_name(model: StoreModel, role: str, default: str) -> str:

@@ -1,48 +1,147 @@
-"""Start one baseline server on a free port, wait until it is ready, stop it afterwards (whatever happens).
+"""Start one baseline server on a free port in a given configuration, wait until it is ready, stop it
+afterwards (whatever happens); and the grid of configurations the bench sweeps for each peer.
 
-    with running_baseline("fastapi", log_path, env) as server:
+    with running_baseline(Config("fastapi", workers=2), log_path, env) as server:
         server.http_url  # http://127.0.0.1:PORT, serving POST /classify (and /features for fastapi)
+
+Every peer is run as its own docs advise for a 2-core machine: worker processes per core where it has
+them, its batching with its documented knobs (on, off, and two waits), uvloop + httptools under uvicorn
+(uvicorn picks them when installed), ONNX Runtime with nnserve's session options and cores / workers
+intra-op threads, nnserve's decode + preprocessing code (loadtest/baselines/common.py), and the access
+log off, as nnserve ships (one log line per request costs ~20% of a small request; for LitServe that is its
+documented production log level, "warning"): switching it off can only make a peer faster.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest.server import LiveServer, free_port, start_process, stop_server
+from harness.server import REPO_ROOT, LiveServer, free_port, start_process, stop_server
 
 # name -> (label for the report, routes it serves, readiness path)
 BASELINES = {
-    "bentoml": ("BentoML by the book (batchable API)", ("/classify",), "/readyz"),
-    "litserve": ("LitServe (batch 32, 5 ms)", ("/classify",), "/health"),
-    "fastapi": ("FastAPI + ORT, 2 workers", ("/classify", "/features"), "/health"),
+    "bentoml": ("BentoML by the book", ("/classify",), "/readyz"),
+    "litserve": ("LitServe", ("/classify",), "/health"),
+    "fastapi": ("FastAPI + ORT", ("/classify", "/features"), "/health"),
+    "mlserver": ("MLServer (custom ONNX runtime)", ("/v2/models/lenet5/infer",), "/v2/models/lenet5/ready"),
+    # The limit: nnserve's HTTP stack (bentoml serve, 2 workers, uvicorn + uvloop + httptools, a raw ASGI
+    # route) reading the same body and answering a fixed JSON: no parsing, no model (limit.py).
+    "limit": ("bare HTTP stack (fixed JSON)", ("/classify",), "/readyz"),
 }
+MLSERVER_VENV = REPO_ROOT / ".venv-mlserver"
+# uvloop 0.21: MLServer 1.7.1's parallel workers call asyncio.get_event_loop() outside a running loop, which
+# uvloop 0.22+ refuses ("There is no current event loop"): with a newer one every parallel worker dies at start.
+MLSERVER_PINS = ("mlserver==1.7.1", "onnxruntime==1.32.0", "uvloop==0.21.0")
 
 
-def baseline_command(name: str, port: int) -> list[str]:
+@dataclass(frozen=True)
+class Config:
+    """One way to run a peer: worker processes, and its batching (max items, wait in ms; None = off)."""
+
+    peer: str
+    workers: int = 1
+    max_batch: int = 0  # 0: batching off
+    wait_ms: float = 0.0
+
+    def describe(self) -> str:
+        if not self.max_batch:
+            batching = "no batching"
+        elif self.peer == "bentoml":  # BentoML's adaptive batcher sets its own wait, bounded by max_latency_ms
+            batching = f"adaptive batching <= {self.max_batch} (max_latency_ms 500)"
+        else:
+            batching = f"batch <= {self.max_batch}, wait {self.wait_ms:g} ms"
+        unit = {"mlserver": "parallel_workers", "litserve": "workers_per_device"}.get(self.peer, "workers")
+        return f"{unit}={self.workers}, {batching}"
+
+    def env(self) -> dict[str, str]:
+        cores = os.cpu_count() or 1
+        return {"BASELINE_WORKERS": str(self.workers), "BASELINE_MAX_BATCH": str(self.max_batch),
+                "BASELINE_WAIT_MS": f"{self.wait_ms:g}",
+                "BASELINE_ORT_THREADS": str(max(1, cores // max(1, self.workers)))}
+
+
+def grid(peer: str, cores: int | None = None) -> list[Config]:
+    """The configurations swept for ``peer``: 1 worker and one per core (2 on this box) x its batching
+    off / on with a short and a longer wait. FastAPI has no batching; BentoML's adaptive batcher has no fixed
+    wait (max_latency_ms bounds it: 500 ms, nnserve's queue timeout scale)."""
+    per_core = max(1, cores or os.cpu_count() or 1)
+    workers = sorted({1, per_core})
+    if peer == "fastapi":
+        return [Config(peer, w) for w in workers]
+    if peer == "bentoml":
+        return [Config(peer, w, b, 0.0) for w in workers for b in (0, 32)]
+    if peer in ("litserve", "mlserver"):
+        return [Config(peer, w, b, wait) for w in workers for b, wait in ((0, 0.0), (32, 1.0), (32, 5.0))]
+    if peer == "limit":
+        return [Config(peer, 2)]
+    raise ValueError(f"unknown baseline {peer!r}; known: {sorted(BASELINES)}")
+
+
+def baseline_command(config: Config, port: int, workdir: Path | None = None) -> list[str]:
     bin_dir = Path(sys.executable).parent
-    if name == "bentoml":
-        return [str(bin_dir / "bentoml"), "serve", "loadtest.baselines.bentoml_book:Lenet5Batched",
-                "--host", "127.0.0.1", "--port", str(port)]
-    if name == "litserve":
+    if config.peer in ("bentoml", "limit"):
+        module = "loadtest.baselines.bentoml_book:Lenet5" if config.peer == "bentoml" else \
+            "loadtest.baselines.limit:Limit"
+        return [str(bin_dir / "bentoml"), "serve", module, "--host", "127.0.0.1", "--port", str(port)]
+    if config.peer == "litserve":
         return [sys.executable, "-m", "loadtest.baselines.litserve_server", "--port", str(port)]
-    if name == "fastapi":
+    if config.peer == "fastapi":
         # uvicorn's defaults with [standard] installed: uvloop + httptools, as for every other server here.
         return [sys.executable, "-m", "uvicorn", "loadtest.baselines.fastapi_app:app", "--host", "127.0.0.1",
-                "--port", str(port), "--workers", "2", "--no-access-log"]
-    raise ValueError(f"unknown baseline {name!r}; known: {sorted(BASELINES)}")
+                "--port", str(port), "--workers", str(config.workers), "--no-access-log"]
+    if config.peer == "mlserver":
+        if workdir is None:
+            raise ValueError("MLServer needs a folder for its model repository")
+        return [str(MLSERVER_VENV / "bin" / "mlserver"), "start", str(workdir)]
+    raise ValueError(f"unknown baseline {config.peer!r}; known: {sorted(BASELINES)}")
+
+
+def ensure_mlserver() -> str | None:
+    """Create MLServer's own venv (.venv-mlserver: its fastapi pin conflicts with the bench extra) if it is
+    missing; None when ready, else why MLServer cannot run."""
+    import subprocess
+
+    mlserver, marker = MLSERVER_VENV / "bin" / "mlserver", MLSERVER_VENV / "bench-pins.txt"
+    if mlserver.exists() and marker.exists() and marker.read_text() == " ".join(MLSERVER_PINS):
+        return None
+    try:
+        if not (MLSERVER_VENV / "bin" / "pip").exists():
+            subprocess.run([sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True, capture_output=True)
+        subprocess.run([str(MLSERVER_VENV / "bin" / "pip"), "install", "--quiet", *MLSERVER_PINS], check=True,
+                       capture_output=True, text=True, timeout=900)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+        tail = getattr(e, "stderr", "") or ""
+        return f"pip install {' '.join(MLSERVER_PINS)} into {MLSERVER_VENV} failed: {e} {tail[-500:]}"
+    if not mlserver.exists():
+        return f"{mlserver} missing after pip install"
+    marker.write_text(" ".join(MLSERVER_PINS))
+    return None
 
 
 @contextlib.contextmanager
-def running_baseline(name: str, log_path: Path, env: dict[str, str] | None = None,
+def running_baseline(config: Config | str, log_path: Path, env: dict[str, str] | None = None,
                      timeout_s: float = 180.0) -> Iterator[LiveServer]:
-    """``env`` should carry BENTOML_HOME and the BASELINE_<MODEL>_TAG pins (see common.py)."""
+    """``env`` should carry BENTOML_HOME and the BASELINE_<MODEL>_TAG pins (see common.py); a bare name runs
+    the peer's first grid configuration with one worker per core."""
+    if isinstance(config, str):
+        config = grid(config)[-1] if config in ("fastapi", "limit") else Config(config, os.cpu_count() or 1)
     port = free_port()
-    server = start_process(baseline_command(name, port), port, log_path, env, ready_path=BASELINES[name][2],
+    workdir = None
+    if config.peer == "mlserver":
+        from loadtest.baselines.mlserver.__main__ import write_repository
+
+        workdir = log_path.with_suffix(".mlserver")
+        write_repository(workdir, (env or {}).get("BASELINE_LENET5_TAG", "lenet5:latest"), port, config)
+    server = start_process(baseline_command(config, port, workdir), port, log_path,
+                           {**(env or {}), **config.env()}, ready_path=BASELINES[config.peer][2],
                            timeout_s=timeout_s)
     try:
         yield server
     finally:
-        stop_server(server)
+        # A peer's graceful shutdown is not measured: MLServer waits ~30 s for its workers; 10 s, then kill.
+        stop_server(server, grace_s=10)

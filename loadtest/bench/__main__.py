@@ -31,14 +31,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=4.0, help="time limit per in-process case")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="intra-op threads of the multi-threaded in-process rows (default: all cores)")
-    p.add_argument("--duration", type=int, default=20, help="seconds per wrk row and per /generate level")
+    p.add_argument("--duration", type=int, default=5, help="seconds per wrk row of the rounds and per /generate "
+                   "level")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the serving-stack rows (medians "
+                   "judged, min-max reported)")
+    p.add_argument("--sweep-duration", type=float, default=3, help="seconds per row of each peer configuration "
+                   "in the sweep that picks its best one")
     p.add_argument("--connections", type=int_list, default=[1, 32],
                    help="wrk concurrency levels (closed loop), comma-separated; targets use the lowest and highest")
-    p.add_argument("--baselines", type=lambda s: [b for b in s.split(",") if b], default=["bentoml", "litserve",
-                                                                                            "fastapi"],
-                   help="baseline servers to measure, comma-separated (loadtest/baselines)")
-    p.add_argument("--mlserver-url", help="an MLServer started by hand serving lenet5 (python -m "
-                   "loadtest.baselines.mlserver): its /v2/models/lenet5/infer measured beside nnserve's")
+    p.add_argument("--baselines", type=lambda s: [b for b in s.split(",") if b],
+                   default=["bentoml", "litserve", "fastapi", "mlserver"],
+                   help="peer servers to sweep and measure, comma-separated (loadtest/baselines); MLServer runs "
+                        "from .venv-mlserver, which the bench creates when missing")
     p.add_argument("--streams", type=int_list, default=[1, 16], help="concurrent /generate streams, comma-separated")
     p.add_argument("--generate-chars", type=int, default=200, help="characters per /generate request")
     p.add_argument("--step-loop-steps", type=int, default=2000,
@@ -75,9 +79,16 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
     return dict(pairs)
 
 
+def server_threads(env: dict[str, str]) -> int:
+    """ORT threads per session of the nnserve server the bench started (its settings: cores / workers)."""
+    from service.settings import Settings
+
+    return Settings.from_env({**os.environ, **env}).threads_per_session()
+
+
 def batch_time_ms(batch: int, threads: int) -> float:
-    """Median time of one lenet5 ORT call at ``batch`` items, as the server runs it (in process, every core,
-    spinning off): the "batch time" of the overload target."""
+    """Median time of one lenet5 ORT call at ``batch`` items, as the server runs it (in process, ``threads``
+    = the server's threads per session, spinning off): the "batch time" of the overload target."""
     import numpy as np
 
     from loadtest.baselines.common import StoreModel
@@ -90,8 +101,8 @@ def batch_time_ms(batch: int, threads: int) -> float:
 
 def run_nnserve(args: argparse.Namespace, env: dict[str, str], workdir: Path, r: Results) -> None:
     """Every part that needs the nnserve server, on one server."""
+    from harness.server import running_server
     from loadtest.bench import budgets, generate, overload, recovery, server_info, stacks, wrk
-    from loadtest.server import running_server
 
     log("starting nnserve (bentoml serve; loads and warms up every model)")
     with running_server(workdir / "nnserve.log", env) as server:
@@ -101,11 +112,6 @@ def run_nnserve(args: argparse.Namespace, env: dict[str, str], workdir: Path, r:
         r.settings = server_info.server_settings(url, env)
         r.memory["ready"] = server_info.server_memory(server)
         files, x_one, input_name = lenet5_inputs(workdir, tags.get("lenet5", "lenet5:latest"))
-        if "stacks" not in args.skip:
-            found, r.answers[stacks.NNSERVE] = stacks.measure(
-                stacks.NNSERVE, url, (stacks.CLASSIFY, stacks.FEATURES, stacks.V2), files, args.connections,
-                args.duration, metrics=True)
-            r.runs += found
         if "generate" not in args.skip:
             r.generate = generate.bench_streams(url, args.streams, args.duration, args.generate_chars, workdir)
         if "triton" not in args.skip:
@@ -135,8 +141,8 @@ def lenet5_inputs(workdir: Path, tag: str):
     preprocessed for lenet5 [1, C, H, W] with the model's input name; all from the store entry ``tag``."""
     import bentoml
 
+    from harness.data import held_out_digits
     from loadtest.bench.wrk import request_files
-    from loadtest.data import held_out_digits
     from models.preprocess import preprocess_uint8
 
     meta = bentoml.models.get(tag).info.metadata
@@ -145,34 +151,33 @@ def lenet5_inputs(workdir: Path, tag: str):
     return request_files(workdir, meta["preprocessing"], input_name), x_one, input_name
 
 
-def run_baselines(args: argparse.Namespace, workdir: Path, r: Results) -> None:
+def run_compare(args: argparse.Namespace, env: dict[str, str], workdir: Path, r: Results) -> None:
+    """Part 2: the sweep of the peers, then nnserve, the bare stack and each peer's best configurations in
+    interleaved rounds (loadtest/bench/compare.py); then the CPU breakdown of a request, in process."""
     import bentoml
 
     from loadtest.baselines.launch import BASELINES
-    from loadtest.bench import stacks
+    from loadtest.bench import compare, stacks
+    from loadtest.bench.profile import request_breakdown
 
-    # Pin the exact store entries nnserve served (or the latest ones), so every server runs the same graph.
-    tags = r.tags
-    pins = {f"BASELINE_{name.upper()}_TAG": tags.get(name) or str(bentoml.models.get(f"{name}:latest").tag)
-            for name in ("lenet5", "vgg_fc7")}
-    files, _, _ = lenet5_inputs(workdir, pins["BASELINE_LENET5_TAG"])
-    found, answers = stacks.measure_baselines(args.baselines, files, args.connections, args.duration, workdir,
-                                              pins)
-    r.runs += found
-    r.answers.update(answers)
-    r.labels.update({name: BASELINES[name][0] for name in args.baselines})
-
-
-def run_mlserver(args: argparse.Namespace, workdir: Path, r: Results) -> None:
-    """The /v2 rows on an MLServer already running (its own venv: loadtest/baselines/mlserver)."""
-    from loadtest.bench import stacks
-
-    files, _, _ = lenet5_inputs(workdir, r.tags.get("lenet5", "lenet5:latest"))
-    log(f"MLServer at {args.mlserver_url} (started by hand)")
-    found, r.answers["mlserver"] = stacks.measure("mlserver", args.mlserver_url.rstrip("/"), (stacks.V2,), files,
-                                                  args.connections, args.duration)
-    r.runs += found
-    r.labels["mlserver"] = "MLServer (custom ONNX runtime, started by hand)"
+    # Pin the exact store entries nnserve serves (its settings, else the latest), so every server runs the
+    # same graph.
+    tags = r.tags or {name: str(bentoml.models.get(f"{name}:latest").tag) for name in ("lenet5", "vgg_fc7")}
+    r.tags = r.tags or tags
+    pins = {"BENTOML_HOME": os.environ.get("BENTOML_HOME", str(Path.home() / "bentoml")),
+            **{f"BASELINE_{name.upper()}_TAG": tags[name] for name in ("lenet5", "vgg_fc7")}}
+    files, _, _ = lenet5_inputs(workdir, tags["lenet5"])
+    peers = [] if "baselines" in args.skip else args.baselines
+    r.comparison = compare.compare(peers, files, args.connections, args.duration, args.sweep_duration, args.rounds,
+                                   workdir, pins, env)
+    r.runs += r.comparison.runs
+    r.answers.update(r.comparison.answers)
+    r.labels.update({name: label for name, (label, _, _) in BASELINES.items()})
+    r.labels[stacks.NNSERVE] = "nnserve"
+    log("CPU breakdown of a /classify request (in process, the server's functions)")
+    r.breakdown = request_breakdown(tags["lenet5"], files.png.read_bytes())
+    log("  " + ", ".join(f"{k} {v:.1f} us" for k, v in r.breakdown.stages_us.items())
+        + f"; training's preprocessing path {r.breakdown.reference_preprocess_us:.1f} us")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     r = Results(info={"command": command, "date": datetime.now().astimezone().isoformat(timespec="seconds"),
                       "load_start": load_average(), **machine()})
     log(f"{command}: load average {r.info['load_start']}; output to {args.out}")
-    if not {"nnserve", "stacks"} & set(args.skip) or not {"baselines", "user-model"} <= set(args.skip):
+    if not {"nnserve", "stacks"} & set(args.skip) or "user-model" not in args.skip:
         wrk_binary()  # fail now, not after minutes of other parts
     with tempfile.TemporaryDirectory(prefix="nnserve-bench-") as tmp:
         workdir = Path(tmp)
@@ -201,10 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             r.step_note = "Step-loop limit not measured this run (`--skip-step-loop`)."
         if "nnserve" not in args.skip:
             run_nnserve(args, env, workdir, r)
-        if "baselines" not in args.skip and args.baselines:
-            run_baselines(args, workdir, r)
-        if args.mlserver_url:
-            run_mlserver(args, workdir, r)
+        if not {"nnserve", "stacks"} & set(args.skip):
+            log(f"part 2: serving stacks, {args.rounds} interleaved rounds")
+            run_compare(args, env, workdir, r)
         if "user-model" not in args.skip:
             from loadtest.bench.user_model import bench_user_model
 
@@ -213,9 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     batch_ms, delay = None, env.get("NNSERVE_MAX_QUEUE_DELAY_MS") or find_setting(r.settings, "max_queue_delay")
     if r.overload:
         max_batch = int(env.get("NNSERVE_MAX_BATCH_SIZE") or find_setting(r.settings, "max_batch_size") or 32)
-        batch_ms = batch_time_ms(max_batch, args.threads)
+        threads = server_threads(env)
+        batch_ms = batch_time_ms(max_batch, threads)
         r.target_notes.append(f"batch time in the overload bound: lenet5 ORT at batch {max_batch} "
-                              f"({args.threads} threads, in process), median {batch_ms:.2f} ms; max_queue_delay "
+                              f"({threads} thread(s) per session as the server runs it, in process), median "
+                              f"{batch_ms:.2f} ms; max_queue_delay "
                               f"{f'{delay} ms' if delay is not None else 'unknown'}")
     if r.overload:
         o = r.overload

@@ -1,7 +1,8 @@
 """Part 1, in process, CPU: lenet5 and vgg_fc7 at batch 1 and 32, PyTorch eager (the training artifact the
 store entry was exported from) vs ONNX Runtime: the exported fp32 graph with ORT's default (online)
 optimizations, the same with graph optimizations off, the offline ORT-optimized graph, and ``<name>-int8``
-if registered; one intra-op thread, plus PyTorch and ORT fp32 on every core. Real held-out digits; warm-up
+if registered; one intra-op thread (what the server gives each session: cores / workers = 1 on 2 cores with
+2 workers), plus PyTorch and ORT fp32 on every core for comparison. Real held-out digits; warm-up
 first, then the median of many timed runs.
 """
 
@@ -57,7 +58,7 @@ def image_batches(preprocessing: dict) -> dict[int, np.ndarray]:
     """Held-out digits through the service's own decode + preprocessing path, per benchmarked batch size."""
     from PIL import Image
 
-    from loadtest.data import held_out_digits
+    from harness.data import held_out_digits
     from models.preprocess import image_to_uint8, preprocess_uint8
 
     digits, _ = held_out_digits()
@@ -104,7 +105,7 @@ def model_variants(name: str, workdir: Path, all_threads: int) -> tuple[list[Var
     """The variants of one image model, its store entry, and notes on variants left out.
 
     Single-threaded rows compare per-core cost and hold up on a shared box; the ``all_threads`` rows show
-    what intra-op threading adds (the server runs ORT with every core)."""
+    what intra-op threading adds (the server runs each session with cores / workers threads)."""
     import bentoml
     import torch
 

@@ -10,6 +10,7 @@ import numpy as np
 from loadtest.bench.common import write_atomic
 from loadtest.bench.inprocess import BATCHES, IMAGE_MODELS, Case
 from loadtest.bench.stacks import StackRun
+from loadtest.bench.targets import find
 
 
 def plot(cases: list[Case], runs: list[StackRun], labels: dict[str, str], generate: list[dict],
@@ -52,12 +53,14 @@ def plot(cases: list[Case], runs: list[StackRun], labels: dict[str, str], genera
             levels = sorted({r.result.connections for r in mine})
             width = 0.8 / len(levels)
             for i, c in enumerate(levels):
-                rows = [next((r.result for r in mine if (r.server, r.result.connections) == (s, c)), None)
-                        for s in servers]
+                # medians over the rounds, whiskers min-max (targets.find: the sweep's rows left out)
+                rows = [find(runs, s, endpoint, c) for s in servers]
                 x = np.arange(len(servers)) + width * (i - (len(levels) - 1) / 2)
-                axes[0, col].bar(x, [r.rps if r else 0 for r in rows], width, label=f"{c} client(s)")
-                axes[1, col].bar(x, [r.p50_ms if r else 0 for r in rows], width, label=f"p50, {c} client(s)")
-                axes[1, col].scatter(x, [r.p95_ms if r else np.nan for r in rows], marker="_", s=200, color="k",
+                rps = [r.rps if r else 0 for r in rows]
+                spread = np.array([[r.rps - min(r.ok_rps), max(r.ok_rps) - r.rps] if r else [0, 0] for r in rows]).T
+                axes[0, col].bar(x, rps, width, yerr=spread, capsize=3, label=f"{c} client(s), 2xx")
+                axes[1, col].bar(x, [r.p50 if r else 0 for r in rows], width, label=f"p50, {c} client(s)")
+                axes[1, col].scatter(x, [r.p95 if r else np.nan for r in rows], marker="_", s=200, color="k",
                                      zorder=3, label="p95" if i == 0 else None)
             names = [labels.get(s, s) for s in servers]
             for row, ylabel in ((0, "requests/s"), (1, "latency (ms)")):

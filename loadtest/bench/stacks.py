@@ -1,9 +1,9 @@
-"""Parts 2-3: the same requests against nnserve and every baseline server, under wrk.
+"""The rows of part 2 (run by compare.py) and of other parts: the same requests against one server under wrk.
 
-``/classify`` (lenet5, PNG upload) on nnserve and each baseline; ``/features`` (vgg_fc7, npy answer) on
-nnserve and FastAPI; KServe v2 ``/v2/models/lenet5/infer`` (JSON tensor) on nnserve. Each at every
-``--connections`` level (closed loop), after one checked request: the answer's top label must be the same
-on every server (same model, same preprocessing), else the comparison would be meaningless.
+``/classify`` (lenet5, PNG upload) on nnserve and each peer; ``/features`` (vgg_fc7, npy answer) on
+nnserve and FastAPI; KServe v2 ``/v2/models/lenet5/infer`` (JSON tensor) on nnserve and MLServer. Each at
+every ``--connections`` level (closed loop), after one checked request: the answer's top label must be the
+same on every server (same model, same preprocessing), else the comparison would be meaningless.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 from loadtest.bench.common import log
 from loadtest.bench.promscrape import batch_histogram, scrape
@@ -29,7 +28,10 @@ class StackRun:
     result: WrkResult
     mean_batch: float = float("nan")  # nnserve only, from /metrics
     batches: str = ""
-    round_no: int = 0  # the user-model part's interleaved round (1, 2, ...); 0 elsewhere
+    round_no: int = 0  # the interleaved round (1, 2, ...); 0: the sweep, or a part without rounds
+    config: str = ""  # the server's configuration (compare.Unit.describe)
+    load: str = ""  # load average (1/5/15 min) just before the row
+    cpu_ms_per_request: float = float("nan")  # the server processes' CPU time over the row / requests
 
 
 def top_label(answer: object) -> str:
@@ -81,20 +83,4 @@ def measure(server: str, url: str, endpoints: tuple[str, ...], files: RequestFil
                 f"p95 {result.p95_ms:7.2f}  p99 {result.p99_ms:7.2f}  errors {result.errors}"
                 + (f"  mean batch {run.mean_batch:.2f}" if metrics else ""))
             runs.append(run)
-    return runs, answers
-
-
-def measure_baselines(names: list[str], files: RequestFiles, connections: list[int], seconds: float,
-                      workdir: Path, env: dict[str, str]) -> tuple[list[StackRun], dict[str, dict[str, str]]]:
-    """Each baseline alone: start it, check one answer, measure its routes, stop it."""
-    from loadtest.baselines.launch import BASELINES, running_baseline
-
-    runs, answers = [], {}
-    for name in names:
-        label, routes, _ = BASELINES[name]
-        log(f"baseline {name}: {label}: starting")
-        with running_baseline(name, workdir / f"baseline-{name}.log", env) as server:
-            found, answers[name] = measure(name, server.http_url, routes, files, connections, seconds)
-            runs += found
-        log(f"baseline {name} stopped")
     return runs, answers

@@ -11,7 +11,6 @@ from loadtest.bench.overload import OverloadResult
 from loadtest.bench.recovery import RecoveryResult
 from loadtest.bench.stacks import CLASSIFY, FEATURES, NNSERVE, V2, StackRun
 from loadtest.bench.triton import GRPC_GENERATE, REST_GENERATE, ProtocolRow
-from loadtest.bench.wrk import WrkResult
 
 
 @dataclass
@@ -26,24 +25,69 @@ class Target:
         return "not measured" if self.met is None else ("met" if self.met else "**MISSED**")
 
 
-def find(runs: list[StackRun], server: str, endpoint: str, connections: int) -> WrkResult | None:
-    return next((r.result for r in runs if (r.server, r.endpoint, r.result.connections)
-                 == (server, endpoint, connections)), None)
+@dataclass
+class Agg:
+    """One server's rows at one endpoint and level over the rounds: medians, spread (min-max), errors."""
+
+    ok_rps: list[float]  # 2xx answers per second, one per round
+    p50_ms: list[float]
+    p95_ms: list[float]
+    errors: int  # non-2xx answers + socket errors, summed over the rounds
+
+    @property
+    def rounds(self) -> int:
+        return len(self.ok_rps)
+
+    @property
+    def rps(self) -> float:
+        return float(median(self.ok_rps))
+
+    @property
+    def p50(self) -> float:
+        return float(median(self.p50_ms))
+
+    @property
+    def p95(self) -> float:
+        return float(median(self.p95_ms))
+
+    def spread(self, attr: str = "ok_rps", digits: int = 0) -> str:
+        values = getattr(self, attr)
+        return f"[{min(values):,.{digits}f}-{max(values):,.{digits}f}]" if len(values) > 1 else ""
 
 
-def ratio_target(what: str, ours: WrkResult | None, theirs: WrkResult | None, theirs_name: str, factor: float,
+def find(runs: list[StackRun], server: str, endpoint: str, connections: int) -> Agg | None:
+    """``server``'s rows at (endpoint, connections) over every round (the sweep's round 0 left out when
+    rounds exist)."""
+    rows = [r for r in runs if (r.server, r.endpoint, r.result.connections) == (server, endpoint, connections)]
+    if any(r.round_no for r in rows):
+        rows = [r for r in rows if r.round_no]
+    if not rows:
+        return None
+    return Agg([r.result.ok_rps for r in rows], [r.result.p50_ms for r in rows], [r.result.p95_ms for r in rows],
+               sum(r.result.errors for r in rows))
+
+
+def ratio_target(what: str, ours: Agg | None, theirs: Agg | None, theirs_name: str, factor: float,
                  latency: bool = False) -> Target:
-    """Throughput >= factor x theirs, or (latency) p50 <= factor x theirs."""
+    """Median throughput (2xx/s) >= factor x theirs, or (latency) median p50 <= factor x theirs. Any error
+    in our rows (a non-2xx answer or a socket error; none should happen at these loads) fails the target."""
+    goal = f"{'<=' if latency else '>='} {factor:g}x {theirs_name}" + ("" if latency else ", 2xx only")
     if ours is None or theirs is None:
-        return Target(what, "not measured" + ("" if theirs else f" ({theirs_name} not run)"),
-                      f"{'<=' if latency else '>='} {factor:g}x {theirs_name}", None)
+        return Target(what, "not measured" + ("" if theirs else f" ({theirs_name} not run)"), goal, None)
+    rounds = f"median of {min(ours.rounds, theirs.rounds)}: " if max(ours.rounds, theirs.rounds) > 1 else ""
+    errors = f"; errors {ours.errors} vs {theirs.errors}" if ours.errors or theirs.errors else ""
     if latency:
-        r = ours.p50_ms / theirs.p50_ms
-        return Target(what, f"{ours.p50_ms:.2f} ms vs {theirs.p50_ms:.2f} ms = {r:.2f}x",
-                      f"<= {factor:g}x {theirs_name}", r <= factor)
+        r = ours.p50 / theirs.p50
+        a, b = " ".join(filter(None, (f"{ours.p50:.2f}", ours.spread("p50_ms", 2)))), \
+            " ".join(filter(None, (f"{theirs.p50:.2f}", theirs.spread("p50_ms", 2))))
+        return Target(what, f"{rounds}{a} vs {b} ms = {r:.2f}x{errors}", goal,
+                      r <= factor and ours.errors == 0)
+    if theirs.rps == 0:
+        return Target(what, f"{rounds}{ours.rps:,.0f} vs 0 2xx/s{errors}", goal, None)
     r = ours.rps / theirs.rps
-    return Target(what, f"{ours.rps:,.0f} vs {theirs.rps:,.0f} req/s = {r:.2f}x", f">= {factor:g}x {theirs_name}",
-                  r >= factor)
+    a, b = " ".join(filter(None, (f"{ours.rps:,.0f}", ours.spread()))), \
+        " ".join(filter(None, (f"{theirs.rps:,.0f}", theirs.spread())))
+    return Target(what, f"{rounds}{a} vs {b} 2xx/s = {r:.2f}x{errors}", goal, r >= factor and ours.errors == 0)
 
 
 def limit_note(chars_per_s: float, limit: float | None) -> str:
@@ -63,8 +107,10 @@ def evaluate(runs: list[StackRun], low: int, high: int, generate: list[dict], st
                      find(runs, "litserve", CLASSIFY, high), "LitServe", 2.0),
     ]
     ours = find(runs, NNSERVE, CLASSIFY, high)
-    targets.append(Target(f"/classify {high} clients p95", f"{ours.p95_ms:.1f} ms" if ours else "not measured",
-                          "<= 50 ms", None if ours is None else ours.p95_ms <= 50))
+    targets.append(Target(f"/classify {high} clients p95",
+                          " ".join(filter(None, (f"median {ours.p95:.1f}", ours.spread("p95_ms", 1), "ms")))
+                          if ours else "not measured",
+                          "<= 50 ms", None if ours is None else ours.p95 <= 50 and ours.errors == 0))
     targets.append(ratio_target(f"/features {high} clients throughput", find(runs, NNSERVE, FEATURES, high),
                                 find(runs, "fastapi", FEATURES, high), "FastAPI", 3.0))
     targets.append(ratio_target(f"/v2 lenet5 {high} clients throughput", find(runs, NNSERVE, V2, high),
@@ -113,15 +159,23 @@ def evaluate(runs: list[StackRun], low: int, high: int, generate: list[dict], st
         others = overload.others
         targets.append(Target("overload: any other status or failure",
                               ", ".join(f"{k}: {v}" for k, v in others.items()) or "none", "none", not others))
-    if not recovery:
-        targets.append(Target("large request then small: recovery", "not measured", "< 1 s", None))
-    else:
-        ok = recovery.large_status == 200 and recovery.small_errors == 0 and recovery.recovered
-        problems = "" if ok else (f" (large request answered {recovery.large_status}, small errors "
-                                  f"{recovery.small_errors}{'' if recovery.recovered else ', still slow at the end'})")
-        targets.append(Target(f"large request ({recovery.items:,} items) then small: recovery",
-                              f"{recovery.recovery_s:.3f} s{problems}", "< 1 s", recovery.recovery_s < 1 and ok))
+    targets.append(recovery_target(recovery))
     return targets
+
+
+def recovery_target(recovery: RecoveryResult | None) -> Target:
+    """Judged by the rule fixed before the first run (the last single request over 2x idle); the windowed
+    rule added after that rule missed is shown beside it, never judged (loadtest/bench/recovery.py)."""
+    goal = "< 1 s (last single request over 2x idle; rule fixed before the first run)"
+    if not recovery:
+        return Target("large request then small: recovery", "not measured", goal, None)
+    ok = recovery.large_status == 200 and recovery.small_errors == 0 and recovery.recovered_single
+    slow_end = "" if recovery.recovered_single else ", still slow at the end"
+    problems = "" if ok else (f" (large request answered {recovery.large_status}, small errors "
+                              f"{recovery.small_errors}{slow_end})")
+    return Target(f"large request ({recovery.items:,} items) then small: recovery",
+                  f"{recovery.recovery_single_s:.3f} s{problems}; windowed rule (information only): "
+                  f"{recovery.recovery_s:.3f} s", goal, recovery.recovery_single_s < 1 and ok)
 
 
 

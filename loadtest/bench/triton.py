@@ -119,10 +119,11 @@ def scores_output(url: str) -> str:
 
 def bench_triton(url: str, grpc_url: str, png: Path, wrk_args: list[str], streams: list[int], seconds: float,
                  chars: int, rounds: int, classify_clients: int, processes: int) -> list[ProtocolRow]:
+    from harness.data import prompts, served_vocab
+    from loadtest.bench.protocol_clients import GENERATE_MODEL
     from loadtest.bench.wrk import run_wrk
-    from loadtest.data import prompts
 
-    rest = Options(url, prompts(), chars, png.read_bytes(), scores_output(url))
+    rest = Options(url, prompts(vocab=served_vocab(url, GENERATE_MODEL)), chars, png.read_bytes(), scores_output(url))
     grpc = Options(grpc_url, rest.prompts, chars, rest.png, rest.scores_output)
     by_protocol = {REST_GENERATE: rest, GRPC_GENERATE: grpc, REST_CLASSIFY: rest, GRPC_CLASSIFY: grpc}
     rows: list[ProtocolRow] = []

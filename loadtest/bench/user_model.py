@@ -159,10 +159,10 @@ def round_order(i: int) -> tuple[str, str]:
 def bench_user_model(args: argparse.Namespace, env: dict[str, str], workdir: Path) -> UserModelResult:
     """Make (or reuse, ``--user-model-tag``) the store entry, then ``--user-model-rounds`` rounds of wrk rows,
     nnserve's and FastAPI's alternating, at each ``--connections`` level."""
+    from harness.data import held_out_digits
+    from harness.server import running_server
     from loadtest.baselines.common import ort_threads
     from loadtest.baselines.launch import running_baseline
-    from loadtest.data import held_out_digits
-    from loadtest.server import running_server
 
     if args.user_model_tag:
         tag, made = args.user_model_tag, "reused (`--user-model-tag`), not made by this run"

@@ -50,8 +50,10 @@ class WrkResult:
 
     @property
     def ok_rps(self) -> float:
-        """Answers with status < 400 per second: an error answer is not work done (wrk's ``requests`` counts
-        every completed response, whatever its status; socket errors and timeouts are not in it)."""
+        """Goodput: 2xx answers per second. wrk's ``requests`` counts every completed response, whatever its
+        status (socket errors and timeouts are not in it), and its ``status_errors`` every status >= 400;
+        no server here answers 1xx or 3xx (each row's checked request must be 200), so the difference is
+        the 2xx answers. An error answer is not work done."""
         return max(0, self.requests - self.status_errors) / self.seconds if self.seconds else 0.0
 
 
@@ -99,7 +101,7 @@ def v2_json_body(x: np.ndarray, input_name: str) -> bytes:
 
 
 def request_files(workdir: Path, preprocessing: dict, input_name: str) -> RequestFiles:
-    from loadtest.data import held_out_digits, png_bytes
+    from harness.data import held_out_digits, png_bytes
     from models.preprocess import preprocess_uint8
 
     digits, labels = held_out_digits()

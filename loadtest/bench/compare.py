@@ -1,0 +1,189 @@
+"""Part 2: nnserve beside every peer at its best, repeated in interleaved rounds.
+
+1. Sweep: each peer (loadtest/baselines) in every configuration of its grid (``launch.grid``: workers x
+   batching off / on with its documented knobs), alone, each of its rows once for ``sweep_s`` seconds. The
+   best configuration per row (peer, endpoint, clients) is the one with the most 2xx answers per second
+   among those without errors (all of them if every one had errors).
+2. Rounds: nnserve (as shipped: its defaults), the bare HTTP stack (the limit) and each peer's best
+   configurations, each started alone, measured on its rows, stopped; ``rounds`` times, in a different
+   order each round (shuffled with the round number as seed). The load average is logged before each row.
+   Targets judge the median over the rounds; the spread (min-max) is reported beside it.
+
+Every row is wrk, closed loop (loadtest/bench/wrk.py), after one checked request per server.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loadtest.baselines.launch import BASELINES, Config, ensure_mlserver, grid, running_baseline
+from loadtest.bench.common import load_average, log
+from loadtest.bench.promscrape import batch_histogram, scrape
+from loadtest.bench.stacks import BATCHED_MODEL, CLASSIFY, FEATURES, NNSERVE, V2, StackRun, check_answer, wrk_args
+from loadtest.bench.wrk import RequestFiles, run_wrk
+
+LIMIT = "limit"
+NNSERVE_ROUTES = (CLASSIFY, FEATURES, V2)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One server start in a round: nnserve or a peer in one configuration, and the rows it is measured on."""
+
+    server: str
+    config: Config | None
+    rows: tuple[tuple[str, int], ...]
+
+    def describe(self) -> str:
+        return "defaults (2 workers, max_queue_delay 0)" if self.config is None else self.config.describe()
+
+
+@dataclass
+class Comparison:
+    runs: list[StackRun] = field(default_factory=list)  # the rounds' rows
+    sweep: list[StackRun] = field(default_factory=list)  # the sweep's rows (one per configuration and row)
+    best: dict[tuple[str, str, int], str] = field(default_factory=dict)  # (peer, endpoint, clients) -> config
+    answers: dict[str, dict[str, str]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # peer -> why it did not run
+    orders: list[list[str]] = field(default_factory=list)  # per round, the servers in the order they ran
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and every live descendant (a server's workers)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return float("nan")
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def measure_rows(server: str, config: str, live, rows, files: RequestFiles, seconds: float, round_no: int,
+                 metrics: bool = False) -> tuple[list[StackRun], dict[str, str]]:
+    url = live.http_url
+    answers = {endpoint: check_answer(url, endpoint, files) for endpoint in dict.fromkeys(e for e, _ in rows)}
+    runs = []
+    for endpoint, c in rows:
+        load = load_average()
+        before = scrape(url) if metrics else {}
+        cpu = process_cpu_s(live.process.pid)
+        result = run_wrk(url + endpoint, wrk_args(endpoint, files), c, seconds)
+        cpu = process_cpu_s(live.process.pid) - cpu
+        run = StackRun(server, endpoint, result, round_no=round_no, config=config, load=load,
+                       cpu_ms_per_request=1e3 * cpu / result.requests if result.requests else float("nan"))
+        if metrics:
+            hist = batch_histogram(before, scrape(url), BATCHED_MODEL[endpoint], "dynamic")
+            run.mean_batch, run.batches = hist.mean, hist.describe()
+        log(f"  r{round_no} load {load:16s} {server:8s} {endpoint:24s} c={c:<3d} {result.ok_rps:8.1f} 2xx/s  "
+            f"p50 {result.p50_ms:7.2f} ms  p95 {result.p95_ms:7.2f}  errors {result.errors}  "
+            f"cpu {run.cpu_ms_per_request:.3f} ms/req  [{config}]")
+        runs.append(run)
+    return runs, answers
+
+
+def peer_rows(peer: str, connections: list[int]) -> tuple[tuple[str, int], ...]:
+    return tuple((endpoint, c) for endpoint in BASELINES[peer][1] for c in connections)
+
+
+def sweep(peers: list[str], files: RequestFiles, connections: list[int], seconds: float, workdir: Path,
+          env: dict[str, str], cmp: Comparison) -> None:
+    for peer in peers:
+        if peer == "mlserver":
+            why = ensure_mlserver()
+            if why:
+                log(f"MLServer skipped: {why}")
+                cmp.skipped[peer] = why
+                continue
+        for config in grid(peer):
+            log(f"sweep {peer}: {config.describe()}")
+            try:
+                with running_baseline(config, workdir / f"sweep-{peer}-{len(cmp.sweep)}.log", env) as live:
+                    found, _ = measure_rows(peer, config.describe(), live, peer_rows(peer, connections), files,
+                                            seconds, 0)
+            except RuntimeError as e:  # a configuration that does not start: reported, the others go on
+                log(f"  {peer} {config.describe()} failed: {str(e)[:300]}")
+                cmp.skipped[f"{peer} {config.describe()}"] = str(e).splitlines()[0][:200]
+                continue
+            cmp.sweep += found
+    cmp.best = pick_best(cmp.sweep)
+
+
+def pick_best(sweep_runs: list[StackRun]) -> dict[tuple[str, str, int], str]:
+    """(peer, endpoint, clients) -> the configuration with the most 2xx/s among those without errors (among
+    all of them when every one had errors)."""
+    best = {}
+    for key in dict.fromkeys((r.server, r.endpoint, r.result.connections) for r in sweep_runs):
+        rivals = [r for r in sweep_runs if (r.server, r.endpoint, r.result.connections) == key]
+        clean = [r for r in rivals if r.result.errors == 0] or rivals
+        best[key] = max(clean, key=lambda r: r.result.ok_rps).config
+    return best
+
+
+def units(peers: list[str], connections: list[int], cmp: Comparison) -> list[Unit]:
+    found = [Unit(NNSERVE, None, tuple((e, c) for e in NNSERVE_ROUTES for c in connections)),
+             Unit(LIMIT, grid(LIMIT)[0], peer_rows(LIMIT, connections))]
+    for peer in peers:
+        configs = {c.describe(): c for c in grid(peer)}
+        chosen: dict[str, list[tuple[str, int]]] = {}
+        for (server, endpoint, c), config in cmp.best.items():
+            if server == peer:
+                chosen.setdefault(config, []).append((endpoint, c))
+        found += [Unit(peer, configs[config], tuple(rows)) for config, rows in chosen.items()]
+    return found
+
+
+def round_order(all_units: list[Unit], round_no: int, previous: list[Unit] | None) -> list[Unit]:
+    """The units shuffled with ``round_no`` as seed; reshuffled (a few tries) if equal to the last round's."""
+    rng = random.Random(round_no)
+    order = list(all_units)
+    for _ in range(10):
+        rng.shuffle(order)
+        if order != previous:
+            break
+    return order
+
+
+def compare(peers: list[str], files: RequestFiles, connections: list[int], seconds: float, sweep_s: float,
+            rounds: int, workdir: Path, env: dict[str, str], nnserve_env: dict[str, str]) -> Comparison:
+    """The whole part: sweep the peers, then ``rounds`` interleaved rounds (module docstring)."""
+    from harness.server import running_server
+
+    cmp = Comparison()
+    log(f"sweep: {', '.join(peers)} over their grids, {sweep_s:g} s per row")
+    sweep(peers, files, connections, sweep_s, workdir, env, cmp)
+    plan = units([p for p in peers if p not in cmp.skipped], connections, cmp)
+    previous = None
+    for round_no in range(1, rounds + 1):
+        order = round_order(plan, round_no, previous)
+        previous = order
+        cmp.orders.append([f"{u.server} ({u.describe()})" for u in order])
+        log(f"round {round_no}/{rounds}: " + ", ".join(f"{u.server}" for u in order))
+        for unit in order:
+            log_path = workdir / f"round{round_no}-{unit.server}.log"
+            if unit.server == NNSERVE:
+                context = running_server(log_path, nnserve_env)
+            else:
+                context = running_baseline(unit.config, log_path, env)
+            try:
+                with context as live:
+                    found, answers = measure_rows(unit.server, unit.describe(), live, unit.rows, files, seconds,
+                                                  round_no, metrics=unit.server == NNSERVE)
+            except RuntimeError as e:
+                log(f"  {unit.server} failed in round {round_no}: {str(e)[:300]}")
+                cmp.skipped[f"{unit.server} round {round_no}"] = str(e).splitlines()[0][:200]
+                continue
+            cmp.runs += found
+            cmp.answers.setdefault(unit.server, {}).update(answers)
+    return cmp
+
