@@ -28,8 +28,8 @@ from pathlib import Path
 import psutil
 import requests
 
-from loadtest.bench.common import load_average, machine, write_atomic
 from harness.server import REPO_ROOT, LiveServer, running_server
+from loadtest.bench.common import load_average, machine, write_atomic
 
 MIB = 1 << 20
 TARGETS = {"non_2xx": 0, "cut_streams": 0, "p99_ratio": 1.5, "failed_changes": 0, "rss_mib": 10.0}

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from loadtest import lifecycle
 from harness.server import REPO_ROOT
+from loadtest import lifecycle
 from service.rest import sse_event
 
 END = sse_event(json.dumps({"model": "char_gru:v", "chars": 5, "finish_reason": "length"}), "end")
