@@ -314,8 +314,11 @@ class Repository:
                     self._free(served)
                     pending.remove(served)
             time.sleep(0.02)
+        retiring.clear()  # the last references to the sessions (with the loop's variable)
+        served = None  # noqa: F841
         gc.collect()
         _release_freed_memory()
+        self._report()  # "nothing draining" now also means the memory is back
 
     def _free(self, served: Served) -> None:
         served.batcher.close()
@@ -325,7 +328,6 @@ class Repository:
         with self._reconcile_lock:
             if self.served.get(key) is served:
                 del self.served[key]
-        self._report()
         log.info("worker %s: freed %s", self.worker, served.runtime.tag)
 
     def _report(self) -> None:
