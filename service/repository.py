@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import ctypes
 import functools
 import gc
 import logging
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from models.kinds import kinds_for
-from service import images, metrics
+from service import images, memory, metrics
 from service.batching import BatchingConfig, BatchStats, DynamicBatcher
 from service.errors import ClientError, Conflict, NotFound, Unavailable
 from service.generation import ContinuousBatcher
@@ -317,7 +316,7 @@ class Repository:
         retiring.clear()  # the last references to the sessions (with the loop's variable)
         served = None  # noqa: F841
         gc.collect()
-        _release_freed_memory()
+        memory.release_freed_memory()
         self._report()  # "nothing draining" now also means the memory is back
 
     def _free(self, served: Served) -> None:
@@ -483,15 +482,6 @@ def _batching_of(batcher: DynamicBatcher) -> dict:
     return {"max_batch_size": c.max_batch_size, "max_queue_delay_ms": c.max_queue_delay_s * 1e3,
             "preferred_batch_sizes": list(c.preferred_batch_sizes), "max_queue_size": c.max_queue_size,
             "queue_timeout_ms": c.queue_timeout_s * 1e3}
-
-
-def _release_freed_memory() -> None:
-    """Give freed sessions' memory back to the OS: glibc keeps freed arenas otherwise, and a worker that
-    loads and unloads versions would keep the high-water mark of every load (measured: docs/service.md)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def warmup_sizes(max_batch: int) -> tuple[int, ...]:

@@ -23,7 +23,7 @@ import sys
 import bentoml
 from bentoml._internal.context import server_context
 
-from service import auth, bentoml_fixes, drain, metrics, rest
+from service import auth, bentoml_fixes, drain, memory, metrics, rest
 from service.front import FrontDoor
 from service.kserve_grpc import start_grpc_server
 from service.kserve_http import create_app as create_kserve_app
@@ -32,6 +32,7 @@ from service.repository import Repository
 from service.settings import Settings
 
 bentoml_fixes.apply()  # before BentoML builds its ASGI apps (see the module)
+memory.keep_large_blocks_separate()  # large request bodies must not stay in the worker (service/memory.py)
 SETTINGS = Settings.from_env()  # validated here: a bad NNSERVE_* value stops the server with its name
 # Before the worker builds its uvicorn Config.
 drain.configure_uvicorn(SETTINGS.drain_timeout_s, SETTINGS.header_timeout_s)
