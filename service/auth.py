@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from service.playground import is_playground
 from service.settings import SettingsError
 
 if TYPE_CHECKING:
@@ -67,7 +68,8 @@ class TokenFileError(SettingsError):
 
 def rest_scope(path: str) -> str:
     """OPEN, MANAGEMENT or INFERENCE for an HTTP request path (ASGI's decoded ``scope["path"]``)."""
-    if path in OPEN_PATHS or MODEL_READY.fullmatch(path):
+    # The playground's files hold no data: its page calls the API with the user's token (service/playground.py).
+    if path in OPEN_PATHS or MODEL_READY.fullmatch(path) or is_playground(path):
         return OPEN
     if path == "/v2/repository" or path.startswith("/v2/repository/"):
         return MANAGEMENT

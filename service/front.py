@@ -15,6 +15,7 @@ the management API always needs one, the rest only with ``NNSERVE_INFERENCE_TOKE
   requests fast and the rejections cheap.
 - ``/livez`` and ``/readyz`` -> answered here, never queued behind the limit: ``/readyz`` says why it is
   not ready (models loading or failed, with reasons; gRPC not listening).
+- ``/playground...`` -> the playground's files (service/playground.py), when ``NNSERVE_PLAYGROUND`` is on.
 - everything else (``/metrics``, ``/``, ``/docs.json``, the OpenAPI assets, lifespan) -> BentoML's app.
 """
 
@@ -26,6 +27,7 @@ from collections.abc import Callable
 
 from service import metrics
 from service.auth import Lock
+from service.playground import is_playground
 from service.repository import Repository, request_scope
 
 ASGIApp = Callable  # (scope, receive, send) -> awaitable
@@ -36,7 +38,8 @@ UNLIMITED = frozenset({"/models"})  # cheap reads: never refused
 class FrontDoor:
     def __init__(self, bentoml_app: ASGIApp, rest_app: ASGIApp, kserve_app: ASGIApp,
                  get_repository: Callable[[], Repository], readiness: Callable[[], str | None],
-                 max_concurrent_requests: int, lock: Lock | None = None) -> None:
+                 max_concurrent_requests: int, lock: Lock | None = None, playground_app: ASGIApp | None = None
+                 ) -> None:
         self.bentoml_app = bentoml_app
         self.rest_app = rest_app
         self.kserve_app = kserve_app
@@ -45,6 +48,7 @@ class FrontDoor:
         self.max_concurrent_requests = max_concurrent_requests
         self.in_flight = 0
         self.lock = lock or Lock()  # no token: management off, the rest open
+        self.playground_app = playground_app  # None: NNSERVE_PLAYGROUND=off, BentoML answers 404
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] not in ("http", "websocket"):  # lifespan
@@ -69,6 +73,8 @@ class FrontDoor:
             if scope["method"] not in ("GET", "HEAD"):
                 return await respond(send, 405, {"error": f"{path} takes GET or HEAD, not {scope['method'][:20]}"})
             return await (respond(send, 200, {"alive": True}) if path == "/livez" else self.ready(send))
+        elif self.playground_app is not None and is_playground(path):
+            return await self.playground_app(scope, receive, send)
         else:
             return await self.bentoml_app(scope, receive, send)
         route = "v2" if app is self.kserve_app else path[1:]

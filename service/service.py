@@ -23,7 +23,7 @@ import sys
 import bentoml
 from bentoml._internal.context import server_context
 
-from service import auth, bentoml_fixes, drain, memory, metrics, rest
+from service import auth, bentoml_fixes, drain, memory, metrics, playground, rest
 from service.front import FrontDoor
 from service.kserve_grpc import start_grpc_server
 from service.kserve_http import create_app as create_kserve_app
@@ -56,6 +56,7 @@ def bentoml_spec() -> dict:
 # Mounted at "/" too, so BentoML's OpenAPI page and Python tooling know them; the front door (below) sends
 # their requests straight here without BentoML's middleware stack.
 rest_app = rest.create_app(current_repository, bentoml_spec)
+playground_app = playground.create_app(SETTINGS) if SETTINGS.playground else None
 kserve_app = create_kserve_app(current_repository, prefix="/v2", max_request_bytes=SETTINGS.kserve_max_request_bytes)
 
 
@@ -133,7 +134,7 @@ def _to_asgi(service, is_main: bool = True):
     if service is not NNServe:
         return app
     return FrontDoor(app, rest_app, kserve_app, current_repository, readiness, SETTINGS.max_concurrent_requests,
-                     LOCK)
+                     LOCK, playground_app)
 
 
 type(NNServe).to_asgi = _to_asgi

@@ -157,6 +157,7 @@ class Settings:
     management_token_file: str = ""  # the management API (/v2/repository/...) needs its token; "" = API off
     inference_token_file: str = ""  # when set, inference and metadata need its (or the management) token
     access_log: bool = False  # BentoML's per-request access log line (off: it costs ~20% throughput)
+    playground: bool = True  # the page at /playground (service/playground.py): static files + the public API
     log_level: str = "INFO"
     # TensorRT execution provider
     trt_cache_dir: str = "~/.cache/nnserve/tensorrt"

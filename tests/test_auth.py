@@ -39,6 +39,7 @@ def bearer(token: bytes | str) -> list[bytes]:
 @pytest.mark.parametrize(("path", "scope"), [
     ("/livez", OPEN), ("/readyz", OPEN), ("/metrics", OPEN), ("/v2/health/live", OPEN), ("/v2/health/ready", OPEN),
     ("/v2/models/lenet5/ready", OPEN), ("/v2/models/lenet5/versions/3/ready", OPEN),
+    ("/playground", OPEN), ("/playground/", OPEN), ("/playground/gallery/3.png", OPEN), ("/playgroundx", INFERENCE),
     ("/v2/repository/index", MANAGEMENT), ("/v2/repository/models/lenet5/load", MANAGEMENT),
     ("/v2/repository/models/lenet5/unload", MANAGEMENT), ("/v2/repository/models/lenet5/traffic", MANAGEMENT),
     ("/v2/repository", MANAGEMENT), ("/v2/repository/", MANAGEMENT),
