@@ -450,7 +450,9 @@ async function generate() {
 // ---- live: /metrics every second ----------------------------------------------------------------------------
 
 const HISTORY = 60;  // points per sparkline (a minute)
-const live = { previous: null, at: 0, series: new Map() };  // model -> {rps, p50, p95, batch: number[]}
+const WINDOW = 5;    // latency quantiles and mean batch size over the last 5 polls: a lone request still shows
+const live = { previous: null, at: 0, series: new Map(), recent: new Map() };
+// series: model -> {rps, p50, p95, batch: number[]}; recent: model -> the last WINDOW polls' increases
 
 // Prometheus text format -> [{name, labels, value}] (the lines of the metrics nnserve exports).
 function parseMetrics(text) {
@@ -522,12 +524,22 @@ async function pollMetrics() {
     const seconds = (now - live.at) / 1e3;
     for (const [model, t] of current) {
       const before = live.previous.get(model) || { requests: 0, buckets: new Map(), batchSum: 0, batchCount: 0 };
-      const buckets = new Map([...t.buckets].map(([le, count]) => [le, increase(count, before.buckets.get(le) || 0)]));
-      const batches = increase(t.batchCount, before.batchCount);
+      const step = {
+        requests: increase(t.requests, before.requests),
+        buckets: new Map([...t.buckets].map(([le, count]) => [le, increase(count, before.buckets.get(le) || 0)])),
+        batchSum: increase(t.batchSum, before.batchSum), batchCount: increase(t.batchCount, before.batchCount),
+      };
+      const recent = live.recent.get(model) || [];
+      recent.push(step);
+      if (recent.length > WINDOW) recent.shift();
+      live.recent.set(model, recent);
+      const buckets = new Map();
+      for (const r of recent) for (const [le, n] of r.buckets) buckets.set(le, (buckets.get(le) || 0) + n);
+      const batches = recent.reduce((sum, r) => sum + r.batchCount, 0);
       const point = {
-        rps: increase(t.requests, before.requests) / seconds,
+        rps: step.requests / seconds,
         p50: quantile(0.5, buckets), p95: quantile(0.95, buckets),
-        batch: batches > 0 ? increase(t.batchSum, before.batchSum) / batches : null,
+        batch: batches > 0 ? recent.reduce((sum, r) => sum + r.batchSum, 0) / batches : null,
       };
       if (!live.series.has(model)) live.series.set(model, { rps: [], p50: [], p95: [], batch: [] });
       const series = live.series.get(model);
@@ -540,27 +552,29 @@ async function pollMetrics() {
   }
   live.previous = current;
   live.at = now;
-  $("live-note").textContent = "Every worker's metrics, merged by the server; latency inside the service " +
-    "(nnserve_request_duration_seconds), batch = items per ONNX Runtime call (streams per decode step for text).";
+  $("live-note").textContent = "Every worker's metrics, merged by the server. Requests/s: the last second; " +
+    `latency inside the service (nnserve_request_duration_seconds) and batch size (items per ONNX Runtime call; ` +
+    `streams per decode step for text) over the last ${WINDOW} s.`;
 }
 
+// The newest point at the right edge; a gap where there was nothing to measure; the scale is the line's maximum.
 function sparkline(values, format) {
   const canvas = el("canvas", "spark");
   canvas.width = 120;
   canvas.height = 28;
   const ctx = canvas.getContext("2d");
-  const present = values.filter((v) => v !== null);
-  const top = Math.max(...present, 1e-9);
-  ctx.strokeStyle = "#2f7ed8";
+  const top = Math.max(...values.filter((v) => v !== null), 1e-9);
+  const step = (canvas.width - 4) / (HISTORY - 1);
+  const x = (i) => canvas.width - 2 - (values.length - 1 - i) * step;
+  const y = (v) => canvas.height - 2 - (v / top) * (canvas.height - 4);
+  ctx.strokeStyle = ctx.fillStyle = "#2f7ed8";
   ctx.lineWidth = 1.5;
   ctx.beginPath();
-  let pen = false;
   values.forEach((v, i) => {
-    if (v === null) { pen = false; return; }
-    const x = (i / (HISTORY - 1)) * (canvas.width - 2) + 1;
-    const y = canvas.height - 2 - (v / top) * (canvas.height - 4);
-    if (pen) ctx.lineTo(x, y); else ctx.moveTo(x, y);
-    pen = true;
+    if (v === null) return;
+    if (i > 0 && values[i - 1] !== null) ctx.lineTo(x(i), y(v));
+    else if (i + 1 < values.length && values[i + 1] !== null) ctx.moveTo(x(i), y(v));
+    else ctx.fillRect(x(i) - 1, y(v) - 1, 2.5, 2.5);  // a lone point
   });
   ctx.stroke();
   const last = values[values.length - 1];
@@ -577,8 +591,10 @@ function renderLive() {
   $("live-table").tBodies[0].replaceChildren(...rows);
 }
 
-// N requests at once to one model. A browser keeps at most 6 HTTP/1.1 connections to a server, so at most 6
-// are in flight at a time: enough to see batches of several requests; a load generator shows more.
+// N requests to one model, BURST_LANES in flight at a time. A browser keeps at most 6 HTTP/1.1 connections to a
+// server: the sixth stays free for the live panel's polls. Enough to see batches of several requests form; a
+// load generator (make bench) shows larger ones in this panel too.
+const BURST_LANES = 5;
 async function burst() {
   const model = state.models.find((m) => m.name === $("burst-model").value);
   if (!model) return;
@@ -600,20 +616,26 @@ async function burst() {
     const statuses = new Map();
     const sizes = new Map();
     let failure = null;
-    await Promise.all(Array.from({ length: count }, async (_, i) => {
-      try {
-        const answer = await (await send(i)).json();
-        statuses.set(200, (statuses.get(200) || 0) + 1);
-        if (answer.batch_size) sizes.set(answer.batch_size, (sizes.get(answer.batch_size) || 0) + 1);
-      } catch (error) {
-        statuses.set(error.status || "network", (statuses.get(error.status || "network") || 0) + 1);
-        failure = failure || error;
+    let next = 0;
+    const lane = async () => {
+      while (next < count) {
+        const i = next++;
+        try {
+          const answer = await (await send(i)).json();
+          statuses.set(200, (statuses.get(200) || 0) + 1);
+          if (answer.batch_size) sizes.set(answer.batch_size, (sizes.get(answer.batch_size) || 0) + 1);
+        } catch (error) {
+          statuses.set(error.status || "network", (statuses.get(error.status || "network") || 0) + 1);
+          failure = failure || error;
+        }
       }
-    }));
+    };
+    await Promise.all(Array.from({ length: BURST_LANES }, lane));
     const seconds = (performance.now() - started) / 1e3;
     const answers = [...statuses].map(([status, n]) => `${n} × ${status}`).join(", ");
     const batches = [...sizes].sort(([a], [b]) => a - b).map(([size, n]) => `${n} in batches of ${size}`).join(", ");
-    $("burst-result").textContent = `${count} requests to ${model.name} in ${seconds.toFixed(2)} s: ${answers}` +
+    $("burst-result").textContent = `${count} requests to ${model.name}, ${BURST_LANES} at a time, in ` +
+      `${seconds.toFixed(2)} s: ${answers}` +
       (batches ? ` · ${batches}` : "");
     if (failure) showError($("burst-error"), failure);
   } catch (error) {
