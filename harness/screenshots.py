@@ -54,9 +54,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         driver.get(args.url + "/playground")
         wait_for(lambda: driver.find_element("id", "server-status").text[:1].isdigit(), "GET /models")
+        # The page opens with a gallery digit and computes the gallery's vectors: a person uploads after that.
+        wait_for(lambda: len(driver.find_elements("css selector", "#neighbours li")) == 8, "the first neighbours")
+        driver.execute_script("for (const id of ['neighbours', 'classify-bars']) document.getElementById(id)"
+                              ".replaceChildren()")  # so the waits below see the upload's answers
         driver.find_element("id", "file").send_keys(str(digit.resolve()))
+        wait_for(lambda: digit.name in driver.find_element("id", "preview-caption").text, "the upload")
         wait_for(lambda: len(driver.find_elements("css selector", "#neighbours li")) == 8, "the neighbours")
-        wait_for(lambda: "answered by" in driver.find_element("id", "classify-meta").text, "the classes")
+        wait_for(lambda: driver.find_elements("css selector", "#classify-bars li"), "the classes")
         print(f"classified a held-out {labels[args.digit]}:", driver.find_element("id", "classify-meta").text)
 
         script = ("const e = document.getElementById(arguments[0]); e.value = arguments[1];"
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             path = args.out / f"{name}.png"
             driver.find_element("id", element).screenshot(str(path))
             print("wrote", path)
-        driver.set_window_size(1280, 1000)
+        driver.set_window_size(1280, 1200)  # the README's picture: down to the generated text
         driver.execute_script("window.scrollTo(0, 0)")
         driver.save_screenshot(str(args.out / "playground.png"))
         print("wrote", args.out / "playground.png")

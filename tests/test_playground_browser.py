@@ -255,13 +255,21 @@ def test_api_error_is_a_message(driver, live_server):
     assert "failed" in text(driver, "generate-stats")
 
 
-def test_busy_server_and_upload_limit_in_the_page(driver, own_server, tmp_path):
+def test_busy_server_upload_limit_and_waiting_model_in_the_page(driver, own_server, tmp_path):
     """503 + Retry-After from the admission limit shown as a message; an upload over the API's limit is
-    refused in the page, with the limit named, before anything is sent."""
+    refused in the page, with the limit named, before anything is sent; a model still waiting for its export
+    is shown as such, not as an empty panel."""
     limit = 2000
+    # vgg_fc7 configured but not in the store: it waits (loading), as when make serve still builds it.
     with own_server("playground-busy", {"NNSERVE_WORKERS": "1", "NNSERVE_MAX_CONCURRENT_REQUESTS": "1",
-                                        "NNSERVE_MAX_UPLOAD_BYTES": str(limit)}) as live:
+                                        "NNSERVE_MAX_UPLOAD_BYTES": str(limit),
+                                        "NNSERVE_VGG_FC7_TAG": "vgg_fc7_not_built:latest"}, "/livez") as live:
         open_page(driver, live.http_url)
+        wait_for(lambda: "vgg_fc7 loading" in text(driver, "server-status"), "vgg_fc7 reported loading")
+        hint = text(driver, "features-meta")
+        assert "No model for this panel is served yet: vgg_fc7 is loading" in hint, hint
+        option = driver.find_element("css selector", "#features-model option[value=vgg_fc7]")
+        assert option.text == "vgg_fc7 (loading)" and not option.is_enabled()
         wait_for(lambda: "labelled" in text(driver, "preview-caption"), "the first gallery digit")
         noise = tmp_path / "noise.png"
         buffer = io.BytesIO()

@@ -75,6 +75,7 @@ const roleModels = (role) => state.models.filter((m) => m.roles && m.roles[role]
 const SELECTORS = {  // panel -> the role a model needs to be offered there
   classify: "scores", features: "features", generate: "tokens",
 };
+const HINTS = { classify: "classify-meta", features: "features-meta", generate: "generate-stats" };
 
 function fillSelect(select, options, keep) {
   const previous = keep ? select.value : "";
@@ -119,8 +120,15 @@ async function refreshModels() {
     const changed = fillSelect($(`${panel}-model`), offered.length ? [...offered, ...pending]
       : [["", `no model with ${role}`, true], ...pending], true);
     const versionChanged = fillVersions(panel);
+    if (!offered.length) {  // say why the panel is empty (make serve builds models in the background)
+      $(HINTS[panel]).textContent = pending.length
+        ? `No model for this panel is served yet: ${waiting.map((m) => `${m.name} is ${m.state}`).join(", ")} ` +
+          "(GET /readyz says why); it appears here once it is."
+        : `No served model has ${role} (GET /models).`;
+    }
     if ((changed || versionChanged) && panel !== "generate") runImagePanel(panel);
   }
+  if (!state.generation) $("generate").disabled = !roleModels("tokens").length;
   fillSelect($("burst-model"), ready.map((m) => [m.name, m.name]), true);
 }
 
@@ -442,7 +450,7 @@ async function generate() {
     else { showError($("generate-error"), error); show("failed"); }
   } finally {
     state.generation = null;
-    $("generate").disabled = false;
+    $("generate").disabled = !roleModels("tokens").length;
     $("stop-generation").disabled = true;
   }
 }
