@@ -6,7 +6,7 @@ another origin) and two small JSON documents the page needs that no inference en
 - ``/playground/config.json``: the request limits of this server (the page checks an upload's size before
   sending it, with the same limit as the API), from Settings.
 - ``/playground/gallery.json`` and ``/playground/gallery/<i>.png``: the features panel's gallery, UCI digits
-  (scikit-learn ships them, so nothing is downloaded) in MNIST's layout, built once on first use.
+  (scikit-learn ships them, so nothing is downloaded) in MNIST's layout, cut from ``gallery.png`` on first use.
 
 Everything else the page does goes through the public inference endpoints (``GET /models``, ``/classify``,
 ``/features``, ``/generate``) and ``/metrics``, as any client would; it never calls the management API.
@@ -22,6 +22,7 @@ import functools
 import io
 from pathlib import Path
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -35,6 +36,7 @@ FILES = {"index.html": "text/html; charset=utf-8", "playground.js": "text/javasc
          "playground.css": "text/css; charset=utf-8"}
 PREFIX = "/playground"
 GALLERY_PER_LABEL = 12  # 120 digits: enough that 8 neighbours can all share the query's label
+GALLERY_SHEET = STATIC / "gallery.png"  # written by `python -m service.playground` (write_gallery_sheet)
 # 'self' only: no other origin, no inline script or style, no eval; images also from blob: (the preview of a
 # picked file) and data: (the canvas).
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; connect-src 'self'; "
@@ -52,22 +54,43 @@ def static_file(name: str) -> bytes:
     return (STATIC / name).read_bytes()
 
 
-@functools.cache
-def gallery() -> tuple[list[dict], list[bytes]]:
-    """The gallery's entries ({"index", "label", "url"}) and PNG files: the first GALLERY_PER_LABEL UCI digits of
-    each label, in MNIST's layout (28x28, digit in a 20x20 box, white on black) as our digit models expect."""
-    from PIL import Image
-
-    from models.data import load_uci_digits
+def gallery_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The gallery from its source: the first GALLERY_PER_LABEL UCI digits of each label (scikit-learn's
+    ``load_digits``, in MNIST's layout by ``models.data``): uint8 [10 * GALLERY_PER_LABEL, 28, 28] and labels."""
+    from models.data import load_uci_digits  # scikit-learn: the training environment, not the serving one
 
     images, labels = load_uci_digits()
-    chosen = [i for label in range(10) for i in [j for j, y in enumerate(labels) if y == label][:GALLERY_PER_LABEL]]
+    chosen = [i for label in range(10) for i in np.flatnonzero(labels == label)[:GALLERY_PER_LABEL]]
+    return images[chosen], labels[chosen]
+
+
+def write_gallery_sheet(path: Path = GALLERY_SHEET) -> None:
+    """Write the gallery as one PNG sheet (row = label, GALLERY_PER_LABEL digits per row), temp file then
+    rename. Kept in git because the serving runtime (the Bento, the container) has no scikit-learn;
+    tests/test_playground.py checks that it equals ``gallery_digits()``."""
+    from PIL import Image
+
+    images, _ = gallery_digits()
+    tiles = images.reshape(10, GALLERY_PER_LABEL, 28, 28).transpose(0, 2, 1, 3).reshape(10 * 28, -1)
+    temp = path.with_suffix(".tmp")
+    Image.fromarray(tiles).save(temp, format="PNG", optimize=True)
+    temp.replace(path)
+
+
+@functools.cache
+def gallery() -> tuple[list[dict], list[bytes]]:
+    """The gallery's entries ({"index", "label", "url"}) and PNG files (28x28, white digit on black), cut from
+    the sheet once, on first use."""
+    from PIL import Image
+
+    sheet = np.asarray(Image.open(GALLERY_SHEET).convert("L"))
     entries, pngs = [], []
-    for index, i in enumerate(chosen):
-        buffer = io.BytesIO()
-        Image.fromarray(images[i]).save(buffer, format="PNG")
-        pngs.append(buffer.getvalue())
-        entries.append({"index": index, "label": str(int(labels[i])), "url": f"{PREFIX}/gallery/{index}.png"})
+    for label in range(10):
+        for column in range(GALLERY_PER_LABEL):
+            buffer = io.BytesIO()
+            Image.fromarray(sheet[label * 28:(label + 1) * 28, column * 28:(column + 1) * 28]).save(buffer, "PNG")
+            entries.append({"index": len(pngs), "label": str(label), "url": f"{PREFIX}/gallery/{len(pngs)}.png"})
+            pngs.append(buffer.getvalue())
     return entries, pngs
 
 
@@ -112,3 +135,8 @@ def create_app(settings: Settings) -> Starlette:
         Route(PREFIX + "/gallery/{index:int}.png", gallery_png, methods=["GET", "HEAD"]),
         Route(PREFIX + "/{name}", asset, methods=["GET", "HEAD"]),
     ])
+
+
+if __name__ == "__main__":
+    write_gallery_sheet()
+    print("wrote", GALLERY_SHEET)

@@ -3,7 +3,8 @@
 BentoML runs the HTTP server and its worker processes, the model store, health, metrics and the
 OpenAPI page; the hot path is ours. Each worker process (NNSERVE_WORKERS) serves every model itself:
 
-    HTTP :3000 ─► front door (front.py): tokens (auth.py), admission limit, /livez, /readyz; the rest to BentoML's
+    HTTP :3000 ─► front door (front.py): tokens (auth.py), admission limit, /livez, /readyz, the page at /playground
+              │   (playground.py: static files that call the routes below from a browser); the rest to BentoML's
               ─► REST (service/rest.py)           ─┐
                   KServe v2 REST (kserve_http.py)  ─┼─► Repository (repository.py): per model an ONNX Runtime
     gRPC :8001 ─► KServe v2 gRPC (kserve_grpc.py)  ─┘   session, a dynamic batcher thread (batching.py) and,

@@ -8,6 +8,7 @@ import io
 import re
 
 import httpx
+import numpy as np
 import pytest
 import requests
 from PIL import Image
@@ -85,6 +86,15 @@ def test_gallery_is_uci_digits_as_pngs(live_server):
     # The gallery is what /classify takes: a served image model answers for it.
     answer = requests.post(live_server.http_url + "/classify", files={"image": png.content}, timeout=30)
     assert answer.status_code == 200, answer.text
+
+
+def test_gallery_sheet_is_the_uci_digits():
+    """The sheet in git (the serving runtime has no scikit-learn) holds exactly the digits it is made from."""
+    images, labels = playground.gallery_digits()
+    entries, pngs = playground.gallery()
+    assert [e["label"] for e in entries] == [str(label) for label in labels]
+    served = np.stack([np.asarray(Image.open(io.BytesIO(png))) for png in pngs])
+    assert np.array_equal(served, images)
 
 
 def test_playground_open_under_an_inference_token(own_server, tmp_path):

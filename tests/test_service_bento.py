@@ -13,6 +13,8 @@ import bentoml
 import pytest
 import yaml
 
+from service import playground
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVED = ("lenet5", "vgg_fc7", "char_lstm", "char_gru")
 
@@ -42,7 +44,8 @@ def test_bento_builds_with_the_service_code_and_the_registered_models(tiny_store
     for path in ("service/service.py", "service/runtime.py", "service/images.py", "service/metrics.py",
                  "service/generation.py", "service/kserve_http.py", "service/kserve_grpc.py", "service/rest.py",
                      "service/batching.py", "service/repository.py", "service/settings.py", "service/uploads.py",
-                 "models/preprocess.py", "models/__init__.py"):
+                 "models/preprocess.py", "models/__init__.py", "service/playground.py",
+                 *(f"service/playground/{name}" for name in (*playground.FILES, playground.GALLERY_SHEET.name))):
         assert (src / path).is_file(), path
     assert not (src / "models" / "train.py").exists() and not (src / "export").exists()  # training code stays out
     requirements = (Path(bento.path) / "env" / "python" / "requirements.txt").read_text()

@@ -77,7 +77,12 @@ const SELECTORS = {  // panel -> the role a model needs to be offered there
 };
 const HINTS = { classify: "classify-meta", features: "features-meta", generate: "generate-stats" };
 
+// Returns whether the selected value changed. Options are rebuilt only when they differ: a list a person
+// has open is not closed by the periodic refresh.
 function fillSelect(select, options, keep) {
+  const signature = JSON.stringify(options);
+  if (keep && select.dataset.options === signature) return false;
+  select.dataset.options = signature;
   const previous = keep ? select.value : "";
   select.replaceChildren(...options.map(([value, label, disabled]) => {
     const option = el("option", "", label);
@@ -120,16 +125,22 @@ async function refreshModels() {
     const changed = fillSelect($(`${panel}-model`), offered.length ? [...offered, ...pending]
       : [["", `no model with ${role}`, true], ...pending], true);
     const versionChanged = fillVersions(panel);
+    const hint = $(HINTS[panel]);
     if (!offered.length) {  // say why the panel is empty (make serve builds models in the background)
-      $(HINTS[panel]).textContent = pending.length
+      hint.textContent = pending.length
         ? `No model for this panel is served yet: ${waiting.map((m) => `${m.name} is ${m.state}`).join(", ")} ` +
           "(GET /readyz says why); it appears here once it is."
         : `No served model has ${role} (GET /models).`;
+      hint.dataset.hint = "shown";
+    } else if (hint.dataset.hint) {
+      hint.textContent = "";
+      delete hint.dataset.hint;
     }
     if ((changed || versionChanged) && panel !== "generate") runImagePanel(panel);
   }
   if (!state.generation) $("generate").disabled = !roleModels("tokens").length;
-  fillSelect($("burst-model"), ready.map((m) => [m.name, m.name]), true);
+  fillSelect($("burst-model"), ready.filter((m) => m.roles && (m.roles.scores || m.roles.features || m.roles.tokens))
+    .map((m) => [m.name, m.name]), true);
 }
 
 // ---- the image: a file, a drop, a drawing or a gallery digit ------------------------------------------------
@@ -185,8 +196,19 @@ async function randomDigit(onlyIfEmpty) {
 function setupCanvas() {
   const canvas = $("canvas");
   const ctx = canvas.getContext("2d");
-  const clear = () => { ctx.fillStyle = "#000"; ctx.fillRect(0, 0, canvas.width, canvas.height); };
-  clear();
+  let hinted = false;  // the "draw here" text is on the canvas (wiped before the first stroke)
+  const clear = (hint) => {
+    ctx.fillStyle = "#000";
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    if (hint) {
+      ctx.fillStyle = "#555";
+      ctx.font = "20px system-ui, sans-serif";
+      ctx.textAlign = "center";
+      ctx.fillText("draw a digit here", canvas.width / 2, canvas.height / 2);
+    }
+    hinted = hint;
+  };
+  clear(true);
   ctx.strokeStyle = "#fff";
   ctx.lineWidth = 22;
   ctx.lineCap = "round";
@@ -197,6 +219,7 @@ function setupCanvas() {
     return [(event.clientX - box.left) * canvas.width / box.width, (event.clientY - box.top) * canvas.height / box.height];
   };
   canvas.addEventListener("pointerdown", (event) => {
+    if (hinted) clear(false);
     drawing = true;
     canvas.setPointerCapture(event.pointerId);
     ctx.beginPath();
@@ -217,7 +240,7 @@ function setupCanvas() {
   };
   canvas.addEventListener("pointerup", finish);
   canvas.addEventListener("pointercancel", finish);
-  $("clear").addEventListener("click", clear);
+  $("clear").addEventListener("click", () => clear(false));
 }
 
 // The drawing as MNIST's digits are made (LeCun et al.): the ink's bounding box scaled into a 20x20 box,
@@ -259,11 +282,12 @@ function runImagePanel(panel) {
   run(ticket).catch((error) => { if (ticket === latest[panel]) showError($(`${panel}-error`), error); });
 }
 
-function imageForm(panel, extra = {}) {
+// The multipart form of /classify and /features; version "" = the model's default.
+function imageForm(blob, model, version, extra = {}) {
   const form = new FormData();
-  form.append("image", state.image, "image");
-  form.append("model", $(`${panel}-model`).value);
-  if ($(`${panel}-version`).value) form.append("version", $(`${panel}-version`).value);
+  form.append("image", blob, "image");
+  form.append("model", model);
+  if (version) form.append("version", version);
   for (const [key, value] of Object.entries(extra)) form.append(key, value);
   return form;
 }
@@ -274,8 +298,8 @@ function timingText(timings) {
 
 async function classify(ticket) {
   const started = performance.now();
-  const response = await api("/classify", { method: "POST", body: imageForm("classify",
-    { top_k: $("classify-topk").value || "5" }) });
+  const response = await api("/classify", { method: "POST", body: imageForm(state.image, $("classify-model").value,
+    $("classify-version").value, { top_k: $("classify-topk").value || "5" }) });
   const answer = await response.json();
   if (ticket !== latest.classify) return;
   const roundTrip = performance.now() - started;
@@ -292,13 +316,8 @@ async function classify(ticket) {
 
 // POST /features, binary (.npy) and L2-normalised: cosine similarity is then a dot product.
 async function featureVector(blob, model, version) {
-  const form = new FormData();
-  form.append("image", blob, "image");
-  form.append("model", model);
-  if (version) form.append("version", version);
-  form.append("normalize", "true");
-  form.append("format", "npy");
-  const response = await api("/features", { method: "POST", body: form });
+  const response = await api("/features", { method: "POST",
+    body: imageForm(blob, model, version, { normalize: "true", format: "npy" }) });
   return { tag: response.headers.get("X-Model"), vector: parseNpy(await response.arrayBuffer()) };
 }
 
@@ -618,8 +637,7 @@ async function burst() {
     } else {
       const image = state.image || await galleryBlob((await loadGallery())[0]);
       const path = model.roles.scores ? "/classify" : "/features";
-      send = () => { const form = new FormData(); form.append("image", image, "image"); form.append("model", model.name);
-        return api(path, { method: "POST", body: form }); };
+      send = () => api(path, { method: "POST", body: imageForm(image, model.name, "") });
     }
     const statuses = new Map();
     const sizes = new Map();
