@@ -5,6 +5,7 @@ selenium; harness/browser.py) against the real server. Skipped, saying why, wher
 from __future__ import annotations
 
 import io
+import json
 import re
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from PIL import Image
 
 from harness import browser as chromium_browser
 from harness.data import held_out_digits, png_bytes, served_vocab
+from loadtest.faults import store_copy
 
 pytestmark = pytest.mark.skipif(chromium_browser.missing_reason() is not None,
                                 reason=f"no headless Chromium: {chromium_browser.missing_reason()}")
@@ -137,6 +139,27 @@ def test_drawn_digit_is_sent_in_mnist_layout(driver, live_server):
     assert not driver.find_element("id", "classify-error").is_displayed()
 
 
+def test_dropped_file_is_used(driver, live_server):
+    open_page(driver, live_server.http_url)
+    wait_for(lambda: len(driver.find_elements("css selector", "#neighbours li")) == 8, "the first gallery digit's")
+    js(driver, "document.getElementById('neighbours').replaceChildren()")  # the wait below sees the drop's answer
+    # What a drop from a file manager delivers: a drop event whose DataTransfer holds the file.
+    driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        fetch('/playground/gallery/100.png').then((r) => r.blob()).then((blob) => {
+          const transfer = new DataTransfer();
+          transfer.items.add(new File([blob], 'dropped.png', {type: 'image/png'}));
+          document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: transfer}));
+          done();
+        });""")
+    wait_for(lambda: "dropped.png" in text(driver, "preview-caption"), "the dropped file as the image")
+    # Gallery digit 100 (a 8) dropped: the features panel finds it first among the gallery, at 1.000.
+    wait_for(lambda: len(driver.find_elements("css selector", "#neighbours li")) == 8, "the dropped digit's")
+    first = driver.find_element("css selector", "#neighbours li")
+    assert first.find_element("class name", "label").text == "8"
+    assert first.find_element("class name", "value").text == "1.000"
+
+
 def test_features_neighbours_by_cosine(driver, live_server, tmp_path):
     models = requests.get(live_server.http_url + "/models", timeout=30).json()["models"]
     dim = next(m["feature_dim"] for m in models if m["name"] == "vgg_fc7")
@@ -255,22 +278,35 @@ def test_api_error_is_a_message(driver, live_server):
     assert "failed" in text(driver, "generate-stats")
 
 
-def test_busy_server_upload_limit_and_waiting_model_in_the_page(driver, own_server, tmp_path):
-    """503 + Retry-After from the admission limit shown as a message; an upload over the API's limit is
-    refused in the page, with the limit named, before anything is sent; a model still waiting for its export
-    is shown as such, not as an empty panel."""
+def test_versions_busy_server_upload_limit_and_waiting_model(driver, own_server, tiny_store, tmp_path):
+    """Two versions of a model, each chosen in the page and answering; a model still waiting for its export
+    shown as such, not as an empty panel; an upload over the API's limit refused in the page, with the limit
+    named, before anything is sent; 503 + Retry-After from the admission limit shown as a message."""
     limit = 2000
+    versions = [store_copy(tiny_store["lenet5"], "glyphs").split(":")[1] for _ in range(2)]
+    config = tmp_path / "models.yaml"
     # vgg_fc7 configured but not in the store: it waits (loading), as when make serve still builds it.
+    config.write_text(json.dumps({"models": {
+        "glyphs": {"tag": "glyphs", "version_policy": {"latest": {"num_versions": 2}}},
+        "vgg_fc7": {"tag": "vgg_fc7_not_built"}, "char_gru": {"tag": tiny_store["char_gru"]}}}))
     with own_server("playground-busy", {"NNSERVE_WORKERS": "1", "NNSERVE_MAX_CONCURRENT_REQUESTS": "1",
-                                        "NNSERVE_MAX_UPLOAD_BYTES": str(limit),
-                                        "NNSERVE_VGG_FC7_TAG": "vgg_fc7_not_built:latest"}, "/livez") as live:
+                                        "NNSERVE_MAX_UPLOAD_BYTES": str(limit), "NNSERVE_MODELS_CONFIG": str(config),
+                                        "NNSERVE_VGG_FC7_TAG": "vgg_fc7_not_built"}, "/livez") as live:
         open_page(driver, live.http_url)
+        wait_for(lambda: "labelled" in text(driver, "preview-caption"), "the first gallery digit")
+        options = [o.get_attribute("value") for o in driver.find_elements("css selector", "#classify-version option")]
+        assert options == ["", *versions]
+        for version in (versions[0], versions[1], versions[0]):
+            set_value(driver, "classify-version", version)
+            wait_for(lambda v=version: f"answered by glyphs:{v} " in text(driver, "classify-meta"),
+                     f"an answer from version {version}")
+
         wait_for(lambda: "vgg_fc7 loading" in text(driver, "server-status"), "vgg_fc7 reported loading")
         hint = text(driver, "features-meta")
         assert "No model for this panel is served yet: vgg_fc7 is loading" in hint, hint
         option = driver.find_element("css selector", "#features-model option[value=vgg_fc7]")
         assert option.text == "vgg_fc7 (loading)" and not option.is_enabled()
-        wait_for(lambda: "labelled" in text(driver, "preview-caption"), "the first gallery digit")
+
         noise = tmp_path / "noise.png"
         buffer = io.BytesIO()
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(buffer, "PNG")
@@ -281,9 +317,7 @@ def test_busy_server_upload_limit_and_waiting_model_in_the_page(driver, own_serv
         assert f"the server's limit is {limit}" in error and str(noise.stat().st_size) in error
         assert requested_paths(driver).count("/classify") == sent_before
 
-        text_model = next(m["name"] for m in requests.get(live.http_url + "/models", timeout=30).json()["models"]
-                          if m["name"].startswith("char_"))
-        set_value(driver, "burst-model", text_model)
+        set_value(driver, "burst-model", "char_gru")
         set_value(driver, "burst-count", "60")
         driver.find_element("id", "burst").click()
         wait_for(lambda: text(driver, "burst-result").startswith("60 requests"), "the burst's answers")
