@@ -278,8 +278,9 @@ def test_api_error_is_a_message(driver, live_server):
     assert "failed" in text(driver, "generate-stats")
 
 
-def test_versions_busy_server_upload_limit_and_waiting_model(driver, own_server, tiny_store, tmp_path):
-    """Two versions of a model, each chosen in the page and answering; a model still waiting for its export
+def test_token_versions_busy_server_upload_limit_and_waiting_model(driver, own_server, tiny_store, tmp_path):
+    """An inference token typed into the page; two versions of a model, each chosen in the page and
+    answering; a model still waiting for its export
     shown as such, not as an empty panel; an upload over the API's limit refused in the page, with the limit
     named, before anything is sent; 503 + Retry-After from the admission limit shown as a message."""
     limit = 2000
@@ -289,11 +290,22 @@ def test_versions_busy_server_upload_limit_and_waiting_model(driver, own_server,
     config.write_text(json.dumps({"models": {
         "glyphs": {"tag": "glyphs", "version_policy": {"latest": {"num_versions": 2}}},
         "vgg_fc7": {"tag": "vgg_fc7_not_built"}, "char_gru": {"tag": tiny_store["char_gru"]}}}))
+    token_file = tmp_path / "inference-token"
+    token_file.write_text("playground-browser-token-0123456789")
+    token_file.chmod(0o600)
     with own_server("playground-busy", {"NNSERVE_WORKERS": "1", "NNSERVE_MAX_CONCURRENT_REQUESTS": "1",
                                         "NNSERVE_MAX_UPLOAD_BYTES": str(limit), "NNSERVE_MODELS_CONFIG": str(config),
-                                        "NNSERVE_VGG_FC7_TAG": "vgg_fc7_not_built"}, "/livez") as live:
-        open_page(driver, live.http_url)
-        wait_for(lambda: "labelled" in text(driver, "preview-caption"), "the first gallery digit")
+                                        "NNSERVE_VGG_FC7_TAG": "vgg_fc7_not_built",
+                                        "NNSERVE_INFERENCE_TOKEN_FILE": str(token_file)}, "/livez") as live:
+        # An inference token is set: the page loads, says why it has no models, and asks for the token.
+        driver.get(live.http_url + "/playground")
+        driver.execute_script("performance.setResourceTimingBufferSize(100000)")
+        wait_for(lambda: "401" in text(driver, "server-status") or "token" in text(driver, "server-status"),
+                 "GET /models refused")
+        assert driver.find_element("id", "token-box").get_attribute("open") is not None
+        driver.find_element("id", "token").send_keys("playground-browser-token-0123456789\n")
+        wait_for(lambda: text(driver, "server-status").startswith("2 model(s) ready"), "the models, with the token")
+        wait_for(lambda: "answered by glyphs:" in text(driver, "classify-meta"), "the first gallery digit classified")
         options = [o.get_attribute("value") for o in driver.find_elements("css selector", "#classify-version option")]
         assert options == ["", *versions]
         for version in (versions[0], versions[1], versions[0]):

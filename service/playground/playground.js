@@ -676,6 +676,7 @@ async function burst() {
 async function start() {
   setupImageInputs();
   $("token").addEventListener("change", () => { state.token = $("token").value.trim(); refreshModels(); });
+  $("token-form").addEventListener("submit", (event) => event.preventDefault());  // Enter: the change above
   for (const panel of ["classify", "features"]) {
     $(`${panel}-model`).addEventListener("change", () => { fillVersions(panel); runImagePanel(panel); });
     $(`${panel}-version`).addEventListener("change", () => runImagePanel(panel));
