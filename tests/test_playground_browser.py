@@ -77,9 +77,12 @@ def requested_paths(driver) -> list[str]:
 
 
 def assert_public_api_only(driver) -> None:
-    """Every request the page made went to its own files or the public inference endpoints."""
+    """Every request the page made went to its own files or the public inference endpoints, and its script
+    threw nothing (an uncaught error is a SEVERE "javascript" entry of the console)."""
     paths = requested_paths(driver)
     assert paths and all(PUBLIC.match(p) for p in paths), sorted(set(paths))
+    errors = [e["message"] for e in driver.get_log("browser") if e["source"] == "javascript" and e["level"] == "SEVERE"]
+    assert not errors, errors
 
 
 def top_prediction(driver) -> tuple[str, str]:
