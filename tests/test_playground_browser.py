@@ -339,3 +339,14 @@ def test_token_versions_busy_server_upload_limit_and_waiting_model(driver, own_s
         assert "× 503" in text(driver, "burst-result")
         error = text(driver, "burst-error")
         assert error.startswith("503: server busy") and "retry after 1 s" in error, error
+
+
+def test_page_fits_a_phone_screen(driver, live_server):
+    driver.set_window_size(430, 900)
+    try:
+        open_page(driver, live_server.http_url)
+        wait_for(lambda: len(driver.find_elements("css selector", "#classify-bars li")) == 5, "the first answer")
+        width, visible = js(driver, "const e = document.documentElement; return [e.scrollWidth, e.clientWidth]")
+        assert width <= visible, f"the page is {width} px wide in a {visible} px window: it scrolls sideways"
+    finally:
+        driver.set_window_size(1280, 900)
