@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -240,6 +241,39 @@ def test_generated_markup_is_shown_as_text(driver, live_server):
     assert driver.title == title and not driver.find_elements("css selector", "img[src=x], script:not([src])")
 
 
+def sse_text(stream: str) -> str:
+    """The text of a /generate event stream: its unnamed events' data, in order."""
+    events = [block for block in stream.split("\n\n") if block and not block.startswith("event:")]
+    return "".join("\n".join(line.removeprefix("data: ") for line in block.split("\n")) for block in events)
+
+
+def test_curl_commands_reproduce_the_page(driver, live_server, tmp_path):
+    """Each panel shows its request as a curl command; run in a shell, it gets the page's answer."""
+    path, label, _ = correct_held_out_digit(live_server.http_url, tmp_path)
+    open_page(driver, live_server.http_url)
+    set_value(driver, "classify-model", "lenet5")
+    upload(driver, path)
+    wait_for(lambda: top_prediction(driver)[0] == label, f"label {label} on top")
+    command = js(driver, "return document.getElementById('classify-curl').textContent")  # in a closed <details>
+    assert command.startswith("curl -s -F image=@your-image.png -F model=lenet5 ")
+    run = subprocess.run(command.replace("your-image.png", str(path)), shell=True, capture_output=True, text=True,
+                         timeout=60)
+    assert json.loads(run.stdout)["predictions"][0]["label"] == label, run.stdout + run.stderr
+
+    model = driver.find_element("id", "generate-model").get_attribute("value")
+    vocab = set(served_vocab(live_server.http_url, model))
+    set_value(driver, "prompt", "".join(ch for ch in 'A "test"\n' if ch in vocab))
+    set_value(driver, "stop", "zq'x")  # never met; a ' the command must quote for the shell
+    set_value(driver, "seed", "11")
+    set_value(driver, "max-chars", "300")
+    driver.find_element("id", "generate").click()
+    wait_for(lambda: "done" in text(driver, "generate-stats"), "the end of the stream")
+    page_text = js(driver, "return document.querySelector('#generate-output .generated').textContent")
+    command = js(driver, "return document.getElementById('generate-curl').textContent")
+    run = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and sse_text(run.stdout) == page_text, run.stdout[-500:] + run.stderr
+
+
 def test_inline_script_is_refused_by_the_csp(driver, live_server):
     open_page(driver, live_server.http_url)
     driver.get_log("browser")  # drop what the load logged
@@ -309,6 +343,8 @@ def test_token_versions_busy_server_upload_limit_and_waiting_model(driver, own_s
         driver.find_element("id", "token").send_keys("playground-browser-token-0123456789\n")
         wait_for(lambda: text(driver, "server-status").startswith("2 model(s) ready"), "the models, with the token")
         wait_for(lambda: "answered by glyphs:" in text(driver, "classify-meta"), "the first gallery digit classified")
+        command = js(driver, "return document.getElementById('classify-curl').textContent")
+        assert '"Authorization: Bearer $NNSERVE_TOKEN"' in command and "playground-browser-token" not in command
         options = [o.get_attribute("value") for o in driver.find_elements("css selector", "#classify-version option")]
         assert options == ["", *versions]
         for version in (versions[0], versions[1], versions[0]):

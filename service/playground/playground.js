@@ -70,6 +70,22 @@ const ms = (seconds) => (seconds == null ? "–" : seconds < 0.01 ? `${(seconds 
   : `${(seconds * 1e3).toFixed(1)} ms`);
 const roleModels = (role) => state.models.filter((m) => m.roles && m.roles[role]);
 
+// The request a panel just sent, as a curl command to copy: the API is the product, the page only shows it.
+// The token is never written out: $NNSERVE_TOKEN stands for it.
+function showCurl(panel, args) {
+  const auth = state.token ? ["-H", "Authorization: Bearer $NNSERVE_TOKEN"] : [];
+  const quote = (word) => (/^[\w@=.:/+-]+$/.test(word) ? word : `'${word.replace(/'/g, "'\\''")}'`);
+  const words = ["curl", "-s", ...auth, ...args].map((word) => (word.includes("$NNSERVE_TOKEN") ? `"${word}"` : quote(word)));
+  $(`${panel}-curl`).textContent = words.join(" ");
+}
+
+function formCurl(path, fields) {
+  const args = ["-F", "image=@your-image.png", ...Object.entries(fields).filter(([, value]) => value)
+    .flatMap(([key, value]) => ["-F", `${key}=${value}`])];
+  const output = fields.format === "npy" ? ["-o", "features.npy"] : [];  // binary: to a file, not the terminal
+  return [...args, ...output, `${location.origin}${path}`];
+}
+
 // ---- models and their selectors --------------------------------------------------------------------------
 
 const SELECTORS = {  // panel -> the role a model needs to be offered there
@@ -282,8 +298,12 @@ function runImagePanel(panel) {
   run(ticket).catch((error) => { if (ticket === latest[panel]) showError($(`${panel}-error`), error); });
 }
 
-// The multipart form of /classify and /features; version "" = the model's default.
-function imageForm(blob, model, version, extra = {}) {
+// The multipart form of /classify and /features; version "" = the model's default. With ``panel``, shown as curl.
+function imageForm(blob, model, version, extra = {}, panel = null) {
+  if (panel) {
+    const path = panel === "classify" ? "/classify" : "/features";
+    showCurl(panel, formCurl(path, { model, version, ...extra }));
+  }
   const form = new FormData();
   form.append("image", blob, "image");
   form.append("model", model);
@@ -299,7 +319,7 @@ function timingText(timings) {
 async function classify(ticket) {
   const started = performance.now();
   const response = await api("/classify", { method: "POST", body: imageForm(state.image, $("classify-model").value,
-    $("classify-version").value, { top_k: $("classify-topk").value || "5" }) });
+    $("classify-version").value, { top_k: $("classify-topk").value || "5" }, "classify") });
   const answer = await response.json();
   if (ticket !== latest.classify) return;
   const roundTrip = performance.now() - started;
@@ -315,9 +335,9 @@ async function classify(ticket) {
 }
 
 // POST /features, binary (.npy) and L2-normalised: cosine similarity is then a dot product.
-async function featureVector(blob, model, version) {
+async function featureVector(blob, model, version, panel = null) {
   const response = await api("/features", { method: "POST",
-    body: imageForm(blob, model, version, { normalize: "true", format: "npy" }) });
+    body: imageForm(blob, model, version, { normalize: "true", format: "npy" }, panel) });
   return { tag: response.headers.get("X-Model"), vector: parseNpy(await response.arrayBuffer()) };
 }
 
@@ -367,7 +387,7 @@ async function galleryVectors(tag, ticket) {
 
 async function features(ticket) {
   const model = $("features-model").value;
-  const query = await featureVector(state.image, model, $("features-version").value);
+  const query = await featureVector(state.image, model, $("features-version").value, "features");
   if (ticket !== latest.features) return;
   showError($("features-error"), null);
   const vectors = await galleryVectors(query.tag, ticket);
@@ -427,6 +447,8 @@ async function* serverSentEvents(response) {
 
 async function generate() {
   const body = generationRequest();
+  showCurl("generate", ["-N", `${location.origin}/generate`, "-H", "Content-Type: application/json",
+    "-H", "Accept: text/event-stream", "-d", JSON.stringify(body)]);
   const controller = new AbortController();
   state.generation = controller;
   $("generate").disabled = true;
