@@ -154,7 +154,7 @@ def relocatable(trt_dir: Path) -> tuple[list[str], list[str]]:
 def check_parity(served: runtime.ModelRuntime, onnx_path: Path, metadata: dict, batches: list[tuple[int, int]],
                  batch_axis: Callable[[str], int], tolerance: float) -> dict:
     """The served runtime vs ORT CPU on the source graph, on random inputs at each (batch, seq)."""
-    from export.parity import cpu_session, errors
+    from models.kinds.base import cpu_session, errors
 
     reference, names = cpu_session(onnx_path), [t["name"] for t in metadata["outputs"]]
     rng, checks = np.random.default_rng(0), []
