@@ -24,6 +24,7 @@ import collections
 import copy
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -64,6 +65,7 @@ class ScaleShift(nn.Module):
     @classmethod
     def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> ScaleShift:
         _require_running_stats(bn, "")
+        assert bn.running_mean is not None and bn.running_var is not None  # checked just above
         # float64 so the only rounding is the final cast
         mean, var = bn.running_mean.double(), bn.running_var.double()
         scale = torch.rsqrt(var + bn.eps)
@@ -77,6 +79,9 @@ class ScaleShift(nn.Module):
         shape = (-1,) + (1,) * spatial
         dtype = bn.running_mean.dtype
         return cls(scale.to(dtype).reshape(shape), shift.to(dtype).reshape(shape))
+
+    scale: torch.Tensor
+    shift: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, shift = self.scale, self.shift
@@ -107,8 +112,9 @@ def _set_submodule(root: nn.Module, qualified_name: str, module: nn.Module) -> N
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
-def _fuse(producer: nn.Module | None, bn: nn.Module) -> nn.Module | None:
-    """The fused producer, or None when the pair cannot be folded whatever the graph."""
+def _fuse(producer: Any, bn: Any) -> nn.Module | None:
+    """The fused producer, or None when the pair cannot be folded whatever the graph. (``Any``: nn.Module's
+    attributes type as Tensor | Module, and the type checks below are what narrows them.)"""
     if type(producer) in CONVS and producer.out_channels == bn.num_features:
         return fuse_conv_bn_eval(producer, bn)
     # torch's transposed fusion scales weight dim 1, which is out_channels // groups: right for groups=1 only
@@ -157,7 +163,7 @@ def fold_batchnorm(model: nn.Module, strict_fold: bool = False
             continue
         bn_name = node.target
         done.add(bn_name)
-        bn = model.get_submodule(bn_name)
+        bn: Any = model.get_submodule(bn_name)  # a BatchNorm (checked above)
         _require_running_stats(bn, bn_name)
         producer = node.args[0] if node.args else node.kwargs.get("input")
         is_module = isinstance(producer, fx.Node) and producer.op == "call_module"
@@ -339,14 +345,17 @@ def fold_batchnorm_onnx(model: onnx.ModelProto, strict_fold: bool = False
     types = _value_types(model)
     used = _names_used(graph)
     g = _Graph(graph)
-    folded, scale_shift, stale = [], [], set()
+    folded: list[str] = []
+    scale_shift: list[str] = []
+    stale: set[str] = set()
     replacements: dict[int, list[onnx.NodeProto]] = {}
     for index, node in enumerate(graph.node):
         if node.op_type != "BatchNormalization":
             continue
         bn_name = node.name or node.output[0]
-        params = [g.constant(name) for name in node.input[1:5]]
-        if _attr(node, "training_mode", 0) or any(o for o in node.output[1:]) or any(p is None for p in params):
+        found = [g.constant(name) for name in node.input[1:5]]
+        params = [p for p in found if p is not None]
+        if _attr(node, "training_mode", 0) or any(o for o in node.output[1:]) or len(params) != len(found):
             raise FoldError(f"BatchNormalization node {bn_name!r} uses batch statistics (training mode or "
                             f"non-constant mean/variance): it is not a fixed per-channel scale-and-shift")
         gamma, beta, mean, var = (p.astype(np.float64) for p in params)
@@ -356,6 +365,7 @@ def fold_batchnorm_onnx(model: onnx.ModelProto, strict_fold: bool = False
         stale.update(node.input[1:5])
         producer = g.producers.get(x)
         what = f"{producer.op_type} node {producer.name or x!r}" if producer is not None else f"graph input {x!r}"
+        why: str | None
         if producer is None or producer.op_type not in ("Conv", "ConvTranspose"):
             why = f"its input comes from {what}, not from a Conv"
         elif used[x] != 1:
@@ -366,6 +376,7 @@ def fold_batchnorm_onnx(model: onnx.ModelProto, strict_fold: bool = False
                 f"its input comes from {what}, whose weights are not constant or do not match"
             stale.update(old_weights)
         if why is None:
+            assert producer is not None  # why is None only when the Conv above absorbed the BN
             producer.output[0] = y  # the conv now computes the BN's output directly
             g.producers[y] = producer  # so a second BN right after folds into it too
             replacements[index] = []

@@ -50,7 +50,8 @@ def compare_latency(paths: dict[str, Path], metadata: dict, runs: int) -> dict[s
     comparison stays fair even when the absolute numbers wobble. (Turns of single runs are unfair:
     ORT's idle worker threads spin for a while after a run and steal the next session's cores.)
     """
-    sessions, result = {}, {}
+    sessions: dict[str, ort.InferenceSession] = {}
+    result: dict[str, dict] = {}
     for label, path in paths.items():
         start = time.perf_counter()
         sessions[label] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -157,7 +157,7 @@ def check_parity(served: runtime.ModelRuntime, onnx_path: Path, metadata: dict, 
     from models.kinds.base import cpu_session, errors
 
     reference, names = cpu_session(onnx_path), [t["name"] for t in metadata["outputs"]]
-    rng, checks = np.random.default_rng(0), []
+    rng, checks = np.random.default_rng(0), list[dict]()
     for batch, seq in batches:
         feeds = random_feeds(metadata, batch, seq, batch_axis, rng)
         got = served.run(feeds)

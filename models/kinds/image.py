@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -35,7 +36,7 @@ class ImageSamples:
 
 class ImageClassifier(Kind):
     name = "image_classifier"
-    endpoints = ("/classify",)
+    endpoints: ClassVar[tuple[str, ...]] = ("/classify",)
     feature_output = False  # graphs of this kind expose an embedding output
 
     # ---- serving --------------------------------------------------------------------------------------
