@@ -35,7 +35,7 @@ def bench_feeds(metadata: dict, batch: int) -> dict[str, np.ndarray]:
     """Inputs at ``batch`` in the kind's shapes (a text model: one decode step, the serving hot path): floats
     random, integers (token ids) 0."""
     from models.kinds import get_kind
-    from service.runtime import TensorSpec
+    from models.runtime import TensorSpec
 
     rng = np.random.default_rng(0)
     inputs = [TensorSpec(**t) for t in metadata["inputs"]]

@@ -20,12 +20,12 @@ from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper
 from starlette.requests import Request
 
+from models.runtime import ModelRuntime, RuntimeOptions
 from models.vocab import Vocabulary
 from service import images, kserve, kserve_http, uploads
 from service.errors import ClientError
 from service.generation import GenerationRequest
 from service.kserve import RequestTensor
-from service.runtime import ModelRuntime
 from service.settings import Settings
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -70,11 +70,11 @@ def text_graph(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def runtimes(tmp_path_factory) -> dict[str, ModelRuntime]:
     folder = tmp_path_factory.mktemp("graphs")
-    quiet = Settings(providers=("CPUExecutionProvider",), intra_op_threads=1)
+    quiet = RuntimeOptions(intra_op_threads=1)
     out = {}
     for name, build in (("image", image_graph), ("text", text_graph)):
         metadata = build(folder / f"{name}.onnx")
-        out[name] = ModelRuntime(name, "1", str(folder / f"{name}.onnx"), metadata, settings=quiet)
+        out[name] = ModelRuntime(name, "1", str(folder / f"{name}.onnx"), metadata, quiet)
     return out
 
 
