@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LATER = {"models": ("export", "service", "loadtest"), "export": ("service", "loadtest"), "service": ("export", "loadtest")}
+LATER = {"models": ("export", "service", "loadtest"), "export": ("service", "loadtest"),
+         "service": ("export", "loadtest")}
 
 
 def imported_packages(path: Path) -> set[str]:
