@@ -49,19 +49,21 @@ def capability() -> tuple[bool, str]:
     available = ort.get_available_providers()
     if runtime.TRT not in available:
         return False, f"TensorRT EP not in this onnxruntime build (available: {available})"
-    import torch  # an export dependency already; the service side never imports it
-
-    if not torch.cuda.is_available():
-        smi = "nvidia-smi not found" if shutil.which("nvidia-smi") is None else "nvidia-smi present"
+    # Asked of the driver (nvidia-smi), not torch: the project's torch is the CPU wheel, which sees no GPU
+    # on a host that has one, and the service compares engines by this very name.
+    name = runtime.cuda_device_name()
+    if name is None:
+        smi = "nvidia-smi not found" if shutil.which("nvidia-smi") is None else "nvidia-smi lists no GPU"
         return False, f"no CUDA device visible ({smi})"
-    return True, f"onnxruntime {ort.__version__} TensorRT EP, TensorRT {runtime.tensorrt_version()} on {gpu_name()}"
+    return True, f"onnxruntime {ort.__version__} TensorRT EP, TensorRT {runtime.tensorrt_version()} on {name}"
 
 
 def gpu_name() -> str:
-    """The same string the service compares against (nvidia-smi's), torch's where nvidia-smi is missing."""
-    import torch
-
-    return runtime.cuda_device_name() or torch.cuda.get_device_name(0)
+    """The GPU's name as the service compares it (nvidia-smi's); capability() has checked there is one."""
+    name = runtime.cuda_device_name()
+    if name is None:
+        raise RuntimeError("no CUDA device visible (nvidia-smi)")
+    return name
 
 
 def profile(metadata: dict, max_batch: int, batch_axis: Callable[[str], int]) -> dict[str, dict[str, list[int]]]:
