@@ -145,7 +145,8 @@ class Report:
             lines += ["", "## Serving: requests/s and latency", "",
                       "Each row one window of load from Python threads on keep-alive connections; non-2xx answers do "
                       "not count as served.", "",
-                      "| providers | model | endpoint | clients | served on | req/s (2xx) | p50 ms | p95 ms | non-2xx |",
+                      "| providers | model | endpoint | clients | served on | req/s (2xx) | p50 ms | p95 ms "
+                      "| non-2xx |",
                       "|---|---|---|---|---|---|---|---|---|"]
             lines += [f"| {r['providers']} | {r['model']} | {r['endpoint']} | {r['clients']} | {r['served_on']} | "
                       f"{r['rps']:.1f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['errors']} |" for r in self.runs]
@@ -349,7 +350,8 @@ def after_install(budget_s: float, seconds: float, report: Report) -> None:
             continue
         needed = len(served) * len(CLIENTS) * 2 * (seconds + 1) + 40
         if left() < needed:
-            report.step(f"serve on {label}", "skipped", 0, f"time budget spent ({left():.0f} s left, {needed:.0f} needed)")
+            report.step(f"serve on {label}", "skipped", 0,
+                        f"time budget spent ({left():.0f} s left, {needed:.0f} needed)")
             continue
         t0 = time.monotonic()
         serve_and_measure(label, providers, served, seconds, report)
