@@ -215,7 +215,7 @@ class DynamicBatcher:
                 if fitting:
                     target = max(fitting)
             if target is not None:
-                batch, total = [], 0
+                batch, total = list[_Entry](), 0
                 for e in compatible:
                     if total + e.items > target and batch:
                         break

@@ -128,7 +128,7 @@ async def counted(app: ASGIApp, route: str, scope: dict, receive: Callable, send
 
 
 async def respond(send: Callable, status: int, body: dict, retry_after: int | None = None,
-                  headers: list[tuple[bytes, bytes]] = ()) -> None:
+                  headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = ()) -> None:
     """A whole JSON response. The request body is left unread: the server discards it."""
     payload = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *headers]

@@ -112,7 +112,7 @@ class RequestMetrics:
         """stage: preprocess or batch_wait (histograms), or inference (timed where the model runs)."""
         self.timings[stage] = seconds
         if stage in ("preprocess", "batch_wait"):
-            getattr(registry(), f"{stage}_seconds").labels(*self.labels).observe(seconds)
+            getattr(registry(), f"{stage}_seconds").labels(*(self.labels or UNKNOWN)).observe(seconds)
 
     @contextlib.contextmanager
     def timed(self, stage: str) -> Iterator[None]:

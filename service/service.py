@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import sys
+from typing import Any
 
 import bentoml
 from bentoml._internal.context import server_context
@@ -51,7 +52,7 @@ def current_repository() -> Repository:
 
 
 def bentoml_spec() -> dict:
-    return NNServe.openapi_spec.asdict()
+    return SERVICE.openapi_spec.asdict()
 
 
 # Mounted at "/" too, so BentoML's OpenAPI page and Python tooling know them; the front door (below) sends
@@ -108,6 +109,10 @@ class NNServe:
         return self.repository.not_ready_reason()
 
 
+# @bentoml.service made NNServe a bentoml Service instance; its stubs keep the decorated class's type.
+SERVICE: Any = NNServe
+
+
 def readiness() -> str | None:
     try:
         return bentoml.get_current_service().not_ready_reason()
@@ -127,7 +132,7 @@ def http_host() -> str:
 
 # BentoML builds each worker's ASGI app with Service.to_asgi; ours wraps it in the front door. Service is an
 # attrs class with slots, so the method is replaced on the class (only NNServe is served in this process).
-_bentoml_to_asgi = type(NNServe).to_asgi
+_bentoml_to_asgi = type(SERVICE).to_asgi
 
 
 def _to_asgi(service, is_main: bool = True):
@@ -138,4 +143,4 @@ def _to_asgi(service, is_main: bool = True):
                      LOCK, playground_app)
 
 
-type(NNServe).to_asgi = _to_asgi
+type(SERVICE).to_asgi = _to_asgi

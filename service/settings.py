@@ -17,9 +17,10 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
@@ -81,8 +82,10 @@ class ModelConfig:
     def to_entry(self) -> dict:
         """This config as a models config entry (Triton's names), every key explicit: what the live state holds."""
         kind, *args = self.policy
-        policy = {"latest": lambda n: {"latest": {"num_versions": n}}, "all": lambda: {"all": {}},
-                  "specific": lambda versions: {"specific": {"versions": list(versions)}}}[kind](*args)
+        policies: dict[str, Callable[..., dict]] = {
+            "latest": lambda n: {"latest": {"num_versions": n}}, "all": lambda: {"all": {}},
+            "specific": lambda versions: {"specific": {"versions": list(versions)}}}
+        policy = policies[kind](*args)
         entry = {"tag": self.store_name, "max_batch_size": self.max_batch_size,
                  "dynamic_batching": {"max_queue_delay_microseconds": round(self.max_queue_delay_ms * 1e3),
                                       "preferred_batch_size": list(self.preferred_batch_sizes),
@@ -259,7 +262,9 @@ def _parse(key: str, raw: str, kind: type):
 
 # -- the models config file ---------------------------------------------------------------------------------
 
-def _version_list(value: object, key_path: str, fail) -> tuple[str, ...]:
+Fail = Callable[[str, str], NoReturn]  # raises SettingsError naming the file, the key path and the problem
+
+def _version_list(value: object, key_path: str, fail: Fail) -> tuple[str, ...]:
     if not isinstance(value, list) or not value or not all(valid_name(str(v)) for v in value):
         fail(key_path, f"must be a non-empty list of store versions, got {_show(value)}")
     versions = tuple(str(v) for v in value)  # YAML reads a version such as 2 as a number
@@ -268,7 +273,7 @@ def _version_list(value: object, key_path: str, fail) -> tuple[str, ...]:
     return versions
 
 
-def _read_version_policy(value: object, key_path: str, fail) -> dict:
+def _read_version_policy(value: object, key_path: str, fail: Fail) -> dict:
     """Triton's version_policy: exactly one of latest {num_versions}, all {}, specific {versions}."""
     if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in ("latest", "all", "specific"):
         fail(key_path, "must be one of {latest: {num_versions: N}}, {all: {}}, {specific: {versions: [...]}}, "
@@ -289,7 +294,7 @@ def _read_version_policy(value: object, key_path: str, fail) -> dict:
                                key_path)}
 
 
-def read_traffic(value: object, key_path: str, fail) -> dict:
+def read_traffic(value: object, key_path: str, fail: Fail) -> dict:
     """``traffic: {weights: {version: percent, ...}, sticky_header: name}`` (ours): the percentages add up to 100."""
     if not isinstance(value, dict) or not set(value) <= {"weights", "sticky_header"}:
         fail(key_path, f"must be a mapping with 'weights' and optionally 'sticky_header', got {_show(value)}")
@@ -361,7 +366,7 @@ def read_models_file(path: str, live: bool = False) -> dict[str, dict[str, tuple
 
 def read_models_document(document: object, source: str, live: bool = False) -> dict[str, dict[str, tuple[object, str]]]:
     """read_models_file for a parsed document; ``source`` names it in errors."""
-    def fail(key_path: str, problem: str):
+    def fail(key_path: str, problem: str) -> NoReturn:
         raise SettingsError(f"{source}: {key_path}: {problem}")
 
     top = {"models", "generation"} if live else {"models"}
@@ -390,7 +395,7 @@ def valid_name(name: object) -> bool:
     return isinstance(name, str) and len(name) <= NAME_MAX_LENGTH and bool(NAME_RE.match(name))
 
 
-def _read_entry(entry: object, schema: dict, where: str, fail) -> dict[str, tuple[object, str]]:
+def _read_entry(entry: object, schema: dict, where: str, fail: Fail) -> dict[str, tuple[object, str]]:
     if entry is None:  # "vgg_fc7:" with nothing after it: all defaults
         return {}
     if not isinstance(entry, dict):

@@ -107,7 +107,7 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, Part]:
                  "on_header_value": on_header_value, "on_header_end": on_header_end,
                  "on_part_data": on_part_data, "on_part_end": on_part_end}
     try:
-        parser = MultipartParser(boundary, callbacks)
+        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]  # its TypedDict of callbacks
         parser.write(body)
         parser.finalize()
     except MultipartParseError as e:
