@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +61,7 @@ class BackgroundThreads:
 
     join_timeout_s = 60.0
 
-    def __init__(self, targets: list[Callable[[], None]]) -> None:
+    def __init__(self, targets: Sequence[Callable[[], None]]) -> None:
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=target, daemon=True) for target in targets]
 

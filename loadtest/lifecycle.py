@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 import requests
@@ -237,6 +238,7 @@ class Clients:
         session = requests.Session()
         while not self.stop.wait(0.05):
             t0 = time.monotonic()
+            status: int | str  # the HTTP status, or the exception's name
             try:
                 r = session.post(f"{self.url}/classify", files={"image": self.png}, timeout=30)
                 status, version = r.status_code, r.json().get("model", ":").split(":")[-1] if r.ok else ""
@@ -255,7 +257,8 @@ class Clients:
                                   json={"prompt": self.prompt, "max_new_chars": self.stream_chars, "stream": True,
                                         "seed": i * 100_000 + n}) as r:
                     status = r.status_code
-                    body = "".join(r.iter_content(None, decode_unicode=True))
+                    # decode_unicode=True would yield bytes (and the join raise) for an answer naming no charset
+                    body = b"".join(r.iter_content(None)).decode("utf-8", errors="replace")
                 cut = stream_cut(status, body, self.stream_chars)
             except requests.RequestException as e:
                 cut = f"{type(e).__name__} after {len(body)} bytes: {str(e)[:150]}"
@@ -461,11 +464,11 @@ def memory_part(server: LiveServer, token: str, state_dir: Path, cycles: int, wo
     out_workers, drift = {}, {}
     for w, (pid, base) in sorted(baseline.items()):
         mine = [s for s in samples if s[2] == w]
-        unloaded = [s[4] for s in mine if s[1] == "unloaded"]
-        out_workers[w] = {"pid": pid, "baseline": base, "end": unloaded[-1], "max_unloaded": max(unloaded),
+        unloaded_mib = [s[4] for s in mine if s[1] == "unloaded"]
+        out_workers[w] = {"pid": pid, "baseline": base, "end": unloaded_mib[-1], "max_unloaded": max(unloaded_mib),
                           "max_loaded": max(s[4] for s in mine if s[1] == "loaded"),
                           "restarted": any(s[3] != pid for s in mine)}
-        drift[w] = unloaded[-1] - base
+        drift[w] = unloaded_mib[-1] - base
     return {"cycles": cycles, "load_avg": load_avg, "failed_changes": failed, "baseline": baseline,
             "samples": samples, "workers": out_workers, "drift_mib": drift}
 
@@ -482,7 +485,7 @@ def plot_latency(load: dict, path: Path) -> None:
     for p in load["phases"]:
         ax.axvspan(p["t0"] - t0, p["t1"] - t0, color=shades[p["kind"]], zorder=0)
         ax.hlines(p["p99_ms"], p["t0"] - t0, p["t1"] - t0, color="k", linewidth=2, zorder=3,
-                  label="wrk p99 of the phase" if p is load["phases"][0] else None)
+                  label="wrk p99 of the phase" if p is load["phases"][0] else "")
         for c in p["changes"]:
             color = "tab:blue" if c["what"].startswith("default") else "tab:orange" if c["what"].startswith("load") \
                 else "tab:green"
@@ -490,10 +493,12 @@ def plot_latency(load: dict, path: Path) -> None:
     versions = sorted({v for *_, v in load["probe"] if v})
     for v in versions:
         pts = [(t - t0, ms) for t, ms, s, ver in load["probe"] if ver == v]
-        ax.scatter(*zip(*pts, strict=True), s=4, label=f"probe, answered by {v[:8]}", zorder=2)
+        xs, ys = zip(*pts, strict=True)
+        ax.scatter(xs, ys, s=4, label=f"probe, answered by {v[:8]}", zorder=2)
     bad = [(t - t0, ms) for t, ms, s, _ in load["probe"] if s != 200]
     if bad:
-        ax.scatter(*zip(*bad, strict=True), s=30, marker="x", color="red", label="probe not 200", zorder=4)
+        xs, ys = zip(*bad, strict=True)
+        ax.scatter(xs, ys, s=30, marker="x", color="red", label="probe not 200", zorder=4)
     for c, what in (("tab:blue", "default-version switch"), ("tab:orange", "load C"), ("tab:green", "unload C")):
         ax.plot([], [], color=c, label=what)
     ax.set_yscale("log")
@@ -622,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
             memory = memory_part(server, token, state_dir, args.memory_cycles, workers)
             served = ", ".join(f"{n} = {m.get('store_tag')}" for n, m in
                                ((m["name"], m) for m in requests.get(f"{url}/models", timeout=30).json()["models"]))
+        info: dict[str, Any]  # machine()'s strings and this run's numbers
         info = machine() | {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": load_start,
                             "load_end": load_average(), "seconds": time.monotonic() - started, "served": served,
                             "command": "python -m loadtest.lifecycle " + shlex.join(argv or sys.argv[1:])}

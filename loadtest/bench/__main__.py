@@ -10,6 +10,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from loadtest.bench import __doc__ as PACKAGE_DOC
 from loadtest.bench.common import REPO_ROOT, load_average, log, machine, write_atomic
@@ -145,7 +146,7 @@ def lenet5_inputs(workdir: Path, tag: str):
     from loadtest.bench.wrk import request_files
     from models.preprocess import preprocess_uint8
 
-    meta = bentoml.models.get(tag).info.metadata
+    meta: dict[str, Any] = bentoml.models.get(tag).info.metadata
     input_name = meta["inputs"][0]["name"]
     x_one = preprocess_uint8(held_out_digits()[0][:1], meta["preprocessing"])
     return request_files(workdir, meta["preprocessing"], input_name), x_one, input_name

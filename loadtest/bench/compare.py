@@ -174,6 +174,7 @@ def compare(peers: list[str], files: RequestFiles, connections: list[int], secon
             if unit.server == NNSERVE:
                 context = running_server(log_path, nnserve_env)
             else:
+                assert unit.config is not None, "only nnserve's unit has no configuration (units())"
                 context = running_baseline(unit.config, log_path, env)
             try:
                 with context as live:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import urllib.request
 from dataclasses import dataclass
+from typing import Any
 
 from loadtest.bench.common import log
 from loadtest.bench.promscrape import batch_histogram, scrape
@@ -34,7 +35,7 @@ class StackRun:
     cpu_ms_per_request: float = float("nan")  # the server processes' CPU time over the row / requests
 
 
-def top_label(answer: object) -> str:
+def top_label(answer: Any) -> str:
     """The first prediction's label, from nnserve's ``{"predictions": [...]}`` or a one-item list of it
     (BentoML's batchable API answers the request's slice of the batch)."""
     if isinstance(answer, list) and len(answer) == 1:
@@ -46,6 +47,8 @@ def check_answer(url: str, endpoint: str, files: RequestFiles) -> str:
     """One request of the kind wrk will send; what it answered (the top label, or the feature size)."""
     fields = {"format": "npy"} if endpoint == FEATURES else (files.classify_fields if endpoint == CLASSIFY else {})
     if endpoint == V2:
+        if files.v2_json is None:
+            raise ValueError("these request files have no KServe v2 body")
         body, content_type = files.v2_json.read_bytes(), "application/json"
     else:
         body, content_type = multipart_body(files.png.read_bytes(), fields)
