@@ -4,10 +4,10 @@
 32-connection wrk ``/classify`` load with ``/generate`` streams running, the RSS of every worker over 50
 load/unload cycles, the time from a load call to every worker serving, and management under stress (two
 clients changing the models back to back under the same load; ``--stress-only`` runs that part alone).
-Writes loadtest/results/
-lifecycle.json, the results section of docs/lifecycle.md and docs/img/lifecycle-*.png. What is measured and
-the targets: docs/lifecycle.md. Models: the user's store (BENTOML_HOME, else ~/bentoml); the scenario's own
-copies (``lifecycle-digits``, ``lifecycle-vgg``) are deleted at the end. Only 127.0.0.1 is contacted.
+Writes loadtest/results/lifecycle.json, the results section of docs/lifecycle.md and docs/img/lifecycle-*.png.
+What is measured and the targets: docs/lifecycle.md. Models: the user's store (BENTOML_HOME, else
+~/bentoml); the scenario's own copies (``lifecycle-digits``, ``lifecycle-vgg``) are deleted at the end.
+Only 127.0.0.1 is contacted.
 """
 
 from __future__ import annotations
