@@ -169,7 +169,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def ServerReady(self, request, context):
         repo = self.repository
-        return pb.ServerReadyResponse(ready=all(repo.is_ready(name) for name in repo.names()))
+        return pb.ServerReadyResponse(ready=repo.snapshot().ready)
 
     @rpc
     async def ModelReady(self, request, context):

@@ -293,7 +293,7 @@ def create_app(get_repository: Callable[[], Repository], prefix: str = "",
 
     async def ready(request: Request) -> Response:
         repo = get_repository()
-        is_ready = all(repo.is_ready(name) for name in repo.names())
+        is_ready = repo.snapshot().ready  # one snapshot: every model of one generation
         return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
     async def model_metadata(request: Request) -> Response:

@@ -36,6 +36,12 @@ NAME_MAX_LENGTH = 63
 # Batching fields of ModelConfig whose global default is the Settings field (NNSERVE_<FIELD>) of the same name.
 BATCHING_FIELDS = ("max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size",
                    "queue_timeout_ms")
+# Upper bounds of every model's batching, however it is set (models.yaml, NNSERVE_*, a management API config
+# override), in the field's unit (docs/service.md): a worker warms up every power of two up to max_batch_size
+# when it loads a model, so one call must not make every worker build a batch of a million.
+BATCHING_LIMITS = {"max_batch_size": 1024, "max_queue_delay_ms": 10_000.0, "max_queue_size": 65_536,
+                   "queue_timeout_ms": 600_000.0}
+MAX_PREFERRED_BATCH_SIZES = 32
 
 
 class SettingsError(ValueError):
@@ -203,6 +209,12 @@ class Settings:
         for name in ("intra_op_threads", "cpus", "max_queue_delay_ms", "queue_timeout_ms", "stream_flush_ms"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"NNSERVE_{name.upper()} must be >= 0, got {getattr(self, name)}")
+        for name, limit in BATCHING_LIMITS.items():
+            if getattr(self, name) > limit:
+                raise SettingsError(f"NNSERVE_{name.upper()} must be <= {limit:g}, got {getattr(self, name)}")
+        if len(self.preferred_batch_sizes) > MAX_PREFERRED_BATCH_SIZES:
+            raise SettingsError(f"NNSERVE_PREFERRED_BATCH_SIZES lists at most {MAX_PREFERRED_BATCH_SIZES} sizes, "
+                                f"got {len(self.preferred_batch_sizes)}")
         if any(not 1 <= size <= self.max_batch_size for size in self.preferred_batch_sizes):
             raise SettingsError(f"NNSERVE_PREFERRED_BATCH_SIZES must be in [1, NNSERVE_MAX_BATCH_SIZE="
                                 f"{self.max_batch_size}], got {list(self.preferred_batch_sizes)}")
@@ -421,12 +433,17 @@ def _read_entry(entry: object, schema: dict, where: str, fail: Fail) -> dict[str
         elif target == "preferred_batch_sizes":
             if not isinstance(value, list) or not all(_is_int(size) and size >= minimum for size in value):
                 fail(key_path, f"must be a list of integers >= {minimum}, got {_show(value)}")
+            if len(value) > MAX_PREFERRED_BATCH_SIZES:
+                fail(key_path, f"lists at most {MAX_PREFERRED_BATCH_SIZES} sizes, got {len(value)}")
             values[target] = (tuple(value), key_path)
         else:
             if not _is_int(value):
                 fail(key_path, f"must be an integer, got {_show(value)}")
             if value < minimum:
                 fail(key_path, f"must be >= {minimum}, got {value}")
+            limit = round(BATCHING_LIMITS[target] / scale)  # in the key's own unit (microseconds for delays)
+            if value > limit:
+                fail(key_path, f"must be <= {limit}, got {value}")
             values[target] = (value * scale if scale != 1 else value, key_path)
     return values
 
@@ -469,6 +486,8 @@ def resolve_entries(globals_: Settings, entries: dict[str, dict[str, tuple[objec
             delay = _parse(key, env[key], float)
             if delay < 0:
                 raise SettingsError(f"{key} must be >= 0, got {delay}")
+            if delay > BATCHING_LIMITS["max_queue_delay_ms"]:
+                raise SettingsError(f"{key} must be <= {BATCHING_LIMITS['max_queue_delay_ms']:g}, got {delay}")
             values["max_queue_delay_ms"] = (delay, key)
         model = ModelConfig(name, **{f: value for f, (value, _) in values.items()})
         _check_combined(model, {f: source for f, (_, source) in values.items()},
