@@ -331,10 +331,11 @@ def rewrite_parity(original: Path, rewritten: Path, declared: dict[str, dict], f
                    tolerance: float) -> dict:
     """The rewritten graph against the user's original on the same inputs (ORT CPU): every declared output within
     ``tolerance`` x max(1, max |output|) (folding reorders float arithmetic; float32 spacing grows with size)."""
-    want = dict(zip([o.name for o in cpu_session(original).get_outputs()], cpu_session(original).run(None, feeds),
-                    strict=True))
-    got = dict(zip([o.name for o in cpu_session(rewritten).get_outputs()], cpu_session(rewritten).run(None, feeds),
-                   strict=True))
+    def run(path: Path) -> dict[str, np.ndarray]:
+        session = cpu_session(path)
+        return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
+
+    want, got = run(original), run(rewritten)
     compared = {}
     for name, spec in declared.items():
         if spec.get("side") != "output":

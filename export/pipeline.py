@@ -172,12 +172,16 @@ def onnx_stage(source: Source, work: Path, opts: Options) -> Graph:
     certificate = prepare_foreign(
         source.directory / card["onnx"]["file"], path, declared, lambda n: kind.foreign_feeds(card, declared, n),
         make_dynamic=opts.make_batch_dynamic or card["onnx"].get("make_batch_dynamic", False),
-        reference_npz=source.directory / reference if reference else None, tolerance=opts.max_abs_error)
+        reference_npz=source.directory / reference if reference else None, tolerance=opts.max_abs_error,
+        strict_fold=opts.strict_fold)
     graph = onnx.load(str(path))
     certificate.update(kind.foreign_quality(path, roles, samples))
     _, outputs = io_specs(graph)
+    before = op_counts(onnx.load(str(source.directory / card["onnx"]["file"]), load_external_data=False))
     return Graph(path, graph, roles, certificate, samples, extra_metadata=kind.store_metadata(card, roles, outputs),
-                 report={"nodes": {"after_folding": len(graph.graph.node), "ops_after_folding": op_counts(graph)}})
+                 report={"folding": certificate.pop("folding"),
+                         "nodes": {"before_folding": sum(before.values()), "after_folding": len(graph.graph.node),
+                                   "ops_before_folding": before, "ops_after_folding": op_counts(graph)}})
 
 
 # ---- 3-5. optimized, INT8 and TensorRT variants ----------------------------------------------------------------
