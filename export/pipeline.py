@@ -59,7 +59,7 @@ class Options:
     register: bool = True
     eval_data: Path | None = None  # the user's evaluation images (folder per label, .npz) or text file
     strict_fold: bool = False  # a BatchNorm that cannot be folded is an error, not a scale-and-shift
-    make_batch_dynamic: bool = False  # ONNX files made elsewhere: rewrite a fixed batch of 1 (verified)
+    make_batch_dynamic: bool = False  # ONNX files made elsewhere: rewrite a fixed batch (verified)
 
 
 @dataclass
