@@ -30,6 +30,7 @@ import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -385,7 +386,7 @@ def reference_parity(path: Path, reference_npz: Path, declared: dict[str, dict],
         specs = {i.name: (i.type, i.shape) for i in session.get_inputs()}
         raise ForeignGraphError(f"the graph fails on the inputs of {Path(reference_npz).name}: {e}. Save them with "
                                 f"the graph's input types and shapes: {specs}") from e
-    compared = {}
+    compared: dict[str, dict[str, Any]] = {}
     for name in expected:
         ref = reference[name]
         if ref.shape != got[name].shape:

@@ -41,7 +41,7 @@ import functools
 import math
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import NoReturn
+from typing import NoReturn, TypeGuard
 
 import numpy as np
 from PIL import Image
@@ -79,7 +79,7 @@ def _fail(message: str) -> NoReturn:
     raise PreprocessingError(f"preprocessing spec: {message}")
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, Integral) and not isinstance(value, bool)  # numpy ints welcome; JSON true is no size
 
 
@@ -111,7 +111,7 @@ def _geometry(spec: dict) -> tuple[Resize, tuple[int, int] | None, int]:
         if not (_is_int(side) and side > 0):
             _fail(f"'content_size' must be a positive int (the side of the square), got {side!r}; "
                   "use 'resize': [height, width] for a non-square size")
-        resize: int | tuple[int, int] = (side, side)
+        resize: Resize = (side, side)
     elif isinstance(spec.get("resize"), dict):
         resize = _text_line(spec["resize"])
     elif "resize" in spec:
@@ -119,10 +119,10 @@ def _geometry(spec: dict) -> tuple[Resize, tuple[int, int] | None, int]:
     else:
         _fail("missing 'resize': give the shorter side as an int (with a 'crop'), the exact size as "
               "[height, width], or a text line's {\"height\": h, \"max_width\": w}")
-    crop = None
+    crop: tuple[int, int] | None = None
     if spec.get("crop") is not None:
-        crop = _size_pair(spec, "crop", "a square")
-        crop = (crop, crop) if _is_int(crop) else crop
+        size = _size_pair(spec, "crop", "a square")
+        crop = (size, size) if isinstance(size, int) else size
     pad = spec.get("pad", 0)
     if not (_is_int(pad) and pad >= 0):
         _fail(f"'pad' must be an int >= 0 (pixels on every side), got {pad!r}")
@@ -131,7 +131,7 @@ def _geometry(spec: dict) -> tuple[Resize, tuple[int, int] | None, int]:
         if crop is not None:
             _fail("'crop' does not go with a text-line 'resize' ({\"height\", \"max_width\"}): the line is padded "
                   "to max_width, not cropped; drop 'crop'")
-    elif _is_int(resize):
+    elif isinstance(resize, int):
         if crop is None:
             _fail(f"'resize': {resize} (shorter side) without a 'crop' gives each upload's aspect ratio, but the "
                   f"model needs a fixed height x width: add 'crop': [height, width] or give 'resize' as "
@@ -175,8 +175,11 @@ def _parse(spec: dict) -> tuple[Resize, tuple[int, int] | None, int, tuple[int, 
     resize, crop, pad = _geometry(spec)
     if isinstance(resize, TextLine):
         h, w = resize.height, resize.max_width
+    elif crop is not None:
+        h, w = crop
     else:
-        h, w = crop if crop is not None else resize  # _geometry guarantees a crop when resize is an int
+        assert not isinstance(resize, int)  # _geometry refuses an int (shorter side) resize without a crop
+        h, w = resize
     derived = h + 2 * pad, w + 2 * pad
     mean = _check_channel_stats(spec, "mean", channels)
     std = _check_channel_stats(spec, "std", channels)
@@ -188,7 +191,7 @@ def _parse(spec: dict) -> tuple[Resize, tuple[int, int] | None, int, tuple[int, 
         value = spec["pad_value"]
         values = value if isinstance(value, (list, tuple)) else [value]
         if not (len(values) in (1, channels) and all(isinstance(v, Real) and not isinstance(v, bool)
-                                                     and math.isfinite(v) and 0 <= v <= 1 for v in values)):
+                                                     and math.isfinite(v) and 0 <= float(v) <= 1 for v in values)):
             _fail(f"'pad_value' must be one number, or one per channel, in [0, 1] units (pixel / 255, like "
                   f"'mean'), got {value!r}: e.g. 0 (black), 0.5, or the mean to pad with 0 after normalizing")
     if spec.get("layout", "NCHW") not in LAYOUTS:
@@ -198,8 +201,8 @@ def _parse(spec: dict) -> tuple[Resize, tuple[int, int] | None, int, tuple[int, 
     if not isinstance(resample, str) or resample not in RESAMPLE:
         _fail(f"'resample' must be one of {', '.join(RESAMPLE)}, got {resample!r}")
     if "input_size" in spec:
-        stated = _size_pair(spec, "input_size", "a square")
-        stated = (stated, stated) if _is_int(stated) else stated
+        size = _size_pair(spec, "input_size", "a square")
+        stated = (size, size) if isinstance(size, int) else size
         if stated != derived:
             _fail(f"'input_size' {spec['input_size']!r} disagrees with the [height, width] the spec gives, "
                   f"{list(derived)} (crop, the exact resize or the text line's height x max_width, plus 2 * pad): "
@@ -224,7 +227,7 @@ def resized_size(width: int, height: int, resize: Resize) -> tuple[int, int]:
     if isinstance(resize, TextLine):
         wide = math.ceil(resize.height * (width / float(height)))  # PaddleOCR's resize_norm_img, to the float
         return min(wide, resize.max_width), resize.height
-    if not _is_int(resize):
+    if not isinstance(resize, int):
         return resize[1], resize[0]
     if width <= height:
         return resize, int(resize * height / width)
@@ -269,10 +272,11 @@ def padding(spec: dict, height: int, width: int) -> tuple[int, int, int, int]:
     side, and a text line's right side up to its max_width."""
     p = spec.get("pad", 0)
     resize = spec.get("resize")
-    extra = resize["max_width"] - width if isinstance(resize, dict) else 0
-    if extra < 0:
+    max_width = resize["max_width"] if isinstance(resize, dict) else width
+    if max_width < width:
         raise PreprocessingError(f"preprocessing: an image {width} wide is wider than the text line's max_width "
-                                 f"{resize['max_width']}: make it with image_to_uint8")
+                                 f"{max_width}: make it with image_to_uint8")
+    extra = max_width - width
     return p, p, p, p + extra
 
 
