@@ -84,7 +84,7 @@ def configure_uvicorn(drain_timeout_s: float, header_timeout_s: float) -> None:
     if getattr(base, "nnserve_defaults", False):  # already applied (module re-import)
         base = base.__mro__[1]
 
-    class Config(base):  # type: ignore[valid-type, misc]  # uvicorn's Config, or the one under our earlier patch
+    class Config(base):
         nnserve_defaults = True
 
         def __init__(self, *args, timeout_graceful_shutdown: float | None = None, http="auto", **kwargs) -> None:
