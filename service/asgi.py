@@ -11,7 +11,7 @@ a framework is this file: read a bounded body, match a path, write a status, hea
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import orjson
@@ -23,15 +23,40 @@ Receive = Callable[[], Awaitable[dict]]
 JSON = b"application/json"
 
 
+class LazyHeaders(Mapping[str, str]):
+    """An ASGI header list as a mapping of lower-case names, decoded on first use: most requests never
+    look (a sticky traffic split reads one through the request scope)."""
+
+    __slots__ = ("raw", "_decoded")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self.raw = raw
+        self._decoded: dict[str, str] | None = None
+
+    def _all(self) -> dict[str, str]:
+        if self._decoded is None:
+            self._decoded = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self.raw}
+        return self._decoded
+
+    def __getitem__(self, name: str) -> str:
+        return self._all()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
 class HttpRequest:
     """One request: method, path, lower-case headers (decoded on first use), path parameters, the body
     once read with ``body(limit)``."""
 
-    __slots__ = ("scope", "receive", "params", "_headers")
+    __slots__ = ("scope", "receive", "params", "headers")
 
     def __init__(self, scope: dict, receive: Receive, params: Mapping[str, str] | None = None) -> None:
         self.scope, self.receive, self.params = scope, receive, params or {}
-        self._headers: dict[str, str] | None = None
+        self.headers = LazyHeaders(scope["headers"])
 
     @property
     def method(self) -> str:
@@ -41,23 +66,18 @@ class HttpRequest:
     def path(self) -> str:
         return self.scope["path"]
 
-    @property
-    def headers(self) -> dict[str, str]:
-        if self._headers is None:
-            self._headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self.scope["headers"]}
-        return self._headers
-
-    def header(self, name: bytes, default: str = "") -> str:
-        """One header by its lower-case name, without decoding the others (the hot path's few lookups)."""
+    def header(self, name: bytes) -> str | None:
+        """One header by its lower-case name (None when absent), without decoding the others: the hot path
+        looks up two or three."""
         for key, value in self.scope["headers"]:
             if key == name or key.lower() == name:
                 return value.decode("latin-1")
-        return default
+        return None
 
     async def body(self, limit: int, what: str = "request body") -> bytes:
         """The whole body, refused (413) as soon as it is known to pass ``limit``: from Content-Length before
         reading, else while streaming; never buffered past the limit."""
-        declared = self.header(b"content-length")
+        declared = self.header(b"content-length") or ""
         if declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(f"the {what} has {int(declared)} bytes; the limit is {limit}")
         chunks, size = [], 0

@@ -20,17 +20,16 @@ from importlib import metadata as package_metadata
 from typing import TYPE_CHECKING
 
 import numpy as np
-from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from models.kinds.base import RequestError
 from service import images, metrics
-from service.errors import ClientError, PayloadTooLarge, Unavailable
+from service.errors import ClientError, PayloadTooLarge
 from service.generation import MAX_N, MAX_PROMPT_CHARS, Generation, GenerationRequest, read_choices
 from service.runtime import ModelRuntime
 from service.settings import Settings
 
 if TYPE_CHECKING:
-    from service.repository import Repository
+    from service.dataplane import DataPlane
 
 SERVER_NAME = "nnserve"
 PLATFORM = "onnxruntime_onnx"  # what Triton reports for ONNX models
@@ -90,12 +89,6 @@ def server_metadata() -> dict:
     return {"name": SERVER_NAME, "version": server_version(), "extensions": list(EXTENSIONS)}
 
 
-def get_model(repository: Repository, name: str, version: str = "") -> ModelRuntime:
-    """The served model ``name`` in ``version``; an empty version: as the model's routing picks (the newest,
-    or its traffic split). Raises NotFound, or Unavailable while it loads."""
-    return repository.get(name, version)
-
-
 def model_metadata(runtime: ModelRuntime, versions: list[str] | None = None) -> dict:
     """KServe model metadata: names, datatypes and shapes (-1 = dynamic) straight from the store metadata,
     then the kind's BYTES protocol inputs and outputs. ``parameters`` (REST only: gRPC's message has no such
@@ -123,15 +116,6 @@ def model_metadata(runtime: ModelRuntime, versions: list[str] | None = None) -> 
     return {"name": runtime.name, "versions": versions or [runtime.version], "platform": PLATFORM,
             "inputs": tensors(runtime.inputs) + extra_in, "outputs": tensors(runtime.outputs) + extra_out,
             **({"parameters": parameters} if parameters else {})}
-
-
-# Failures that are not a server fault: the client's mistake, a model loading, a full queue.
-EXPECTED_FAILURES = (ClientError,)
-
-
-def http_status(exc: Exception) -> int:
-    """HTTP status for a failure; 500 means a server fault."""
-    return exc.status if isinstance(exc, ClientError) else 500
 
 
 @dataclass(frozen=True)
@@ -462,27 +446,24 @@ async def decode_images(runtime: ModelRuntime, t: RequestTensor, settings: Setti
     return RequestTensor(name, kserve_datatype(x.dtype), list(x.shape), x)
 
 
-async def infer(repository: Repository, runtime: ModelRuntime, tensors: list[RequestTensor],
-                output_names: list[str], classes: dict[str, int] | None = None,
+async def infer(plane: DataPlane, runtime: ModelRuntime, tensors: list[RequestTensor], output_names: list[str],
+                record: metrics.RequestMetrics, classes: dict[str, int] | None = None,
                 parameters: dict | None = None) -> dict[str, np.ndarray]:
-    """Run checked inputs through the repository (which batches and records metrics). Encoded images are
-    decoded first and join the same dynamic batches; a prompt is generated through the continuous batcher
-    (the whole text, sampled as ``parameters`` say); ``classes``: output -> class count of the classification
-    extension."""
-    if not repository.is_ready(runtime.name):
-        raise Unavailable(f"model {runtime.name!r} is not ready yet", retry_after=1)
+    """Run checked inputs through the data plane (the model's dynamic batcher). Encoded images are decoded
+    first and join the same dynamic batches; a prompt is generated through the continuous batcher (the
+    whole text, sampled as ``parameters`` say); ``classes``: output -> class count of the classification
+    extension. ``record``: the request's metrics (begun and finished by the caller)."""
     if tensors and tensors[0].role == "prompt":  # text_output [n]: one element per sample
-        texts, _ = await generate_text(repository, runtime, tensors[0].rows[0], parameters or {})
+        texts, _ = await generate_text(plane, runtime, tensors[0].rows[0], parameters or {})
         return {output_names[0]: np.array([text.encode() for text in texts], dtype=object)}
     if tensors and tensors[0].role == "image":
-        tensors = [await decode_images(runtime, tensors[0], repository.settings)]
+        with record.timed("preprocess"):
+            tensors = [await decode_images(runtime, tensors[0], plane.settings)]
     check_values(runtime, tensors)
-    feeds = {t.name: t.array for t in tensors}
-    try:
-        outputs = await repository.infer(runtime, feeds)
-    except InvalidArgument as e:  # ONNX Runtime rejected the input: a client mistake the checks above missed
-        raise ClientError(f"model {runtime.name!r} rejected the input: {e}") from e
-    return {name: classify(runtime, name, outputs[name], classes[name]) if (classes or {}).get(name)
+    outputs, _ = await plane.infer(runtime, {t.name: t.array for t in tensors}, record)
+    if not classes:
+        return {name: outputs[name] for name in output_names}
+    return {name: classify(runtime, name, outputs[name], classes[name]) if classes.get(name)
             else outputs[name] for name in output_names}
 
 
@@ -504,18 +485,15 @@ def generation_request(runtime: ModelRuntime, prompt: bytes | str, parameters: d
     return GenerationRequest(prompt=prompt, model=runtime.name, **options), names
 
 
-def start_generation(repository: Repository, runtime: ModelRuntime, prompt: bytes | str, parameters: dict,
+def start_generation(plane: DataPlane, runtime: ModelRuntime, prompt: bytes | str, parameters: dict,
                      stream: bool) -> tuple[GenerationRequest, list[Generation]]:
-    """Validate and queue a generation on the model's continuous batcher (the one /generate uses): one
-    Generation per sample (parameter ``n``). ``stream`` raises the character limit (service/generation.py)."""
+    """Validate and queue a generation through the data plane: one Generation per sample (parameter
+    ``n``). ``stream`` raises the character limit (service/generation.py)."""
     if not runtime.kind_module.generates:
         raise ClientError(f"model {runtime.name!r} is a {runtime.kind} model; it does not generate text")
-    if not repository.is_ready(runtime.name):
-        raise Unavailable(f"model {runtime.name!r} is not ready yet", retry_after=1)
     job, names = generation_request(runtime, prompt, parameters)
     job.stream = stream
-    flush = repository.settings.stream_flush_ms / 1e3 if stream else None
-    return job, repository.generator(runtime).submit_choices(job, flush, names)
+    return job, plane.generate(runtime, job, names)
 
 
 async def chunks(runtime: ModelRuntime, generations: list[Generation]
@@ -536,10 +514,10 @@ async def chunks(runtime: ModelRuntime, generations: list[Generation]
             await generation.aclose()
 
 
-async def generate_text(repository: Repository, runtime: ModelRuntime, prompt: bytes | str, parameters: dict
+async def generate_text(plane: DataPlane, runtime: ModelRuntime, prompt: bytes | str, parameters: dict
                         ) -> tuple[list[str], list[str]]:
     """The whole text of each sample of one generation, and each one's finish_reason."""
-    _, generations = start_generation(repository, runtime, prompt, parameters, stream=False)
+    _, generations = start_generation(plane, runtime, prompt, parameters, stream=False)
     texts: list[list[str]] = [[] for _ in generations]
     reasons: list[str] = ["length"] * len(generations)
     async with contextlib.aclosing(chunks(runtime, generations)) as parts:
