@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import math
 import struct
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from importlib import metadata as package_metadata
@@ -136,36 +137,66 @@ class RequestTensor:
     role: str | None = None  # a protocol input's role ("image", "prompt"); None for the graph's tensors
 
 
+@dataclass(frozen=True)
+class Facts:
+    """What the request checks read from a model on every request, computed once per loaded version: the
+    metadata's and the graph's facts do not change while it is served (ONNX Runtime's ``get_inputs`` alone
+    cost a few percent of a small request)."""
+
+    specs: dict  # input name -> TensorSpec
+    datatypes: dict[str, str]  # input name -> its KServe datatype
+    roles: dict[str, str]  # the kind's BYTES protocol inputs: name -> role ("image", "prompt")
+    graph_shapes: dict[str, list]  # input name -> the graph's shape (symbolic dimension names included)
+    batch_axes: dict[str, int]  # input and output name -> batch axis
+    outputs: list[str]  # the graph's outputs
+    protocol_outputs: list[str]  # the kind's BYTES outputs (text_output)
+
+
+_FACTS: weakref.WeakKeyDictionary[ModelRuntime, Facts] = weakref.WeakKeyDictionary()
+
+
+def facts(runtime: ModelRuntime) -> Facts:
+    found = _FACTS.get(runtime)
+    if found is None:
+        kind, meta = runtime.kind_module, runtime.metadata
+        found = _FACTS[runtime] = Facts(
+            specs={s.name: s for s in runtime.inputs},
+            datatypes={s.name: kserve_datatype(s.dtype) for s in runtime.inputs},
+            roles={p["name"]: p["role"] for p in kind.protocol_inputs(meta)},
+            graph_shapes={i.name: i.shape for i in runtime.session.get_inputs()},
+            batch_axes={s.name: runtime.batch_axis(s.name) for s in [*runtime.inputs, *runtime.outputs]},
+            outputs=[s.name for s in runtime.outputs],
+            protocol_outputs=[p["name"] for p in kind.protocol_outputs(meta)])
+    return found
+
+
 def protocol_role(runtime: ModelRuntime, t: RequestTensor) -> str | None:
     """The role of a BYTES input the model's kind takes besides its graph (models/kinds/base.py)."""
-    if t.datatype != BYTES:
-        return None
-    return next((p["role"] for p in runtime.kind_module.protocol_inputs(runtime.metadata) if p["name"] == t.name),
-                None)
+    return facts(runtime).roles.get(t.name) if t.datatype == BYTES else None
 
 
 def check_header(runtime: ModelRuntime, tensors: list[RequestTensor], settings: Settings | None = None) -> None:
     """Names, datatypes and shapes against the model's input specs (or its kind's protocol inputs), and the
     per-request limits of ``settings`` (defaults when None): all before any data is decoded."""
     settings = settings or Settings()
-    specs = {s.name: s for s in runtime.inputs}
+    known = facts(runtime)
+    specs = known.specs
     for t in tensors:
-        t.role = protocol_role(runtime, t)
-    encoded = [t for t in tensors if t.role]
-    if encoded:
-        check_protocol_input(runtime, encoded, [t for t in tensors if not t.role], settings)
+        t.role = known.roles.get(t.name) if t.datatype == BYTES else None
+    if any(t.role for t in tensors):
+        check_protocol_input(runtime, [t for t in tensors if t.role], [t for t in tensors if not t.role], settings)
         return
     seen = set()
     for t in tensors:
         if t.name not in specs:
-            extra = [p["name"] for p in runtime.kind_module.protocol_inputs(runtime.metadata)]
+            extra = list(known.roles)
             raise ClientError(f"model {runtime.name!r} has no input {str(t.name)[:100]!r}; inputs are {sorted(specs)}"
                               + (f" (or BYTES {extra})" if extra else ""))
         if t.name in seen:
             raise ClientError(f"input {t.name!r} is given more than once")
         seen.add(t.name)
         spec = specs[t.name]
-        expected = kserve_datatype(spec.dtype)
+        expected = known.datatypes[t.name]
         if t.datatype != expected:
             raise ClientError(f"input {t.name!r} of model {runtime.name!r} has datatype {str(t.datatype)[:50]!r}, "
                               f"expected {expected!r}")
@@ -209,8 +240,9 @@ def check_protocol_input(runtime: ModelRuntime, encoded: list[RequestTensor], ot
 
 def check_limits(runtime: ModelRuntime, tensors: list[RequestTensor], settings: Settings) -> None:
     """The per-request limits (see MAX_SEQUENCE_LENGTH) on shapes already checked against the model."""
+    axes = facts(runtime).batch_axes
     for t in tensors:
-        axis = runtime.batch_axis(t.name)
+        axis = axes[t.name]
         if t.shape[axis] > settings.max_request_items:
             raise ClientError(f"input {t.name!r} of model {runtime.name!r} has {t.shape[axis]} items (dim {axis}); "
                               f"the limit is {settings.max_request_items} per request (NNSERVE_MAX_REQUEST_ITEMS): "
@@ -227,7 +259,7 @@ def check_shared_dims(runtime: ModelRuntime, tensors: list[RequestTensor]) -> No
 
     The store metadata only says -1; the graph's own symbolic dimension names say which ones are shared.
     """
-    graph_shapes = {i.name: i.shape for i in runtime.session.get_inputs()}
+    graph_shapes = facts(runtime).graph_shapes
     sizes: dict[str, tuple[str, int, int]] = {}
     for t in tensors:
         for axis, (size, symbol) in enumerate(zip(t.shape, graph_shapes.get(t.name, []), strict=False)):
@@ -333,14 +365,12 @@ def select_outputs(runtime: ModelRuntime, requested: list[str], tensors: list[Re
                    ) -> list[str]:
     """Requested output names (all outputs when none are requested), checked against the model: a prompt
     answers the kind's text outputs, anything else the graph's."""
-    if any(t.role == "prompt" for t in tensors or []):
-        names = [p["name"] for p in runtime.kind_module.protocol_outputs(runtime.metadata)]
-    else:
-        names = [s.name for s in runtime.outputs]
+    known = facts(runtime)
+    names = known.protocol_outputs if any(t.role == "prompt" for t in tensors or []) else known.outputs
     for name in requested:
         if name not in names:
             raise ClientError(f"model {runtime.name!r} has no output {name!r} for this request; outputs are {names}")
-    return list(requested) or names
+    return list(requested) or list(names)
 
 
 def check_classification(runtime: ModelRuntime, name: str, count: object) -> int:
