@@ -455,7 +455,7 @@ def test_a_second_server_on_the_same_home_leaves_the_metrics_alone(url, digits, 
 
 def test_grpc_inference_shares_the_batcher_and_the_metrics(url, live_server, tiny_store):
     """A KServe v2 gRPC call on an image model goes through the model's dynamic batcher and is counted
-    per model under endpoint "v2", like the REST front ends."""
+    per model under its own endpoint label, "grpc" (KServe v2 REST: "v2"), like the REST front ends."""
     import tritonclient.grpc as grpcclient
 
     before = scrape(url)
@@ -468,7 +468,7 @@ def test_grpc_inference_shares_the_batcher_and_the_metrics(url, live_server, tin
     np.testing.assert_allclose(logits, reference(tiny_store["lenet5"], {"input": x})["logits"], rtol=1e-5, atol=1e-5)
     after = scrape(url)
     version = tiny_store["lenet5"].split(":")[1]
-    ok = dict(endpoint="v2", model="lenet5", version=version, outcome="ok")
+    ok = dict(endpoint="grpc", model="lenet5", version=version, outcome="ok")
     assert metric(after, "nnserve_requests_total", **ok) - metric(before, "nnserve_requests_total", **ok) == 1
     sizes = dict(model="lenet5", version=version, batcher="dynamic")
     assert metric(after, "nnserve_batch_size_sum", **sizes) - metric(before, "nnserve_batch_size_sum", **sizes) >= 3
