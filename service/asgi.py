@@ -10,6 +10,7 @@ a framework is this file: read a bounded body, match a path, write a status, hea
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -121,7 +122,9 @@ def error_response(error: BaseException | Failure, where: str = "request") -> Ht
     return json_response(failure.body(), failure.status, headers)
 
 
-async def send_response(send: Send, response: HttpResponse) -> None:
+async def send_response(send: Send, response: HttpResponse, receive: Receive | None = None) -> None:
+    """Send a whole response, or stream one; ``receive``: the request's, to stop a stream whose client has
+    gone (uvicorn drops what is sent after a disconnect without a word, so the stream itself must stop)."""
     headers = [(b"content-type", response.content_type), *response.headers]
     if isinstance(response.body, bytes):
         headers.append((b"content-length", str(len(response.body)).encode()))
@@ -129,10 +132,33 @@ async def send_response(send: Send, response: HttpResponse) -> None:
         await send({"type": "http.response.body", "body": response.body})
         return
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    async for chunk in response.body:
-        await send({"type": "http.response.body", "body": chunk.encode() if isinstance(chunk, str) else chunk,
-                    "more_body": True})
-    await send({"type": "http.response.body", "body": b""})
+    writer = asyncio.ensure_future(_write_stream(send, response.body))
+    if receive is None:
+        return await writer
+    listener = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((writer, listener), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (writer, listener):
+            task.cancel()  # the client left: the stream's generator sees CancelledError and frees its slots
+        await asyncio.gather(writer, listener, return_exceptions=True)
+    if writer.done() and not writer.cancelled() and writer.exception() is not None:
+        raise writer.exception()  # type: ignore[misc]
+
+
+async def _write_stream(send: Send, chunks: AsyncIterator) -> None:
+    try:
+        async for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk.encode() if isinstance(chunk, str) else chunk,
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        await chunks.aclose()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
@@ -165,5 +191,5 @@ class Router:
                 return handler, found.groupdict()
             allowed = True
         if allowed:
-            raise MethodNotAllowed(f"{method[:20]} is not allowed on {path[:200]}")
+            raise MethodNotAllowed(f"Method Not Allowed: {method[:20]} is not allowed on {path[:200]}")
         raise NotFound(f"no {self.name} route {method[:20]} {path[:200]}")

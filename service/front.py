@@ -112,7 +112,7 @@ class FrontDoor:
                 response = await handler(request)
             except Exception as e:
                 response = error_response(e, route)
-            await send_response(send_and_note, response)
+            await send_response(send_and_note, response, request.receive)
         except asyncio.CancelledError:
             # uvicorn cancels what still runs once the drain bound (NNSERVE_DRAIN_TIMEOUT_S) has passed after
             # SIGTERM. A request whose answer has not started gets a 503 it can retry on another replica

@@ -88,7 +88,12 @@ def test_health_endpoints(url, tiny_store):
     ready = requests.get(f"{url}/readyz", timeout=10)
     assert ready.status_code == 200 and ready.json()["ready"] is True and "reason" not in ready.json()
     assert {name: m["state"] for name, m in ready.json()["models"].items()} == dict.fromkeys(tiny_store, "ready")
-    assert 'nnserve_model_ready{model="lenet5"} 1.0' in requests.get(f"{url}/metrics", timeout=10).text
+    # /readyz answered from one worker; the gauge is the minimum over every live worker, and the session's
+    # server starts with /readyz from one of them: the others may still be loading for a few seconds.
+    deadline = time.monotonic() + 60
+    while 'nnserve_model_ready{model="lenet5"} 1.0' not in (text := requests.get(f"{url}/metrics", timeout=10).text):
+        assert time.monotonic() < deadline, text[-2000:]
+        time.sleep(0.5)
 
 
 def test_models_lists_every_model_with_its_provider(url, tiny_store):
@@ -411,6 +416,7 @@ def test_metrics_cover_requests_latency_batches_and_generation(url, digits, tiny
     assert classify(url, data).status_code == 200
     assert classify(url, b"not an image").status_code == 415
     text = generate(url, prompt="The", max_new_chars=25, seed=1).json()["text"]
+    assert requests.get(f"{url}/", timeout=10).status_code == 200  # a route BentoML serves itself: its histogram
     after = scrape(url)
     lenet5 = dict(model="lenet5", version=tiny_store["lenet5"].split(":")[1])
     lstm = dict(model="char_lstm", version=tiny_store["char_lstm"].split(":")[1])
