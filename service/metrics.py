@@ -131,6 +131,8 @@ class RequestMetrics:
     def observe(self, stage: str, seconds: float) -> None:
         """stage: preprocess or batch_wait (histograms), or inference (timed where the model runs)."""
         self.timings[stage] = seconds
+        if self.children is None:  # no model resolved yet: its histograms have no labels to go under
+            return
         if stage == "batch_wait":
             self.children.batch_wait.observe(seconds)
         elif stage == "preprocess":
@@ -149,7 +151,7 @@ class RequestMetrics:
     def finish(self, status: int) -> float:
         """Count the request by outcome; returns its duration in seconds (also timings["total"])."""
         seconds = self.timings["total"] = time.perf_counter() - self.start
-        if self.labels is None:
+        if self.children is None:
             registry().requests.labels(self.endpoint, *UNKNOWN, outcome(status)).inc()
             return seconds
         self.children.outcomes[outcome(status)].inc()

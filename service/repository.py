@@ -274,6 +274,8 @@ class Repository:
         (``make serve`` serves lenet5 while the other default models still train): the worker that sees it
         first writes the next generation, the others load it from there."""
         waiting = [m.config for m in self._snapshot.models if m.state == "loading" and not m.config.versions]
+        if self.state is None:  # a repository without a state directory (in-process tools) has nobody to tell
+            return
         try:
             if not any(store_model_complete(m.store_name) for m in waiting):
                 return
@@ -407,6 +409,7 @@ class Repository:
         deadline = time.monotonic() + self.settings.drain_timeout_s
         quiet_since: dict[int, float] = {}
         pending = list(retiring)
+        served: Served | None = None  # the loop's variable, dropped at the end with the last references
         while pending:
             now = time.monotonic()
             for served in list(pending):
@@ -576,7 +579,11 @@ class Repository:
         return self.served[(runtime.name, runtime.version)]
 
     def generator(self, runtime: ModelRuntime) -> ContinuousBatcher:
-        return self.served_version(runtime).generator
+        """The continuous batcher of a generating version (the data plane checks the kind first)."""
+        generator = self.served_version(runtime).generator
+        if generator is None:
+            raise RuntimeError(f"{runtime.tag} has no continuous batcher: its kind does not generate text")
+        return generator
 
     def batcher(self, runtime: ModelRuntime) -> DynamicBatcher:
         """The dynamic batcher of a version ``get`` returned (the data plane's one inference entry point)."""

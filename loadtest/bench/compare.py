@@ -181,10 +181,10 @@ def compare(peers: list[str], files: RequestFiles, connections: list[int], secon
     log(f"sweep: {', '.join(peers)} over their grids, {sweep_s:g} s per row")
     sweep(peers, files, connections, sweep_s, workdir, env, cmp)
     plan = units([p for p in peers if p not in cmp.skipped], connections, cmp, previous is not None)
-    previous = None
+    last_order = None
     for round_no in range(1, rounds + 1):
-        order = round_order(plan, round_no, previous)
-        previous = order
+        order = round_order(plan, round_no, last_order)
+        last_order = order
         cmp.orders.append([f"{u.server} ({u.describe()})" for u in order])
         log(f"round {round_no}/{rounds}: " + ", ".join(f"{u.server}" for u in order))
         for unit in order:
@@ -192,6 +192,7 @@ def compare(peers: list[str], files: RequestFiles, connections: list[int], secon
             if unit.server == NNSERVE:
                 context = running_server(log_path, nnserve_env)
             elif unit.server == PREVIOUS:
+                assert previous is not None  # units() plans a PREVIOUS unit only with a previous checkout
                 context = running_server(log_path, nnserve_env, root=previous)
             else:
                 assert unit.config is not None, "only nnserve's unit has no configuration (units())"

@@ -61,6 +61,8 @@ def check_answer(url: str, endpoint: str, files: RequestFiles) -> str:
             raise ValueError("these request files have no KServe v2 body")
         body, content_type = files.v2_json.read_bytes(), "application/json"
     elif endpoint == V2_BINARY:
+        if files.v2_binary is None:
+            raise ValueError("these request files have no KServe v2 binary body")
         body, content_type = files.v2_binary.read_bytes(), "application/octet-stream"
         headers["Inference-Header-Content-Length"] = str(files.v2_binary_header)
     else:
