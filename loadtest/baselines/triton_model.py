@@ -43,6 +43,6 @@ class TritonPythonModel:
             end = start + len(a)
             responses.append(pb_utils.InferenceResponse(
                 output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(y[start:end]))
-                                for name, y in zip(names, results)]))
+                                for name, y in zip(names, results, strict=True)]))
             start = end
         return responses

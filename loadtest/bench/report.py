@@ -15,9 +15,10 @@ from loadtest.bench.compare import LIMIT, Comparison
 from loadtest.bench.inprocess import REFERENCE, Case
 from loadtest.bench.overload import OverloadResult
 from loadtest.bench.profile import Breakdown
+from loadtest.bench.realsize import RealSizeResult
 from loadtest.bench.recovery import WINDOW, RecoveryResult
 from loadtest.bench.stacks import CLASSIFY, NNSERVE, StackRun
-from loadtest.bench.targets import Target, find, median_ok_rps, ratio_note
+from loadtest.bench.targets import Target, find, median_ok_rps, paired, ratio_note
 from loadtest.bench.triton import GRPC_CLASSIFY, REST_CLASSIFY, WRK_CLASSIFY, ProtocolRow
 from loadtest.bench.user_model import LABELS as USER_LABELS
 from loadtest.bench.user_model import SIZE, UserModelResult
@@ -100,6 +101,12 @@ from a miss into a pass:
   rounds (before: one run, every answer counted); any error in nnserve's row fails its target. Peers are
   measured at their best swept configuration (before: one fixed configuration each). Stricter, not looser:
   applied to this run, whose verdicts it may turn into misses.
+- 2026-12-05 (issue 26, before any run with it): every ratio target (peers, user model, gRPC vs REST) is judged
+  on the median of the per-round ratios, each round pairing nnserve with each peer measured in it, their
+  min-max printed; before: the ratio of the two sides' medians, which need not come from the same rounds.
+  Factors unchanged. The record runs 5 interleaved rounds (was 3; user model 5, was 3; gRPC vs REST 3, was
+  2), and the gRPC verdicts print each side's client CPU. New targets (Triton's rows, the real-size rows
+  against the best peer) were fixed in targets.py before their first run.
 """
 
 
@@ -128,6 +135,7 @@ class Results:
     triton: list[ProtocolRow] = field(default_factory=list)
     comparison: Comparison | None = None
     breakdown: Breakdown | None = None
+    real_size: list[RealSizeResult] = field(default_factory=list)
 
 
 def report(args: argparse.Namespace, r: Results) -> str:
@@ -166,6 +174,7 @@ def report(args: argparse.Namespace, r: Results) -> str:
     lines += memory_section(r)
     lines += user_model_section(args, r)
     lines += triton_section(args, r)
+    lines += real_size_section(args, r)
     return "\n".join(lines) + "\n"
 
 
@@ -192,6 +201,89 @@ def in_process_section(args: argparse.Namespace, r: Results) -> list[str]:
     return lines
 
 
+def rounds_table(cmp: Comparison, label) -> list[str]:
+    """The rounds' rows: per server, endpoint and level the medians [min-max], and nnserve over this row as
+    the median [min-max] of the per-round ratios (what the targets judge)."""
+    from loadtest.baselines.launch import http_stack
+
+    lines = ["| server | HTTP stack | endpoint | clients | configuration | 2xx/s | p50 ms | p95 ms | errors "
+             "| nnserve / this, per round |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    servers = list(dict.fromkeys([NNSERVE, LIMIT, *(x.server for x in cmp.runs)]))
+    keys = sorted(dict.fromkeys((x.server, x.endpoint, x.result.connections) for x in cmp.runs),
+                  key=lambda k: (servers.index(k[0]), k[1], k[2]))
+    for server, endpoint, c in keys:
+        agg = find(cmp.runs, server, endpoint, c)
+        assert agg is not None, "keys are taken from cmp.runs"
+        config = next(x.config for x in cmp.runs if (x.server, x.endpoint, x.result.connections) ==
+                      (server, endpoint, c))
+        ours = find(cmp.runs, NNSERVE, endpoint, c)
+        ratio = "-"
+        if server != NNSERVE and ours is not None:
+            # Throughput: ours / theirs; at 1 client latency: theirs / ours. Above 1 = nnserve faster.
+            ratio = paired(ours, agg, "ok_rps").describe() if c > 1 else \
+                paired(agg, ours, "p50_ms").describe() + " (p50)"
+        lines.append(f"| {label(server)} | {http_stack(server)} | `{endpoint}` | {c} | {config} | "
+                     f"{row_cell(agg, 'ok_rps', 0)} | {row_cell(agg, 'p50_ms', 2)} | {row_cell(agg, 'p95_ms', 2)} | "
+                     f"{agg.errors} | {ratio} |")
+    lines += ["", "nnserve / this, per round: in each round, nnserve's 2xx/s over this row's at the same endpoint and "
+              "clients (at 1 client: this row's p50 over nnserve's); the median of those per-round ratios, their "
+              "min-max in brackets. Above 1 = nnserve faster. Ratio targets judge this median."]
+    return lines
+
+
+def sweep_table(cmp: Comparison, label) -> list[str]:
+    lines = ["| peer | configuration | endpoint | clients | load | 2xx/s | p50 ms | p95 ms | errors |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|"]
+    for x in cmp.sweep:
+        w = x.result
+        chosen = cmp.best.get((x.server, x.endpoint, w.connections)) == x.config
+        config = f"**{x.config}**" if chosen else x.config
+        lines.append(f"| {label(x.server)} | {config} | `{x.endpoint}` | {w.connections} | {x.load} | "
+                     f"{fmt(w.ok_rps)} | {fmt(w.p50_ms, 2)} | {fmt(w.p95_ms, 2)} | {w.errors} |")
+    if cmp.skipped:
+        lines += ["", "Not measured:", ""] + [f"- {k}: {v}" for k, v in cmp.skipped.items()]
+    return lines
+
+
+REAL_SIZE_TARGETS = """\
+Targets, fixed in `loadtest/bench/targets.py` (`real_size_targets`, `triton_peer_targets`) before the first
+run with these rows (issue 26): at 1 client nnserve's p50 at most 1.0x the best peer's; at every other level
+its goodput at least 1.0x the best peer's with p95 no higher; beside Triton on KServe v2 (binary tensors, the
+same bytes to both): goodput at the highest level at least 1.0x Triton's and p50 at 1 client no higher. Each
+judged on the median of the per-round ratios (each round runs nnserve and every peer's best configuration
+once, in a new order); nnserve runs as configured (its defaults unless `--server-env` says otherwise)."""
+
+
+def real_size_section(args: argparse.Namespace, r: Results) -> list[str]:
+    if not r.real_size:
+        return []
+    label = lambda server: r.labels.get(server, server)  # noqa: E731
+    lines = ["", "## 10. Real-size models: every peer at its best", "", *REAL_SIZE_TARGETS.splitlines(), "",
+             "Each peer is swept over its grid on the same store entry (FastAPI + ORT: workers 1/2 x ORT threads "
+             "1/2; LitServe: batching off / on with 1 and 5 ms waits; BentoML: adaptive batching off / on; Triton "
+             "Inference Server 2.51: dynamic batching off / max_queue_delay 0, 1, 5 ms x 1-2 instances, cores / "
+             "instances ORT threads; its model runs in Triton's Python backend with ONNX Runtime, because the "
+             "nvidia-pytriton wheel ships no native ONNX Runtime backend), its best configuration per row kept; "
+             f"then {args.real_size_rounds} interleaved rounds, one server up at a time, "
+             f"`wrk -t1 -cN -d{args.duration}s` per row. The image route gets the PNG upload; the binary v2 "
+             "route the same image preprocessed by nnserve's code, as tritonclient.http sends a tensor."]
+    for result in r.real_size:
+        cmp = result.comparison
+        lines += ["", f"### {result.model} (`{result.tag}`): `{result.endpoint}` and KServe v2 (binary)", "",
+                  f"PNG upload {result.png_bytes:,} bytes. Cells: median [min-max] over the rounds.", ""]
+        lines += rounds_table(cmp, label)
+        verdicts = [t for t in r.targets if t.what.startswith(f"{result.model} ")]
+        if verdicts:
+            lines += ["", "| target | measured | goal | verdict |", "|---|---|---|---|"]
+            lines += [f"| {t.what} | {t.measured} | {t.target} | {t.verdict} |" for t in verdicts]
+        lines += ["", f"#### The sweep ({result.model})", "", f"{args.sweep_duration:g} s per row per configuration; "
+                  "**bold** = kept for the rounds.", "", *sweep_table(cmp, label)]
+        lines += ["", "Answers to the checked request: " + "; ".join(
+            f"{label(server)}: " + ", ".join(f"`{e}` {a}" for e, a in answers.items())
+            for server, answers in cmp.answers.items())]
+    return lines
+
+
 def row_cell(agg, attr: str, digits: int) -> str:
     values = getattr(agg, attr)
     mid = {"ok_rps": agg.rps, "p50_ms": agg.p50, "p95_ms": agg.p95}[attr]
@@ -210,23 +302,7 @@ def stacks_section(args: argparse.Namespace, r: Results) -> list[str]:
              f"its sweep for that row ({args.sweep_duration:g} s per row per configuration, below). 2xx/s = "
              "goodput; errors = non-2xx answers + socket errors/timeouts, summed over the rounds. Cells: median "
              "[min-max] over the rounds.", "",
-             "| server | endpoint | clients | configuration | 2xx/s | p50 ms | p95 ms | errors | nnserve / this |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
-    servers = list(dict.fromkeys([NNSERVE, LIMIT, *(x.server for x in cmp.runs)]))
-    keys = sorted(dict.fromkeys((x.server, x.endpoint, x.result.connections) for x in cmp.runs),
-                  key=lambda k: (servers.index(k[0]), k[1], k[2]))
-    for server, endpoint, c in keys:
-        agg = find(cmp.runs, server, endpoint, c)
-        assert agg is not None, "keys are taken from cmp.runs"
-        config = next(x.config for x in cmp.runs if (x.server, x.endpoint, x.result.connections) ==
-                      (server, endpoint, c))
-        ours = find(cmp.runs, NNSERVE, endpoint, c)
-        ratio = "-" if server == NNSERVE or ours is None or not agg.rps else (
-            f"{ours.rps / agg.rps:.2f}x" if c > 1 else f"{agg.p50 / ours.p50:.2f}x (p50)")
-        lines.append(f"| {label(server)} | `{endpoint}` | {c} | {config} | {row_cell(agg, 'ok_rps', 0)} | "
-                     f"{row_cell(agg, 'p50_ms', 2)} | {row_cell(agg, 'p95_ms', 2)} | {agg.errors} | {ratio} |")
-    lines += ["", "nnserve / this: nnserve's median 2xx/s over this row's at the same endpoint and clients (above 1 "
-              "= nnserve faster); at 1 client, this row's median p50 over nnserve's (above 1 = nnserve faster)."]
+             *rounds_table(cmp, label)]
     lines += limit_lines(r)
     lines += ["", "### Every row", "", "In the order they ran; load average (1/5/15 min) read just before each row; "
               "CPU = the server processes' CPU time over the row / requests answered.", "",
@@ -242,17 +318,7 @@ def stacks_section(args: argparse.Namespace, r: Results) -> list[str]:
     lines += ["", "Order of the servers per round: "] + [f"{i + 1}. " + "; ".join(o) for i, o in enumerate(cmp.orders)]
     lines += ["", "### The sweep: every peer configuration", "",
               f"Each configuration alone, each row once for {args.sweep_duration:g} s; **bold** = kept for the "
-              "rounds (most 2xx/s without errors).", "",
-              "| peer | configuration | endpoint | clients | load | 2xx/s | p50 ms | p95 ms | errors |",
-              "|---|---|---|---:|---|---:|---:|---:|---:|"]
-    for x in cmp.sweep:
-        w = x.result
-        chosen = cmp.best.get((x.server, x.endpoint, w.connections)) == x.config
-        config = f"**{x.config}**" if chosen else x.config
-        lines.append(f"| {label(x.server)} | {config} | `{x.endpoint}` | {w.connections} | {x.load} | "
-                     f"{fmt(w.ok_rps)} | {fmt(w.p50_ms, 2)} | {fmt(w.p95_ms, 2)} | {w.errors} |")
-    if cmp.skipped:
-        lines += ["", "Not measured:", ""] + [f"- {k}: {v}" for k, v in cmp.skipped.items()]
+              "rounds (most 2xx/s without errors).", "", *sweep_table(cmp, label)]
     lines += ["", "Answer to the checked request sent before each server's rows (same model and preprocessing, so "
               "the same answer everywhere):", ""]
     lines += [f"- {label(server)}: " + "; ".join(f"`{e}` {a}" for e, a in answers.items())
