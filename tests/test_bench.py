@@ -340,7 +340,8 @@ def test_grpc_generation_judged_on_the_median_round_with_errors_shown():
     rows = [protocol_row(R, 1, 1000, 10.0, round_no=i) for i in (1, 2, 3)]
     rows += [protocol_row(G, 1, per_s, 10.0, errors=1, round_no=i) for i, per_s in ((1, 400), (2, 950), (3, 990))]
     chars = triton_targets(rows, [1])[0]
-    assert chars.met and chars.measured.startswith("0.95x [0.40-0.99] over 3 rounds") and "errors: 3 vs 0" in chars.measured
+    assert chars.met and chars.measured.startswith("0.95x [0.40-0.99] over 3 rounds")
+    assert "errors: 3 vs 0" in chars.measured
     assert "client CPU (cores) gRPC 0.30" in chars.measured and "REST 0.30" in chars.measured  # each side's
 
 
