@@ -43,16 +43,22 @@ What each part measures:
 
 1. **In process**: PyTorch eager vs ONNX Runtime variants of lenet5 and vgg_fc7, batch 1 and 32, no HTTP.
 2. **Serving stacks under wrk**: the same requests (a held-out MNIST digit as a multipart PNG upload, top 5;
-   a KServe v2 JSON tensor) against nnserve and four peers serving the same store model with nnserve's ORT
-   session options and nnserve's own decode + preprocessing code (`loadtest/baselines/`): BentoML by the
-   book, LitServe, plain FastAPI + ORT (also `/features` on vgg_fc7) and MLServer (`/v2`, from its own venv
-   `.venv-mlserver`, which the bench creates). Each peer is first swept over a small grid (workers 1 and one
-   per core x its batching off / on with its documented knobs) and its best configuration per row is kept;
-   then nnserve, the bare HTTP stack (the limit) and those best configurations run in interleaved rounds,
-   in a different order each round, each server alone (started, measured, stopped). Medians judge the
-   targets; min-max is printed beside them; the load average before each row is in the table. wrk
-   (`loadtest/wrk/post.lua`) runs a closed loop: N connections, each sending its next request when the
-   previous answer arrives. Throughput counts 2xx answers only.
+   a KServe v2 JSON tensor; the same tensor in Triton's binary extension, as tritonclient.http sends it)
+   against nnserve and five peers serving the same store model with nnserve's ORT session options and
+   nnserve's own decode + preprocessing code (`loadtest/baselines/`): BentoML by the book, LitServe, plain
+   FastAPI + ORT (all three also on `/features`, vgg_fc7, each with its batching where it has one),
+   MLServer (`/v2` JSON, from its own venv `.venv-mlserver`) and Triton Inference Server 2.51 itself
+   (`/v2` binary; the `nvidia-pytriton` wheel from its own venv `.venv-triton`; both venvs are created by
+   the bench). Each peer is first swept over a small grid (workers 1 and one per core x its batching off /
+   on with its documented knobs; FastAPI workers 1/2 x ORT threads 1/2; Triton instances 1/2 x dynamic
+   batching off / max_queue_delay 0, 1, 5 ms) and its best configuration per row is kept; then nnserve,
+   the bare HTTP stack (the limit) and those best configurations run in `--rounds` (5) interleaved
+   rounds, in a different order each round, each server alone (started, measured, stopped). Each round
+   pairs nnserve with every peer measured in it: a ratio target is judged on the median of the per-round
+   ratios, whose min-max is printed beside it; every row names the HTTP stack its server ran on; the load
+   average before each row is in the table. wrk (`loadtest/wrk/post.lua`) runs a closed loop: N
+   connections, each sending its next request when the previous answer arrives. Throughput counts 2xx
+   answers only.
 3. **Generation**: streamed `/generate` with 1 and N concurrent streams (locust: streams are checked for
    length and their first byte timed), and the bare step-loop limit (the server's decode step + sampling in
    one thread, no HTTP) that the live numbers are compared with.
@@ -68,7 +74,15 @@ What each part measures:
    and of plain FastAPI + ORT on the same store entry: does dynamic batching pay on a real-size model?
 8. **Triton protocols** (section 9): streamed generation over gRPC `ModelStreamInfer` beside REST
    `/generate`, and classification of image bytes over gRPC beside `/classify`, same server, same Python
-   client harness on both sides, rounds alternating (`--triton-rounds`; `--skip triton` leaves it out).
+   client harness on both sides, rounds alternating (`--triton-rounds`, 3; `--skip triton` leaves it out);
+   each verdict prints both sides' client CPU.
+9. **Real-size models** (section 10, `loadtest/bench/realsize.py`): vgg_fc7 (`/features`) and the user
+   model EfficientNet-B0 (`/classify`), each served alone by nnserve and by every peer on the same store
+   entry at 1, 4 and 32 clients: FastAPI + ORT (workers 1/2 x threads 1/2), LitServe (batching off / on),
+   BentoML (adaptive batching off / on) on the image route, Triton (dynamic batching, 1-2 instances, its
+   delay swept) on KServe v2 binary, each swept to its best, then `--real-size-rounds` (5) interleaved
+   rounds judged as in part 2 (`--skip real-size` leaves it out; `--real-size-peers`,
+   `--real-size-connections`).
 
 Notes on method:
 
@@ -80,11 +94,18 @@ Notes on method:
   (`.venv-mlserver`, created by the bench with pip when missing; when that fails, the part says why and
   the `/v2` target reads "not measured"). It has no ONNX runtime of its own: `loadtest/baselines/mlserver/`
   is the smallest custom `MLModel`.
+- Triton runs from `.venv-triton` (`nvidia-pytriton==0.7.0`, which ships Triton Inference Server 2.51.0,
+  and nnserve's onnxruntime), created by the bench with pip when missing: the wheel's Python-backend stub is
+  built against numpy 1.x (it pins numpy<2; with numpy 2 its outputs come back empty), nnserve pins numpy
+  2, so it cannot share `.venv`. The wheel has no native ONNX Runtime backend: the model runs in Triton's
+  Python backend (`loadtest/baselines/triton_model.py`, ORT on the store entry's model.onnx, ORT threads as
+  the model's `parameters`); the scheduler, dynamic batcher and HTTP/gRPC front ends are Triton's own.
+  When the venv cannot be made, the part says why and Triton's targets read "not measured".
 - Access logs are off on every server: nnserve ships that way, LitServe's docs call log level "warning"
   good for production, and for the others turning the log off can only make them faster.
 - uvicorn[standard] (the `bench` extra) brings uvloop and httptools, which uvicorn picks by default: after
-  `make bench`, every server in the bench, nnserve and BentoML's included, runs on the same HTTP stack (the
-  versions are listed above).
+  `make bench`, every Python server in the bench, nnserve and BentoML's included, runs on the same HTTP
+  stack (the versions are listed above); Triton runs on its own C++ front ends; each row says which.
 """
 
 
