@@ -391,24 +391,24 @@ def real_size_targets(runs: list[StackRun], model: str, endpoint: str, peers: li
         name = f"{labels.get(peer, peer)}" + (f" ({config})" if config else "")
         targets.append(ratio_target(what, find(runs, NNSERVE, endpoint, c), agg, name, PEER_FACTOR,
                                     latency=latency, p95_no_higher=not latency))
+    return targets
 
 
 def previous_targets(runs: list[StackRun], high: int, ref: str) -> list[Target]:
     """Against the previous release in the same run (--previous REF), at ``high`` clients on /classify and /v2
-    binary infer: CPU per request (the server's processes, medians over the rounds) at most 0.6x, goodput at
-    least 1.4x. The share of the bare stack's throughput is in the report's tables beside them."""
+    binary infer: CPU per request (the server's processes) at most 0.6x, goodput at least 1.4x, each judged on
+    the median of the per-round ratios (min-max printed). The share of the bare stack is in the report's tables."""
+    def side(server: str, endpoint: str, cpu: bool) -> dict[int, float]:
+        return {r.round_no: r.cpu_ms_per_request if cpu else r.result.ok_rps for r in runs
+                if (r.server, r.endpoint, r.result.connections) == (server, endpoint, high) and r.round_no}
+
     targets = []
     for endpoint in (CLASSIFY, V2_BINARY):
-        ours = [r for r in runs if (r.server, r.endpoint, r.result.connections) == (NNSERVE, endpoint, high)]
-        before = [r for r in runs if (r.server, r.endpoint, r.result.connections) == (PREVIOUS, endpoint, high)]
-        if not ours or not before:
-            targets += [Target(f"{endpoint} {high} clients CPU/request vs {ref}", "not measured", "<= 0.6x", None),
-                        Target(f"{endpoint} {high} clients goodput vs {ref}", "not measured", ">= 1.4x", None)]
-            continue
-        cpu = median(r.cpu_ms_per_request for r in ours) / median(r.cpu_ms_per_request for r in before)
-        goodput = median(r.result.ok_rps for r in ours) / median(r.result.ok_rps for r in before)
-        targets += [Target(f"{endpoint} {high} clients CPU/request vs {ref}",
-                           f"{cpu:.2f}x ({median(r.cpu_ms_per_request for r in ours):.3f} vs "
-                           f"{median(r.cpu_ms_per_request for r in before):.3f} ms)", "<= 0.6x", cpu <= 0.6),
-                    Target(f"{endpoint} {high} clients goodput vs {ref}", f"{goodput:.2f}x", ">= 1.4x", goodput >= 1.4)]
+        cpu = round_ratios(side(NNSERVE, endpoint, True), side(PREVIOUS, endpoint, True))
+        goodput = round_ratios(side(NNSERVE, endpoint, False), side(PREVIOUS, endpoint, False))
+        for what, ratios, goal, met in ((f"{endpoint} {high} clients CPU/request vs {ref}", cpu, "<= 0.6x",
+                                         cpu.median <= 0.6),
+                                        (f"{endpoint} {high} clients goodput vs {ref}", goodput, ">= 1.4x",
+                                         goodput.median >= 1.4)):
+            targets.append(Target(what, ratios.describe(), goal, met if ratios.values else None))
     return targets
