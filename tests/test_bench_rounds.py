@@ -94,3 +94,21 @@ def test_triton_targets_on_the_binary_v2_rows():
     assert throughput.measured.startswith("1.06x [0.71-1.06] over 5 rounds")  # one bad round does not decide it
     assert latency.met is True and latency.measured.startswith("0.95x")
     assert triton_peer_targets(rows, "vgg_fc7", 1, 32)[0].met is None  # Triton did not serve it: not measured
+
+
+def test_previous_release_targets_pair_cpu_and_goodput_by_round():
+    from loadtest.bench.stacks import PREVIOUS, V2_BINARY
+    from loadtest.bench.targets import previous_targets
+
+    runs = []
+    for round_no, (ours_cpu, old_cpu, ours_rps, old_rps) in enumerate(
+            [(0.30, 0.60, 3000, 2000), (0.35, 0.50, 2800, 2000), (0.50, 0.55, 2000, 2100)], start=1):
+        for server, cpu, rps in ((NNSERVE, ours_cpu, ours_rps), (PREVIOUS, old_cpu, old_rps)):
+            row = run(server, CLASSIFY, 32, rps, 5.0, 9.0, round_no)
+            row.cpu_ms_per_request = cpu
+            runs.append(row)
+    cpu, goodput, v2_cpu, v2_goodput = previous_targets(runs, 32, "abc123")
+    assert cpu.what == "/classify 32 clients CPU/request vs abc123" and cpu.target == "<= 0.6x"
+    assert cpu.measured == "0.70x [0.50-0.91] over 3 rounds" and cpu.met is False  # median 0.70 > 0.6
+    assert goodput.measured == "1.40x [0.95-1.50] over 3 rounds" and goodput.met is True
+    assert v2_cpu.what.startswith(V2_BINARY) and v2_cpu.met is None and v2_goodput.met is None  # not measured
