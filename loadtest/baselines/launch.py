@@ -139,23 +139,13 @@ def baseline_command(config: Config, port: int, workdir: Path | None = None) -> 
 def ensure_mlserver() -> str | None:
     """Create MLServer's own venv (.venv-mlserver: its fastapi pin conflicts with the bench extra) if it is
     missing; None when ready, else why MLServer cannot run."""
-    import subprocess
+    from loadtest.baselines.venvs import own_venv
 
-    mlserver, marker = MLSERVER_VENV / "bin" / "mlserver", MLSERVER_VENV / "bench-pins.txt"
-    if mlserver.exists() and marker.exists() and marker.read_text() == " ".join(MLSERVER_PINS):
-        return None
-    try:
-        if not (MLSERVER_VENV / "bin" / "pip").exists():
-            subprocess.run([sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True, capture_output=True)
-        subprocess.run([str(MLSERVER_VENV / "bin" / "pip"), "install", "--quiet", *MLSERVER_PINS], check=True,
-                       capture_output=True, text=True, timeout=900)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
-        tail = getattr(e, "stderr", "") or ""
-        return f"pip install {' '.join(MLSERVER_PINS)} into {MLSERVER_VENV} failed: {e} {tail[-500:]}"
-    if not mlserver.exists():
+    mlserver = MLSERVER_VENV / "bin" / "mlserver"
+    problem = own_venv(MLSERVER_VENV, MLSERVER_PINS, mlserver.exists())
+    if problem is None and not mlserver.exists():
         return f"{mlserver} missing after pip install"
-    marker.write_text(" ".join(MLSERVER_PINS))
-    return None
+    return problem
 
 
 @contextlib.contextmanager

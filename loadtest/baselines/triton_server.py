@@ -70,22 +70,14 @@ def libpython_dir() -> str | None:
 
 def ensure_triton(venv: Path = TRITON_VENV) -> str | None:
     """Create Triton's venv (TRITON_PINS) if it is missing or stale; None when the peer can run, else why not."""
-    import subprocess
+    from loadtest.baselines.venvs import own_venv
 
     if libpython_dir() is None:
         return (f"this interpreter has no shared libpython in {sysconfig.get_config_var('LIBDIR')!r}, which "
                 "Triton's Python-backend stub links: use a Python built with --enable-shared")
-    marker = venv / "bench-pins.txt"
-    if triton_home(venv) is None or not marker.exists() or marker.read_text() != " ".join(TRITON_PINS):
-        try:
-            if not (venv / "bin" / "pip").exists():
-                subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
-            subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", *TRITON_PINS], check=True,
-                           capture_output=True, text=True, timeout=900)
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
-            tail = getattr(e, "stderr", "") or ""
-            return f"pip install {' '.join(TRITON_PINS)} into {venv} failed: {e} {tail[-500:]}"
-        marker.write_text(" ".join(TRITON_PINS))
+    problem = own_venv(venv, TRITON_PINS, triton_home(venv) is not None)
+    if problem is not None:
+        return problem
     home = triton_home(venv)
     if home is None:
         return f"{venv}: no pytriton/tritonserver/bin/tritonserver after pip install {' '.join(TRITON_PINS)}"
