@@ -13,6 +13,8 @@ the management API always needs one, the rest only with ``NNSERVE_INFERENCE_TOKE
   is answered 503 + Retry-After at once, before its body is parsed. The worker's event loop is the real
   queue under overload (sockets wait there before any batcher sees them); bounding it keeps the accepted
   requests fast and the rejections cheap.
+- ``/v1/...`` -> OpenAI's API over the text models (service/openai_api.py), behind the same limit; its
+  refusals are OpenAI's error object.
 - ``/livez`` and ``/readyz`` -> answered here, never queued behind the limit: ``/readyz`` says why it is
   not ready (models loading or failed, with reasons; gRPC not listening).
 - ``/playground...`` -> the playground's files (service/playground.py), when ``NNSERVE_PLAYGROUND`` is on.
@@ -27,6 +29,7 @@ from collections.abc import Callable
 
 from service import metrics
 from service.auth import Lock
+from service.openai_api import error_object
 from service.playground import is_playground
 from service.repository import Repository, request_scope
 
@@ -38,8 +41,8 @@ UNLIMITED = frozenset({"/models"})  # cheap reads: never refused
 class FrontDoor:
     def __init__(self, bentoml_app: ASGIApp, rest_app: ASGIApp, kserve_app: ASGIApp,
                  get_repository: Callable[[], Repository], readiness: Callable[[], str | None],
-                 max_concurrent_requests: int, lock: Lock | None = None, playground_app: ASGIApp | None = None
-                 ) -> None:
+                 max_concurrent_requests: int, lock: Lock | None = None, playground_app: ASGIApp | None = None,
+                 openai_app: ASGIApp | None = None) -> None:
         self.bentoml_app = bentoml_app
         self.rest_app = rest_app
         self.kserve_app = kserve_app
@@ -49,6 +52,7 @@ class FrontDoor:
         self.in_flight = 0
         self.lock = lock or Lock()  # no token: management off, the rest open
         self.playground_app = playground_app  # None: NNSERVE_PLAYGROUND=off, BentoML answers 404
+        self.openai_app = openai_app
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] not in ("http", "websocket"):  # lifespan
@@ -58,9 +62,9 @@ class FrontDoor:
         if denied is not None:
             if scope["type"] == "websocket":  # no websocket route today; closed before accept = 403
                 return await send({"type": "websocket.close", "code": 1008})
-            if path in REST_PATHS or path == "/v2" or path.startswith("/v2/"):
-                metrics.count_response("v2" if path.startswith("/v2") else path[1:], denied.status)
-            return await respond(send, denied.status, {"error": denied.message},
+            if path in REST_PATHS or path == "/v2" or path.startswith("/v2/") or is_openai(path):
+                metrics.count_response(route_of(path), denied.status)
+            return await respond(send, denied.status, error_body(path, denied.status, denied.message),
                                  headers=[(b"www-authenticate", b'Bearer realm="nnserve"')] if denied.status == 401
                                  else [])
         if scope["type"] != "http":
@@ -69,6 +73,8 @@ class FrontDoor:
             app = self.rest_app
         elif path == "/v2" or path.startswith("/v2/"):
             app = self.kserve_app
+        elif self.openai_app is not None and is_openai(path):
+            app = self.openai_app
         elif path in ("/livez", "/readyz"):
             if scope["method"] not in ("GET", "HEAD"):
                 return await respond(send, 405, {"error": f"{path} takes GET or HEAD, not {scope['method'][:20]}"})
@@ -77,14 +83,14 @@ class FrontDoor:
             return await self.playground_app(scope, receive, send)
         else:
             return await self.bentoml_app(scope, receive, send)
-        route = "v2" if app is self.kserve_app else path[1:]
+        route = route_of(path)
         # Cheap reads, and the management API: an operator must be able to act on an overloaded server.
         if path in UNLIMITED or scope["method"] != "POST" or path.startswith("/v2/repository/"):
             return await counted(app, route, scope, receive, send)
         if self.in_flight >= self.max_concurrent_requests:
             metrics.count_response(route, 503)
-            return await respond(send, 503, {"error": f"server busy: {self.in_flight} requests in progress in this "
-                                             "worker (NNSERVE_MAX_CONCURRENT_REQUESTS); retry shortly"},
+            return await respond(send, 503, error_body(path, 503, f"server busy: {self.in_flight} requests in "
+                                 "progress in this worker (NNSERVE_MAX_CONCURRENT_REQUESTS); retry shortly"),
                                  retry_after=1)
         self.in_flight += 1
         try:
@@ -98,6 +104,20 @@ class FrontDoor:
                   for m in self.get_repository().describe()}
         body = {"ready": reason is None, "models": models} | ({"reason": reason} if reason else {})
         await respond(send, 200 if reason is None else 503, body)
+
+
+def is_openai(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def route_of(path: str) -> str:
+    """The route label of nnserve_http_responses_total."""
+    return "v2" if path.startswith("/v2") else "v1" if is_openai(path) else path[1:]
+
+
+def error_body(path: str, status: int, message: str) -> dict:
+    """An error answered here: OpenAI's error object on /v1 (its clients read that), else ``{"error": ...}``."""
+    return error_object(status, message) if is_openai(path) else {"error": message}
 
 
 async def counted(app: ASGIApp, route: str, scope: dict, receive: Callable, send: Callable) -> None:
@@ -122,7 +142,8 @@ async def counted(app: ASGIApp, route: str, scope: dict, receive: Callable, send
         if status is not None:
             raise
         status = 503
-        await respond(send, 503, {"error": "server shutting down; retry on another replica"}, retry_after=1)
+        await respond(send, 503, error_body(scope["path"], 503, "server shutting down; retry on another replica"),
+                      retry_after=1)
     finally:
         metrics.count_response(route, 500 if status is None else status)
 

@@ -6,6 +6,7 @@ OpenAPI page; the hot path is ours. Each worker process (NNSERVE_WORKERS) serves
     HTTP :3000 ─► front door (front.py): tokens (auth.py), admission limit, /livez, /readyz, the page at /playground
               │   (playground.py: static files that call the routes below from a browser); the rest to BentoML's
               ─► REST (service/rest.py)           ─┐
+                  OpenAI /v1 (openai_api.py)       ─┤
                   KServe v2 REST (kserve_http.py)  ─┼─► Repository (repository.py): per model an ONNX Runtime
     gRPC :8001 ─► KServe v2 gRPC (kserve_grpc.py)  ─┘   session, a dynamic batcher thread (batching.py) and,
                                                         for text models, a generation thread (generation.py)
@@ -24,7 +25,7 @@ import sys
 import bentoml
 from bentoml._internal.context import server_context
 
-from service import auth, bentoml_fixes, drain, memory, metrics, playground, rest
+from service import auth, bentoml_fixes, drain, memory, metrics, openai_api, playground, rest
 from service.front import FrontDoor
 from service.kserve_grpc import start_grpc_server
 from service.kserve_http import create_app as create_kserve_app
@@ -59,6 +60,7 @@ def bentoml_spec() -> dict:
 rest_app = rest.create_app(current_repository, bentoml_spec)
 playground_app = playground.create_app(SETTINGS) if SETTINGS.playground else None
 kserve_app = create_kserve_app(current_repository, prefix="/v2", max_request_bytes=SETTINGS.kserve_max_request_bytes)
+openai_app = openai_api.create_app(current_repository)
 
 
 @bentoml.service(
@@ -135,7 +137,7 @@ def _to_asgi(service, is_main: bool = True):
     if service is not NNServe:
         return app
     return FrontDoor(app, rest_app, kserve_app, current_repository, readiness, SETTINGS.max_concurrent_requests,
-                     LOCK, playground_app)
+                     LOCK, playground_app, openai_app)
 
 
 type(NNServe).to_asgi = _to_asgi
