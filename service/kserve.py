@@ -108,8 +108,8 @@ def model_metadata(runtime: ModelRuntime, versions: list[str] | None = None) -> 
     extra_out = [{k: p[k] for k in ("name", "datatype", "shape")} for p in kind.protocol_outputs(meta)]
     parameters: dict = {}
     if kind.generates:
-        parameters["sampling"] = {"max_tokens": "integer", "temperature": "number >= 0 (0: greedy)", "top_k": "integer >= 1",
-                                  "top_p": "number in (0, 1]", "seed": "integer >= 0",
+        parameters["sampling"] = {"max_tokens": "integer", "temperature": "number >= 0 (0: greedy)",
+                                  "top_k": "integer >= 1", "top_p": "number in (0, 1]", "seed": "integer >= 0",
                                   "stop": "string (REST: or a list of strings)",
                                   "n": f"integer in [1, {MAX_N}]: samples, text_output [n]; sample i: seed + i"}
         parameters["vocabulary"] = kind.describe(meta)["vocab"]  # token id i = tokens[i]
