@@ -290,6 +290,17 @@ def test_unknown_v1_routes_answer_an_error_object(url):
     assert response.status_code == 404 and response.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_the_bench_clients_read_openai_streams_as_generate_streams(url):
+    """The bench's /v1/completions client (loadtest/bench/protocol_clients.py) against the real server: every
+    stream complete, the same characters per request as /generate's client."""
+    from loadtest.bench.protocol_clients import Options, openai_generate, rest_generate
+
+    options = Options(url, ["The ", "To be"], chars=50)
+    for client in (openai_generate, rest_generate):
+        calls = client(options, 0, time.time() + 1.5)
+        assert calls and all(c.ok and c.units == 50 and c.started <= c.first <= c.ended for c in calls), calls[:3]
+
+
 # -- the inference token -----------------------------------------------------------------------------------------
 
 def test_the_api_key_is_the_inference_token(own_server, tmp_path):

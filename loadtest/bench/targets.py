@@ -10,7 +10,7 @@ from loadtest.bench.common import fmt
 from loadtest.bench.overload import OverloadResult
 from loadtest.bench.recovery import RecoveryResult
 from loadtest.bench.stacks import CLASSIFY, FEATURES, NNSERVE, V2, StackRun
-from loadtest.bench.triton import GRPC_GENERATE, REST_GENERATE, ProtocolRow
+from loadtest.bench.triton import GRPC_GENERATE, OPENAI_GENERATE, REST_GENERATE, ProtocolRow
 
 
 @dataclass
@@ -230,7 +230,7 @@ def median_row(rows: list[ProtocolRow], what: str, clients: int, attr: str) -> t
 
 
 def triton_targets(rows: list[ProtocolRow], streams: list[int], rest: str = REST_GENERATE,
-                   grpc: str = GRPC_GENERATE) -> list[Target]:
+                   grpc: str = GRPC_GENERATE, name: str = "gRPC") -> list[Target]:
     """Part 9 (loadtest/bench/triton.py), per stream level: gRPC ModelStreamInfer chars/s >= 0.9x REST
     /generate's, and gRPC first-chunk p95 <= 1.1x REST's, each the median over the interleaved rounds.
     chars/s counts only complete, error-free streams on both sides (``summarize``): a failed stream is not
@@ -238,7 +238,7 @@ def triton_targets(rows: list[ProtocolRow], streams: list[int], rest: str = REST
     targets = []
     for n in streams:
         label = f"{n} stream{'s' if n != 1 else ''}"
-        what = f"gRPC streamed generation chars/s at {label}"
+        what = f"{name} streamed generation chars/s at {label}"
         goal = f">= {GRPC_THROUGHPUT_FACTOR:g}x REST /generate, same run, errors not counted"
         a, b = median_row(rows, grpc, n, "ok_per_s"), median_row(rows, rest, n, "ok_per_s")
         if a is None or b is None or b[0] == 0:
@@ -249,7 +249,7 @@ def triton_targets(rows: list[ProtocolRow], streams: list[int], rest: str = REST
             r = a[0] / b[0]
             targets.append(Target(what, f"median of {min(a[2], b[2])}: {a[0]:,.0f} vs {b[0]:,.0f} chars/s = "
                                         f"{r:.2f}x{errors}", goal, r >= GRPC_THROUGHPUT_FACTOR))
-        what = f"gRPC streamed generation first-chunk p95 at {label}"
+        what = f"{name} streamed generation first-chunk p95 at {label}"
         goal = f"<= {GRPC_FIRST_P95_FACTOR:g}x REST /generate's"
         a, b = median_row(rows, grpc, n, "first_p95_ms"), median_row(rows, rest, n, "first_p95_ms")
         if a is None or b is None or math.isnan(a[0]) or math.isnan(b[0]) or b[0] == 0:
@@ -259,6 +259,11 @@ def triton_targets(rows: list[ProtocolRow], streams: list[int], rest: str = REST
             targets.append(Target(what, f"median of {min(a[2], b[2])}: {a[0]:.1f} vs {b[0]:.1f} ms = {r:.2f}x", goal,
                                   r <= GRPC_FIRST_P95_FACTOR))
     return targets
+
+
+def openai_targets(rows: list[ProtocolRow], streams: list[int]) -> list[Target]:
+    """Issue 27, fixed before the first run: streamed /v1/completions within the same bounds against /generate."""
+    return triton_targets(rows, streams, grpc=OPENAI_GENERATE, name="OpenAI /v1/completions")
 
 
 def ratio_note(rows: list[ProtocolRow], ours: str, theirs: str, clients: int) -> str:
