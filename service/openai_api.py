@@ -142,13 +142,20 @@ def parse_body(body: bytes, fields: set[str]) -> dict:
                           "unrecognized_argument")
     for name in sorted(set(parsed) & set(NO_OP)):
         value = parsed[name]
-        if value is not None and not any(value == ok and type(value) is type(ok) for ok in NO_OP[name]):
+        if value is not None and not any(_same(value, ok) for ok in NO_OP[name]):
             raise OpenAIError(f"{name} is not supported: {WHY_NOT[name]} (got {_show(value)})", name,
                               "unsupported_parameter")
     for name in ("model",):
         if name not in parsed:
             raise OpenAIError(f"you must provide a {name} parameter", name, "missing_required_parameter")
     return parsed
+
+
+def _same(value: object, ok: object) -> bool:
+    """JSON equality: 0 and 0.0 are the same number; true is not 1."""
+    if isinstance(ok, int | float) and not isinstance(ok, bool):
+        return isinstance(value, int | float) and not isinstance(value, bool) and value == ok
+    return type(value) is type(ok) and value == ok
 
 
 def _show(value: object) -> str:

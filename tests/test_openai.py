@@ -279,7 +279,7 @@ def test_chat_errors_name_the_parameter(client, kwargs, param):
 
 def test_no_op_values_of_unsupported_parameters_pass(client):
     """What chat front ends send by default asks for nothing a char model lacks: accepted."""
-    done = client.chat.completions.create(model="char_gru", messages=MESSAGES, max_tokens=5, frequency_penalty=0,
+    done = client.chat.completions.create(model="char_gru", messages=MESSAGES, max_tokens=5, frequency_penalty=0.0,
                                           presence_penalty=0, tools=[], response_format={"type": "text"}, user="u1",
                                           extra_body=SPEAKERS)
     assert done.choices[0].message.content is not None
