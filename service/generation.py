@@ -36,10 +36,9 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import NamedTuple
 
 import numpy as np
 
@@ -329,7 +328,8 @@ class Generation:
         return self._slot.prompt_scores
 
 
-class Chunk(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Chunk:
     """A chunk of one sample of a request (``read_chunks``): its text, its finish_reason on the sample's last
     chunk, and its tokens' log-probabilities (empty unless submitted with ``logprobs``)."""
 
@@ -339,7 +339,7 @@ class Chunk(NamedTuple):
     logprobs: list[TokenLogprob]
 
 
-def read_choices(generations: list[Generation]) -> AsyncIterator[tuple[int, str, str | None]]:
+def read_choices(generations: list[Generation]) -> AsyncGenerator[tuple[int, str, str | None], None]:
     """(choice index, text, finish_reason) per chunk of the samples of one request, in the order the chunks
     are ready: finish_reason is None but on each choice's last chunk, which is ("", reason) when its text
     ended without a chunk known to be the last (a stop string right at a chunk's start). The first failure
@@ -348,13 +348,13 @@ def read_choices(generations: list[Generation]) -> AsyncIterator[tuple[int, str,
     return _merged(generations, scored=False)
 
 
-def read_chunks(generations: list[Generation]) -> AsyncIterator[Chunk]:
+def read_chunks(generations: list[Generation]) -> AsyncGenerator[Chunk, None]:
     """``read_choices`` with each chunk's log-probabilities: a Chunk per chunk."""
     return _merged(generations, scored=True)
 
 
-async def _merged(generations: list[Generation], scored: bool) -> AsyncIterator:
-    def item(index: int, text: str, reason: str | None, generation: Generation | None) -> tuple:
+async def _merged(generations: list[Generation], scored: bool) -> AsyncGenerator:
+    def item(index: int, text: str, reason: str | None, generation: Generation | None) -> tuple | Chunk:
         if not scored:
             return index, text, reason
         return Chunk(index, text, reason, list(generation.logprobs) if generation is not None else [])
@@ -372,7 +372,7 @@ async def _merged(generations: list[Generation], scored: bool) -> AsyncIterator:
         return
     # A bounded queue: a choice's reader waits while its last chunk is unread, so what its slot samples
     # meanwhile gathers into one chunk, as for one sample.
-    queue: asyncio.Queue[tuple | BaseException] = asyncio.Queue(maxsize=len(generations))
+    queue: asyncio.Queue[tuple | Chunk | BaseException] = asyncio.Queue(maxsize=len(generations))
 
     async def pump(index: int, generation: Generation) -> None:
         reason = None
@@ -392,7 +392,7 @@ async def _merged(generations: list[Generation], scored: bool) -> AsyncIterator:
             got = await queue.get()
             if isinstance(got, BaseException):
                 raise got
-            left -= got[2] is not None
+            left -= (got.finish_reason if isinstance(got, Chunk) else got[2]) is not None
             yield got
     finally:  # done, failed or abandoned: stop every reader, then close every generation (frees its slot)
         for task in tasks:

@@ -23,7 +23,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 from starlette.applications import Starlette
@@ -351,7 +351,7 @@ def completion_logprobs(tokens: list[TokenLogprob], offset: int) -> dict:
 
 
 def chat_logprobs(tokens: list[TokenLogprob]) -> dict:
-    def entry(token: str, logprob: float) -> dict:
+    def entry(token: str, logprob: float | None) -> dict:  # None only for a prompt's first token: not in chat
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     return {"content": [entry(t.token, t.logprob) | {"top_logprobs": [entry(p, lp) for p, lp in t.top]}
@@ -581,7 +581,7 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def event_stream(job: Job, first: Chunk, chunks: AsyncIterator[Chunk], base: dict,
+async def event_stream(job: Job, first: Chunk, chunks: AsyncGenerator[Chunk, None], base: dict,
                        record: metrics.RequestMetrics, stream_metrics: metrics.StreamMetrics) -> AsyncIterator[str]:
     """OpenAI's chunk objects: per choice its text as it comes (chat: a first delta with the role), then a chunk
     with its finish_reason; with include_usage, ``usage: null`` on each and a last chunk of usage only; then
