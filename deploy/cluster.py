@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 import requests
@@ -109,6 +110,12 @@ class Cluster:
     def slot(self, name: str) -> Slot:
         return next(s for s in self.slots if s.name == name)
 
+    def _spawned(self, name: str) -> LiveServer:
+        server = self.slot(name).server
+        if server is None:
+            raise RuntimeError(f"no replica was spawned in slot {name} (Cluster.spawn)")
+        return server
+
     # -- replicas ----------------------------------------------------------------------------------------
 
     def spawn(self, name: str, env: dict[str, str] | None = None) -> LiveServer:
@@ -129,7 +136,7 @@ class Cluster:
 
     def wait_ready(self, name: str, timeout_s: float = 240.0) -> float:
         """Seconds until the replica's /readyz says 200 (from now)."""
-        server = self.slot(name).server
+        server = self._spawned(name)
         start = time.monotonic()
         while not _ready(server.http_url):
             if not server.alive():
@@ -141,7 +148,7 @@ class Cluster:
 
     def kill(self, name: str) -> None:
         """SIGKILL to every process of the replica at once, as when a container dies."""
-        server = self.slot(name).server
+        server = self._spawned(name)
         processes = [psutil.Process(server.process.pid)]
         with contextlib.suppress(psutil.NoSuchProcess):
             processes += processes[0].children(recursive=True)
@@ -154,7 +161,7 @@ class Cluster:
     def terminate(self, name: str, timeout_s: float = 120.0) -> tuple[float, int | None]:
         """SIGTERM to the replica's arbiter, as the kubelet does; (seconds until every process of it has
         exited, exit code). SIGKILL after ``timeout_s`` (the grace period)."""
-        server = self.slot(name).server
+        server = self._spawned(name)
         processes = [psutil.Process(server.process.pid)]
         with contextlib.suppress(psutil.NoSuchProcess):
             processes += processes[0].children(recursive=True)
@@ -242,10 +249,10 @@ def haproxy_binary() -> str:
 def cluster(env: dict[str, str], names: tuple[str, ...] = ("r1", "r2", "r3", "r4"),
             workdir: Path | None = None) -> Iterator[Cluster]:
     """A Cluster with empty slots ``names`` (HAProxy sees them DOWN until a replica is spawned there)."""
-    own = workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="nnserve-cluster-")) if own else workdir
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="nnserve-cluster-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    ports = set()
+    ports: set[int] = set()
     slots = []
     for name in names:
         http_port, grpc_port = _two_free_ports(ports)
@@ -314,11 +321,12 @@ class Load(BackgroundThreads):
 
     def _stream(self, session: requests.Session) -> Result:
         start = time.monotonic()
-        body = {"prompt": "The ", "max_new_chars": self.stream_chars, "seed": 1, "stream": True}
+        body: dict[str, Any] = {"prompt": "The ", "max_new_chars": self.stream_chars, "seed": 1, "stream": True}
         try:
             with session.post(self.url + "/generate", json=body, stream=True, timeout=120) as r:
                 self.active_streams[threading.get_ident()] = r.headers.get("X-Replica", "")
-                text = "".join(r.iter_content(chunk_size=None, decode_unicode=True)) if r.ok else r.text
+                # decode_unicode=True would yield bytes (and the join raise) for an answer naming no charset
+                text = b"".join(r.iter_content(chunk_size=None)).decode("utf-8", errors="replace") if r.ok else r.text
         except requests.RequestException as e:
             return Result("stream", start, time.monotonic() - start, None, error=type(e).__name__, complete=False)
         finally:

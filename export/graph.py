@@ -15,10 +15,10 @@ import collections
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
-from torch import nn
 
 from models.kinds import Kind
 
@@ -26,7 +26,7 @@ log = logging.getLogger("nnserve.export")
 
 OPSET = 17
 EXPORTER = "torch.onnx.export(dynamo=False) (TorchScript exporter)"
-ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64",
+ONNX_DTYPES: dict[int, str] = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64",
                onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT32: "int32"}  # what the service feeds
 
 
@@ -34,7 +34,7 @@ class GraphError(ValueError):
     """The exported graph fails the checker, shape inference, or still holds BN/Dropout nodes."""
 
 
-def export_onnx(wrapper: nn.Module, kind: Kind, card: dict, path: Path, check: bool = True,
+def export_onnx(wrapper: Any, kind: Kind, card: dict, path: Path, check: bool = True,
                 exporter_folds_bn: bool = True) -> onnx.ModelProto:
     """Export, then run the full checker and strict shape inference; returns the loaded graph.
 

@@ -35,7 +35,7 @@ def bench_feeds(metadata: dict, batch: int) -> dict[str, np.ndarray]:
     """Inputs at ``batch`` in the kind's shapes (a text model: one decode step, the serving hot path): floats
     random, integers (token ids) 0."""
     from models.kinds import get_kind
-    from service.runtime import TensorSpec
+    from models.runtime import TensorSpec
 
     rng = np.random.default_rng(0)
     inputs = [TensorSpec(**t) for t in metadata["inputs"]]
@@ -50,7 +50,8 @@ def compare_latency(paths: dict[str, Path], metadata: dict, runs: int) -> dict[s
     comparison stays fair even when the absolute numbers wobble. (Turns of single runs are unfair:
     ORT's idle worker threads spin for a while after a run and steal the next session's cores.)
     """
-    sessions, result = {}, {}
+    sessions: dict[str, ort.InferenceSession] = {}
+    result: dict[str, dict] = {}
     for label, path in paths.items():
         start = time.perf_counter()
         sessions[label] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -63,7 +63,7 @@ def check_name_free(name: str, kind: str) -> None:
     for model in models:
         other = model.info.metadata.get("kind")
         if other != kind:
-            raise StoreError(f"the model store already holds {name!r} as a {other} ({model.tag}); this card is a "
+            raise StoreError(f"the model store already holds {name!r} as a {other!s} ({model.tag}); this card is a "
                              f"{kind}: choose another name, or remove the old one (bentoml models delete {name})")
 
 

@@ -12,10 +12,11 @@ it runs the very engines checked here. Why an EP-context model rather than a pla
 - the service needs no second ONNX graph: weights live in the engines, so the store keeps ``model.onnx``
   (CPU/CUDA) plus ``tensorrt/`` and nothing else.
 - it replaces the hand-rolled TensorRT-Python-API build/run code of the first version, whose ``.plan``
-  the service never read; the service reuses one provider set-up (``service.runtime``) for both.
+  the service never read; the service reuses one provider set-up (``models.runtime``) for both.
 
-Verification goes through ``service.runtime.ModelRuntime`` itself, loaded from a relocated copy of the
-files (the store lives elsewhere than the build directory), against ONNX Runtime CPU on the source graph.
+Verification goes through ``models.runtime.ModelRuntime`` itself (what the service serves with), loaded
+from a relocated copy of the files (the store lives elsewhere than the build directory), against ONNX
+Runtime CPU on the source graph.
 fp32 engines are built with TF32 off (``NVIDIA_TF32_OVERRIDE=0``: the TRT EP has no TF32 option) so the
 tolerance can be 1e-3 relative; fp16 engines get 1e-2. Elsewhere the stage is skipped with its reason.
 """
@@ -33,9 +34,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from models import runtime
 from models.kinds import get_kind
-from service import runtime
-from service.settings import Settings
+from models.kinds.base import cpu_session, errors
 
 log = logging.getLogger("nnserve.export")
 
@@ -48,19 +49,21 @@ def capability() -> tuple[bool, str]:
     available = ort.get_available_providers()
     if runtime.TRT not in available:
         return False, f"TensorRT EP not in this onnxruntime build (available: {available})"
-    import torch  # an export dependency already; the service side never imports it
-
-    if not torch.cuda.is_available():
-        smi = "nvidia-smi not found" if shutil.which("nvidia-smi") is None else "nvidia-smi present"
+    # Asked of the driver (nvidia-smi), not torch: the project's torch is the CPU wheel, which sees no GPU
+    # on a host that has one, and the service compares engines by this very name.
+    name = runtime.cuda_device_name()
+    if name is None:
+        smi = "nvidia-smi not found" if shutil.which("nvidia-smi") is None else "nvidia-smi lists no GPU"
         return False, f"no CUDA device visible ({smi})"
-    return True, f"onnxruntime {ort.__version__} TensorRT EP, TensorRT {runtime.tensorrt_version()} on {gpu_name()}"
+    return True, f"onnxruntime {ort.__version__} TensorRT EP, TensorRT {runtime.tensorrt_version()} on {name}"
 
 
 def gpu_name() -> str:
-    """The same string the service compares against (nvidia-smi's), torch's where nvidia-smi is missing."""
-    import torch
-
-    return runtime.cuda_device_name() or torch.cuda.get_device_name(0)
+    """The GPU's name as the service compares it (nvidia-smi's); capability() has checked there is one."""
+    name = runtime.cuda_device_name()
+    if name is None:
+        raise RuntimeError("no CUDA device visible (nvidia-smi)")
+    return name
 
 
 def profile(metadata: dict, max_batch: int, batch_axis: Callable[[str], int]) -> dict[str, dict[str, list[int]]]:
@@ -154,10 +157,8 @@ def relocatable(trt_dir: Path) -> tuple[list[str], list[str]]:
 def check_parity(served: runtime.ModelRuntime, onnx_path: Path, metadata: dict, batches: list[tuple[int, int]],
                  batch_axis: Callable[[str], int], tolerance: float) -> dict:
     """The served runtime vs ORT CPU on the source graph, on random inputs at each (batch, seq)."""
-    from export.parity import cpu_session, errors
-
     reference, names = cpu_session(onnx_path), [t["name"] for t in metadata["outputs"]]
-    rng, checks = np.random.default_rng(0), []
+    rng, checks = np.random.default_rng(0), list[dict]()
     for batch, seq in batches:
         feeds = random_feeds(metadata, batch, seq, batch_axis, rng)
         got = served.run(feeds)
@@ -186,35 +187,51 @@ def tensorrt_stage(onnx_path: Path, out_dir: Path, metadata: dict, opts,
     log.info("%s: building TensorRT engine (%s, fp16=%s, batch 1..%d)", metadata["name"], reason, opts.fp16,
              opts.max_batch)
     build(onnx_path, trt_dir, shapes, opts.fp16)
-    engines, other_ops = relocatable(trt_dir)
-    files = sorted(p for p in trt_dir.rglob("*") if p.is_file())
-    entry = {"onnx_file": f"{runtime.TRT_CACHE_DIR}/{runtime.TRT_CTX_FILE}", "cache_dir": runtime.TRT_CACHE_DIR,
-             "files": {p.relative_to(trt_dir).as_posix(): runtime.file_sha256(p) for p in files},
-             "engines": engines, "non_tensorrt_ops": other_ops, "source_onnx_sha256": runtime.file_sha256(onnx_path),
-             "profile": {**shapes, "max_batch": opts.max_batch, "max_seq": MAX_SEQ}, "fp16": bool(opts.fp16),
-             "tf32": False, "gpu": gpu_name(), "tensorrt_version": runtime.tensorrt_version(),
-             "onnxruntime_version": ort.__version__}
-
+    entry = engine_entry(trt_dir, onnx_path, shapes, opts, gpu_name(), runtime.tensorrt_version())
     # Verify what the service will run: its own runtime, from a copy in another directory.
-    tolerance = 1e-2 if opts.fp16 else 1e-3
-    batches = [(1, 1), (min(7, opts.max_batch), PARITY_SEQ), (opts.max_batch, 1)]  # (batch, seq)
     with tempfile.TemporaryDirectory(prefix="nnserve-trt-verify-") as tmp:
         shutil.copytree(trt_dir, Path(tmp) / runtime.TRT_CACHE_DIR)
-        settings = Settings(max_batch_size=opts.max_batch, generation_batch_size=min(32, opts.max_batch))
-        served = runtime.ModelRuntime(metadata["name"], "export-check", str(onnx_path), {**metadata, "tensorrt": entry},
-                                      providers=[runtime.TRT, "CUDAExecutionProvider", "CPUExecutionProvider"],
-                                      settings=settings, model_dir=tmp)
+        options = runtime.RuntimeOptions(providers=(runtime.TRT, "CUDAExecutionProvider", runtime.CPU),
+                                         max_batch=opts.max_batch, generation_batch=min(32, opts.max_batch))
+        served = runtime.ModelRuntime(metadata["name"], "export-check", str(onnx_path),
+                                      {**metadata, "tensorrt": entry}, options, model_dir=tmp)
         if served.engine["served"] != "tensorrt":
             raise RuntimeError(f"the service would not serve the engine just built: {served.engine['reason']}")
-        try:
-            parity = check_parity(served, onnx_path, metadata, batches, batch_axis, tolerance)
-        except Exception as e:  # an engine that cannot run its own profile is a failed build
-            raise RuntimeError(f"the verified-engine runtime failed: {type(e).__name__}: {e}") from e
-    log.info("%s: TensorRT parity vs ORT CPU: max rel error %.3g (tolerance %g) -> %s", metadata["name"],
-             parity["max_rel"], tolerance, "engine kept" if parity["passed"] else "engine NOT kept")
+        parity = verify(served, onnx_path, metadata, opts, batch_axis)
+    return keep_if_verified(trt_dir, entry, parity, metadata["name"])
+
+
+def engine_entry(trt_dir: Path, onnx_path: Path, shapes: dict, opts, gpu: str, tensorrt_version: str | None) -> dict:
+    """The store metadata's ``tensorrt`` entry for the engines ORT dumped into ``trt_dir``: EPContext nodes
+    made relative (the store moves the files), every file's sha256, the profile and the build facts."""
+    engines, other_ops = relocatable(trt_dir)
+    files = sorted(p for p in trt_dir.rglob("*") if p.is_file())
+    return {"onnx_file": f"{runtime.TRT_CACHE_DIR}/{runtime.TRT_CTX_FILE}", "cache_dir": runtime.TRT_CACHE_DIR,
+            "files": {p.relative_to(trt_dir).as_posix(): runtime.file_sha256(p) for p in files},
+            "engines": engines, "non_tensorrt_ops": other_ops, "source_onnx_sha256": runtime.file_sha256(onnx_path),
+            "profile": {**shapes, "max_batch": opts.max_batch, "max_seq": MAX_SEQ}, "fp16": bool(opts.fp16),
+            "tf32": False, "gpu": gpu, "tensorrt_version": tensorrt_version, "onnxruntime_version": ort.__version__}
+
+
+def verify(served: runtime.ModelRuntime, onnx_path: Path, metadata: dict, opts,
+           batch_axis: Callable[[str], int]) -> dict:
+    """``check_parity`` at batch 1, 7 (a token sequence) and the profile's max; tolerance 1e-3 relative for
+    fp32 engines, 1e-2 for fp16. An engine that cannot run its own profile is a failed build."""
+    tolerance = 1e-2 if opts.fp16 else 1e-3
+    batches = [(1, 1), (min(7, opts.max_batch), PARITY_SEQ), (opts.max_batch, 1)]  # (batch, seq)
+    try:
+        return check_parity(served, onnx_path, metadata, batches, batch_axis, tolerance)
+    except Exception as e:  # ORT's own exception types: one type for the pipeline to catch
+        raise RuntimeError(f"the verified-engine runtime failed: {type(e).__name__}: {e}") from e
+
+
+def keep_if_verified(trt_dir: Path, entry: dict, parity: dict, name: str) -> tuple[dict, dict]:
+    """(report, metadata extra): the engine directory stays, and the entry goes into the store metadata, only
+    when parity passed; otherwise the directory is removed, so no unverified engine reaches the store."""
+    log.info("%s: TensorRT parity vs ORT CPU: max rel error %.3g (tolerance %g) -> %s", name, parity["max_rel"],
+             parity["tolerance_max_rel"], "engine kept" if parity["passed"] else "engine NOT kept")
     report = {**entry, "parity": parity}
     if not parity["passed"]:
         shutil.rmtree(trt_dir)
         return report, {}
-    entry["parity"] = {k: v for k, v in parity.items() if k != "checks"}
-    return report, {"tensorrt": entry}
+    return report, {"tensorrt": {**entry, "parity": {k: v for k, v in parity.items() if k != "checks"}}}

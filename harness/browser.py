@@ -50,11 +50,14 @@ def chromium(width: int = 1280, height: int = 900):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    browser, driver = browser_path(), driver_path()
+    if browser is None or driver is None:  # callers check missing_reason() first; say why if one did not
+        raise RuntimeError(f"cannot start a headless Chromium: {missing_reason()}")
     options = webdriver.ChromeOptions()
-    options.binary_location = browser_path()
+    options.binary_location = browser
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                      "--no-first-run", "--disable-extensions", "--disable-background-networking",
                      f"--window-size={width},{height}", "--hide-scrollbars"):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(options=options, service=Service(executable_path=driver_path()))
+    return webdriver.Chrome(options=options, service=Service(executable_path=driver))

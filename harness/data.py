@@ -45,7 +45,7 @@ def prompts(count: int = 64, seed: int = 0, min_chars: int = 4, max_chars: int =
     starts = [i for i in range(len(source) - max_chars)
               if source[i].isalnum() and (i == 0 or source[i - 1].isspace())]
     rng = np.random.default_rng(seed)
-    out = []
+    out: list[str] = []
     while len(out) < count:
         start, length = int(rng.choice(starts)), int(rng.integers(min_chars, max_chars + 1))
         snippet = source[start:start + length]

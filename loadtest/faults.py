@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -179,7 +180,7 @@ def store_copy(source_tag: str, name: str, truncate: bool = False) -> str:
     import bentoml
 
     source = bentoml.models.get(source_tag)
-    metadata = dict(source.info.metadata)
+    metadata: dict[str, Any] = dict(source.info.metadata)
     with bentoml.models.create(name, metadata=metadata, labels=dict(source.info.labels)) as model:
         for path in Path(source.path).iterdir():
             if path.is_file() and path.name != "model.yaml":

@@ -2,10 +2,12 @@
 
 ``python -m loadtest.lifecycle`` (``make lifecycle``): default-version switches and load/unload cycles under a
 32-connection wrk ``/classify`` load with ``/generate`` streams running, the RSS of every worker over 50
-load/unload cycles, and the time from a load call to every worker serving. Writes loadtest/results/
-lifecycle.json, the results section of docs/lifecycle.md and docs/img/lifecycle-*.png. What is measured and
-the targets: docs/lifecycle.md. Models: the user's store (BENTOML_HOME, else ~/bentoml); the scenario's own
-copies (``lifecycle-digits``, ``lifecycle-vgg``) are deleted at the end. Only 127.0.0.1 is contacted.
+load/unload cycles, the time from a load call to every worker serving, and management under stress (two
+clients changing the models back to back under the same load; ``--stress-only`` runs that part alone).
+Writes loadtest/results/lifecycle.json, the results section of docs/lifecycle.md and docs/img/lifecycle-*.png.
+What is measured and the targets: docs/lifecycle.md. Models: the user's store (BENTOML_HOME, else
+~/bentoml); the scenario's own copies (``lifecycle-digits``, ``lifecycle-vgg``) are deleted at the end.
+Only 127.0.0.1 is contacted.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import io
 import json
 import os
+import random
 import re
 import secrets
 import shlex
@@ -24,6 +27,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 import requests
@@ -32,7 +36,8 @@ from harness.server import REPO_ROOT, LiveServer, running_server
 from loadtest.bench.common import load_average, machine, write_atomic
 
 MIB = 1 << 20
-TARGETS = {"non_2xx": 0, "cut_streams": 0, "p99_ratio": 1.5, "failed_changes": 0, "rss_mib": 10.0}
+TARGETS = {"non_2xx": 0, "cut_streams": 0, "p99_ratio": 1.5, "failed_changes": 0, "rss_mib": 10.0,
+           "change_answer_s": 5.0}
 DIGITS, VGG = "lifecycle-digits", "lifecycle-vgg"  # the scenario's store names
 SERVED = "lenet5"  # lifecycle-digits is served under this name: /classify's default model
 BEGIN, END = "<!-- lifecycle:begin -->", "<!-- lifecycle:end -->"
@@ -105,7 +110,41 @@ def median_p99(phases: list[dict], kind: str) -> float:
 
 
 def judge(result: dict) -> list[dict]:
-    """The table of docs/lifecycle.md: one row per target, with the measured value and met / MISSED."""
+    """The table of docs/lifecycle.md: one row per target, with the measured value and met / MISSED (the
+    parts a run left out, e.g. ``--stress-only``, have no rows)."""
+    rows = judge_parts(result) if "load" in result else []
+    return rows + (judge_stress(result["stress"]) if "stress" in result else [])
+
+
+def judge_stress(stress: dict) -> list[dict]:
+    """Part 4, management under stress: every change answered 2xx (or 409 to a race's loser) within
+    TARGETS["change_answer_s"]; no inference answer other than 2xx; no cut stream; every worker's final
+    report at the final generation."""
+    changes = stress["changes"]
+    bad = [c for c in changes if c["status"] not in (200, 409)]
+    slow = [c for c in changes if c["call_s"] > TARGETS["change_answer_s"]]
+    slowest = max((c["call_s"] for c in changes), default=0.0)
+    non_2xx = stress["wrk_errors"] + stress["probe_failures"] + stress["stream_not_200"]
+    finals = ", ".join(f"worker {w}: {g}" for w, g in sorted(stress["final_reports"].items()))
+    rows = [
+        ("4a", f"changes answered 2xx or 409 within {TARGETS['change_answer_s']:g} s",
+         f"{len(changes) - len(bad) - len(slow)} of {len(changes)} ({sum(c['status'] == 200 for c in changes)} 2xx, "
+         f"{sum(c['status'] == 409 for c in changes)} 409, {len(bad)} other, {len(slow)} slower; slowest "
+         f"{slowest:.2f} s)", not bad and not slow),
+        ("4b", "non-2xx inference answers during the changes", f"{non_2xx} (wrk {stress['wrk_errors']}, probe "
+         f"{stress['probe_failures']}, streams {stress['stream_not_200']}) of {stress['answers']:,}",
+         non_2xx <= TARGETS["non_2xx"]),
+        ("4c", "cut /generate streams during the changes", f"{stress['cut_streams']} of {stress['streams']}"
+         if stress["streams"] else "not measured (no text model)",
+         stress["cut_streams"] <= TARGETS["cut_streams"] if stress["streams"] else None),
+        ("4d", "every worker's report at the final generation", f"final generation {stress['final_generation']}; "
+         f"{finals or 'no report'}", bool(finals) and all(g == stress["final_generation"]
+                                                          for g in stress["final_reports"].values())),
+    ]
+    return [{"id": i, "what": w, "measured": m, "met": met} for i, w, m, met in rows]
+
+
+def judge_parts(result: dict) -> list[dict]:
     load, memory, timing = result["load"], result["memory"], result["timing"]
     non_2xx = load["wrk_errors"] + load["probe_failures"] + load["stream_not_200"]
     quiet, switch, cycle = (median_p99(load["phases"], k) for k in ("quiet", "switch", "cycle"))
@@ -135,14 +174,46 @@ def judge(result: dict) -> list[dict]:
 
 def render(result: dict) -> str:
     """The results section of docs/lifecycle.md (between the markers)."""
-    info, load = result["info"], result["load"]
+    info = result["info"]
     verdict = {True: "met", False: "**MISSED**", None: "reported"}
     lines = [f"Run {info['date']} on {info['cpu']} ({info['os']}); {info['versions']}.", "",
              f"Command: `{info['command']}` ({info['seconds']:.0f} s). Served: {info['served']}.",
              f"Load average (1/5/15 min) at start {info['load_start']}, at end {info['load_end']}.", "",
              "| # | target | measured | |", "|---|---|---|---|"]
     lines += [f"| {r['id']} | {r['what']} | {r['measured']} | {verdict[r['met']]} |" for r in result["judged"]]
-    lines += ["", "![latency over time, switches and cycles marked](img/lifecycle-latency.png)", "",
+    if "load" in result:
+        lines += render_parts(result)
+    if "stress" in result:
+        lines += render_stress(result["stress"])
+    lines += ["", f"Server log: {result['log']['errors']} ERROR/Traceback lines, {result['log']['freed']} "
+              "'freed' lines (a version freed after its drain)."]
+    lines += [f"    {x}" for x in result["log"]["examples"]]
+    return "\n".join(lines)
+
+
+def render_stress(stress: dict) -> list[str]:
+    """Part 4's paragraph: the change clients, their answers by kind, the load beside them."""
+    kinds: dict[str, dict[str, int]] = {}
+    for c in stress["changes"]:
+        kind = kinds.setdefault(c["what"].split(" ")[0], {})
+        kind[str(c["status"])] = kind.get(str(c["status"]), 0) + 1
+    times = sorted(c["call_s"] for c in stress["changes"] if c["status"] == 200)
+    median = statistics.median(times) if times else float("nan")
+    return ["", f"Part 4, management under stress: {stress['clients']} clients each making {stress['per_client']} "
+            f"changes back to back ({stress['seconds']:.0f} s; a race lost with 409 retried after 10-100 ms) "
+            f"while wrk ran /classify on {stress['connections']} "
+            f"connections ({stress['requests']:,} requests) and {stress['stream_clients']} /generate streams "
+            f"({stress['streams']} streams); load avg {stress['load_avg']}.", "",
+            "Answers by kind of change (status: n): " + "; ".join(
+                f"{k} {dict(sorted(v.items()))}" for k, v in sorted(kinds.items())) + ".",
+            f"Seconds per 2xx change: median {median:.2f}, max {times[-1] if times else float('nan'):.2f}.",
+            f"Server responses counted by its /metrics over part 4 (route code: n): {stress['server_codes']}."]
+
+
+def render_parts(result: dict) -> list[str]:
+    """Parts 1 to 3."""
+    load = result["load"]
+    lines = ["", "![latency over time, switches and cycles marked](img/lifecycle-latency.png)", "",
               "Part 1, per phase (wrk, 32 connections; changes: seconds per call, the answer's `seconds` in brackets):",
               "", "| round | phase | load avg | requests | req/s | p50 ms | p99 ms | max ms | wrk errors | changes |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -176,10 +247,7 @@ def render(result: dict) -> str:
         loads, unloads = statistics.median(load["cycle_load_s"]), statistics.median(load["cycle_unload_s"])
         lines += ["", f"Under load (part 1's cycles): load calls median {loads:.2f} s, unload calls median "
                   f"{unloads:.2f} s."]
-    lines += ["", f"Server log: {result['log']['errors']} ERROR/Traceback lines, {result['log']['freed']} "
-              "'freed' lines (a version freed after its drain)."]
-    lines += [f"    {x}" for x in result["log"]["examples"]]
-    return "\n".join(lines)
+    return lines
 
 
 def jumped(phase: dict) -> str:
@@ -237,6 +305,7 @@ class Clients:
         session = requests.Session()
         while not self.stop.wait(0.05):
             t0 = time.monotonic()
+            status: int | str  # the HTTP status, or the exception's name
             try:
                 r = session.post(f"{self.url}/classify", files={"image": self.png}, timeout=30)
                 status, version = r.status_code, r.json().get("model", ":").split(":")[-1] if r.ok else ""
@@ -255,7 +324,8 @@ class Clients:
                                   json={"prompt": self.prompt, "max_new_chars": self.stream_chars, "stream": True,
                                         "seed": i * 100_000 + n}) as r:
                     status = r.status_code
-                    body = "".join(r.iter_content(None, decode_unicode=True))
+                    # decode_unicode=True would yield bytes (and the join raise) for an answer naming no charset
+                    body = b"".join(r.iter_content(None)).decode("utf-8", errors="replace")
                 cut = stream_cut(status, body, self.stream_chars)
             except requests.RequestException as e:
                 cut = f"{type(e).__name__} after {len(body)} bytes: {str(e)[:150]}"
@@ -264,7 +334,7 @@ class Clients:
             n += 1
 
 
-def manage(url: str, token: str, what: str, path: str, body: dict) -> Change:
+def manage(url: str, token: str, what: str, path: str, body: dict, quiet: tuple = ()) -> Change:
     t0 = time.monotonic()
     try:
         r = requests.post(f"{url}/v2/repository/models/{path}", json=body, timeout=300,
@@ -274,7 +344,7 @@ def manage(url: str, token: str, what: str, path: str, body: dict) -> Change:
                         "" if r.ok else r.text[:300])
     except requests.RequestException as e:
         change = Change(what, t0, time.monotonic(), type(e).__name__, error=str(e)[:300])
-    if change.status != 200:
+    if change.status != 200 and change.status not in quiet:
         say(f"  {what}: {change.status} {change.error}")
     return change
 
@@ -461,13 +531,104 @@ def memory_part(server: LiveServer, token: str, state_dir: Path, cycles: int, wo
     out_workers, drift = {}, {}
     for w, (pid, base) in sorted(baseline.items()):
         mine = [s for s in samples if s[2] == w]
-        unloaded = [s[4] for s in mine if s[1] == "unloaded"]
-        out_workers[w] = {"pid": pid, "baseline": base, "end": unloaded[-1], "max_unloaded": max(unloaded),
+        unloaded_mib = [s[4] for s in mine if s[1] == "unloaded"]
+        out_workers[w] = {"pid": pid, "baseline": base, "end": unloaded_mib[-1], "max_unloaded": max(unloaded_mib),
                           "max_loaded": max(s[4] for s in mine if s[1] == "loaded"),
                           "restarted": any(s[3] != pid for s in mine)}
-        drift[w] = unloaded[-1] - base
+        drift[w] = unloaded_mib[-1] - base
     return {"cycles": cycles, "load_avg": load_avg, "failed_changes": failed, "baseline": baseline,
             "samples": samples, "workers": out_workers, "drift_mib": drift}
+
+
+def change_script(client: int, versions: dict) -> list[tuple[str, str, dict]]:
+    """One change client's cycle of (what, path, body). Client 0 loads, unloads and reloads version C; client 1
+    switches the default between A and B, splits the traffic and reloads. Neither touches what the other's
+    next change needs, so every change is valid whatever the order: only the race for the lock is lost."""
+    a, b, c = versions["A"], versions["B"], versions["C"]
+    if client % 2 == 0:
+        return [("load C", f"{SERVED}/load", {"parameters": {"version": c}}),
+                ("reload", f"{SERVED}/load", {}),
+                ("unload C", f"{SERVED}/unload", {"parameters": {"version": c}})]
+    return [(f"default {a[:6]}", f"{SERVED}/traffic", {"default_version": a}),
+            ("split 50/50", f"{SERVED}/traffic", {"weights": {a: 50, b: 50}}),
+            (f"default {b[:6]}", f"{SERVED}/traffic", {"default_version": b}),
+            ("reload", f"{SERVED}/load", {})]
+
+
+def stress_part(server: LiveServer, token: str, png: bytes, png_path: Path, versions: dict, state_dir: Path,
+                text_model: str | None, workers: int, args) -> dict:
+    """Part 4, management under stress: ``args.stress_clients`` clients each make ``args.stress_changes``
+    changes back to back (a 409, lost to the other client, repeats that change shortly) while wrk runs
+    /classify on ``args.connections`` connections and ``args.stress_streams`` /generate streams run."""
+    from harness.data import prompts, served_vocab
+    from loadtest.bench.wrk import run_wrk
+
+    url = server.http_url
+    prompt = prompts(1, vocab=served_vocab(url, text_model) if text_model else None)[0]
+    clients = Clients(url, png, prompt, args.stream_chars, args.stress_streams if text_model else 0)
+    load_avg = load_average()
+    before = http_codes(requests.get(f"{url}/metrics", timeout=30).text)
+    done = threading.Event()
+    slices: list = []
+
+    def load() -> None:  # wrk runs for a fixed time: slices of it until the changes are done
+        while not done.is_set():
+            slices.append(run_wrk(f"{url}/classify", ["multipart", str(png_path)], args.connections, 5))
+
+    def changer(client: int, out: list) -> None:
+        script, step, rng = change_script(client, versions), 0, random.Random(client)
+        # Each client gets args.stress_changes changes made; a race it loses (409) it retries after a short
+        # pause, as a client that honours the answer does. Bounded: a server that only said 409 ends it too.
+        while step < args.stress_changes and len(out) < 10 * args.stress_changes:
+            what, path, body = script[step % len(script)]
+            answer = manage(url, token, what, path, body, quiet=(409,))
+            out.append(answer)
+            if answer.status == 409:
+                time.sleep(rng.uniform(0.01, 0.1))
+            else:
+                step += 1  # made, or failed (judged): the next one
+
+    threads = clients.start()
+    wrk = threading.Thread(target=load, daemon=True)
+    wrk.start()
+    time.sleep(1.0)  # the load is on before the first change
+    t0 = time.monotonic()
+    results: list[list[Change]] = [[] for _ in range(args.stress_clients)]
+    changers = [threading.Thread(target=changer, args=(i, results[i])) for i in range(args.stress_clients)]
+    for t in changers:
+        t.start()
+    for t in changers:
+        t.join()
+    seconds = time.monotonic() - t0
+    done.set()
+    clients.stop.set()
+    wrk.join(timeout=120)
+    for t in threads:
+        t.join(timeout=180)
+    after = http_codes(requests.get(f"{url}/metrics", timeout=30).text)
+    final = json.loads((state_dir / "state.json").read_text())["generation"]
+    deadline = time.monotonic() + 30  # the last change was answered once every worker reported it
+    while time.monotonic() < deadline and not all(r["generation"] == final for r in worker_reports(state_dir).values()):
+        time.sleep(0.1)
+    changes = [asdict(c) | {"call_s": c.call_s, "client": i} for i, mine in enumerate(results) for c in mine]
+    cuts = [r for r in clients.stream_results if r[2]]
+    stress = {
+        "clients": args.stress_clients, "per_client": args.stress_changes, "seconds": seconds,
+        "connections": args.connections, "stream_clients": clients.streams, "load_avg": load_avg,
+        "requests": sum(w.requests for w in slices), "wrk_errors": sum(w.errors for w in slices),
+        "probe_failures": sum(p[2] != 200 for p in clients.probe),
+        "streams": len(clients.stream_results), "stream_not_200": sum(r[3] != 200 for r in clients.stream_results),
+        "cut_streams": len(cuts), "cut_examples": [r[2] for r in cuts[:5]],
+        "answers": sum(w.requests for w in slices) + len(clients.probe) + len(clients.stream_results),
+        "changes": changes, "final_generation": final,
+        "final_reports": {w: r["generation"] for w, r in sorted(worker_reports(state_dir).items())
+                          if w <= workers},
+        "server_codes": codes_delta(before, after),
+    }
+    judged = judge_stress(stress)
+    say(f"stress: {len(changes)} changes in {seconds:.0f} s; " + "; ".join(f"{r['id']} {r['measured']}"
+                                                                          for r in judged))
+    return stress
 
 
 def plot_latency(load: dict, path: Path) -> None:
@@ -482,7 +643,7 @@ def plot_latency(load: dict, path: Path) -> None:
     for p in load["phases"]:
         ax.axvspan(p["t0"] - t0, p["t1"] - t0, color=shades[p["kind"]], zorder=0)
         ax.hlines(p["p99_ms"], p["t0"] - t0, p["t1"] - t0, color="k", linewidth=2, zorder=3,
-                  label="wrk p99 of the phase" if p is load["phases"][0] else None)
+                  label="wrk p99 of the phase" if p is load["phases"][0] else "")
         for c in p["changes"]:
             color = "tab:blue" if c["what"].startswith("default") else "tab:orange" if c["what"].startswith("load") \
                 else "tab:green"
@@ -490,10 +651,12 @@ def plot_latency(load: dict, path: Path) -> None:
     versions = sorted({v for *_, v in load["probe"] if v})
     for v in versions:
         pts = [(t - t0, ms) for t, ms, s, ver in load["probe"] if ver == v]
-        ax.scatter(*zip(*pts, strict=True), s=4, label=f"probe, answered by {v[:8]}", zorder=2)
+        xs, ys = zip(*pts, strict=True)
+        ax.scatter(xs, ys, s=4, label=f"probe, answered by {v[:8]}", zorder=2)
     bad = [(t - t0, ms) for t, ms, s, _ in load["probe"] if s != 200]
     if bad:
-        ax.scatter(*zip(*bad, strict=True), s=30, marker="x", color="red", label="probe not 200", zorder=4)
+        xs, ys = zip(*bad, strict=True)
+        ax.scatter(xs, ys, s=30, marker="x", color="red", label="probe not 200", zorder=4)
     for c, what in (("tab:blue", "default-version switch"), ("tab:orange", "load C"), ("tab:green", "unload C")):
         ax.plot([], [], color=c, label=what)
     ax.set_yscale("log")
@@ -569,10 +732,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-chars", type=int, default=300)
     parser.add_argument("--memory-cycles", type=int, default=50)
     parser.add_argument("--timing-reps", type=int, default=5)
+    parser.add_argument("--stress-clients", type=int, default=2, help="part 4: clients changing the models")
+    parser.add_argument("--stress-changes", type=int, default=200,
+                        help="part 4: changes each client makes, back to back (a lost race is retried)")
+    parser.add_argument("--stress-streams", type=int, default=4, help="part 4: /generate streams meanwhile")
+    parser.add_argument("--stress-only", action="store_true",
+                        help="run part 4 alone (a smoke run: with --stress-changes 10 it takes a minute; "
+                             "implies --no-doc)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "loadtest" / "results")
     parser.add_argument("--doc", type=Path, default=REPO_ROOT / "docs" / "lifecycle.md")
     parser.add_argument("--no-doc", action="store_true", help="write only --out (no doc, no docs/img PNGs)")
     args = parser.parse_args(argv)
+    args.no_doc = args.no_doc or args.stress_only
     if args.rounds < 2 or args.changes % args.rounds:
         parser.error("--rounds must be >= 2 and divide --changes")
     import bentoml
@@ -581,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     from loadtest.faults import store_copy
 
     store = store_models()
-    missing = [m for m in ("lenet5", "vgg_fc7") if m not in store]
+    missing = [m for m in (("lenet5",) if args.stress_only else ("lenet5", "vgg_fc7")) if m not in store]
     if missing:
         say(f"the model store ({os.environ.get('BENTOML_HOME', '~/bentoml')}) has no {', '.join(missing)}: run "
             "`make export` (trains what artifacts/ lacks, then exports and registers it)")
@@ -595,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     created: list[str] = []
     try:
         created += [store_copy(store["lenet5"], DIGITS) for _ in range(3)]
-        created += [store_copy(store["vgg_fc7"], VGG) for _ in range(2)]
+        created += [store_copy(store["vgg_fc7"], VGG) for _ in range(0 if args.stress_only else 2)]
         versions = dict(zip("ABC", (t.split(":")[1] for t in created[:3]), strict=True))
         vgg = [t.split(":")[1] for t in created[3:]]
         models = {SERVED: {"tag": DIGITS, "version_policy": {"specific": {"versions": [versions["A"], versions["B"]]}}}}
@@ -611,23 +782,29 @@ def main(argv: list[str] | None = None) -> int:
         png = png_bytes(held_out_digits()[0][0])
         (work / "digit.png").write_bytes(png)
         say(f"versions {versions}, {VGG} {vgg}; server log {work / 'server.log'}; load average {load_start}")
+        parts: dict = {}
         with running_server(work / "server.log", env) as server:
             url = server.http_url
-            timing = {"lenet5": time_to_serve(url, token, SERVED, versions["C"], args.timing_reps)}
-            first = manage(url, token, f"load {VGG} V1", f"{VGG}/load", {"parameters": {"version": vgg[0]}})
-            say(f"first load of {VGG} (V1): {first.call_s:.2f} s, status {first.status}")
-            timing["vgg_fc7"] = time_to_serve(url, token, VGG, vgg[1], args.timing_reps)
-            manage(url, token, f"unload {VGG}", f"{VGG}/unload", {})
-            load = load_part(server, token, png, work / "digit.png", versions, text_model, args)
-            memory = memory_part(server, token, state_dir, args.memory_cycles, workers)
+            if not args.stress_only:
+                timing = {"lenet5": time_to_serve(url, token, SERVED, versions["C"], args.timing_reps)}
+                first = manage(url, token, f"load {VGG} V1", f"{VGG}/load", {"parameters": {"version": vgg[0]}})
+                say(f"first load of {VGG} (V1): {first.call_s:.2f} s, status {first.status}")
+                timing["vgg_fc7"] = time_to_serve(url, token, VGG, vgg[1], args.timing_reps)
+                manage(url, token, f"unload {VGG}", f"{VGG}/unload", {})
+                parts["load"] = load_part(server, token, png, work / "digit.png", versions, text_model, args)
+                parts["memory"] = memory_part(server, token, state_dir, args.memory_cycles, workers)
+                parts["timing"] = timing
+            parts["stress"] = stress_part(server, token, png, work / "digit.png", versions, state_dir, text_model,
+                                          workers, args)
             served = ", ".join(f"{n} = {m.get('store_tag')}" for n, m in
                                ((m["name"], m) for m in requests.get(f"{url}/models", timeout=30).json()["models"]))
+        info: dict[str, Any]  # machine()'s strings and this run's numbers
         info = machine() | {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": load_start,
                             "load_end": load_average(), "seconds": time.monotonic() - started, "served": served,
                             "command": "python -m loadtest.lifecycle " + shlex.join(argv or sys.argv[1:])}
         info["command"] = info["command"].strip()
-        result = {"info": info, "load": load, "memory": memory, "timing": timing,
-                  "log": log_evidence(work / "server.log"), "versions": versions, "vgg_versions": vgg}
+        result = {"info": info, **parts, "log": log_evidence(work / "server.log"), "versions": versions,
+                  "vgg_versions": vgg}
         result["judged"] = judge(result)
     finally:
         for tag in created:
@@ -635,10 +812,11 @@ def main(argv: list[str] | None = None) -> int:
                 bentoml.models.delete(tag)
             except Exception as e:  # noqa: BLE001 (report and go on: the others must go too)
                 say(f"could not delete {tag} from the store: {e}")
-    write_atomic(args.out / "lifecycle.json", json.dumps(result, indent=1, default=str).encode())
+    name = "lifecycle-stress.json" if args.stress_only else "lifecycle.json"  # a smoke run keeps the full record
+    write_atomic(args.out / name, json.dumps(result, indent=1, default=str).encode())
     if not args.no_doc:
-        plot_latency(load, args.doc.parent / "img" / "lifecycle-latency.png")
-        plot_rss(memory, args.doc.parent / "img" / "lifecycle-rss.png")
+        plot_latency(result["load"], args.doc.parent / "img" / "lifecycle-latency.png")
+        plot_rss(result["memory"], args.doc.parent / "img" / "lifecycle-rss.png")
         args.doc.write_text(update_doc(args.doc.read_text(), render(result)))
     for row in result["judged"]:
         say(f"{row['id']:>2} {row['what']}: {row['measured']} -> "

@@ -88,6 +88,7 @@ def get_json(host: str, path: str) -> dict:
 
 
 def build_workload(host: str, generate_chars: int) -> Workload:
+    assert DIGITS is not None, "load_inputs (locust's init event) loads the digits before the test starts"
     models = {m["name"]: m for m in get_json(host, "/models")["models"]}
     for name in (CLASSIFY_MODEL, FEATURES_MODEL, GENERATE_MODEL, KSERVE_MODEL):
         if not models.get(name, {}).get("version"):

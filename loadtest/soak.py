@@ -94,7 +94,8 @@ def requests_by_kind(url: str, image: bytes, prompt: str) -> dict[str, Callable[
     def generate_stream(s: requests.Session) -> tuple:
         with s.post(f"{url}/generate", json={"prompt": prompt, "max_new_chars": 200, "stream": True}, timeout=60,
                     stream=True) as r:
-            text = "".join(r.iter_content(None, decode_unicode=True))
+            # decode_unicode=True would yield bytes (and the join raise) for an answer naming no charset
+            text = b"".join(r.iter_content(None)).decode("utf-8", errors="replace")
         complete = r.status_code == 200 and len(text) == 200
         return (200 if complete else f"{r.status_code} after {len(text)} characters"), 200, text
 

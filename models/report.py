@@ -30,8 +30,9 @@ CHOICE_KEYS = ("kind", "steps", "tie", "embed", "hidden", "layers", "mixed_lengt
                "threads", "dropout")
 
 
-def passes(value: float | None, op: str, bar: float) -> bool:
-    return value is not None and (value >= bar if op == ">=" else value <= bar)
+def passes(value: float | None, op: str | None, bar: float | None) -> bool:
+    """Whether ``value`` meets the bar (False where either is missing: a model with no bar passes none)."""
+    return value is not None and bar is not None and (value >= bar if op == ">=" else value <= bar)
 
 
 def experiment_row(artifact: Path) -> dict:

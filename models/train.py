@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ IMAGE_KINDS = ("lenet5", "vgg_fc7")
 TEXT_KINDS = ("char_lstm", "char_gru")
 
 # Default options per kind: chosen to meet the quality bars in docs/models.md in minutes on 2 cores.
-DEFAULTS = {
+DEFAULTS: dict[str, dict[str, Any]] = {
     "lenet5": dict(epochs=60, batch_size=64, lr=3e-3, optimizer="adam", schedule="cosine", dropout=0.1),
     "vgg_fc7": dict(epochs=8, batch_size=64, lr=1e-3, optimizer="adam", schedule="cosine", dropout=0.5,
                     fc_width=4096, base_width=32, blocks=3),
@@ -42,12 +43,12 @@ DEFAULTS = {
 }
 # `make train-full` (--full): the longer schedule the text target is measured on; both models in <= 15 minutes
 # on 2 busy cores (1000 steps measured 5.2 + 4.6 minutes with evaluation).
-FULL = {
+FULL: dict[str, dict[str, Any]] = {
     "char_lstm": dict(steps=1200),
     "char_gru": dict(steps=1200),
 }
 # Tiny configurations for tests: seconds, not minutes.
-TINY = {
+TINY: dict[str, dict[str, Any]] = {
     "lenet5": dict(epochs=1, limit=300),
     "vgg_fc7": dict(epochs=1, limit=300, fc_width=64, base_width=8, blocks=2),
     "char_lstm": dict(corpus="pydoc", steps=0, epochs=1, hidden=32, layers=2, embed=16, tie=False, seq_len=32,
@@ -116,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, steps_per_epoch: int):
     params = model.parameters()
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
     if args.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
     else:
@@ -281,7 +284,7 @@ def sample_text(model: torch.nn.Module, vocab: str, prompt: str, n: int, tempera
     for _ in range(n):
         probs = torch.softmax(logits[0, -1] / temperature, dim=-1)
         token = torch.multinomial(probs, 1, generator=gen)
-        out.append(vocab[token.item()])
+        out.append(vocab[int(token.item())])
         logits, state = model(token.view(1, 1), state)
     return "".join(out)
 

@@ -7,6 +7,7 @@ network's input, train a logistic regression on 20% and classify the other 80%.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from models.preprocess import preprocess_uint8
 
 
 @torch.no_grad()
-def fc7_features(model: torch.nn.Module, images_uint8: np.ndarray, spec: dict, batch: int = 256) -> np.ndarray:
+def fc7_features(model: Any, images_uint8: np.ndarray, spec: dict, batch: int = 256) -> np.ndarray:
     model.eval()
     x = torch.from_numpy(preprocess_uint8(images_uint8, spec))
     return torch.cat([model.forward_with_fc7(x[i:i + batch])[1] for i in range(0, len(x), batch)]).numpy()

@@ -84,7 +84,8 @@ class DynamicBatcher:
 
     def __init__(self, name: str, run: Callable[[Feeds], Feeds], batch_axis: Callable[[str], int],
                  config: BatchingConfig, on_batch: Callable[[int, float, int], None] | None = None) -> None:
-        self.name, self._run, self._axis, self.config, self._on_batch = name, run, batch_axis, config, on_batch
+        self.name, self._run, self._batch_axis, self.config, self._on_batch = name, run, batch_axis, config, on_batch
+        self._axes: dict[str, int] = {}  # tensor name -> batch axis, asked once (the hot path asks per request)
         self._queue: collections.deque[_Entry] = collections.deque()
         self._lock = threading.Condition()
         self._closed = False
@@ -138,6 +139,12 @@ class DynamicBatcher:
         self._thread.join(timeout=10)
 
     # -- event-loop side ------------------------------------------------------------------------------
+
+    def _axis(self, name: str) -> int:
+        axis = self._axes.get(name)
+        if axis is None:
+            axis = self._axes[name] = self._batch_axis(name)
+        return axis
 
     def _items(self, feeds: Feeds) -> int:
         name, array = next(iter(feeds.items()))
@@ -215,7 +222,7 @@ class DynamicBatcher:
                 if fitting:
                     target = max(fitting)
             if target is not None:
-                batch, total = [], 0
+                batch, total = list[_Entry](), 0
                 for e in compatible:
                     if total + e.items > target and batch:
                         break

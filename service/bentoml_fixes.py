@@ -79,5 +79,5 @@ def _own_prometheus_dir() -> None:
 
 
 def apply() -> None:
-    traffic.TimeoutMiddleware.__call__ = _timeout_middleware_call
+    traffic.TimeoutMiddleware.__call__ = _timeout_middleware_call  # type: ignore[method-assign]  # the fix itself
     _own_prometheus_dir()

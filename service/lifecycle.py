@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from service.errors import ChangeTimeout, ClientError, Conflict, NotFound
-from service.settings import ModelConfig, Settings, read_models_file, resolve_entries
+from service.settings import ModelConfig, Settings, SettingsError, read_models_document, resolve_entries
 
 STATE_FILE = "state.json"
 LOCK_FILE = "change.lock"
@@ -62,7 +62,7 @@ def store_versions(store_name: str) -> list[str]:
         models = bentoml.models.list(store_name)
     except bentoml.exceptions.NotFound:
         return []
-    return [m.tag.version for m in sorted(models, key=lambda m: m.info.creation_time)]
+    return [str(m.tag.version) for m in sorted(models, key=lambda m: m.info.creation_time)]
 
 
 def store_model_complete(store_name: str) -> bool:
@@ -167,10 +167,20 @@ class StateDir:
         return st.st_ino, st.st_mtime_ns, st.st_size
 
     def read(self) -> LiveState:
+        """The live state, generation and models from one read of the file (one write's bytes: a replace
+        between two reads would pair one write's models with another's generation)."""
         path = str(self.state_file)
-        entries = read_models_file(path, live=True)
-        with open(path, encoding="utf-8") as f:
-            generation = json.load(f).get("generation", 0)
+        try:
+            with open(path, "rb") as f:
+                document = json.loads(f.read())
+        except OSError as e:
+            raise SettingsError(f"{path}: cannot read the live state: {e.strerror or e}") from e
+        except ValueError as e:
+            raise SettingsError(f"{path}: not valid JSON: {e}") from e
+        entries = read_models_document(document, path, live=True)
+        generation = document.get("generation", 0)
+        if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
+            raise SettingsError(f"{path}: generation must be an integer >= 0, got {str(generation)[:40]!r}")
         return LiveState(generation, resolve_entries(self.settings, entries, path))
 
     def write(self, state: LiveState) -> None:
@@ -205,12 +215,23 @@ class StateDir:
 
     # -- worker reports -----------------------------------------------------------------------------------------
 
-    def report(self, worker: int, report: dict) -> None:
+    def report(self, worker: int, report: dict) -> bool:
+        """Write worker ``worker``'s report (``{"pid", "generation", ...}``) atomically, unless the same process
+        already reported a newer generation (reports never go back; a restarted worker, a new pid, starts
+        afresh). False if refused. The worker's reconcile step is the one caller, under its lock."""
         path = self.path / WORKERS_DIR / f"{worker}.json"
+        try:
+            previous = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            previous = None
+        if isinstance(previous, dict) and previous.get("pid") == report["pid"] \
+                and isinstance(previous.get("generation"), int) and previous["generation"] > report["generation"]:
+            return False
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{worker}-")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(report, f)
         os.replace(tmp, path)
+        return True
 
     def reports(self) -> dict[int, dict]:
         """The latest report of every worker that has written one (worker index -> report)."""
@@ -229,7 +250,7 @@ class StateDir:
         while True:
             reports = self.reports()
             behind = [w for w in range(1, self.settings.workers + 1)
-                      if w not in reports or reports[w]["generation"] < generation or not _alive(reports[w]["pid"])]
+                      if w not in reports or reports[w]["generation"] < generation or not alive(reports[w]["pid"])]
             if not behind:
                 return reports
             if time.monotonic() > deadline:
@@ -239,7 +260,8 @@ class StateDir:
             time.sleep(0.05)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

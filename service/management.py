@@ -13,11 +13,12 @@ import json
 import time
 from dataclasses import replace
 
-from service.errors import ClientError, NotFound
-from service.lifecycle import LiveState, load_failures, store_index, with_versions
-from service.repository import Repository
+from service.errors import ChangeTimeout, ClientError, NotFound
+from service.lifecycle import LiveState, StateDir, alive, load_failures, store_index, with_versions
+from service.repository import Repository, VersionState
 from service.settings import ModelConfig, SettingsError, read_models_document, read_traffic, resolve_entries, valid_name
 
+ROLLBACK_WAIT_S = 10.0  # a timed-out change waits this long for its rollback, then answers who serves what
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
 
 
@@ -26,20 +27,16 @@ TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_I
 def index(repository: Repository, ready_only: bool = False) -> list[dict]:
     """Triton's repository index: every served model's versions with their state in this worker, then every
     other store version (state "UNAVAILABLE", reason "not loaded" or why it failed to load)."""
+    snapshot = repository.snapshot()
     entries = []
-    for model in repository.desired.models:
-        route = repository.routes.get(model.name)
-        for version in model.versions or ("",):
-            if route is not None and version in route.versions:
-                entries.append({"name": model.name, "version": version, "state": "READY", "reason": ""})
-            else:
-                reason = repository.version_failures.get((model.name, version)) or repository.failures.get(model.name)
-                entries.append({"name": model.name, "version": version, "state": "UNAVAILABLE" if reason else "LOADING",
-                                "reason": reason or ""})
+    for model in snapshot.models:
+        for v in model.versions or (VersionState("", "LOADING" if model.state == "loading" else "UNAVAILABLE",
+                                                 model.reason),):
+            entries.append({"name": model.name, "version": v.version, "state": v.state, "reason": v.reason})
     listed = {(e["name"], e["version"]) for e in entries}
     for name, versions in store_index().items():
         entries += [{"name": name, "version": v, "state": "UNAVAILABLE",
-                     "reason": repository.version_failures.get((name, v), "not loaded")}
+                     "reason": snapshot.load_failures.get((name, v), "not loaded")}
                     for v in versions if (name, v) not in listed]
     return [e for e in entries if e["state"] == "READY"] if ready_only else entries
 
@@ -146,7 +143,9 @@ def set_traffic(repository: Repository, name: str, body: dict) -> dict:
 
 def change(repository: Repository, what: str, edit, changed: str) -> dict:
     """Apply ``edit`` (current LiveState -> its models) as the next generation and wait for every worker; roll
-    back if any cannot serve the changed model. Blocking: call it from a thread."""
+    back if any cannot serve the changed model, or if not every worker confirms within
+    NNSERVE_CHANGE_TIMEOUT_S (then the answer, 504, says which worker serves what). The change lock is
+    released before the answer, whatever it is. Blocking: call it from a thread."""
     state_dir = repository.state
     if state_dir is None:
         raise ClientError("this server has no live state: its models are fixed")
@@ -156,17 +155,48 @@ def change(repository: Repository, what: str, edit, changed: str) -> dict:
         new = LiveState(current.generation + 1, tuple(edit(current)))
         start = time.monotonic()
         state_dir.write(new)
-        reports = state_dir.wait_for(new.generation, timeout)
+        try:
+            reports = state_dir.wait_for(new.generation, timeout)
+        except ChangeTimeout as e:
+            raise ChangeTimeout(f"{what} timed out: {e}; {roll_back(state_dir, current, new.generation + 1)}") from e
         failures = load_failures(reports, LiveState(new.generation, tuple(m for m in new.models if m.name == changed)))
         if failures:
-            state_dir.write(LiveState(new.generation + 1, current.models))
-            state_dir.wait_for(new.generation + 1, timeout)
-            raise ClientError(f"{what} failed and was rolled back (the previous state serves): {'; '.join(failures)}")
+            raise ClientError(f"{what} failed and was rolled back: {'; '.join(failures)}; "
+                              f"{roll_back(state_dir, current, new.generation + 1)}")
         seconds = time.monotonic() - start
     model = new.model(changed)
     return {"generation": new.generation, "seconds": round(seconds, 3), "workers": len(reports),
             "model": changed, "versions": list(model.versions) if model else [],
             "traffic": dict(model.traffic) if model else {}}
+
+
+def roll_back(state_dir: StateDir, previous: LiveState, generation: int) -> str:
+    """Write ``previous``'s models back as ``generation`` and wait (ROLLBACK_WAIT_S at most) for every worker:
+    what happened, for the answer: every worker serves the previous models again, or which worker serves what."""
+    state_dir.write(LiveState(generation, previous.models))
+    try:
+        state_dir.wait_for(generation, min(ROLLBACK_WAIT_S, state_dir.settings.change_timeout_s))
+    except ChangeTimeout:
+        return (f"rolled back to the previous models as generation {generation}, which not every worker "
+                f"confirmed yet (they apply it when they can); now {who_serves_what(state_dir, generation)}")
+    return f"rolled back: every worker serves the previous models again (generation {generation})"
+
+
+def who_serves_what(state_dir: StateDir, generation: int) -> str:
+    """Per worker, from its report: its generation and each model's ready versions, or why it has no say."""
+    reports = state_dir.reports()
+    parts = []
+    for worker in range(1, state_dir.settings.workers + 1):
+        report = reports.get(worker)
+        if report is None:
+            parts.append(f"worker {worker}: no report yet")
+            continue
+        served = ", ".join(f"{name} [{', '.join(v for v, s in versions.items() if s['state'] == 'READY') or 'none'}]"
+                           for name, versions in sorted(report["models"].items())) or "no model"
+        dead = "" if alive(report["pid"]) else " (its process is gone: a new one serves the live state on start)"
+        parts.append(f"worker {worker} (pid {report['pid']}){dead}: generation {report['generation']}"
+                     f"{'' if report['generation'] >= generation else ' (behind)'}: {served}")
+    return "; ".join(parts)
 
 
 def served_config(state: LiveState, name: str) -> ModelConfig:
@@ -216,8 +246,8 @@ def entry_config(repository: Repository, name: str, entry: dict) -> ModelConfig:
 
 def model_config(repository: Repository, name: str, version: str = "") -> dict:
     """Triton's model configuration (config.pbtxt as JSON) of a served model."""
-    runtime = repository.get(name, version)
-    config = repository.served_version(runtime).config
+    served = repository.pick(name, version)  # a read: no lease (it may run off the event loop)
+    runtime, config = served.runtime, served.config
     batch_first = all(runtime.batch_axis(t.name) == 0 for t in [*runtime.inputs, *runtime.outputs])
 
     def tensors(specs):
@@ -249,14 +279,15 @@ def model_statistics(repository: Repository, name: str = "", version: str = "") 
     batcher's queue; compute_input = image decode and preprocessing; compute_infer = ONNX Runtime calls;
     inference_count = items run, execution_count = ONNX Runtime calls. compute_output is not measured
     apart (0)."""
-    if name:
-        repository.get(name, version)  # NotFound / Unavailable as for inference
+    snapshot = repository.snapshot()
+    if name:  # NotFound / Unavailable as for inference; a read: no lease (this runs in a worker thread)
+        repository.pick(name, version, snapshot)
     samples = _metric_samples()
     stats = []
-    for model in repository.desired.models:
+    for model in snapshot.models:
         if name and model.name != name:
             continue
-        for v in model.versions:
+        for v in (s.version for s in model.versions):
             if version and v != version:
                 continue
             get = _summer(samples, model.name, v)

@@ -1,10 +1,13 @@
 """OpenAI's API over the text models: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``.
 
-A thin codec: a request becomes one ``GenerationRequest`` per prompt, validated by the same code as
-``/generate`` (``GenerationRequest.validate``, parameters mapped by the model kind's ``sampling_options``),
-and queued on the same continuous batcher (``Repository.generator``); the chunks become OpenAI's objects.
-Streams are server-sent events of ``text_completion`` / ``chat.completion.chunk`` objects ended by
-``data: [DONE]``; errors are OpenAI's error object with the status OpenAI uses (docs/openai.md).
+A thin codec over the data plane (service/dataplane.py), served by the front door (service/front.py)
+through service/asgi.py as rest.py is: the front door takes the admission slot; a request becomes one
+``GenerationRequest`` per prompt, validated by the same code as ``/generate`` (``GenerationRequest.validate``,
+parameters mapped by the model kind's ``sampling_options``), its model resolved and its generation started
+by the data plane, on the same continuous batcher as every other front end; the chunks become OpenAI's
+objects. Streams are server-sent events of ``text_completion`` / ``chat.completion.chunk`` objects ended by
+``data: [DONE]``. Errors are OpenAI's error object; their status comes from the one error model
+(service/errors.py), only the body is OpenAI's (docs/openai.md).
 
 Chat is a play scene (the layout the char models learned, models/shakespeare.py): each message is a speech,
 ``SPEAKER:\\ntext\\n\\n``, its speaker the message's ``name`` or its role's default (``speakers`` overrides
@@ -23,19 +26,17 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+import orjson
 
-from models.kinds import kinds_for
 from models.kinds.base import RequestError
 from models.vocab import Vocabulary, VocabularyError
 from service import metrics
-from service.errors import ClientError, NotFound, Unavailable
+from service.asgi import HttpRequest, HttpResponse, Router, failure_response, json_response
+from service.dataplane import DataPlane
+from service.errors import ClientError, Failure, NotFound, Unavailable, failure_of
 from service.generation import (
     MAX_N,
     MAX_NEW_CHARS,
@@ -48,9 +49,7 @@ from service.generation import (
     TokenLogprob,
     read_chunks,
 )
-from service.repository import Repository
 from service.runtime import ModelRuntime
-from service.uploads import read_limited
 
 log = logging.getLogger("nnserve.openai")
 
@@ -91,40 +90,48 @@ WHY_NOT = {"suffix": "a char model continues text; it cannot fill in before a su
 
 
 class OpenAIError(ClientError):
-    """A ClientError with OpenAI's ``param`` and ``code``."""
+    """A ClientError (400) with OpenAI's ``param`` and ``code``."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
-        self.param, self.code, self.status = param, code, status
+        self.param, self.code = param, code
+
+
+class ModelNotFound(OpenAIError, NotFound):
+    """An unknown model (or version), or one that does not generate text: 404 ``model_not_found``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "model", "model_not_found")
+
+
+# OpenAI's error ``type`` by status; the status itself is the error model's (service/errors.py).
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+               429: "rate_limit_error", 503: "service_unavailable"}
 
 
 def error_object(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``, its type by status."""
-    kind = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
-            429: "rate_limit_error", 503: "service_unavailable"}.get(status)
-    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    kind = ERROR_TYPES.get(status) or ("invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(record: metrics.RequestMetrics | None, error: Exception, params: tuple[str, ...] = ()
-                   ) -> JSONResponse:
-    """The error object for a failed request, counted by outcome; ``params``: the names a ClientError's message
-    may start with (the first one it starts with becomes ``param``)."""
-    param = code = None
-    if isinstance(error, ClientError):
-        status, message = error.status, str(error)
-        param, code = getattr(error, "param", None), getattr(error, "code", None)
-        if param is None:
-            param = next((p for p in params if re.match(rf"{re.escape(p)}\b", message)), None)
-        log.debug("openai: %d %s", status, message)
-    else:
-        status, message = 500, f"internal error: {type(error).__name__}: {error}"
-        log.error("openai request failed", exc_info=error)
-    if record is not None:
-        record.finish(status)
-    retry_after = getattr(error, "retry_after", None)
-    return JSONResponse(error_object(status, message, param, code), status_code=status,
-                        headers={"Retry-After": str(retry_after)} if retry_after else None)
+def error_response(error: BaseException | Failure, where: str = "v1", params: tuple[str, ...] = ()
+                   ) -> HttpResponse:
+    """OpenAI's error object for ``error``: status, message and Retry-After from the one error model
+    (``failure_of``), ``param`` and ``code`` from an OpenAIError, else ``param`` the first of ``params`` that
+    the message starts with (the shared validation names the field first: "max_tokens must be ...")."""
+    failure = error if isinstance(error, Failure) else failure_of(error, where)
+    param, code = getattr(error, "param", None), getattr(error, "code", None)
+    if param is None and failure.status < 500:
+        param = next((p for p in params if re.match(rf"{re.escape(p)}\b", failure.message)), None)
+    return failure_response(failure, error_object(failure.status, failure.message, param, code))
+
+
+def failed(record: metrics.RequestMetrics, error: Exception, params: tuple[str, ...]) -> HttpResponse:
+    """A failed request's error object, counted by outcome."""
+    response = error_response(error, record.endpoint, params)
+    record.finish(response.status)
+    return response
 
 
 # ---- requests --------------------------------------------------------------------------------------------------
@@ -163,30 +170,33 @@ def _show(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def text_models(repository: Repository) -> list[str]:
+def text_models(plane: DataPlane) -> list[str]:
     """The served models that generate text (ready or loading), in config order."""
-    kinds = kinds_for("/generate")
-    return [name for name in repository.names() if repository.kinds.get(name) in kinds]
+    return plane.models_for("/generate")
 
 
-def resolve_model(repository: Repository, model: object) -> ModelRuntime:
-    """The runtime for OpenAI's ``model``: ``name`` or ``name:version``. Unknown: 404 listing the text models."""
+def unknown_model(model: str, served: list[str]) -> ModelNotFound:
+    return ModelNotFound(f"The model {model[:100]!r} does not exist; served models: {', '.join(served) or 'none'}")
+
+
+def resolve_model(plane: DataPlane, model: object) -> ModelRuntime:
+    """The runtime for OpenAI's ``model``: ``name`` or ``name:version``, resolved by the data plane (held until
+    the request is over). Unknown: 404 listing the text models; loading or failed: the data plane's 503."""
     if not isinstance(model, str):
         raise OpenAIError(f"model must be a string, got {type(model).__name__}", "model")
     name, _, version = model.partition(":")
-    served = text_models(repository)
-    if name not in repository.names():
-        raise OpenAIError(f"The model {model[:100]!r} does not exist; served models: {', '.join(served) or 'none'}",
-                          "model", "model_not_found", status=404)
     try:
-        return repository.model_for(name, "/generate", version)
-    except NotFound as e:  # an unknown version
-        raise OpenAIError(str(e), "model", "model_not_found", status=404) from e
-    except Unavailable:
+        return plane.model(name, version, "/generate")
+    except NotFound as e:
+        served = text_models(plane)
+        if name in served:  # an unknown version of a served model: the data plane's message lists its versions
+            raise ModelNotFound(str(e)) from e
+        raise unknown_model(model, served) from e
+    except Unavailable:  # loading, waiting for its export, failed to load: 503 with the reason
         raise
     except ClientError as e:  # a model of another kind
-        raise OpenAIError(f"model {name!r} does not generate text; served text models: {', '.join(served)}",
-                          "model", "model_not_found", status=404) from e
+        raise ModelNotFound(f"model {name!r} does not generate text; served text models: "
+                            f"{', '.join(text_models(plane))}") from e
 
 
 def sampling(runtime: ModelRuntime, body: Mapping, prompt_name: str) -> tuple[dict, dict]:
@@ -382,32 +392,46 @@ class Job:
     echo: bool = False
 
 
-def create_app(get_repository: Callable[[], Repository]) -> Starlette:
-    """The /v1 routes (mounted by the front door, service/front.py)."""
+ROUTES_HINT = ("nnserve answers GET /v1/models, GET /v1/models/{model}, POST /v1/completions and "
+               "POST /v1/chat/completions")
+SSE = b"text/event-stream"
 
-    async def list_models(request: Request) -> Response:
-        repository = get_repository()
-        return JSONResponse({"object": "list", "data": [model_object(repository, n) for n in text_models(repository)]})
 
-    async def get_model(request: Request) -> Response:
-        repository, name = get_repository(), request.path_params["model"]
-        if name not in text_models(repository):
-            return error_response(None, OpenAIError(f"The model {name[:100]!r} does not exist; served models: "
-                                                    f"{', '.join(text_models(repository)) or 'none'}", "model",
-                                                    "model_not_found", status=404))
-        return JSONResponse(model_object(repository, name))
+class OpenAIApi:
+    """The /v1 routes over ``plane()`` (the worker's data plane)."""
 
-    async def completions(request: Request) -> Response:
+    def __init__(self, plane: Callable[[], DataPlane]) -> None:
+        self.plane = plane
+
+    def router(self) -> Router:
+        router = Router("OpenAI API", errors=error_response, hint=ROUTES_HINT)
+        for path, method, handler in (("/v1/models", "GET", self.list_models),
+                                      ("/v1/models/{model}", "GET", self.get_model),
+                                      ("/v1/completions", "POST", self.completions),
+                                      ("/v1/chat/completions", "POST", self.chat_completions)):
+            router.add(path, method, handler)
+        return router
+
+    async def list_models(self, request: HttpRequest) -> HttpResponse:
+        return json_response({"object": "list", "data": [model_object(n) for n in text_models(self.plane())]})
+
+    async def get_model(self, request: HttpRequest) -> HttpResponse:
+        name, served = request.params["model"], text_models(self.plane())
+        if name not in served:
+            return error_response(unknown_model(name, served))
+        return json_response(model_object(name))
+
+    async def completions(self, request: HttpRequest) -> HttpResponse:
         record = metrics.RequestMetrics("openai_completions")
         try:
-            body = parse_body(await read_limited(request, MAX_JSON_BYTES), COMPLETION_FIELDS)
+            body = parse_body(await request.body(MAX_JSON_BYTES), COMPLETION_FIELDS)
             stream, include_usage = stream_flags(body)
-            repository = get_repository()
-            runtime = resolve_model(repository, body["model"])
+            plane = self.plane()
+            runtime = resolve_model(plane, body["model"])
             record.begin(runtime)
             if "prompt" not in body:
                 raise OpenAIError("you must provide a prompt parameter", "prompt", "missing_required_parameter")
-            prompts = prompts_of(body["prompt"], repository.generator(runtime).vocab)
+            prompts = prompts_of(body["prompt"], plane.vocabulary(runtime))
             echo = body.get("echo") or False
             if not isinstance(echo, bool):
                 raise OpenAIError(f"echo must be true or false, got {_show(echo)}", "echo")
@@ -421,16 +445,16 @@ def create_app(get_repository: Callable[[], Repository]) -> Starlette:
                 raise OpenAIError(f"best_of is not supported unless it equals n: choosing the best of several "
                                   f"samples is not implemented (got best_of={_show(best_of)}, n={_show(n)})",
                                   "best_of", "unsupported_parameter")
-            job = start(repository, runtime, prompts, body, "prompt", COMPLETION_MAX_TOKENS, stream, include_usage,
+            job = start(plane, runtime, prompts, body, "prompt", COMPLETION_MAX_TOKENS, stream, include_usage,
                         logprobs, chat=False, echo=echo)
             return await answer(job, record)
         except Exception as e:
-            return error_response(record, e, COMPLETION_PARAMS)
+            return failed(record, e, COMPLETION_PARAMS)
 
-    async def chat_completions(request: Request) -> Response:
+    async def chat_completions(self, request: HttpRequest) -> HttpResponse:
         record = metrics.RequestMetrics("openai_chat")
         try:
-            body = parse_body(await read_limited(request, MAX_JSON_BYTES), CHAT_FIELDS)
+            body = parse_body(await request.body(MAX_JSON_BYTES), CHAT_FIELDS)
             stream, include_usage = stream_flags(body)
             if body.get("max_completion_tokens") is not None:
                 if body.get("max_tokens") is not None:
@@ -452,27 +476,14 @@ def create_app(get_repository: Callable[[], Repository]) -> Starlette:
                 raise OpenAIError(f"stop: at most {MAX_STOPS - 1} strings in a chat (the blank line that ends a "
                                   "speech is one more)", "stop")
             body = body | {"stop": [*(stops or []), SPEECH_END] if isinstance(stops, list | type(None)) else stops}
-            repository = get_repository()
-            runtime = resolve_model(repository, body["model"])
+            plane = self.plane()
+            runtime = resolve_model(plane, body["model"])
             record.begin(runtime)
-            job = start(repository, runtime, [scene.prompt], body, "messages", CHAT_MAX_TOKENS, stream, include_usage,
+            job = start(plane, runtime, [scene.prompt], body, "messages", CHAT_MAX_TOKENS, stream, include_usage,
                         (top or 0) if logprobs else None, chat=True)
             return await answer(job, record)
         except Exception as e:
-            return error_response(record, e, CHAT_PARAMS)
-
-    async def not_found(request: Request, exc: Exception) -> Response:
-        status = getattr(exc, "status_code", 404)
-        message = (f"{request.method[:10]} {request.url.path[:100]} is not served: nnserve answers GET /v1/models, "
-                   "POST /v1/completions and POST /v1/chat/completions")
-        return JSONResponse(error_object(status, message), status_code=status)
-
-    return Starlette(exception_handlers={404: not_found, 405: not_found}, routes=[
-        Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-    ])
+            return failed(record, e, CHAT_PARAMS)
 
 
 COMPLETION_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "prompt", "logprobs",
@@ -481,15 +492,15 @@ CHAT_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n
                "top_logprobs", "stream", "model")
 
 
-def model_object(repository: Repository, name: str) -> dict:
+def model_object(name: str) -> dict:
     return {"id": name, "object": "model", "created": 0, "owned_by": "nnserve"}
 
 
-def start(repository: Repository, runtime: ModelRuntime, prompts: list[str], body: Mapping, prompt_name: str,
+def start(plane: DataPlane, runtime: ModelRuntime, prompts: list[str], body: Mapping, prompt_name: str,
           default_max_tokens: int, stream: bool, include_usage: bool, logprobs: int | None, chat: bool,
           echo: bool = False) -> Job:
-    """Validate every prompt's GenerationRequest (the /generate checks), then queue them all on the model's
-    continuous batcher; nothing is queued if any is invalid."""
+    """Validate every prompt's GenerationRequest (the /generate checks), then start them all through the data
+    plane (the model's continuous batcher); nothing is queued if any is invalid."""
     fields, names = sampling(runtime, body, prompt_name)
     n = fields.get("n", 1)
     if isinstance(n, int) and n >= 1:  # the default fits the per-request character limit (else: n's error)
@@ -497,27 +508,26 @@ def start(repository: Repository, runtime: ModelRuntime, prompts: list[str], bod
     fields.setdefault("max_new_chars", default_max_tokens)
     if fields.get("seed") is None:  # one seed for every prompt: the whole request is reproducible from it
         fields["seed"] = secrets.randbits(63)
-    batcher = repository.generator(runtime)
+    vocab = plane.vocabulary(runtime)
     jobs = [GenerationRequest(prompt=p, model=runtime.name, stream=stream, **fields) for p in prompts]
     for job in jobs:
-        job.validate(batcher.vocab, names)
+        job.validate(vocab, names)
     total = len(jobs) * jobs[0].n
     if total > MAX_N or total * jobs[0].max_new_chars > jobs[0].char_limit():
         raise OpenAIError(f"{len(jobs)} prompts x n={jobs[0].n} x max_tokens={jobs[0].max_new_chars}: at most "
                           f"{MAX_N} choices and {jobs[0].char_limit()} characters per request", "prompt")
-    flush = repository.settings.stream_flush_ms / 1e3 if stream else None
     generations: list[Generation] = []
-    # All are valid and share n, so only the first submit can refuse (n over the batch size); a later one fails
+    # All are valid and share n, so only the first start can refuse (n over the batch size); a later one fails
     # only when the batcher closes, which ends every queued request itself.
     for job in jobs:
-        generations += batcher.submit_choices(job, flush, names, logprobs=logprobs,
-                                              prompt_logprobs=echo and logprobs is not None)
-    prompt_tokens = sum(count_tokens(batcher.vocab, p) for p in prompts)
-    return Job(runtime, batcher.vocab, prompts, jobs[0].n, generations, prompt_tokens, stream, include_usage,
+        generations += plane.generate(runtime, job, names, logprobs=logprobs,
+                                      prompt_logprobs=echo and logprobs is not None)
+    prompt_tokens = sum(count_tokens(vocab, p) for p in prompts)
+    return Job(runtime, vocab, prompts, jobs[0].n, generations, prompt_tokens, stream, include_usage,
                logprobs, chat, echo)
 
 
-async def answer(job: Job, record: metrics.RequestMetrics) -> Response:
+async def answer(job: Job, record: metrics.RequestMetrics) -> HttpResponse:
     """Wait for the first chunk (a request that cannot start gets its error status), then the whole answer or
     its event stream."""
     stream_metrics = metrics.StreamMetrics(job.runtime).start()
@@ -533,8 +543,8 @@ async def answer(job: Job, record: metrics.RequestMetrics) -> Response:
     base = {"id": ident, "object": "chat.completion.chunk" if job.chat else "text_completion",
             "created": int(time.time()), "model": job.runtime.name, "system_fingerprint": job.runtime.tag}
     if job.stream:
-        return StreamingResponse(event_stream(job, first, chunks, base, record, stream_metrics),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return HttpResponse(event_stream(job, first, chunks, base, record, stream_metrics), content_type=SSE,
+                            headers=[(b"cache-control", b"no-cache")])
     texts: list[list[str]] = [[] for _ in job.generations]
     scores: list[list[TokenLogprob]] = [[] for _ in job.generations]
     reasons: list[str | None] = [None] * len(job.generations)
@@ -568,8 +578,8 @@ async def answer(job: Job, record: metrics.RequestMetrics) -> Response:
             choices.append({"index": i, "text": prompt + text if job.echo else text, "logprobs": logprobs,
                             "finish_reason": reasons[i] or "length"})
     record.finish(200)
-    return JSONResponse(base | {"object": "chat.completion" if job.chat else "text_completion", "choices": choices,
-                                "usage": usage(job.prompt_tokens, completion_tokens)})
+    return json_response(base | {"object": "chat.completion" if job.chat else "text_completion", "choices": choices,
+                                 "usage": usage(job.prompt_tokens, completion_tokens)})
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -577,12 +587,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+def sse(data: dict | str) -> bytes:
+    return b"data: " + (data.encode() if isinstance(data, str) else orjson.dumps(data)) + b"\n\n"
 
 
 async def event_stream(job: Job, first: Chunk, chunks: AsyncGenerator[Chunk, None], base: dict,
-                       record: metrics.RequestMetrics, stream_metrics: metrics.StreamMetrics) -> AsyncIterator[str]:
+                       record: metrics.RequestMetrics, stream_metrics: metrics.StreamMetrics
+                       ) -> AsyncGenerator[bytes, None]:
     """OpenAI's chunk objects: per choice its text as it comes (chat: a first delta with the role), then a chunk
     with its finish_reason; with include_usage, ``usage: null`` on each and a last chunk of usage only; then
     ``data: [DONE]``. A failure mid-stream is an error object event (what OpenAI's clients raise)."""
@@ -591,7 +602,7 @@ async def event_stream(job: Job, first: Chunk, chunks: AsyncGenerator[Chunk, Non
     offsets = [len(job.prompts[i // job.n]) for i in range(len(job.generations))]  # legacy logprobs' text_offset
     completion_tokens, started = 0, [False] * len(job.generations)
 
-    def event(index: int, text: str | None, logprobs: list[TokenLogprob], reason: str | None) -> str:
+    def event(index: int, text: str | None, logprobs: list[TokenLogprob], reason: str | None) -> bytes:
         if job.chat:
             delta: dict = {} if text is None else {"content": text}
             if not started[index]:

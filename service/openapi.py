@@ -4,6 +4,8 @@ generates no schema."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from service.generation import MAX_N, MAX_NEW_CHARS, MAX_PROMPT_CHARS, MAX_STOP_CHARS, MAX_STOPS, MAX_STREAM_CHARS
 
 DEFAULT_MODEL = "{} of GET /models; default: the first such model in models.yaml"
@@ -12,7 +14,7 @@ VERSION = {"type": "string", "description": "a served version of the model (GET 
 
 ERROR = {"description": "The problem, named: `{\"error\": \"...\"}` (503 adds Retry-After)",
          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-ERRORS = {str(code): ERROR for code in (400, 404, 413, 415, 503)}
+ERRORS: dict[str, Any] = {str(code): ERROR for code in (400, 404, 413, 415, 503)}
 
 
 def form(properties: dict, required: list[str]) -> dict:
@@ -23,7 +25,7 @@ def form(properties: dict, required: list[str]) -> dict:
 IMAGE = {"type": "string", "format": "binary",
          "description": "The image file's bytes (PNG, JPEG, GIF, BMP, TIFF, WebP, ...); URLs are never fetched"}
 
-PATHS = {
+PATHS: dict[str, Any] = {
     "/classify": {"post": {
         "summary": "Classify an image", "tags": ["REST"],
         "description": "The top_k labels with softmax probabilities, highest first. Preprocessing is the model's "
@@ -102,7 +104,7 @@ PATHS = {
         "responses": {"200": {"description": "`{model_name, model_version, outputs: [...]}`"}, **ERRORS}}},
 }
 
-GENERATE_BODY = {"required": True, "content": {"application/json": {"schema": {
+GENERATE_BODY: dict[str, Any] = {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["text_input"], "properties": {
         "text_input": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS},
         "id": {"type": "string"},
@@ -118,7 +120,7 @@ GENERATE_BODY = {"required": True, "content": {"application/json": {"schema": {
             "seed": {"type": "integer", "minimum": 0},
             "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}}},
     "description": "The sampling options may also be top-level keys (Triton maps those to inputs)."}}}}
-MODEL = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+MODEL: list[dict] = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
 PATHS["/v2/models/{name}/generate"] = {"post": {
     "summary": "Triton's generate extension: a text model's whole answer", "tags": ["KServe v2"],
     "description": "The continuous batcher of /generate. Also /v2/models/{name}/versions/{version}/generate; "

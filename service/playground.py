@@ -84,7 +84,8 @@ def gallery() -> tuple[list[dict], list[bytes]]:
     from PIL import Image
 
     sheet = np.asarray(Image.open(GALLERY_SHEET).convert("L"))
-    entries, pngs = [], []
+    entries: list[dict] = []
+    pngs: list[bytes] = []
     for label in range(10):
         for column in range(GALLERY_PER_LABEL):
             buffer = io.BytesIO()

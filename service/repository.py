@@ -6,11 +6,22 @@ What is served comes from the live state (service/lifecycle.py): a background th
 (health endpoints answer at once) and then reconciles to every change of it: new versions load and warm up
 before any request reaches them, then the routing switches at once, then versions no longer served drain
 (requests and streams holding them finish) and are freed. A version that cannot load is reported failed
-with the reason while the others serve. All front ends (REST, KServe v2 REST and gRPC) call ``get`` and
-then ``run`` / ``infer`` / ``generator``; the repository knows nothing of them.
+with the reason while the others serve. The data plane (service/dataplane.py) calls ``get`` and then
+``batcher`` / ``generator`` for every front end (REST, KServe v2 REST and gRPC); the repository knows
+nothing of them.
+
+One owner of the served state: the reconcile step (the worker's ``model-loader`` thread, under one lock) is
+the only code that changes what is served and the only writer of this worker's report. Each reconcile
+publishes an immutable ``Snapshot`` (generation; per model its config, state, reason, kind and versions
+with state and reason; the routing) with one assignment, so a reader (``/readyz``, ``GET /models``, the
+repository index, model config, statistics, the report) sees one generation whole, never half of two.
+Reports never go back a generation (a drain that finishes late asks the loader to report; it writes
+nothing itself).
 
 Requests run inside ``request_scope`` (the front door and the gRPC servicer open it): every version a
-request got from ``get`` stays loaded until the request, its streamed body included, is over.
+request got from ``get`` stays loaded until the request, its streamed body included, is over. Lease counts
+change on the thread that opened the scope (the event loop) only: a lookup from another thread (the
+statistics, run in a worker thread) takes no lease.
 """
 
 from __future__ import annotations
@@ -28,12 +39,11 @@ import time
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-
-import numpy as np
+from types import MappingProxyType
 
 from models.kinds import kinds_for
 from service import images, memory, metrics
-from service.batching import BatchingConfig, BatchStats, DynamicBatcher
+from service.batching import BatchingConfig, DynamicBatcher
 from service.errors import ClientError, Conflict, NotFound, Unavailable
 from service.generation import ContinuousBatcher
 from service.lifecycle import LiveState, StateDir, store_model_complete, with_versions
@@ -60,6 +70,7 @@ def batching_config(model: ModelConfig) -> BatchingConfig:
 class RequestScope:
     headers: Mapping[str, str]  # lower-case names: the sticky header of a traffic split is read here
     held: list[Served] = field(default_factory=list)
+    thread: int = field(default_factory=threading.get_ident)  # leases change on this thread only
 
 
 _scope: contextvars.ContextVar[RequestScope | None] = contextvars.ContextVar("nnserve_request", default=None)
@@ -86,7 +97,7 @@ class Served:
     runtime: ModelRuntime
     batcher: DynamicBatcher
     generator: ContinuousBatcher | None
-    leases: int = 0  # requests holding it (request_scope); changed on the event loop only
+    leases: int = 0  # requests holding it (request_scope); changed on the scope's thread (event loop) only
     retired: bool = False  # no longer routed to: freed once idle
 
     def idle(self) -> bool:
@@ -123,6 +134,64 @@ class Route:
         return self.versions[weights[-1][0]]
 
 
+@dataclass(frozen=True)
+class VersionState:
+    """One version of a served model in this worker: Triton's READY / LOADING / UNAVAILABLE, and why not ready."""
+
+    version: str
+    state: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """One served model in this worker: "ready" (some version serves), "loading" (or waiting for its export:
+    ``reason`` says) or "failed" (``reason`` says why); ``kind`` from the store, known even if loading failed."""
+
+    config: ModelConfig
+    state: str
+    reason: str
+    kind: str | None
+    versions: tuple[VersionState, ...]
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What this worker serves, published whole by each reconcile (``Repository.snapshot()``)."""
+
+    generation: int
+    models: tuple[ModelState, ...]
+    draining: tuple[str, ...] = ()  # "name:version" retired, still finishing requests or not yet freed
+    load_failures: Mapping[tuple[str, str], str] = field(default_factory=lambda: MappingProxyType({}))
+    routes: Mapping[str, Route] = field(default_factory=lambda: MappingProxyType({}), repr=False, compare=False)
+
+    def model(self, name: str) -> ModelState | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    @property
+    def ready(self) -> bool:
+        return all(m.state == "ready" for m in self.models)
+
+    def not_ready_reason(self) -> str | None:
+        """None once every model is ready, else which are not and why (for /readyz)."""
+        reasons = [f"{m.name} failed to load: {m.reason}" if m.state == "failed" else m.reason
+                   or f"{m.name} is loading" for m in self.models if m.state != "ready"]
+        return "; ".join(reasons) or None
+
+    def report(self, pid: int) -> dict:
+        """The worker report (service/lifecycle.py) of this snapshot."""
+        return {"pid": pid, "generation": self.generation, "draining": list(self.draining),
+                "models": {m.name: {v.version: {"state": v.state, "reason": v.reason} for v in m.versions}
+                           for m in self.models}}
+
+
 class Repository:
     """Serves the live state (``state``), or exactly ``settings.models`` when there is none (tests, tools)."""
 
@@ -130,16 +199,21 @@ class Repository:
         self.settings = settings
         self.state = state
         self.worker = worker
-        self.desired = LiveState(0, settings.models)
-        self.routes: dict[str, Route] = {}  # replaced whole on each change: readers never see a half-made one
+        # The reconcile step's own bookkeeping: changed under _reconcile_lock only, never read by front ends
+        # (they read the published snapshot).
         self.served: dict[tuple[str, str], Served] = {}  # every loaded version, retiring ones included
-        self.failures: dict[str, str] = {}  # name -> why it serves no version
-        self.waiting: dict[str, str] = {}  # name -> not in the store yet: served once it is exported
-        self.version_failures: dict[tuple[str, str], str] = {}  # (name, version) -> why it could not load
-        self.kinds: dict[str, str | None] = {}  # name -> kind from the store metadata: known even if loading fails
+        self._version_failures: dict[tuple[str, str], str] = {}  # (name, version) -> why it could not load
+        self._kinds: dict[str, str | None] = {}  # name -> kind from the store metadata: known even if loading fails
+        self._snapshot = Snapshot(0, tuple(ModelState(m, "loading", "", None, ()) for m in settings.models))
+        self._reported = 0  # the newest generation this worker has reported: reports never go back
+        self._report_due = threading.Event()  # a drain finished: the loader reports "nothing draining"
         self.loaded = threading.Event()  # the first state is served (or failed)
         self._stop = threading.Event()
         self._reconcile_lock = threading.Lock()
+
+    def snapshot(self) -> Snapshot:
+        """What this worker serves now, whole: render it, do not read it twice per answer."""
+        return self._snapshot
 
     def start_loading(self) -> threading.Thread:
         thread = threading.Thread(target=self._serve_state, name="model-loader", daemon=True)
@@ -148,7 +222,7 @@ class Repository:
 
     def load_all(self) -> None:
         """Serve ``settings.models`` (no live state), in this thread."""
-        self.reconcile(self.desired)
+        self.reconcile(LiveState(0, self.settings.models))
         self.loaded.set()
 
     def _serve_state(self) -> None:
@@ -161,13 +235,18 @@ class Repository:
             self.reconcile(self.state.read())
         except Exception as e:  # e.g. an unwritable state dir: every model reports it (/readyz, GET /models)
             log.exception("worker %s cannot serve the live state in %s", self.worker, self.state.path)
-            self.failures = {m.name: f"the live state in {self.state.path} cannot be used: {e}"
-                             for m in self.settings.models}
+            reason = f"the live state in {self.state.path} cannot be used: {e}"
+            self._snapshot = Snapshot(0, tuple(ModelState(m, "failed", reason, None, ())
+                                               for m in self.settings.models))
         finally:
             self.loaded.set()
         next_join = time.monotonic() + JOIN_S
         while not self._stop.wait(POLL_S):
-            if self.waiting and time.monotonic() > next_join:
+            if self._report_due.is_set():
+                self._report_due.clear()
+                with self._reconcile_lock:
+                    self._publish(self._snapshot.generation, self._snapshot.models, self._snapshot.routes)
+            if any(m.state == "loading" for m in self._snapshot.models) and time.monotonic() > next_join:
                 next_join = time.monotonic() + JOIN_S
                 self._join_exported()
             if self.state.stamp() == stamp:
@@ -178,15 +257,27 @@ class Repository:
             except Exception as e:  # a state this worker cannot read: keep serving, say why
                 log.error("worker %s cannot read the live state %s: %s", self.worker, self.state.state_file, e)
                 continue
-            self.reconcile(desired)
+            if desired.generation == self._snapshot.generation:
+                continue  # replaced by the same generation (or seen between its stat and its read): served
+            if desired.generation < self._snapshot.generation:
+                log.error("worker %s: %s went back from generation %d to %d; keeping %d (the live state only "
+                          "moves forward)", self.worker, self.state.state_file, self._snapshot.generation,
+                          desired.generation, self._snapshot.generation)
+                continue
+            try:
+                self.reconcile(desired)
+            except Exception:  # never let the watch loop die: the next change is tried again
+                log.exception("worker %s: serving generation %d failed", self.worker, desired.generation)
 
     def _join_exported(self) -> None:
         """Configured models that were not in the store when the state was written join once they are
         (``make serve`` serves lenet5 while the other default models still train): the worker that sees it
         first writes the next generation, the others load it from there."""
+        waiting = [m.config for m in self._snapshot.models if m.state == "loading" and not m.config.versions]
+        if self.state is None:  # a repository without a state directory (in-process tools) has nobody to tell
+            return
         try:
-            if not any(store_model_complete(self.desired.model(n).store_name) for n in self.waiting
-                       if self.desired.model(n) is not None):
+            if not any(store_model_complete(m.store_name) for m in waiting):
                 return
             with self.state.change_lock():
                 current = self.state.read()
@@ -206,48 +297,69 @@ class Repository:
             log.exception("worker %s: looking for newly exported models failed", self.worker)
 
     def reconcile(self, desired: LiveState) -> None:
-        """Serve ``desired``: load what is new, switch the routing, retire what is gone."""
+        """Serve ``desired``: load what is new, switch the routing, retire what is gone, publish the snapshot
+        and report it (the one writer of this worker's report)."""
         with self._reconcile_lock:
-            routes, failures, waiting, resolved = {}, {}, {}, []
+            routes: dict[str, Route] = {}
+            models: list[ModelState] = []
             for config in desired.models:
-                if config.name not in self.routes:
+                if self._snapshot.routes.get(config.name) is None:
                     metrics.set_model_ready(config.name, False)
+                failed = ""
                 if not config.versions and self.state is None:  # no live state: this worker resolves its own
                     try:
                         config = with_versions(config)
                     except NotFound:
                         pass  # waiting, below
                     except ClientError as e:
-                        failures[config.name] = str(e)
-                resolved.append(config)
-                versions = config.versions
-                if config.name in failures:
-                    continue
-                if not versions:
-                    waiting[config.name] = (f"model {config.name!r} is waiting for {config.store_name!r} to be "
-                                            "exported into the model store (make export, or python -m export ...); "
-                                            "it is served as soon as it is there")
+                        failed = str(e)
+                if failed or not config.versions:
+                    reason = failed or (f"model {config.name!r} is waiting for {config.store_name!r} to be exported "
+                                        "into the model store (make export, or python -m export ...); it is served "
+                                        "as soon as it is there")
+                    models.append(ModelState(config, "failed" if failed else "loading", reason,
+                                             self._kinds.get(config.name), ()))
                     continue
                 ready = {}
-                for version in versions:
+                for version in config.versions:
                     served = self._version(config, version)
                     if served is not None:
                         ready[version] = served
+                versions = tuple(
+                    VersionState(v, "READY") if v in ready
+                    else VersionState(v, "UNAVAILABLE", self._version_failures.get((config.name, v), "not loaded"))
+                    for v in config.versions)
                 if ready:
                     routes[config.name] = Route(config, ready)
+                    models.append(ModelState(config, "ready", "", self._kinds.get(config.name), versions))
                 else:
-                    failures[config.name] = "; ".join(self.version_failures[(config.name, v)] for v in versions)
+                    models.append(ModelState(config, "failed", "; ".join(v.reason for v in versions),
+                                             self._kinds.get(config.name), versions))
             kept = {id(s) for route in routes.values() for s in route.versions.values()}
             retiring = [s for s in self.served.values() if id(s) not in kept and not s.retired]
-            self.routes, self.failures, self.waiting = routes, failures, waiting
-            self.desired = LiveState(desired.generation, tuple(resolved))
             for served in retiring:
                 served.retired = True
+            self._publish(desired.generation, tuple(models), routes)
             for config in desired.models:
                 metrics.set_model_ready(config.name, config.name in routes)
-            self._report()
         if retiring:
             threading.Thread(target=self._drain, args=(retiring,), name="drain", daemon=True).start()
+
+    def _publish(self, generation: int, models: tuple[ModelState, ...], routes: Mapping[str, Route]) -> None:
+        """Replace the snapshot (one assignment: readers see the old one or this one) and report it. Call
+        holding _reconcile_lock."""
+        self._snapshot = Snapshot(
+            generation, models, tuple(sorted(f"{n}:{v}" for (n, v), s in self.served.items() if s.retired)),
+            MappingProxyType(dict(self._version_failures)), MappingProxyType(dict(routes)))
+        if self.state is None:
+            return
+        if generation < self._reported:  # cannot happen (_serve_state never goes back): never report it
+            log.error("worker %s: not reporting generation %d after %d", self.worker, generation, self._reported)
+            return
+        if self.state.report(self.worker, self._snapshot.report(os.getpid())):
+            self._reported = generation
+        else:
+            log.error("worker %s: its report already holds a newer generation than %d", self.worker, generation)
 
     def _version(self, config: ModelConfig, version: str) -> Served | None:
         """The served version, loaded now if it is new or its batching changed; None if it cannot load."""
@@ -259,11 +371,11 @@ class Repository:
         try:
             served = self._load(config, version, current.runtime if current and not current.retired else None)
         except Exception as e:  # a broken version must not take the others down
-            self.version_failures[key] = f"{type(e).__name__}: {e}"
+            self._version_failures[key] = f"{type(e).__name__}: {e}"
             log.error("worker %s: model %s version %s failed to load and is not served: %s", self.worker,
-                      config.name, version, self.version_failures[key])
+                      config.name, version, self._version_failures[key])
             return None
-        self.version_failures.pop(key, None)
+        self._version_failures.pop(key, None)
         if current is not None:
             current.retired = True
             threading.Thread(target=self._drain, args=([current],), name="drain", daemon=True).start()
@@ -275,7 +387,7 @@ class Repository:
         tag = f"{config.store_name}:{version}"
         if runtime is None:
             # The kind first: an endpoint's default model must not change because the model failed to load.
-            self.kinds[config.name] = store_model(tag).info.metadata.get("kind")
+            self._kinds[config.name] = store_model(tag).info.metadata.get("kind")
             runtime = load_runtime(config.name, tag, settings=self.settings)  # the store tag, served as `name`
             generates = runtime.kind_module.generates
             runtime.warmup(warmup_sizes(self.settings.generation_batch_size if generates else config.max_batch_size))
@@ -293,10 +405,11 @@ class Repository:
 
     def _drain(self, retiring: list[Served]) -> None:
         """Free retired versions once nothing uses them (NNSERVE_DRAIN_TIMEOUT_S at most): requests and streams
-        that got one before the switch finish on it."""
+        that got one before the switch finish on it. Writes no report: it asks the loader to (_report_due)."""
         deadline = time.monotonic() + self.settings.drain_timeout_s
         quiet_since: dict[int, float] = {}
         pending = list(retiring)
+        served: Served | None = None  # the loop's variable, dropped at the end with the last references
         while pending:
             now = time.monotonic()
             for served in list(pending):
@@ -317,7 +430,12 @@ class Repository:
         served = None  # noqa: F841
         gc.collect()
         memory.release_freed_memory()
-        self._report()  # "nothing draining" now also means the memory is back
+        # "nothing draining" in the next report now also means the memory is back
+        if self.state is None:
+            with self._reconcile_lock:
+                self._publish(self._snapshot.generation, self._snapshot.models, self._snapshot.routes)
+        else:
+            self._report_due.set()
 
     def _free(self, served: Served) -> None:
         served.batcher.close()
@@ -329,24 +447,6 @@ class Repository:
                 del self.served[key]
         log.info("worker %s: freed %s", self.worker, served.runtime.tag)
 
-    def _report(self) -> None:
-        """Tell the live state what this worker serves (management API changes wait for every worker)."""
-        if self.state is None:
-            return
-        models: dict[str, dict] = {}
-        for config in self.desired.models:
-            route = self.routes.get(config.name)
-            status = models.setdefault(config.name, {})
-            for version in config.versions:
-                if route is not None and version in route.versions:
-                    status[version] = {"state": "READY", "reason": ""}
-                else:
-                    status[version] = {"state": "UNAVAILABLE", "reason": self.version_failures.get(
-                        (config.name, version), self.failures.get(config.name, "not loaded"))}
-        draining = sorted(f"{n}:{v}" for (n, v), s in self.served.items() if s.retired)
-        self.state.report(self.worker, {"pid": os.getpid(), "generation": self.desired.generation, "models": models,
-                                        "draining": draining})
-
     def close(self) -> None:
         self._stop.set()
         for served in list(self.served.values()):
@@ -357,46 +457,72 @@ class Repository:
             if served.generator is not None:
                 await served.generator.close()
 
-    # -- what front ends ask ------------------------------------------------------------------------------
+    # -- what front ends ask: each answer renders one snapshot --------------------------------------------
 
     def names(self) -> list[str]:
-        return [m.name for m in self.desired.models]
+        return self._snapshot.names()
+
+    @property
+    def desired(self) -> LiveState:
+        """The live state this worker serves (its generation and model configs)."""
+        snapshot = self._snapshot
+        return LiveState(snapshot.generation, tuple(m.config for m in snapshot.models))
+
+    @property
+    def failures(self) -> dict[str, str]:
+        """name -> why it serves no version."""
+        return {m.name: m.reason for m in self._snapshot.models if m.state == "failed"}
+
+    @property
+    def waiting(self) -> dict[str, str]:
+        """name -> why it is not served yet (not in the store: served once it is exported)."""
+        return {m.name: m.reason for m in self._snapshot.models if m.state == "loading" and m.reason}
 
     @property
     def models(self) -> dict[str, ModelRuntime]:
         """Each served model's newest ready version."""
-        return {name: route.versions[next(reversed(route.versions))].runtime for name, route in self.routes.items()}
+        return {name: route.versions[next(reversed(route.versions))].runtime
+                for name, route in self._snapshot.routes.items()}
 
     def is_ready(self, name: str) -> bool:
-        return name in self.routes
+        return name in self._snapshot.routes
 
     def all_ready(self) -> bool:
-        return all(name in self.routes for name in self.names())
+        return self._snapshot.ready
 
     def not_ready_reason(self) -> str | None:
         """None once every model is ready, else which are not and why (for /readyz)."""
-        reasons = [f"{n} failed to load: {self.failures[n]}" if n in self.failures else self.waiting.get(n)
-                   or f"{n} is loading" for n in self.names() if n not in self.routes]
-        return "; ".join(reasons) or None
+        return self._snapshot.not_ready_reason()
 
     def state_of(self, name: str) -> str:
-        return "ready" if name in self.routes else "failed" if name in self.failures else "loading"
+        model = self._snapshot.model(name)
+        return model.state if model is not None else "loading"
+
+    def pick(self, name: str, version: str = "", snapshot: Snapshot | None = None) -> Served:
+        """The served version ``name`` / ``version`` resolves to (or its routing picks), taking no lease:
+        NotFound if unknown, Unavailable while loading or if it failed."""
+        snapshot = snapshot or self._snapshot
+        route = snapshot.routes.get(name)
+        if route is None:
+            model = snapshot.model(name)
+            if model is None:
+                raise NotFound(f"unknown model {str(name)[:100]!r}; served models: "
+                               f"{', '.join(snapshot.names()) or 'none'}")
+            if model.state == "failed":
+                raise Unavailable(f"model {name!r} failed to load: {model.reason}")
+            if model.reason:  # waiting for its export
+                raise Unavailable(model.reason, retry_after=5)
+            raise Unavailable(f"model {name!r} is still loading", retry_after=1)
+        scope = _scope.get()
+        return route.pick(version, scope.headers if scope else {})
 
     def get(self, name: str, version: str = "") -> ModelRuntime:
         """The served model ``name`` in ``version`` (or as its routing picks): NotFound if unknown, Unavailable
-        while loading or if it failed. Inside a request_scope the version stays loaded until the request ends."""
-        route = self.routes.get(name)
-        if route is None:
-            if name in self.failures:
-                raise Unavailable(f"model {name!r} failed to load: {self.failures[name]}")
-            if name in self.waiting:
-                raise Unavailable(self.waiting[name], retry_after=5)
-            if name in self.names():
-                raise Unavailable(f"model {name!r} is still loading", retry_after=1)
-            raise NotFound(f"unknown model {str(name)[:100]!r}; served models: {', '.join(self.names()) or 'none'}")
+        while loading or if it failed. Inside a request_scope, on its thread, the version stays loaded until
+        the request ends (another thread gets it without a lease: lease counts change on one thread)."""
+        served = self.pick(name, version)
         scope = _scope.get()
-        served = route.pick(version, scope.headers if scope else {})
-        if scope is not None:
+        if scope is not None and scope.thread == threading.get_ident():
             served.leases += 1
             scope.held.append(served)
         return served.runtime
@@ -414,30 +540,31 @@ class Repository:
         """The model ``endpoint`` uses when a request names none: the first in config order of a kind it
         serves (if that one failed to load, requests get its reason from ``get``, not another model)."""
         kinds = kinds_for(endpoint)
-        for name in self.names():
-            if self.kinds.get(name) in kinds:
-                return name
-            if name not in self.kinds and name not in self.failures:  # its kind is not known yet
-                raise Unavailable(f"{endpoint}: model {name!r} (the first configured one that may serve it) is "
-                                  f"still loading{': ' + self.waiting[name] if name in self.waiting else ''}",
-                                  retry_after=1)
-        served = ", ".join(f"{n} ({self.kinds.get(n) or 'kind unknown'})" for n in self.names())
+        snapshot = self._snapshot
+        for model in snapshot.models:
+            if model.kind in kinds:
+                return model.name
+            if model.kind is None and model.state != "failed":  # its kind is not known yet
+                raise Unavailable(f"{endpoint}: model {model.name!r} (the first configured one that may serve it) "
+                                  f"is still loading{': ' + model.reason if model.reason else ''}", retry_after=1)
+        served = ", ".join(f"{m.name} ({m.kind or 'kind unknown'})" for m in snapshot.models)
         wanted = " or ".join(kinds) or "(none serves it)"
         raise NotFound(f"{endpoint} needs a model of kind {wanted} and none is served; served models: {served}")
 
-    def describe(self) -> list[dict]:
+    def describe(self, snapshot: Snapshot | None = None) -> list[dict]:
         """GET /models: per model its newest ready version (what a request naming none gets without a traffic
         split), every version with its state, and the split."""
+        snapshot = snapshot or self._snapshot
         out = []
-        for config in self.desired.models:
-            route = self.routes.get(config.name)
+        for model in snapshot.models:
+            route = snapshot.routes.get(model.name)
             if route is None:
-                out.append({"name": config.name, "state": self.state_of(config.name),
-                            "reason": self.failures.get(config.name) or self.waiting.get(config.name)})
+                out.append({"name": model.name, "state": model.state, "reason": model.reason or None})
                 continue
+            config = model.config
             newest = route.versions[next(reversed(route.versions))]
-            versions = [{"version": v, "state": "ready" if v in route.versions else "failed",
-                         "reason": self.version_failures.get((config.name, v))} for v in config.versions]
+            versions = [{"version": v.version, "state": "ready" if v.state == "READY" else "failed",
+                         "reason": v.reason if v.state != "READY" else None} for v in model.versions]
             out.append(newest.runtime.describe() | {
                 "state": "ready", "batching": _batching_of(newest.batcher), "versions": versions,
                 "traffic": {"weights": dict(config.traffic), "sticky_header": config.sticky_header or None}})
@@ -445,35 +572,22 @@ class Repository:
 
     def served_versions(self, name: str) -> list[str]:
         """The ready versions of ``name``, oldest first (KServe model metadata's ``versions``)."""
-        route = self.routes.get(name)
+        route = self._snapshot.routes.get(name)
         return list(route.versions) if route else []
 
     def served_version(self, runtime: ModelRuntime) -> Served:
         return self.served[(runtime.name, runtime.version)]
 
     def generator(self, runtime: ModelRuntime) -> ContinuousBatcher:
-        return self.served_version(runtime).generator
+        """The continuous batcher of a generating version (the data plane checks the kind first)."""
+        generator = self.served_version(runtime).generator
+        if generator is None:
+            raise RuntimeError(f"{runtime.tag} has no continuous batcher: its kind does not generate text")
+        return generator
 
-    async def run(self, runtime: ModelRuntime, feeds: dict[str, np.ndarray]
-                  ) -> tuple[dict[str, np.ndarray], BatchStats]:
-        """Checked inputs through the version's dynamic batcher."""
-        return await self.served_version(runtime).batcher.infer(feeds)
-
-    async def infer(self, runtime: ModelRuntime, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """KServe v2 (REST and gRPC): feeds already validated against the metadata; counted as endpoint v2."""
-        request = metrics.RequestMetrics("v2")
-        status = 500
-        try:
-            request.begin(runtime)
-            outputs, stats = await self.run(runtime, feeds)
-            request.observe("batch_wait", stats.queue_s)
-            status = 200
-            return outputs
-        except ClientError as e:
-            status = e.status
-            raise
-        finally:
-            request.finish(status)
+    def batcher(self, runtime: ModelRuntime) -> DynamicBatcher:
+        """The dynamic batcher of a version ``get`` returned (the data plane's one inference entry point)."""
+        return self.served[(runtime.name, runtime.version)].batcher
 
 
 def _batching_of(batcher: DynamicBatcher) -> dict:

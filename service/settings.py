@@ -17,9 +17,10 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
@@ -35,6 +36,12 @@ NAME_MAX_LENGTH = 63
 # Batching fields of ModelConfig whose global default is the Settings field (NNSERVE_<FIELD>) of the same name.
 BATCHING_FIELDS = ("max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size",
                    "queue_timeout_ms")
+# Upper bounds of every model's batching, however it is set (models.yaml, NNSERVE_*, a management API config
+# override), in the field's unit (docs/service.md): a worker warms up every power of two up to max_batch_size
+# when it loads a model, so one call must not make every worker build a batch of a million.
+BATCHING_LIMITS = {"max_batch_size": 1024, "max_queue_delay_ms": 10_000.0, "max_queue_size": 65_536,
+                   "queue_timeout_ms": 600_000.0}
+MAX_PREFERRED_BATCH_SIZES = 32
 
 
 class SettingsError(ValueError):
@@ -81,8 +88,10 @@ class ModelConfig:
     def to_entry(self) -> dict:
         """This config as a models config entry (Triton's names), every key explicit: what the live state holds."""
         kind, *args = self.policy
-        policy = {"latest": lambda n: {"latest": {"num_versions": n}}, "all": lambda: {"all": {}},
-                  "specific": lambda versions: {"specific": {"versions": list(versions)}}}[kind](*args)
+        policies: dict[str, Callable[..., dict]] = {
+            "latest": lambda n: {"latest": {"num_versions": n}}, "all": lambda: {"all": {}},
+            "specific": lambda versions: {"specific": {"versions": list(versions)}}}
+        policy = policies[kind](*args)
         entry = {"tag": self.store_name, "max_batch_size": self.max_batch_size,
                  "dynamic_batching": {"max_queue_delay_microseconds": round(self.max_queue_delay_ms * 1e3),
                                       "preferred_batch_size": list(self.preferred_batch_sizes),
@@ -200,6 +209,12 @@ class Settings:
         for name in ("intra_op_threads", "cpus", "max_queue_delay_ms", "queue_timeout_ms", "stream_flush_ms"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"NNSERVE_{name.upper()} must be >= 0, got {getattr(self, name)}")
+        for name, limit in BATCHING_LIMITS.items():
+            if getattr(self, name) > limit:
+                raise SettingsError(f"NNSERVE_{name.upper()} must be <= {limit:g}, got {getattr(self, name)}")
+        if len(self.preferred_batch_sizes) > MAX_PREFERRED_BATCH_SIZES:
+            raise SettingsError(f"NNSERVE_PREFERRED_BATCH_SIZES lists at most {MAX_PREFERRED_BATCH_SIZES} sizes, "
+                                f"got {len(self.preferred_batch_sizes)}")
         if any(not 1 <= size <= self.max_batch_size for size in self.preferred_batch_sizes):
             raise SettingsError(f"NNSERVE_PREFERRED_BATCH_SIZES must be in [1, NNSERVE_MAX_BATCH_SIZE="
                                 f"{self.max_batch_size}], got {list(self.preferred_batch_sizes)}")
@@ -259,7 +274,9 @@ def _parse(key: str, raw: str, kind: type):
 
 # -- the models config file ---------------------------------------------------------------------------------
 
-def _version_list(value: object, key_path: str, fail) -> tuple[str, ...]:
+Fail = Callable[[str, str], NoReturn]  # raises SettingsError naming the file, the key path and the problem
+
+def _version_list(value: object, key_path: str, fail: Fail) -> tuple[str, ...]:
     if not isinstance(value, list) or not value or not all(valid_name(str(v)) for v in value):
         fail(key_path, f"must be a non-empty list of store versions, got {_show(value)}")
     versions = tuple(str(v) for v in value)  # YAML reads a version such as 2 as a number
@@ -268,7 +285,7 @@ def _version_list(value: object, key_path: str, fail) -> tuple[str, ...]:
     return versions
 
 
-def _read_version_policy(value: object, key_path: str, fail) -> dict:
+def _read_version_policy(value: object, key_path: str, fail: Fail) -> dict:
     """Triton's version_policy: exactly one of latest {num_versions}, all {}, specific {versions}."""
     if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in ("latest", "all", "specific"):
         fail(key_path, "must be one of {latest: {num_versions: N}}, {all: {}}, {specific: {versions: [...]}}, "
@@ -289,7 +306,7 @@ def _read_version_policy(value: object, key_path: str, fail) -> dict:
                                key_path)}
 
 
-def read_traffic(value: object, key_path: str, fail) -> dict:
+def read_traffic(value: object, key_path: str, fail: Fail) -> dict:
     """``traffic: {weights: {version: percent, ...}, sticky_header: name}`` (ours): the percentages add up to 100."""
     if not isinstance(value, dict) or not set(value) <= {"weights", "sticky_header"}:
         fail(key_path, f"must be a mapping with 'weights' and optionally 'sticky_header', got {_show(value)}")
@@ -361,7 +378,7 @@ def read_models_file(path: str, live: bool = False) -> dict[str, dict[str, tuple
 
 def read_models_document(document: object, source: str, live: bool = False) -> dict[str, dict[str, tuple[object, str]]]:
     """read_models_file for a parsed document; ``source`` names it in errors."""
-    def fail(key_path: str, problem: str):
+    def fail(key_path: str, problem: str) -> NoReturn:
         raise SettingsError(f"{source}: {key_path}: {problem}")
 
     top = {"models", "generation"} if live else {"models"}
@@ -390,7 +407,7 @@ def valid_name(name: object) -> bool:
     return isinstance(name, str) and len(name) <= NAME_MAX_LENGTH and bool(NAME_RE.match(name))
 
 
-def _read_entry(entry: object, schema: dict, where: str, fail) -> dict[str, tuple[object, str]]:
+def _read_entry(entry: object, schema: dict, where: str, fail: Fail) -> dict[str, tuple[object, str]]:
     if entry is None:  # "vgg_fc7:" with nothing after it: all defaults
         return {}
     if not isinstance(entry, dict):
@@ -416,12 +433,17 @@ def _read_entry(entry: object, schema: dict, where: str, fail) -> dict[str, tupl
         elif target == "preferred_batch_sizes":
             if not isinstance(value, list) or not all(_is_int(size) and size >= minimum for size in value):
                 fail(key_path, f"must be a list of integers >= {minimum}, got {_show(value)}")
+            if len(value) > MAX_PREFERRED_BATCH_SIZES:
+                fail(key_path, f"lists at most {MAX_PREFERRED_BATCH_SIZES} sizes, got {len(value)}")
             values[target] = (tuple(value), key_path)
         else:
             if not _is_int(value):
                 fail(key_path, f"must be an integer, got {_show(value)}")
             if value < minimum:
                 fail(key_path, f"must be >= {minimum}, got {value}")
+            limit = round(BATCHING_LIMITS[target] / scale)  # in the key's own unit (microseconds for delays)
+            if value > limit:
+                fail(key_path, f"must be <= {limit}, got {value}")
             values[target] = (value * scale if scale != 1 else value, key_path)
     return values
 
@@ -464,6 +486,8 @@ def resolve_entries(globals_: Settings, entries: dict[str, dict[str, tuple[objec
             delay = _parse(key, env[key], float)
             if delay < 0:
                 raise SettingsError(f"{key} must be >= 0, got {delay}")
+            if delay > BATCHING_LIMITS["max_queue_delay_ms"]:
+                raise SettingsError(f"{key} must be <= {BATCHING_LIMITS['max_queue_delay_ms']:g}, got {delay}")
             values["max_queue_delay_ms"] = (delay, key)
         model = ModelConfig(name, **{f: value for f, (value, _) in values.items()})
         _check_combined(model, {f: source for f, (_, source) in values.items()},

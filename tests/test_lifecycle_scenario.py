@@ -123,3 +123,52 @@ def test_rss_counts_as_settled_only_once_it_holds_still():
 def test_a_wall_clock_jump_is_named_next_to_the_phases_errors():
     assert lifecycle.jumped({"clock_jump_s": 21.3}) == " (wall clock jumped +21 s)"
     assert lifecycle.jumped({"clock_jump_s": 0.2}) == lifecycle.jumped({}) == ""
+
+
+def stress(changes: list[tuple[int | str, float]], wrk_errors: int = 0, cut: int = 0,
+           finals: dict[int, int] | None = None) -> dict:
+    return {"changes": [{"what": "load C", "status": s, "call_s": t} for s, t in changes], "wrk_errors": wrk_errors,
+            "probe_failures": 0, "stream_not_200": 0, "answers": 5000, "streams": 12, "cut_streams": cut,
+            "final_generation": 7, "final_reports": {1: 7, 2: 7} if finals is None else finals}
+
+
+def test_management_under_stress_targets_met_with_409s_to_race_losers():
+    rows = {r["id"]: r for r in lifecycle.judge_stress(stress([(200, 0.4), (409, 0.01), (200, 4.9)]))}
+    assert {i: r["met"] for i, r in rows.items()} == {"4a": True, "4b": True, "4c": True, "4d": True}
+    assert "2 2xx, 1 409, 0 other, 0 slower; slowest 4.90 s" in rows["4a"]["measured"]
+
+
+@pytest.mark.parametrize("res, missed", [
+    (stress([(200, 0.4), (504, 5.0)]), "4a"),  # a timed-out change
+    (stress([(200, 5.5)]), "4a"),  # answered, but too late
+    (stress([(200, 0.4), ("ReadTimeout", 300.0)]), "4a"),  # a hang
+    (stress([(200, 0.4)], wrk_errors=1), "4b"),
+    (stress([(200, 0.4)], cut=1), "4c"),
+    (stress([(200, 0.4)], finals={1: 7, 2: 6}), "4d"),  # a worker's report behind the last generation
+    (stress([(200, 0.4)], finals={}), "4d"),
+])
+def test_each_management_under_stress_target_can_be_missed(res, missed):
+    judged = {r["id"]: r["met"] for r in lifecycle.judge_stress(res)}
+    assert judged[missed] is False and all(v for k, v in judged.items() if k != missed)
+
+
+def test_a_stress_only_run_is_judged_and_rendered_alone():
+    res = result({"quiet": [1.0, 1.0], "switch": [1.0, 1.0], "cycle": [1.0, 1.0]})
+    stress_only = {"info": res["info"], "log": res["log"], "stress": stress([(200, 0.4)]) | {
+        "clients": 2, "per_client": 1, "seconds": 3.0, "connections": 32, "stream_clients": 4, "load_avg": "1",
+        "requests": 900, "server_codes": {"classify 200": 900}}}
+    stress_only["judged"] = lifecycle.judge(stress_only)
+    assert [r["id"] for r in stress_only["judged"]] == ["4a", "4b", "4c", "4d"]
+    text = lifecycle.render(stress_only)
+    assert "Part 4, management under stress: 2 clients" in text and "load {'200': 1}" in text
+    both = res | {"stress": stress_only["stress"]}
+    assert [r["id"] for r in lifecycle.judge(both)][-5:] == ["-", "4a", "4b", "4c", "4d"]
+
+
+def test_the_change_clients_never_undo_each_others_next_change():
+    versions = {"A": "aaaaaaaa", "B": "bbbbbbbb", "C": "cccccccc"}
+    loads, switches = lifecycle.change_script(0, versions), lifecycle.change_script(1, versions)
+    assert [w for w, *_ in loads] == ["load C", "reload", "unload C"]
+    # the traffic client names A and B only: unloading C is never refused for the traffic it gets
+    assert all("cccccccc" not in json.dumps(body) for _, _, body in switches)
+    assert {w.split(" ")[0] for w, *_ in switches} == {"default", "split", "reload"}

@@ -4,14 +4,23 @@ greedy decoding equal to /generate's, logprobs, a cancelled stream freeing its s
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import time
+from collections.abc import Callable
 
+import httpx
 import openai
 import pytest
 import requests
 
-from service.openai_api import OpenAIError, chat_scene, speakers_of
+from service.dataplane import DataPlane
+from service.front import FrontDoor
+from service.lifecycle import StateDir
+from service.openai_api import OpenAIApi, OpenAIError, chat_scene, speakers_of
+from service.repository import Repository
+from service.settings import Settings
 from tests.test_service import metric, scrape
 
 pytestmark = pytest.mark.integration
@@ -285,9 +294,54 @@ def test_no_op_values_of_unsupported_parameters_pass(client):
     assert done.choices[0].message.content is not None
 
 
-def test_unknown_v1_routes_answer_an_error_object(url):
+def test_unknown_v1_routes_answer_an_error_object_counted_under_v1(url):
+    before = metric(scrape(url), "nnserve_http_responses_total", route="v1", code="404")
     response = requests.post(f"{url}/v1/embeddings", json={"model": "char_lstm", "input": "x"}, timeout=30)
     assert response.status_code == 404 and response.json()["error"]["type"] == "invalid_request_error"
+    assert "POST /v1/chat/completions" in response.json()["error"]["message"]  # says what is served
+    wrong = requests.get(f"{url}/v1/completions", timeout=30)
+    assert wrong.status_code == 405 and "not allowed" in wrong.json()["error"]["message"]
+    assert metric(scrape(url), "nnserve_http_responses_total", route="v1", code="404") == before + 1
+
+
+def test_past_the_admission_limit_v1_answers_503_in_openai_s_error_object(tiny_store, tmp_path):
+    """The data plane's one admission count refuses /v1 as every protocol, in OpenAI's error object: the real
+    front door, codec, data plane and repository in this process, the worker's one slot held by "another
+    request"; listing models is never refused."""
+    config = tmp_path / "models.json"
+    config.write_text(json.dumps({"models": {"char_lstm": {"tag": tiny_store["char_lstm"]}}}))
+    settings = Settings.from_env({"NNSERVE_MODELS_CONFIG": str(config), "NNSERVE_MAX_CONCURRENT_REQUESTS": "1"})
+    repository = Repository(settings, StateDir(tmp_path / "state", settings), worker=1)
+    plane = DataPlane(repository)
+    repository.start_loading()
+    assert repository.loaded.wait(120)
+
+    async def bentoml_stand_in(scope: dict, receive: Callable, send: Callable) -> None:
+        raise AssertionError(f"{scope['path']} reached BentoML")
+
+    door = FrontDoor(bentoml_stand_in, None, None, lambda: plane, openai=OpenAIApi(lambda: plane).router())
+    body = {"model": "char_lstm", "prompt": "The ", "max_tokens": 5}
+
+    async def steps() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=door), base_url="http://test") as client:
+            plane.admit()  # another request holds the worker's one slot
+            try:
+                refused = await client.post("/v1/completions", json=body)
+                listed = await client.get("/v1/models")
+            finally:
+                plane.release()
+            assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1, refused.text
+            error = refused.json()["error"]
+            assert error["type"] == "service_unavailable" and "NNSERVE_MAX_CONCURRENT_REQUESTS" in error["message"]
+            assert listed.status_code == 200 and [m["id"] for m in listed.json()["data"]] == ["char_lstm"]
+            done = await client.post("/v1/completions", json=body)
+            assert done.status_code == 200 and len(done.json()["choices"][0]["text"]) == 5, done.text
+            assert plane.in_flight == 0
+
+    try:
+        asyncio.run(steps())
+    finally:
+        repository.close()
 
 
 def test_the_bench_clients_read_openai_streams_as_generate_streams(url):

@@ -41,7 +41,8 @@ def test_bento_builds_with_the_service_code_and_the_registered_models(tiny_store
     want = {str(bentoml.models.get(f"{name}:latest").tag) for name in SERVED}
     assert {str(m.tag) for m in bento.info.models} == want
     src = Path(bento.path) / "src"
-    for path in ("service/service.py", "service/runtime.py", "service/images.py", "service/metrics.py",
+    for path in ("service/service.py", "service/runtime.py", "models/runtime.py", "service/images.py",
+                 "service/metrics.py",
                  "service/generation.py", "service/kserve_http.py", "service/kserve_grpc.py", "service/rest.py",
                      "service/batching.py", "service/repository.py", "service/settings.py", "service/uploads.py",
                  "models/preprocess.py", "models/__init__.py", "service/playground.py",

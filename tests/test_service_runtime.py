@@ -10,8 +10,9 @@ from dataclasses import fields
 import onnxruntime as ort
 import pytest
 
+from models.runtime import choose_providers
 from service.repository import warmup_sizes
-from service.runtime import choose_providers, load_runtime
+from service.runtime import load_runtime
 from service.settings import Settings, SettingsError
 
 
@@ -21,7 +22,7 @@ def test_providers_keep_the_requested_order_and_only_available_ones(caplog):
         chosen = choose_providers(["NoSuchExecutionProvider", "CPUExecutionProvider"])
     assert chosen == ["CPUExecutionProvider"]
     assert "NoSuchExecutionProvider skipped: not available" in caplog.text  # the reason is logged
-    default = choose_providers()
+    default = choose_providers(Settings().providers)
     assert default[-1] == "CPUExecutionProvider" and set(default) <= set(available)
     for gpu in ("TensorrtExecutionProvider", "CUDAExecutionProvider"):
         assert (gpu in default) == (gpu in available)
@@ -30,7 +31,7 @@ def test_providers_keep_the_requested_order_and_only_available_ones(caplog):
 def test_providers_from_the_environment(monkeypatch):
     monkeypatch.setenv("NNSERVE_PROVIDERS", "CUDAExecutionProvider, CPUExecutionProvider")
     want = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers() else []
-    assert choose_providers() == [*want, "CPUExecutionProvider"]
+    assert choose_providers(Settings.from_env().providers) == [*want, "CPUExecutionProvider"]
 
 
 def test_missing_model_says_how_to_create_it():

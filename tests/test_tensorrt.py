@@ -18,14 +18,25 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi.onnxruntime_pybind11_state import EPFail, Fail, InvalidArgument, RuntimeException
 
-from export.tensorrt import MAX_SEQ, capability, profile, relocatable, tensorrt_stage
+from export.tensorrt import (
+    MAX_SEQ,
+    capability,
+    check_parity,
+    engine_entry,
+    keep_if_verified,
+    profile,
+    relocatable,
+    tensorrt_stage,
+    verify,
+)
+from models import runtime
 from models.kinds import get_kind
-from service import runtime
-from service.runtime import TRT, ModelRuntime, verified_engine_problem
+from models.runtime import TRT, ModelRuntime, RuntimeOptions, verified_engine_problem
+from service.runtime import runtime_options
 from service.settings import Settings
 
-PROVIDERS = [TRT, "CPUExecutionProvider"]
-QUIET = Settings(intra_op_threads=1)
+QUIET = RuntimeOptions(providers=(TRT, "CPUExecutionProvider"), intra_op_threads=1)
+CPU_ONLY = RuntimeOptions(intra_op_threads=1)
 
 
 def tiny_model(folder: Path) -> tuple[Path, dict]:
@@ -101,12 +112,87 @@ def test_context_model_is_made_relocatable(tmp_path):
     assert {a.name: a for a in saved.attribute}["ep_cache_context"].s == b"nnserve_0.engine"
 
 
+def ep_context_dir(folder: Path) -> Path:
+    """What the TRT EP dumps: ``model_ctx.onnx`` whose EPContext node names an engine file beside it (the bytes
+    stand in for an engine; nothing here deserializes them)."""
+    trt_dir = folder / "tensorrt"
+    trt_dir.mkdir(parents=True)
+    (trt_dir / "nnserve_0.engine").write_bytes(b"engine")
+    (trt_dir / "timing.cache").write_bytes(b"cache")
+    node = helper.make_node("EPContext", ["input"], ["logits"], domain="com.microsoft", embed_mode=0,
+                            ep_cache_context=str(trt_dir / "nnserve_0.engine"))
+    graph = helper.make_graph([node], "ctx", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
+    onnx.save(helper.make_model(graph), str(trt_dir / "model_ctx.onnx"))
+    return trt_dir
+
+
+def test_engine_entry_lists_every_file_with_its_hash_and_the_build_facts(tmp_path):
+    onnx_path, metadata = tiny_model(tmp_path / "src")
+    trt_dir = ep_context_dir(tmp_path / "out")
+    shapes = profile(metadata, 8, lambda name: 0)
+    entry = engine_entry(trt_dir, onnx_path, shapes, SimpleNamespace(fp16=True, max_batch=8), "NVIDIA H100", "10.1")
+    assert entry["onnx_file"] == "tensorrt/model_ctx.onnx" and entry["cache_dir"] == "tensorrt"
+    assert set(entry["files"]) == {"model_ctx.onnx", "nnserve_0.engine", "timing.cache"}
+    assert entry["files"]["nnserve_0.engine"] == runtime.file_sha256(trt_dir / "nnserve_0.engine")
+    assert entry["engines"] == ["nnserve_0.engine"] and entry["non_tensorrt_ops"] == []
+    assert entry["source_onnx_sha256"] == runtime.file_sha256(onnx_path)
+    assert entry["profile"]["max"] == {"input": [8, 4]} and entry["profile"]["max_batch"] == 8
+    assert (entry["fp16"], entry["tf32"], entry["gpu"]) == (True, False, "NVIDIA H100")
+    # What the service checks before serving it: the entry describes the files exactly as they are.
+    problem = verified_engine_problem({**entry, "tensorrt_version": None}, tmp_path / "out",
+                                      RuntimeOptions(max_batch=8, generation_batch=8), False)
+    gpu = runtime.cuda_device_name()
+    assert problem == (None if gpu in (None, "NVIDIA H100") else f"engine built and verified on NVIDIA H100, "
+                                                                  f"this host has {gpu}")
+
+
+def test_parity_check_passes_for_the_same_graph_on_the_cpu_provider(tmp_path):
+    onnx_path, metadata = tiny_model(tmp_path)
+    served = ModelRuntime("tiny", "cpu", str(onnx_path), metadata, CPU_ONLY)
+    parity = verify(served, onnx_path, metadata, SimpleNamespace(fp16=False, max_batch=8), lambda name: 0)
+    assert parity["passed"] and parity["max_rel"] <= 1e-6 and parity["tolerance_max_rel"] == 1e-3
+    assert [(c["batch"], c["seq"]) for c in parity["checks"]] == [(1, 1), (7, 16), (8, 1)]
+    assert parity["reference"] == "onnxruntime CPU, source graph"
+
+
+def test_parity_check_fails_for_a_runtime_that_computes_something_else(tmp_path):
+    onnx_path, metadata = tiny_model(tmp_path / "source")
+    other_path, _ = tiny_model(tmp_path / "other")
+    model = onnx.load(str(other_path))
+    weights = numpy_helper.to_array(model.graph.initializer[1])
+    model.graph.initializer[1].CopyFrom(numpy_helper.from_array(weights + 0.1, "b"))  # a bias off by 0.1
+    onnx.save(model, str(other_path))
+    served = ModelRuntime("tiny", "off", str(other_path), metadata, CPU_ONLY)
+    parity = check_parity(served, onnx_path, metadata, [(2, 1)], lambda name: 0, tolerance=1e-2)
+    assert not parity["passed"] and parity["max_rel"] > 1e-2
+    assert parity["checks"][0]["errors"]["logits"]["max_abs"] == pytest.approx(0.1, rel=1e-3)
+
+
+def test_engine_is_kept_only_when_parity_passed(tmp_path):
+    onnx_path, metadata = tiny_model(tmp_path / "src")
+    opts = SimpleNamespace(fp16=False, max_batch=8)
+    passed = {"passed": True, "max_rel": 1e-5, "tolerance_max_rel": 1e-3, "checks": [{"batch": 1}]}
+    kept_dir = ep_context_dir(tmp_path / "kept")
+    entry = engine_entry(kept_dir, onnx_path, profile(metadata, 8, lambda name: 0), opts, "gpu", None)
+    report, extra = keep_if_verified(kept_dir, entry, passed, "tiny")
+    assert kept_dir.is_dir() and report["parity"] == passed
+    assert extra["tensorrt"]["parity"] == {k: v for k, v in passed.items() if k != "checks"}  # the summary only
+    assert extra["tensorrt"]["files"] == entry["files"]
+
+    failed = {**passed, "passed": False, "max_rel": 0.5}
+    dropped_dir = ep_context_dir(tmp_path / "dropped")
+    report, extra = keep_if_verified(dropped_dir, entry, failed, "tiny")
+    assert extra == {} and not dropped_dir.exists(), "an unverified engine must not reach the store"
+    assert report["parity"]["passed"] is False
+
+
 # ---- service ---------------------------------------------------------------------------------------------
 
 def test_model_without_verified_engine_serves_on_cpu_and_says_why(tmp_path, caplog):
     onnx_path, metadata = tiny_model(tmp_path)
     with caplog.at_level(logging.INFO, logger="nnserve.runtime"):
-        served = ModelRuntime("tiny", "1", str(onnx_path), metadata, providers=PROVIDERS, settings=QUIET)
+        served = ModelRuntime("tiny", "1", str(onnx_path), metadata, QUIET)
     assert served.provider == "CPUExecutionProvider" and TRT not in served.providers
     assert served.engine["served"] == "onnx" and served.engine["file"] == "model.onnx"
     assert served.engine["reason"].startswith("no verified TensorRT engine in this store entry")
@@ -120,7 +206,7 @@ def test_verified_engine_without_tensorrt_ep_serves_on_cpu_and_says_why(tmp_path
     onnx_path, metadata = tiny_model(tmp_path)
     metadata["tensorrt"] = fake_entry({})
     with caplog.at_level(logging.WARNING, logger="nnserve.runtime"):
-        served = ModelRuntime("tiny", "2", str(onnx_path), metadata, providers=PROVIDERS, settings=QUIET)
+        served = ModelRuntime("tiny", "2", str(onnx_path), metadata, QUIET)
     assert served.provider == "CPUExecutionProvider"
     assert served.engine["served"] == "onnx"
     assert served.engine["reason"].startswith(
@@ -140,15 +226,16 @@ def test_engine_files_must_be_the_verified_ones_and_cover_the_served_batches(tmp
     if runtime.cuda_device_name() is None and runtime.tensorrt_version() is None:  # no GPU facts to compare here
         assert verified_engine_problem(fake_entry(good), tmp_path, QUIET, True) is None
     small = fake_entry(good, max_batch=16)
-    assert "profile stops at 16" in verified_engine_problem(small, tmp_path, QUIET, True)  # 32 served by default
+    assert "profile stops at 16" in verified_engine_problem(small, tmp_path, QUIET, True)  # 32 generated by default
 
 
 def test_serve_time_engine_settings_are_reported_as_ignored(tmp_path, caplog):
     onnx_path, metadata = tiny_model(tmp_path)
-    runtime._reported_skips.discard("NNSERVE_TRT_FP16")
+    import service.runtime
+
+    service.runtime._warned.discard("NNSERVE_TRT_FP16")
     with caplog.at_level(logging.WARNING, logger="nnserve.runtime"):
-        ModelRuntime("tiny", "3", str(onnx_path), metadata, providers=PROVIDERS,
-                     settings=Settings(intra_op_threads=1, trt_fp16=True))
+        runtime_options(Settings(intra_op_threads=1, trt_fp16=True))
     assert "NNSERVE_TRT_FP16=True is ignored" in caplog.text
 
 
@@ -171,8 +258,8 @@ def test_engine_export_verifies_what_the_service_runs(tmp_path):
     before = {p.name: runtime.file_sha256(p) for p in (out / "tensorrt").iterdir()}
 
     served = ModelRuntime("tiny", "gpu", str(out / "model.onnx"), {**metadata, **extra},
-                          providers=[TRT, "CUDAExecutionProvider", "CPUExecutionProvider"],
-                          settings=Settings(max_batch_size=8, generation_batch_size=8))
+                          RuntimeOptions(providers=(TRT, "CUDAExecutionProvider", "CPUExecutionProvider"),
+                                         max_batch=8, generation_batch=8))
     assert served.provider == TRT and served.engine["served"] == "tensorrt", served.engine
     assert served.engine["file"] == "tensorrt/model_ctx.onnx"
     served.warmup((1, 2, 4, 8))

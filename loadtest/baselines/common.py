@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -62,7 +63,7 @@ class StoreModel:
         import bentoml
 
         entry = bentoml.models.get(tag or os.environ.get(tag_variable(name), f"{name}:latest"))
-        metadata = dict(entry.info.metadata)
+        metadata: dict[str, Any] = dict(entry.info.metadata)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         # Same as nnserve's ModelRuntime: spinning threads steal the CPU the HTTP side needs.

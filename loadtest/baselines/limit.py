@@ -49,7 +49,7 @@ class FrontDoor:
         return await self.bentoml_app(scope, receive, send)
 
 
-_bentoml_to_asgi = type(Limit).to_asgi
+_bentoml_to_asgi = bentoml.Service.to_asgi  # type(Limit): the decorator made Limit a Service
 
 
 def _to_asgi(service, is_main: bool = True):
@@ -57,4 +57,4 @@ def _to_asgi(service, is_main: bool = True):
     return FrontDoor(app) if service is Limit else app
 
 
-type(Limit).to_asgi = _to_asgi
+bentoml.Service.to_asgi = _to_asgi

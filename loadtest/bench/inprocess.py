@@ -14,10 +14,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from loadtest.bench.common import log
+
+if TYPE_CHECKING:
+    import bentoml
 
 IMAGE_MODELS = ("lenet5", "vgg_fc7")
 BATCHES = (1, 32)
@@ -101,7 +105,7 @@ class Variant:
     torch: bool = False  # torch's thread count is process-wide: set before timing
 
 
-def model_variants(name: str, workdir: Path, all_threads: int) -> tuple[list[Variant], object, list[str]]:
+def model_variants(name: str, workdir: Path, all_threads: int) -> tuple[list[Variant], bentoml.Model, list[str]]:
     """The variants of one image model, its store entry, and notes on variants left out.
 
     Single-threaded rows compare per-core cost and hold up on a shared box; the ``all_threads`` rows show
@@ -115,7 +119,7 @@ def model_variants(name: str, workdir: Path, all_threads: int) -> tuple[list[Var
 
     # A RuntimeError saying "run make export" if it is missing.
     entry = store_model(Settings.from_env().model_tags[name])
-    meta = entry.info.metadata
+    meta: dict[str, Any] = entry.info.metadata
     served = Path(entry.path_of(meta["onnx_file"]))
     # export keeps the plain graph next to an optimized model.onnx; otherwise model.onnx is the plain one.
     if meta.get("portable_onnx_file"):
@@ -147,7 +151,8 @@ def model_variants(name: str, workdir: Path, all_threads: int) -> tuple[list[Var
     variants.append(Variant("ORT fp32 offline-optimized", 1, ort_run(optimized, 1), optimized_note))
     try:
         int8 = bentoml.models.get(f"{name}-int8:latest")
-        variants.append(Variant("ORT INT8", 1, ort_run(Path(int8.path_of(int8.info.metadata["onnx_file"])), 1),
+        int8_meta: dict[str, Any] = int8.info.metadata
+        variants.append(Variant("ORT INT8", 1, ort_run(Path(int8.path_of(int8_meta["onnx_file"])), 1),
                                 str(int8.tag)))
     except bentoml.exceptions.NotFound:
         skipped.append(f"{name} INT8: no {name}-int8 in the store (`python -m export --int8` registers it when "
@@ -165,7 +170,8 @@ def bench_in_process(args: argparse.Namespace, workdir: Path) -> tuple[list[Case
     for name in IMAGE_MODELS:
         variants, entry, skipped = model_variants(name, workdir, args.threads)
         notes += [f"{name}: {entry.tag}"] + [f"not measured: {s}" for s in skipped]
-        batches = image_batches(entry.info.metadata["preprocessing"])
+        meta: dict[str, Any] = entry.info.metadata
+        batches = image_batches(meta["preprocessing"])
         for variant in variants:
             if variant.torch:
                 torch.set_num_threads(variant.threads)

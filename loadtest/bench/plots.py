@@ -71,15 +71,15 @@ def plot(cases: list[Case], runs: list[StackRun], labels: dict[str, str], genera
             axes[1, col].set_title(f"{endpoint}: latency")
         written.append(save(fig, "bench-stacks.png"))
     if generate:
-        labels = [f"{r['streams']} stream{'s' if r['streams'] > 1 else ''}" for r in generate]
+        stream_labels = [f"{r['streams']} stream{'s' if r['streams'] > 1 else ''}" for r in generate]
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-        left.bar(labels, [r["chars_per_s"] for r in generate])
+        left.bar(stream_labels, [r["chars_per_s"] for r in generate])
         left.set_ylabel("characters/s (all streams)")
         left.set_title("/generate throughput")
-        x = np.arange(len(generate))
-        right.bar(x - 0.2, [r["first_p50"] for r in generate], 0.4, label="first char p50")
-        right.bar(x + 0.2, [r["full_p50"] for r in generate], 0.4, label="full stream p50")
-        right.set_xticks(x, labels)
+        positions = np.arange(len(generate))
+        right.bar(positions - 0.2, [r["first_p50"] for r in generate], 0.4, label="first char p50")
+        right.bar(positions + 0.2, [r["full_p50"] for r in generate], 0.4, label="full stream p50")
+        right.set_xticks(positions, stream_labels)
         right.set_ylabel("ms")
         right.set_title("/generate latency per stream")
         right.legend()

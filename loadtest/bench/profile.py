@@ -17,6 +17,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -74,9 +75,10 @@ def request_breakdown(tag: str, png: bytes, runs: int = 400) -> Breakdown:
     def encode() -> bytes:
         probabilities = class_probabilities(runtime.metadata["scores"], scores)
         best = np.argsort(-probabilities, kind="stable")[:5]
-        return JSONResponse({"model": runtime.tag, "batch_size": 1, "timings_ms": {"preprocess": 0.1},
+        # Response.body is typed bytes | memoryview for all responses; JSONResponse.render returns bytes.
+        return cast(bytes, JSONResponse({"model": runtime.tag, "batch_size": 1, "timings_ms": {"preprocess": 0.1},
                              "predictions": [{"label": labels[i], "probability": float(probabilities[i])}
-                                             for i in best]}).body
+                                             for i in best]}).body)
 
     def record() -> None:
         request = metrics.RequestMetrics("classify")

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 GENERATE_MODEL, CLASSIFY_MODEL = "char_lstm", "lenet5"
 TEMPERATURE = 0.8  # as locust's GenerateStreamUser
@@ -57,7 +58,7 @@ def rest_generate(options: Options, thread: int, deadline: float) -> list[Call]:
     while time.time() < deadline:
         prompt, seed = request_plan(thread, i, options.prompts)
         i += 1
-        body = {"prompt": prompt, "max_new_chars": options.chars, "model": GENERATE_MODEL,
+        body: dict[str, Any] = {"prompt": prompt, "max_new_chars": options.chars, "model": GENERATE_MODEL,
                 "temperature": TEMPERATURE, "seed": seed, "stream": True}
         started, first, raw, error = time.time(), math.nan, b"", ""
         try:

@@ -217,6 +217,7 @@ def stacks_section(args: argparse.Namespace, r: Results) -> list[str]:
                   key=lambda k: (servers.index(k[0]), k[1], k[2]))
     for server, endpoint, c in keys:
         agg = find(cmp.runs, server, endpoint, c)
+        assert agg is not None, "keys are taken from cmp.runs"
         config = next(x.config for x in cmp.runs if (x.server, x.endpoint, x.result.connections) ==
                       (server, endpoint, c))
         ours = find(cmp.runs, NNSERVE, endpoint, c)
@@ -273,6 +274,7 @@ def biggest_slice(b: Breakdown, total_us: float) -> str:
 def limit_lines(r: Results) -> list[str]:
     """The bare stack beside nnserve, and where a request's CPU goes."""
     cmp, lines = r.comparison, ["", "### The limit: the same HTTP stack with nothing behind it", ""]
+    assert cmp is not None, "called by stacks_section, which needs a comparison"
     levels = sorted({x.result.connections for x in cmp.runs if x.server == LIMIT})
     for c in levels:
         ours, bare = find(cmp.runs, NNSERVE, CLASSIFY, c), find(cmp.runs, LIMIT, CLASSIFY, c)

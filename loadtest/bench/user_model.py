@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -128,7 +129,7 @@ def make_store_entry(workdir: Path) -> tuple[str, str]:
 def served_batching(url: str, name: str) -> str:
     from loadtest.bench.server_info import get_json
 
-    model = next((m for m in get_json(url + "/models")["models"] if m.get("name") == name), {})
+    model: dict[str, Any] = next((m for m in get_json(url + "/models")["models"] if m.get("name") == name), {})
     return json.dumps(model.get("batching", "not reported"))
 
 

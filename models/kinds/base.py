@@ -12,6 +12,7 @@ scores output" there, so graphs keep whatever names their authors gave them (ONN
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -94,6 +95,52 @@ class Kind:
         """The kind's facts in the store metadata besides inputs/outputs (labels, vocabulary, ...)."""
         return {"roles": roles}
 
+    # Every kind implements the export contract below (export/pipeline.py, parity.py, quantize.py call it);
+    # declared here so that a call the kinds do not offer is a type error, not a crash on some host.
+
+    def export_wrapper(self, model: Any, card: dict) -> Any:
+        """The eval module wrapped so that its forward returns the graph's outputs as a tuple, named."""
+        raise NotImplementedError
+
+    def example_inputs(self, wrapper: Any, card: dict, batch: int = 2) -> tuple:
+        raise NotImplementedError
+
+    def dynamic_axes(self, wrapper: Any) -> dict:
+        raise NotImplementedError
+
+    def probe(self, wrapper: Any, card: dict) -> dict:
+        """The eager network checked against the card (shapes, labels, vocabulary): facts for the metadata."""
+        raise NotImplementedError
+
+    def roles_for(self, output_names: list[str], input_names: list[str], card: dict) -> dict:
+        raise NotImplementedError
+
+    def load_samples(self, card: dict, artifact_dir: Path, eval_data: Path | None) -> Any:
+        raise NotImplementedError
+
+    def certify(self, wrapper: Any, session: Any, samples: Any, max_abs_error: float) -> dict:
+        raise NotImplementedError
+
+    def summary_line(self, cert: dict) -> str:
+        raise NotImplementedError
+
+    def int8_recipe(self, metadata: dict) -> dict:
+        raise NotImplementedError
+
+    def int8_quality(self, fp32_path: Path, int8_path: Path, metadata: dict, samples: Any, opts: Any) -> dict:
+        raise NotImplementedError
+
+    # ONNX files made elsewhere (export/foreign.py): only kinds that take them override these.
+
+    def foreign_io(self, card: dict, path: Path) -> tuple[dict, dict]:
+        raise KindError(f"a {self.name} model is exported from its PyTorch module, not from an ONNX file")
+
+    def foreign_feeds(self, card: dict, declared: dict, batch: int) -> dict[str, np.ndarray]:
+        raise KindError(f"a {self.name} model is exported from its PyTorch module, not from an ONNX file")
+
+    def foreign_quality(self, path: Path, roles: dict, samples: Any) -> dict:
+        raise KindError(f"a {self.name} model is exported from its PyTorch module, not from an ONNX file")
+
 
 # ---- numeric helpers of the parity certificates ---------------------------------------------------------
 
@@ -138,7 +185,7 @@ def summarize(checks: list[dict], names: list[str], max_abs_error: float) -> dic
                 worst[name] = err
                 where[name] = {k: v for k, v in check.items() if k != "errors"}
     ratios = {n: worst[n]["max_abs"] / tolerance(worst[n], max_abs_error) for n in names}
-    offender = max(ratios, key=ratios.get)
+    offender = max(ratios, key=lambda n: ratios[n])
     return {"max_abs": max(e["max_abs"] for e in worst.values()), "max_rel": max(e["max_rel"] for e in worst.values()),
             "within_tolerance": all(r <= 1.0 for r in ratios.values()),
             "worst": {"output": offender, **worst[offender], "tolerance": tolerance(worst[offender], max_abs_error),

@@ -163,7 +163,7 @@ class SequenceLM(Kind):
                 return (scores, *state) if lstm else (scores, state)
 
         wrapper = LMWrapper(model).eval()
-        wrapper.vocab_size = vocab_size
+        wrapper.vocab_size = vocab_size  # type: ignore[assignment]  # a plain attribute, not a submodule
         return wrapper
 
     def example_inputs(self, wrapper, card: dict, batch: int = 2, seq_len: int = 5) -> tuple:

@@ -19,6 +19,7 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 
 def write_repository(folder: Path, tag: str, port: int, config) -> None:
@@ -26,13 +27,14 @@ def write_repository(folder: Path, tag: str, port: int, config) -> None:
     import bentoml
 
     model = bentoml.models.get(tag)
+    metadata: dict[str, Any] = model.info.metadata
     (folder / "lenet5").mkdir(parents=True, exist_ok=True)
     shutil.copy(Path(__file__).with_name("onnx_runtime.py"), folder / "onnx_runtime.py")
     settings = {"http_port": port, "grpc_port": 0, "metrics_port": 0, "metrics_endpoint": None,
                 "parallel_workers": config.workers, "debug": False, "host": "127.0.0.1"}
     (folder / "settings.json").write_text(json.dumps(settings))
     model_settings = {"name": "lenet5", "implementation": "onnx_runtime.OnnxModel",
-                      "parameters": {"uri": model.path_of(model.info.metadata["onnx_file"]),
+                      "parameters": {"uri": model.path_of(metadata["onnx_file"]),
                                      "version": str(model.tag.version)}}
     if config.max_batch > 1:
         model_settings.update(max_batch_size=config.max_batch, max_batch_time=config.wait_ms / 1000)
