@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import orjson
@@ -20,6 +20,7 @@ import orjson
 from service.errors import Failure, MethodNotAllowed, NotFound, PayloadTooLarge, failure_of
 
 Send = Callable[[dict], Awaitable[None]]
+Stream = AsyncGenerator[str | bytes, None]  # a streamed body: closed (aclose) when done or when the client leaves
 Receive = Callable[[], Awaitable[dict]]
 JSON = b"application/json"
 
@@ -98,9 +99,9 @@ class HttpRequest:
 
 @dataclass(slots=True)
 class HttpResponse:
-    """A whole body (bytes) or a stream (an async iterator of str or bytes chunks)."""
+    """A whole body (bytes) or a stream (an async generator of str or bytes chunks)."""
 
-    body: bytes | AsyncIterator
+    body: bytes | Stream
     status: int = 200
     content_type: bytes = JSON
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
@@ -152,7 +153,7 @@ async def send_response(send: Send, response: HttpResponse, receive: Receive | N
         raise writer.exception()  # type: ignore[misc]
 
 
-async def _write_stream(send: Send, chunks: AsyncIterator) -> None:
+async def _write_stream(send: Send, chunks: Stream) -> None:
     try:
         async for chunk in chunks:
             await send({"type": "http.response.body", "body": chunk.encode() if isinstance(chunk, str) else chunk,

@@ -36,7 +36,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
@@ -119,6 +119,7 @@ class GenerationRequest:
 
     def choice_seeds(self) -> list[int]:
         """Each sample's seed (after ``seed`` is set): sample i = a one-sample request with seed + i."""
+        assert self.seed is not None, "choice_seeds before the seed is set"
         return [self.seed + i for i in range(self.n)]
 
     def _check_types(self, vocab: Vocabulary, names: Mapping[str, str]) -> None:
@@ -210,7 +211,7 @@ def sample_tokens(logits: np.ndarray, temperatures: np.ndarray, top_ks: np.ndarr
         kth = descending[np.arange(descending.shape[0]), top_ks[limited] - 1]
         z[limited] = np.where(z[limited] >= kth[:, None], z[limited], -np.inf)
     nucleus = top_ps < 1.0 if top_ps is not None else np.zeros(len(z), dtype=bool)
-    if nucleus.any():
+    if top_ps is not None and nucleus.any():
         p = np.exp(z[nucleus])  # after top_k: the nucleus is taken from what top_k left
         descending = -np.sort(-p, axis=1)
         reached = np.cumsum(descending, axis=1) / descending.sum(axis=1, keepdims=True)
@@ -292,6 +293,10 @@ class _Slot:
     prompt_scores: list[TokenLogprob] | None = None  # the prompt's tokens, when asked for (after prefill)
     chunk_scores: list[TokenLogprob] = field(default_factory=list)  # the tokens of the chunk last handed out
 
+    def prefilled_state(self) -> dict[str, np.ndarray]:
+        assert self.state is not None, "a slot decodes only after its prefill"
+        return self.state
+
 
 class Generation:
     """The chunks of one submitted request (an async iterator of str) and, once the last chunk has been
@@ -299,7 +304,7 @@ class Generation:
     string was met; the text ends before it). ``finish_reason`` is set before the last chunk is yielded, so
     a reader knows a chunk is the last one. ``aclose()`` frees the request's batch slot at once."""
 
-    def __init__(self, chunks: AsyncIterator[str], slot: _Slot) -> None:
+    def __init__(self, chunks: AsyncGenerator[str, None], slot: _Slot) -> None:
         self._chunks, self._slot = chunks, slot
 
     def __aiter__(self) -> Generation:
@@ -523,7 +528,7 @@ class ContinuousBatcher:
 
     # -- reader side (event loop) -----------------------------------------------------------------------
 
-    async def _read(self, slot: _Slot, flush_interval_s: float) -> AsyncIterator[str]:
+    async def _read(self, slot: _Slot, flush_interval_s: float) -> AsyncGenerator[str, None]:
         held = ""  # the end of the text so far that may be the start of a stop string: not sent yet
         # Log-probabilities (when asked for): of the tokens received, those not handed out with a chunk yet.
         scores: deque[TokenLogprob] = deque()
@@ -592,7 +597,8 @@ class ContinuousBatcher:
     def _admit(self) -> list[_Slot]:
         """Waiting requests that join at this boundary: FIFO into free slots, within the prefill budget. The
         samples of one request join together (those still wanted), or wait for enough free slots."""
-        joining, prefill_chars = [], 0
+        joining: list[_Slot] = []
+        prefill_chars = 0
         while self._waiting:
             head = self._waiting[0]
             # Siblings not cancelled are all still waiting: a reader leaving removes its slot at once.
@@ -641,7 +647,9 @@ class ContinuousBatcher:
     def _prefill(self, group: list[_Slot]) -> np.ndarray:
         """One [B, T] call for the group's distinct prompts: the samples of one request share a row (its state
         is copied into each of their slots, and each samples its first character from it)."""
-        rows, prompts, row_of = [], [], {}
+        rows: list[int] = []
+        prompts: list[np.ndarray] = []
+        row_of: dict[int, int] = {}
         for slot in group:
             key = id(slot.siblings) if slot.siblings is not None else id(slot)
             if key not in row_of:
@@ -655,18 +663,19 @@ class ContinuousBatcher:
     def _decode(self, batch: list[_Slot]) -> np.ndarray:
         feeds = {self._tokens: np.array([[slot.token] for slot in batch], dtype=np.int64)}
         for name, _, axis in self._state:  # the state's batch axis (1: [layers, batch, hidden])
-            feeds[name] = np.concatenate([slot.state[name] for slot in batch], axis=axis)
+            feeds[name] = np.concatenate([slot.prefilled_state()[name] for slot in batch], axis=axis)
         return self._run(batch, feeds)
 
     def _run(self, batch: list[_Slot], feeds: dict[str, np.ndarray], rows: list[int] | None = None) -> np.ndarray:
         """Run the model; slot k takes output row ``rows[k]`` (default k). np.take copies: every slot owns its
         state, also those that share a row."""
         out = self.runtime.run(feeds)
+        prefill = rows is not None
         rows = list(range(len(batch))) if rows is None else rows
         for slot, row in zip(batch, rows, strict=True):
             slot.state = {name: np.take(out[out_name], [row], axis=axis) for name, out_name, axis in self._state}
         everything = out[self._scores]
-        if rows is not None:  # a prefill: the prompt's own log-probabilities for those that ask
+        if prefill:  # the prompt's own log-probabilities for those that ask
             for slot, row in zip(batch, rows, strict=True):
                 if slot.prompt_scores is not None and not slot.prompt_scores:
                     self._score_prompt(slot, everything[row])

@@ -93,15 +93,16 @@ def openai_generate(options: Options, thread: int, deadline: float) -> list[Call
     while time.time() < deadline:
         prompt, seed = request_plan(thread, i, options.prompts)
         i += 1
-        body = {"prompt": prompt, "max_tokens": options.chars, "model": GENERATE_MODEL, "temperature": TEMPERATURE,
-                "seed": seed, "stream": True}
+        body: dict[str, Any] = {"prompt": prompt, "max_tokens": options.chars, "model": GENERATE_MODEL,
+                                "temperature": TEMPERATURE, "seed": seed, "stream": True}
         started, first, chars, done, error = time.time(), math.nan, 0, False, ""
         try:
             with session.post(options.url + "/v1/completions", json=body, stream=True, timeout=STREAM_TIMEOUT_S) as r:
                 if r.status_code != 200:
                     error = f"HTTP {r.status_code}: {r.text[:200]}"
                 else:
-                    for line in r.iter_lines(chunk_size=None):
+                    # None: each event as it arrives (iter_lines hands it to iter_content; typeshed says int only)
+                    for line in r.iter_lines(chunk_size=None):  # type: ignore[call-overload]
                         if not line.startswith(b"data: "):
                             continue
                         if line == b"data: [DONE]":
