@@ -15,7 +15,7 @@ import contextlib
 import math
 import struct
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from importlib import metadata as package_metadata
 from typing import TYPE_CHECKING
@@ -102,8 +102,8 @@ def model_metadata(runtime: ModelRuntime, versions: list[str] | None = None) -> 
     extra_out = [{k: p[k] for k in ("name", "datatype", "shape")} for p in kind.protocol_outputs(meta)]
     parameters: dict = {}
     if kind.generates:
-        parameters["sampling"] = {"max_tokens": "integer", "temperature": "number > 0", "top_k": "integer >= 1",
-                                  "top_p": "number in (0, 1]", "seed": "integer >= 0",
+        parameters["sampling"] = {"max_tokens": "integer", "temperature": "number >= 0 (0: greedy)",
+                                  "top_k": "integer >= 1", "top_p": "number in (0, 1]", "seed": "integer >= 0",
                                   "stop": "string (REST: or a list of strings)",
                                   "n": f"integer in [1, {MAX_N}]: samples, text_output [n]; sample i: seed + i"}
         parameters["vocabulary"] = kind.describe(meta)["vocab"]  # token id i = tokens[i]
@@ -484,7 +484,7 @@ async def infer(plane: DataPlane, runtime: ModelRuntime, tensors: list[RequestTe
     whole text, sampled as ``parameters`` say); ``classes``: output -> class count of the classification
     extension. ``record``: the request's metrics (begun and finished by the caller)."""
     if tensors and tensors[0].role == "prompt":  # text_output [n]: one element per sample
-        texts, _ = await generate_text(plane, runtime, tensors[0].rows[0], parameters or {})
+        texts, _ = await generate_text(plane, runtime, prompt_of(tensors[0]), parameters or {})
         return {output_names[0]: np.array([text.encode() for text in texts], dtype=object)}
     if tensors and tensors[0].role == "image":
         with record.timed("preprocess"):
@@ -515,6 +515,12 @@ def generation_request(runtime: ModelRuntime, prompt: bytes | str, parameters: d
     return GenerationRequest(prompt=prompt, model=runtime.name, **options), names
 
 
+def prompt_of(tensor: RequestTensor) -> bytes:
+    """A prompt input's one element (check_protocol_input allows one; decode_inputs has decoded its rows)."""
+    assert tensor.rows is not None, "a prompt input's rows are decoded with it"
+    return tensor.rows[0]
+
+
 def start_generation(plane: DataPlane, runtime: ModelRuntime, prompt: bytes | str, parameters: dict,
                      stream: bool) -> tuple[GenerationRequest, list[Generation]]:
     """Validate and queue a generation through the data plane: one Generation per sample (parameter
@@ -527,7 +533,7 @@ def start_generation(plane: DataPlane, runtime: ModelRuntime, prompt: bytes | st
 
 
 async def chunks(runtime: ModelRuntime, generations: list[Generation]
-                 ) -> AsyncIterator[tuple[int, str, str | None]]:
+                 ) -> AsyncGenerator[tuple[int, str, str | None], None]:
     """(sample index, text, finish_reason) per chunk, counted in the stream metrics: finish_reason is None but
     on each sample's last chunk ("length" or "stop"), which is ("", reason) when the text ended without a
     chunk known to be the last (see read_choices). Use with contextlib.aclosing: closing it frees every

@@ -309,7 +309,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         kserve.select_outputs(runtime, [out.name for out in request.outputs], tensors)
         parameters = request_parameters(request)
         empty_final = parameters.get("triton_enable_empty_final_response") is True
-        _, generations = kserve.start_generation(self.plane, runtime, tensors[0].rows[0], parameters, stream=True)
+        _, generations = kserve.start_generation(self.plane, runtime, kserve.prompt_of(tensors[0]), parameters,
+                                                 stream=True)
         several = len(generations) > 1
         left = len(generations)  # samples not finished: the final flag goes on the last one's last chunk
         ended: tuple[int | None, str | None] = (None, None)  # an empty last chunk left to the final response

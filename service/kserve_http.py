@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import numpy as np
 import orjson
@@ -240,7 +240,8 @@ def generate_reply(runtime, body: dict, text: str | list[str]) -> dict:
 
 
 async def sse_events(runtime, body: dict, first: tuple[int, str, str | None],
-                     parts: AsyncIterator[tuple[int, str, str | None]], n: int) -> AsyncIterator[str]:
+                     parts: AsyncGenerator[tuple[int, str, str | None], None], n: int
+                     ) -> AsyncGenerator[str, None]:
     """One ``data:`` event per chunk (Triton's generate_stream), each sample's last with ``finish_reason``;
     with ``n`` > 1 each event says its sample in ``sequence_index`` (TensorRT-LLM's Triton name). A failure
     mid-stream is a last ``data: {"error": ...}`` event. Closing the response closes ``parts`` and so frees

@@ -66,7 +66,7 @@ PATHS: dict[str, Any] = {
                 "n": {"type": "integer", "minimum": 1, "maximum": MAX_N, "default": 1,
                       "description": "samples of the prompt, decoded together; sample i is seeded seed + i"},
                 # OpenAPI 3.0 (BentoML's document): exclusiveMinimum is a flag on minimum, null is `nullable`.
-                "temperature": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "default": 1.0},
+                "temperature": {"type": "number", "minimum": 0, "default": 1.0, "description": "0 = greedy"},
                 "top_k": {"type": "integer", "nullable": True, "minimum": 1, "default": None},
                 "top_p": {"type": "number", "nullable": True, "minimum": 0, "exclusiveMinimum": True, "maximum": 1,
                           "default": None, "description": "nucleus sampling (after top_k)"},
@@ -114,7 +114,7 @@ GENERATE_BODY: dict[str, Any] = {"required": True, "content": {"application/json
                                           "generate_stream)"},
             "n": {"type": "integer", "minimum": 1, "maximum": MAX_N, "default": 1,
                   "description": "samples, decoded together; sample i is seeded seed + i"},
-            "temperature": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "default": 1.0},
+            "temperature": {"type": "number", "minimum": 0, "default": 1.0, "description": "0 = greedy"},
             "top_k": {"type": "integer", "minimum": 1}, "top_p": {"type": "number", "minimum": 0,
                                                                   "exclusiveMinimum": True, "maximum": 1},
             "seed": {"type": "integer", "minimum": 0},
