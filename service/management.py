@@ -223,6 +223,10 @@ def served_config(state: LiveState, name: str) -> ModelConfig:
 def check_name(name: str) -> None:
     if not valid_name(name):
         raise ClientError(f"{str(name)[:100]!r} is not a model name (lowercase letters, digits, '-', '_', '.')")
+    model, suffix = split_front_end(name)
+    if suffix:
+        raise ClientError(f"{name!r} is the {suffix} front end of model {model!r}, which comes and goes with it: "
+                          f"load, unload or route {model!r}")
 
 
 def parse_config(raw: object) -> dict:
