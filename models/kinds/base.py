@@ -1,7 +1,8 @@
 """What every model kind shares, and the numeric checks the kinds' parity certificates are made of.
 
 A kind (models/kinds/image.py, models/kinds/sequence_lm.py) is the one place that knows a kind of model:
-its tensor roles and batch axes, warm-up inputs, the REST endpoints that take it, how its card is checked,
+its tensor roles and batch axes, warm-up inputs, the REST endpoints that take it, its KServe v2 front end
+(``<model>.image``, ``<model>.text``) and input layout, how its card is checked,
 how it is wrapped for export, how parity is certified and how INT8 is calibrated and gated. Export and
 service both ask the kind; neither switches on kind names. Importable without torch: the export-only
 methods import torch (and onnxruntime) when called.
