@@ -78,14 +78,6 @@ class DataPlane:
             reasons.append(not_ready)
         return Readiness(not reasons, "; ".join(reasons) or None, models)
 
-    def model_ready(self, name: str, version: str = "") -> bool:
-        """Whether ``name`` (in ``version``) answers requests now: False when unknown, loading or failed."""
-        try:
-            self.repository.get(name, version)
-        except ClientError:
-            return False
-        return True
-
     # -- resolution -----------------------------------------------------------------------------------
 
     def model(self, name: str, version: str = "", endpoint: str | None = None) -> ModelRuntime:

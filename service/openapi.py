@@ -92,10 +92,12 @@ PATHS: dict[str, Any] = {
     "/v2/models/{name}/infer": {"post": {
         "summary": "KServe v2 / Open Inference Protocol inference", "tags": ["KServe v2"],
         "description": "JSON tensors or Triton's binary tensor extension (Inference-Header-Content-Length). "
-                       "Image models also take `image` (BYTES [N] or [N, 1]: encoded files, as /classify) and "
-                       "answer Triton's classification extension (`parameters.classification: K` on an output: "
-                       "BYTES `value:index:label`, value = the raw output); text models take `text_input` "
-                       "(BYTES [1]) and answer `text_output`. "
+                       "`{name}` is a served model (its network's tensors, as GET /v2/models/{name} lists "
+                       "them) or a model's front end: `<model>.image` takes `image` (BYTES [N, 1] or [N]: "
+                       "encoded files, as /classify), `<model>.text` takes `text_input` (BYTES [1]) and "
+                       "answers `text_output`. Classifiers answer Triton's classification extension "
+                       "(`parameters.classification: K` on an output: BYTES `value:index:label`, value = the "
+                       "raw output). "
                        "Also: GET /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/ready], "
                        "/v2/models/{name}/versions/{version}/...; gRPC on NNSERVE_GRPC_PORT (docs/kserve.md).",
         "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
@@ -123,8 +125,9 @@ GENERATE_BODY: dict[str, Any] = {"required": True, "content": {"application/json
 MODEL: list[dict] = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
 PATHS["/v2/models/{name}/generate"] = {"post": {
     "summary": "Triton's generate extension: a text model's whole answer", "tags": ["KServe v2"],
-    "description": "The continuous batcher of /generate. Also /v2/models/{name}/versions/{version}/generate; "
-                   "over gRPC, ModelStreamInfer with a BYTES text_input streams the same (docs/kserve.md).",
+    "description": "The continuous batcher of /generate, on a text model's front end (`char_lstm.text`) or the "
+                   "model itself. Also /v2/models/{name}/versions/{version}/generate; over gRPC, "
+                   "ModelStreamInfer with a BYTES text_input to `<model>.text` streams the same (docs/kserve.md).",
     "parameters": MODEL, "requestBody": GENERATE_BODY,
     "responses": {"200": {"description": "`{model_name, model_version, text_output, finish_reason, id?}`; with "
                                          "n > 1 text_output and finish_reason are lists, one element per sample"},

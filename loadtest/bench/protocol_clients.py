@@ -144,7 +144,7 @@ def grpc_generate(options: Options, thread: int, deadline: float) -> list[Call]:
             text_input = grpcclient.InferInput("text_input", [1], "BYTES")
             text_input.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
             started, first, chars, error = time.time(), math.nan, 0, ""
-            client.async_stream_infer(GENERATE_MODEL, [text_input], request_id=str(i), parameters={
+            client.async_stream_infer(f"{GENERATE_MODEL}.text", [text_input], request_id=str(i), parameters={
                 "max_tokens": options.chars, "temperature": TEMPERATURE, "seed": seed})
             while True:
                 try:
@@ -185,7 +185,8 @@ def grpc_classify(options: Options, thread: int, deadline: float) -> list[Call]:
     while time.time() < deadline:
         started, error = time.time(), ""
         try:
-            classes = client.infer(CLASSIFY_MODEL, [image], outputs=wanted).as_numpy(options.scores_output)
+            classes = client.infer(f"{CLASSIFY_MODEL}.image", [image], outputs=wanted).as_numpy(
+                options.scores_output)
             if classes is None or classes.shape[-1] != TOP_K:
                 error = f"asked for {TOP_K} classes, got {None if classes is None else classes.shape}"
         except Exception as e:  # InferenceServerException: the server's status and message

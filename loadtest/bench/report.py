@@ -602,8 +602,9 @@ def triton_section(args: argparse.Namespace, r: Results) -> list[str]:
              f"{args.duration} s per row, {args.triton_rounds} round(s), the generation rows' order rotating. "
              f"Generation: {args.generate_chars} characters per request, temperature 0.8, the same prompts and "
              "seeds on both protocols (so the same texts); first chunk = request sent -> first text at the client. "
-             "Classification: the held-out digit's PNG, top 5 (`/classify` multipart; gRPC `image` BYTES [1] with "
-             "`class_count=5`); for classification the first/full columns are both the answer's latency, and "
+             "Classification: the held-out digit's PNG, top 5 (`/classify` multipart; gRPC `lenet5.image` "
+             "`image` BYTES [1] with `class_count=5`); for classification the first/full columns are both the "
+             "answer's latency, and "
              "the wrk row has no client CPU figure (a C client: a few percent of a core). "
              "client CPU = CPU seconds of the client processes / wall seconds, in cores.", "",
              "| round | row | clients | ok | errors | ok chars/s or answers/s | first p50 / p95 ms "

@@ -1,15 +1,16 @@
 """Part 9: Triton's protocols and OpenAI's API beside REST on the same nnserve server (issues 19 and 27, "Measured").
 
 - Streamed generation: gRPC ``ModelStreamInfer`` (tritonclient.grpc ``start_stream`` + ``async_stream_infer``,
-  ``text_input`` + ``max_tokens``/``temperature``/``seed``) against streamed REST ``/generate``, at each
-  ``--streams`` level, same prompts, seeds and characters per request, in ``--triton-rounds`` rounds whose
-  order alternates (REST first, then gRPC first): characters/s over all streams (only complete, error-free
-  streams count) and first-chunk p50/p95 (request sent -> first text at the client). Streamed OpenAI
-  ``/v1/completions`` (issue 27) is a third row at each level, read by the same HTTP client as ``/generate``.
-- Classification of image bytes: gRPC ``ModelInfer`` with an ``image`` BYTES [1] PNG of a held-out digit and
-  the scores output asked with ``class_count=5``, against ``/classify`` (the same PNG, top 5) at
-  ``--triton-classify-clients``: the same Python harness on both, plus wrk on ``/classify`` (a C client:
-  what the server does when the client costs little).
+  ``text_input`` + ``max_tokens``/``temperature``/``seed`` to ``char_lstm.text``) against streamed REST
+  ``/generate``, at each ``--streams`` level, same prompts, seeds and characters per request, in
+  ``--triton-rounds`` rounds whose order alternates (REST first, then gRPC first): characters/s over all
+  streams (only complete, error-free streams count) and first-chunk p50/p95 (request sent -> first text at
+  the client). Streamed OpenAI ``/v1/completions`` (issue 27) is a third row at each level, read by the same
+  HTTP client as ``/generate``.
+- Classification of image bytes: gRPC ``ModelInfer`` on ``lenet5.image`` with an ``image`` BYTES [1] PNG of a
+  held-out digit and the scores output asked with ``class_count=5``, against ``/classify`` (the same PNG, top
+  5) at ``--triton-classify-clients``: the same Python harness on both, plus wrk on ``/classify`` (a C
+  client: what the server does when the client costs little).
 
 Every Python row runs in worker processes (``protocol_clients.run_clients``, one client per thread, clients
 spread over ``--triton-client-processes`` processes, spawned once and warmed up), and reports the CPU those
