@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from service.errors import Failure, MethodNotAllowed, NotFound, PayloadTooLarge, failure_of
+from service.errors import ClientDisconnected, Failure, MethodNotAllowed, NotFound, PayloadTooLarge, failure_of
 
 Send = Callable[[dict], Awaitable[None]]
 Stream = AsyncGenerator[str | bytes, None]  # a streamed body: closed (aclose) when done or when the client leaves
@@ -86,7 +86,7 @@ class HttpRequest:
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
-                raise ConnectionResetError("the client disconnected while sending its request body")
+                raise ClientDisconnected("the client disconnected while sending its request body")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:

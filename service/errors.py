@@ -53,6 +53,13 @@ class Unavailable(ClientError):
         self.retry_after = retry_after
 
 
+class ClientDisconnected(ClientError):
+    """The client went away before its request was read: nobody gets the answer (nginx's 499, "client closed
+    request"), counted as a client error rather than logged as a server fault."""
+    status = 499
+    grpc_code = "CANCELLED"
+
+
 class Conflict(ClientError):
     """Another change to the served models is in progress (one at a time, across every worker)."""
 

@@ -9,6 +9,7 @@ a URL or files. The token check is the front door's (service/auth.py), not this 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import replace
@@ -368,17 +369,24 @@ def _duration(count: float, seconds: float) -> dict:
 
 def _metric_samples() -> list:
     """Every sample of every worker's metrics (the multiprocess files /metrics merges too)."""
+    import glob
     import os
 
-    from prometheus_client import REGISTRY, CollectorRegistry
+    from prometheus_client import REGISTRY
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-    else:
-        registry = REGISTRY
-    return [s for family in registry.collect() for s in family.samples]
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder is None:
+        return [s for family in REGISTRY.collect() for s in family.samples]
+    # A worker creating a metrics file leaves it empty for an instant (prometheus_client sizes its mmap after
+    # opening it), and reading it then raises struct.error: a statistics call under load answered 500. An
+    # empty file holds no sample yet; once sized it stays readable (zeros read as no samples).
+    files = []
+    for path in glob.glob(os.path.join(folder, "*.db")):
+        with contextlib.suppress(OSError):  # gone since the listing: nothing to read either
+            if os.path.getsize(path) > 0:
+                files.append(path)
+    return [s for family in MultiProcessCollector.merge(files, accumulate=True) for s in family.samples]
 
 
 def _summer(samples: list, model: str, version: str):

@@ -797,6 +797,27 @@ def reference_logits(tag: str, x: np.ndarray) -> np.ndarray:
     return session.run(["logits"], {"input": x})[0]
 
 
+def test_a_client_that_leaves_mid_body_is_a_client_error_not_a_server_fault(server):
+    """A client that hangs up before its body is complete gets no answer (nobody is there): the request is
+    counted as a client error (499) and logs no ERROR line or traceback (the next test reads the log)."""
+    from tests.test_service import metric, scrape
+
+    url = server.http_url
+    samples = scrape(url)
+    before = metric(samples, "nnserve_requests_total", endpoint="classify", outcome="client_error")
+    faults = metric(samples, "nnserve_requests_total", endpoint="classify", outcome="server_error")
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\n")
+        time.sleep(0.5)  # the server is reading the body when the client leaves
+    deadline = time.monotonic() + 30
+    while metric(scrape(url), "nnserve_requests_total", endpoint="classify", outcome="client_error") == before:
+        assert time.monotonic() < deadline, "the abandoned request was never counted"
+        time.sleep(0.2)
+    assert metric(scrape(url), "nnserve_requests_total", endpoint="classify", outcome="server_error") == faults
+
+
 def test_after_the_corpus_the_server_answers_correctly_and_logged_no_error(server, log_offset, tiny_store):
     """Runs after the corpus (file order): normal requests on every front end give the right answers, and the
     server log since the corpus began has no ERROR line or traceback (client mistakes log one DEBUG line)."""
