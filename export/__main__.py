@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[Path], Options]:
     p.add_argument("--strict-fold", action="store_true",
                    help="a BatchNorm with no conv/linear to fold into is an error (default: a scale-and-shift)")
     p.add_argument("--make-batch-dynamic", action="store_true",
-                   help="ONNX files made elsewhere: rewrite a fixed batch of 1 to a dynamic axis, then verify it")
+                   help="ONNX files made elsewhere: rewrite a fixed batch (1 or N) to a dynamic axis, then verify it")
     p.add_argument("--int8", action="store_true", help="also quantize to INT8 and register NAME-int8")
     p.add_argument("--int8-max-drop", type=float, default=defaults.int8_max_drop,
                    help="image models: largest top-1 drop (points) for which NAME-int8 is registered (default 1.0)")
@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[Path], Options]:
                    help="parity tolerance, scaled by an output's magnitude past 1 (default 1e-4)")
     p.add_argument("--bench-runs", type=int, default=defaults.bench_runs,
                    help="latency runs per batch size (median reported)")
-    p.add_argument("--report-dir", type=Path, default=defaults.report_dir, help="where NAME.json reports go")
+    p.add_argument("--report-dir", type=Path, default=defaults.report_dir,
+                   help="where NAME.json reports go (default: exported/ in the current directory)")
     p.add_argument("--no-register", action="store_true", help="verify and report only; leave the store alone")
     args = p.parse_args(argv)
     opts = Options(int8=args.int8, tensorrt=args.tensorrt, fp16=args.fp16, if_missing=args.if_missing,

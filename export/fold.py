@@ -331,14 +331,46 @@ def _fold_into_conv(g: _Graph, graph: onnx.GraphProto, conv: onnx.NodeProto, sca
     return True
 
 
-def fold_batchnorm_onnx(model: onnx.ModelProto, strict_fold: bool = False
+def _fold_into_gemm(g: _Graph, graph: onnx.GraphProto, gemm: onnx.NodeProto, scale: np.ndarray,
+                    shift: np.ndarray) -> bool:
+    """Fold y = x * scale + shift (per column) into Gemm's constant B and C; False if not constant or mis-sized.
+
+    Gemm is ``alpha * A' B' + beta * C``: B' columns scale, and C becomes ``beta * C * scale + shift`` with
+    beta set to 1 (so a Gemm without C gets one)."""
+    b = g.constant(gemm.input[1])
+    has_c = len(gemm.input) > 2 and bool(gemm.input[2])
+    c = g.constant(gemm.input[2]) if has_c else None
+    if b is None or b.ndim != 2 or (has_c and c is None):
+        return False
+    trans_b = _attr(gemm, "transB", 0)
+    if b.shape[0 if trans_b else 1] != scale.size:  # B' is [K, M]: M output columns, the BN's channels
+        return False
+    b_new = b.astype(np.float64) * (scale.reshape(-1, 1) if trans_b else scale.reshape(1, -1))
+    beta = float(_attr(gemm, "beta", 1.0))
+    c_new = (beta * c.astype(np.float64) if c is not None else 0.0) * scale + shift
+    base = gemm.name or gemm.output[0]
+    inputs = [gemm.input[0], g.add_initializer(graph, f"{base}.weight_bnfold", b_new.astype(b.dtype)),
+              g.add_initializer(graph, f"{base}.bias_bnfold", np.asarray(c_new).astype(b.dtype))]
+    del gemm.input[:]
+    gemm.input.extend(inputs)
+    attributes = [a for a in gemm.attribute if a.name != "beta"]
+    del gemm.attribute[:]
+    gemm.attribute.extend([*attributes, onnx.helper.make_attribute("beta", 1.0)])
+    return True
+
+
+FOLD_PRODUCERS = {"Conv": _fold_into_conv, "ConvTranspose": _fold_into_conv, "Gemm": _fold_into_gemm}
+
+
+def fold_batchnorm_onnx(model: onnx.ModelProto, strict_fold: bool = False, reasons: dict[str, str] | None = None
                         ) -> tuple[onnx.ModelProto, list[str], list[str]]:
     """Fold or replace every BatchNormalization node of the main graph; ``model`` itself is not changed.
 
-    Returns (new model, ["bn node -> conv node" folded], [bn nodes made Mul+Add]). A BN folds into the
-    Conv/ConvTranspose producing its input when that output feeds nothing else and the weights are
-    constant; any other BN becomes Mul+Add (a :class:`FoldError` with ``strict_fold``). A BN in training
-    mode or with non-constant statistics is always a FoldError. Arithmetic in float64, then cast.
+    Returns (new model, ["bn node -> producer node" folded], [bn nodes made Mul+Add]). A BN folds into the
+    Conv/ConvTranspose/Gemm producing its input when that output feeds nothing else and the weights are
+    constant; any other BN becomes Mul+Add (a :class:`FoldError` with ``strict_fold``), and ``reasons`` (when
+    given) gets why, by BN node. A BN in training mode or with non-constant statistics is always a FoldError.
+    Arithmetic in float64, then cast.
     """
     model = copy.deepcopy(model)
     graph = model.graph
@@ -366,17 +398,17 @@ def fold_batchnorm_onnx(model: onnx.ModelProto, strict_fold: bool = False
         producer = g.producers.get(x)
         what = f"{producer.op_type} node {producer.name or x!r}" if producer is not None else f"graph input {x!r}"
         why: str | None
-        if producer is None or producer.op_type not in ("Conv", "ConvTranspose"):
-            why = f"its input comes from {what}, not from a Conv"
+        if producer is None or producer.op_type not in FOLD_PRODUCERS:
+            why = f"its input comes from {what}, not from a Conv or Gemm"
         elif used[x] != 1:
             why = f"its input comes from {what}, whose output is used elsewhere too"
         else:
             old_weights = list(producer.input[1:])
-            why = None if _fold_into_conv(g, graph, producer, scale, shift) else \
+            why = None if FOLD_PRODUCERS[producer.op_type](g, graph, producer, scale, shift) else \
                 f"its input comes from {what}, whose weights are not constant or do not match"
             stale.update(old_weights)
         if why is None:
-            assert producer is not None  # why is None only when the Conv above absorbed the BN
+            assert producer is not None  # why is None only when the Conv/Gemm above absorbed the BN
             producer.output[0] = y  # the conv now computes the BN's output directly
             g.producers[y] = producer  # so a second BN right after folds into it too
             replacements[index] = []
@@ -384,6 +416,8 @@ def fold_batchnorm_onnx(model: onnx.ModelProto, strict_fold: bool = False
             continue
         if strict_fold:
             raise FoldError(f"BatchNormalization node {bn_name!r} cannot be folded: {why}; {STRICT_HINT}")
+        if reasons is not None:
+            reasons[bn_name] = why
         x_type = types.get(x)
         shape = x_type.tensor_type.shape if x_type is not None and x_type.tensor_type.HasField("shape") else None
         # Unknown rank: assume NCHW (rank 4), what image models feed BN; exporter graphs have full shapes.

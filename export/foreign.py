@@ -5,13 +5,20 @@ the ONNX checker and strict shape inference, that this onnxruntime loads it, the
 outputs (names, side, dtype, rank), that batching rows gives the rows' own results (batch 1 vs batch N),
 and, only when the user supplies one, parity with reference outputs from an ``.npz`` file.
 
+What nnserve changes in the graph, each change verified against the original graph's outputs: dims
+written as ``-1`` (PaddlePaddle, some converters: "unknown") become symbolic; a fixed batch becomes dynamic
+when asked (``--make-batch-dynamic``); BatchNormalization nodes fold into the Conv/Gemm before them
+(export/fold.py's graph pass), the others become Mul+Add. A graph needing none is copied byte for byte.
+
 ``declared`` maps graph tensor names to what the model card promises, e.g.::
 
     {"pixel_values": {"side": "input", "dtype": "float32", "rank": 4, "batch_axis": 0},
      "logits": {"side": "output", "dtype": "float32", "rank": 2, "batch_axis": 0}}
 
-``batch_axis`` may be omitted (or None) for a tensor without one. Every graph input must be declared
-(the service feeds each one); undeclared outputs are allowed and not compared.
+``batch_axis`` may be omitted (or None) for a tensor without one; ``shape`` (optional, None for any size) is
+what the card feeds, checked against the graph's fixed sizes (``shape_from`` names the card fields that make
+it). Every graph input must be declared (the service feeds each one); undeclared outputs are allowed and not
+compared.
 
 Only self-contained files are accepted: weights in external data files would not travel with the copy.
 """
@@ -23,6 +30,7 @@ import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -151,6 +159,12 @@ def check_io(model: onnx.ModelProto, declared: dict[str, dict]) -> dict:
                             f"{shape}: fix the card's rank")
         elif axis is not None and not 0 <= axis < len(shape):
             problems.append(f"{name}: batch_axis {axis} is outside rank {len(shape)}: fix the card")
+        elif len(spec.get("shape") or shape) == len(shape) and any(
+                isinstance(have, int) and have > 0 and want is not None and have != want
+                for have, want in zip(shape, spec.get("shape") or shape, strict=True)):
+            problems.append(f"{name}: the graph's {side} is {shape} but the card makes "
+                            f"{['N' if want is None else want for want in spec['shape']]}: fix the card "
+                            f"({spec.get('shape_from', 'its sizes')}) to the graph's fixed sizes")
     undeclared = [n for n in inputs if n not in declared]
     if undeclared:
         problems.append(f"graph inputs {undeclared} are not declared: the service must feed every input, so "
@@ -162,8 +176,33 @@ def check_io(model: onnx.ModelProto, declared: dict[str, dict]) -> dict:
     return {"inputs": specs_in, "outputs": specs_out}
 
 
+def negative_dims(model: onnx.ModelProto) -> list[tuple[str, int]]:
+    """Graph input/output dims written as a negative size, [(name, axis)]: PaddlePaddle (and some converters)
+    write an unknown size, the dynamic batch included, as ``dim_value: -1``; onnxruntime reads it as dynamic."""
+    inputs, outputs = graph_io(model)
+    return [(name, axis) for name, value in {**inputs, **outputs}.items()
+            for axis, d in enumerate(value.type.tensor_type.shape.dim) if d.HasField("dim_value") and d.dim_value < 0]
+
+
+def symbolic_dims(model: onnx.ModelProto, declared: dict[str, dict]) -> onnx.ModelProto:
+    """A copy whose ``-1`` dims are symbolic: ``batch`` on declared batch axes, ``<tensor>_<axis>`` elsewhere."""
+    model = copy.deepcopy(model)
+    values = {v.name: v for v in [*model.graph.input, *model.graph.output]}
+    for name, axis in negative_dims(model):
+        batch = declared.get(name, {}).get("batch_axis") == axis
+        values[name].type.tensor_type.shape.dim[axis].dim_param = BATCH_DIM if batch else f"{name}_{axis}"
+    del model.graph.value_info[:]  # inferred from the -1 signature; inferred again below
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ForeignGraphError(f"with its -1 dims made symbolic the graph no longer checks: {e}. Re-export it "
+                                "with named dynamic dims") from e
+
+
 def fixed_batch_inputs(model: onnx.ModelProto, declared: dict[str, dict]) -> list[tuple[str, int, int]]:
-    """Declared tensors (inputs and outputs) whose batch axis is a fixed size: [(name, axis, size)]."""
+    """Declared tensors (inputs and outputs) whose batch axis is a fixed size: [(name, axis, size)]. A dim that is
+    symbolic, unnamed or written as -1 is dynamic."""
     inputs, outputs = graph_io(model)
     fixed = []
     for name, spec in declared.items():
@@ -171,7 +210,8 @@ def fixed_batch_inputs(model: onnx.ModelProto, declared: dict[str, dict]) -> lis
         if value is None or axis is None:
             continue
         shape = value.type.tensor_type.shape.dim
-        if 0 <= axis < len(shape) and shape[axis].HasField("dim_value"):  # check_io reports a bad axis
+        # check_io reports a bad axis
+        if 0 <= axis < len(shape) and shape[axis].HasField("dim_value") and shape[axis].dim_value > 0:
             fixed.append((name, axis, shape[axis].dim_value))
     return fixed
 
@@ -267,6 +307,51 @@ def batch_consistency(path: Path, declared: dict[str, dict], feeds_for_batch: Ca
             "batch": batch, "tolerance_max_abs": tolerance, "outputs": compared, "passed": True}
 
 
+def fold_batchnorm(model: onnx.ModelProto, strict_fold: bool = False) -> tuple[onnx.ModelProto, dict]:
+    """export/fold.py's graph pass on a foreign graph: each BatchNormalization after a Conv/Gemm (whose output
+    feeds nothing else, with constant weights) folds into it; any other becomes Mul+Add (a FoldError with
+    ``strict_fold``). Returns the graph and what was done, by node; BNs inside subgraphs (If/Loop) stay."""
+    from export.fold import fold_batchnorm_onnx
+
+    count = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+    if not count:
+        return model, {"batchnorm_nodes": 0}
+    reasons: dict[str, str] = {}
+    folded_model, folded, scale_shift = fold_batchnorm_onnx(model, strict_fold, reasons)
+    try:
+        onnx.checker.check_model(folded_model, full_check=True)
+        folded_model = onnx.shape_inference.infer_shapes(folded_model, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:  # a bug of ours, said so
+        raise ForeignGraphError(f"folding BatchNormalization made a graph that fails the checker ({e}); rerun "
+                                "with --strict-fold to see which node, and report it") from e
+    return folded_model, {"batchnorm_nodes": count, "batchnorm_folded": folded, "batchnorm_scale_shift": scale_shift,
+                          "not_folded_because": reasons}
+
+
+def rewrite_parity(original: Path, rewritten: Path, declared: dict[str, dict], feeds: dict[str, np.ndarray],
+                   tolerance: float) -> dict:
+    """The rewritten graph against the user's original on the same inputs (ORT CPU): every declared output within
+    ``tolerance`` x max(1, max |output|) (folding reorders float arithmetic; float32 spacing grows with size)."""
+    def run(path: Path) -> dict[str, np.ndarray]:
+        session = cpu_session(path)
+        return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
+
+    want, got = run(original), run(rewritten)
+    compared = {}
+    for name, spec in declared.items():
+        if spec.get("side") != "output":
+            continue
+        diff = float(np.abs(got[name].astype(np.float64) - want[name]).max()) if want[name].size else 0.0
+        bound = tolerance * max(1.0, float(np.abs(want[name]).max()) if want[name].size else 0.0)
+        compared[name] = {"max_abs": diff, "bound": bound}
+        if not diff <= bound:
+            raise ForeignGraphError(f"after nnserve's rewrite (BatchNorm folding, dims) output {name} differs from "
+                                    f"the original graph's by {diff:.3g} (bound {bound:.3g}): nothing registered; "
+                                    "rerun with --strict-fold to see the nodes involved, and report it")
+    return {"check": "rewritten graph vs the original graph, same inputs, ORT CPU",
+            "batch": next(iter(feeds.values())).shape[0] if feeds else None, "outputs": compared, "passed": True}
+
+
 def load_reference(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:  # never unpickle a user's file
@@ -301,7 +386,7 @@ def reference_parity(path: Path, reference_npz: Path, declared: dict[str, dict],
         specs = {i.name: (i.type, i.shape) for i in session.get_inputs()}
         raise ForeignGraphError(f"the graph fails on the inputs of {Path(reference_npz).name}: {e}. Save them with "
                                 f"the graph's input types and shapes: {specs}") from e
-    compared = {}
+    compared: dict[str, dict[str, Any]] = {}
     for name in expected:
         ref = reference[name]
         if ref.shape != got[name].shape:
@@ -331,8 +416,9 @@ def reference_parity(path: Path, reference_npz: Path, declared: dict[str, dict],
 
 def prepare_foreign(src: Path, dst: Path, declared: dict[str, dict],
                     feeds_for_batch: Callable[[int], dict[str, np.ndarray]], make_dynamic: bool,
-                    reference_npz: Path | None, tolerance: float = 1e-4) -> dict:
-    """Verify ``src``, write it (batch axis made dynamic if asked and needed) to ``dst``; returns the certificate.
+                    reference_npz: Path | None, tolerance: float = 1e-4, strict_fold: bool = False) -> dict:
+    """Verify ``src``, write it (``-1`` dims made symbolic, batch axis made dynamic if asked and needed,
+    BatchNorm folded) to ``dst``; returns the certificate.
 
     Everything is verified on the temp file that is then renamed to ``dst``, so ``dst`` is only ever the
     checked graph. Raises :class:`ForeignGraphError` on the first failed check.
@@ -346,6 +432,11 @@ def prepare_foreign(src: Path, dst: Path, declared: dict[str, dict],
     io = check_io(model, declared)
     checks.append({"check": "declared inputs/outputs: names, side, dtype, rank; every input declared",
                    "declared": sorted(declared), "passed": True})
+    negative = negative_dims(model)
+    if negative:  # -1 means "unknown" to onnxruntime: the batch written so is dynamic, not a batch of -1
+        model = symbolic_dims(model, declared)
+        checks.append({"check": "dims written as -1 made symbolic (dynamic)", "dims": [list(d) for d in negative],
+                       "passed": True})
     fixed = fixed_batch_inputs(model, declared)  # on the inferred graph: outputs show what the ops compute
     fixed_inputs = [f for f in fixed if declared[f[0]]["side"] == "input"]
     if fixed and not fixed_inputs:
@@ -354,18 +445,25 @@ def prepare_foreign(src: Path, dst: Path, declared: dict[str, dict],
         name, axis, size = fixed_inputs[0]
         raise ForeignGraphError(f"the graph has a fixed batch of {size} on input {name} (axis {axis}; all fixed: "
                                 f"{fixed}); nnserve batches requests, so it needs a dynamic batch axis. Either "
-                                f"{reexport_hint(declared)}; or pass --make-batch-dynamic to let nnserve "
-                                "rewrite the batch axis and verify the rewrite (batch 1 vs batch N)")
+                                "pass --make-batch-dynamic (or set \"make_batch_dynamic\": true in the card's "
+                                "\"onnx\") to let nnserve rewrite the batch axis and verify the rewrite (batch 1 vs "
+                                f"batch N); or {reexport_hint(declared)}")
     checks.append({"check": "batch axes dynamic", "fixed_batch_axes": [list(f) for f in fixed],
                    "made_dynamic": bool(fixed), "passed": True})
+    if fixed:
+        model = make_batch_dynamic(model, declared)
+    model, folding = fold_batchnorm(model, strict_fold)
+    rewritten = bool(negative or fixed or folding.get("batchnorm_folded") or folding.get("batchnorm_scale_shift"))
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp")  # same filesystem as dst, so the rename is atomic
     try:
-        if fixed:
-            model = make_batch_dynamic(model, declared)
+        if rewritten:
             onnx.save(model, str(tmp))
             io = check_io(model, declared)  # the served signature: batch dims now -1
+            # The original runs at its own batch (a fixed one, or 2 rows); the rewrite must give its outputs.
+            feeds = feeds_for_batch(fixed_inputs[0][2] if fixed_inputs else 2)
+            checks.append(rewrite_parity(src, tmp, declared, feeds, tolerance))
         else:
             shutil.copyfile(src, tmp)  # byte for byte: nothing of ours added to their graph
         checks.append(batch_consistency(tmp, declared, feeds_for_batch, tolerance=tolerance))
@@ -380,4 +478,5 @@ def prepare_foreign(src: Path, dst: Path, declared: dict[str, dict],
     return {"source": str(src),
             "reference": f"reference outputs from {reference_npz}" if reference_npz is not None else NO_REFERENCE,
             "runtime": f"onnxruntime {ort.__version__} CPU", "checks": checks, "io": io,
-            "batch_made_dynamic": bool(fixed), "passed": True}
+            "batch_made_dynamic": bool(fixed), "unknown_dims_made_symbolic": [list(d) for d in negative],
+            "folding": folding, "passed": True}

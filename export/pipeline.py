@@ -59,7 +59,7 @@ class Options:
     register: bool = True
     eval_data: Path | None = None  # the user's evaluation images (folder per label, .npz) or text file
     strict_fold: bool = False  # a BatchNorm that cannot be folded is an error, not a scale-and-shift
-    make_batch_dynamic: bool = False  # ONNX files made elsewhere: rewrite a fixed batch of 1 (verified)
+    make_batch_dynamic: bool = False  # ONNX files made elsewhere: rewrite a fixed batch (verified)
 
 
 @dataclass
@@ -172,12 +172,16 @@ def onnx_stage(source: Source, work: Path, opts: Options) -> Graph:
     certificate = prepare_foreign(
         source.directory / card["onnx"]["file"], path, declared, lambda n: kind.foreign_feeds(card, declared, n),
         make_dynamic=opts.make_batch_dynamic or card["onnx"].get("make_batch_dynamic", False),
-        reference_npz=source.directory / reference if reference else None, tolerance=opts.max_abs_error)
+        reference_npz=source.directory / reference if reference else None, tolerance=opts.max_abs_error,
+        strict_fold=opts.strict_fold)
     graph = onnx.load(str(path))
     certificate.update(kind.foreign_quality(path, roles, samples))
     _, outputs = io_specs(graph)
+    before = op_counts(onnx.load(str(source.directory / card["onnx"]["file"]), load_external_data=False))
     return Graph(path, graph, roles, certificate, samples, extra_metadata=kind.store_metadata(card, roles, outputs),
-                 report={"nodes": {"after_folding": len(graph.graph.node), "ops_after_folding": op_counts(graph)}})
+                 report={"folding": certificate.pop("folding"),
+                         "nodes": {"before_folding": sum(before.values()), "after_folding": len(graph.graph.node),
+                                   "ops_before_folding": before, "ops_after_folding": op_counts(graph)}})
 
 
 # ---- 3-5. optimized, INT8 and TensorRT variants ----------------------------------------------------------------

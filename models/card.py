@@ -36,9 +36,17 @@ def schema() -> dict:
     return json.loads(SCHEMA_PATH.read_text())
 
 
+def _json_path(path) -> str:
+    return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+
+
 def validate_card(card: object, where: str = CARD) -> dict:
-    """Raise CardError naming the JSON path of the first problem the schema finds (the deepest, most specific
-    one), with the allowed names for a misspelled field."""
+    """Raise CardError naming the JSON path of the first problem the schema finds, with the allowed names for a
+    misspelled field.
+
+    Unknown fields come first: a misspelled required field (``labeles``) is also a missing one, and the name
+    it is closest to is the fix, where "'labels' is a required property" alone would hide the typo. Otherwise
+    the deepest, most specific error (jsonschema's best match)."""
     import jsonschema
 
     if isinstance(card, dict) and card.get("kind") == "sequence_lm" and "onnx" in card:
@@ -49,15 +57,21 @@ def validate_card(card: object, where: str = CARD) -> dict:
     errors = sorted(validator.iter_errors(card), key=jsonschema.exceptions.relevance)
     if not errors:
         return card  # type: ignore[return-value]
-    error = jsonschema.exceptions.best_match(errors)
-    path = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+    unknown = [e for e in errors if e.validator == "additionalProperties"]
+    error = min(unknown, key=lambda e: len(e.absolute_path)) if unknown else jsonschema.exceptions.best_match(errors)
+    path = _json_path(error.absolute_path)
     message = error.message
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         extra = [k for k in error.instance if k not in allowed]
-        hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, allowed, 1))
-                 else repr(k) for k in extra]
+        close = {k: difflib.get_close_matches(k, allowed, 1) for k in extra}
+        hints = [f"{k!r} (did you mean {close[k][0]!r}?)" if close[k] else repr(k) for k in extra]
         message = f"unknown field(s) {', '.join(hints)}; allowed: {', '.join(allowed)}"
+        hinted = {c[0] for c in close.values() if c}
+        missing = sorted({name for e in errors if e.validator == "required" and e.absolute_path == error.absolute_path
+                          for name in e.validator_value if name not in e.instance and name not in hinted})
+        if missing:
+            message += f"; also missing: {', '.join(map(repr, missing))}"
     elif error.validator == "oneOf" and error.absolute_path == type(error.absolute_path)():
         message = ("give either 'config' (a PyTorch factory + weights) or 'onnx' (an ONNX file made elsewhere), "
                    "not both or neither")

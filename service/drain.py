@@ -35,7 +35,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     header_timeout_s = 60.0  # set by configure_uvicorn
     header_timer = None
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._arm()
 
@@ -80,7 +80,7 @@ def configure_uvicorn(drain_timeout_s: float, header_timeout_s: float) -> None:
     """Make ``drain_timeout_s`` uvicorn's default ``timeout_graceful_shutdown`` and ``HeaderTimeoutProtocol``
     with ``header_timeout_s`` its default HTTP protocol in this process."""
     HeaderTimeoutProtocol.header_timeout_s = header_timeout_s
-    base = uvicorn.Config
+    base: type = uvicorn.Config
     if getattr(base, "nnserve_defaults", False):  # already applied (module re-import)
         base = base.__mro__[1]
 
@@ -94,4 +94,4 @@ def configure_uvicorn(drain_timeout_s: float, header_timeout_s: float) -> None:
                 http = HeaderTimeoutProtocol
             super().__init__(*args, timeout_graceful_shutdown=timeout_graceful_shutdown, http=http, **kwargs)
 
-    uvicorn.Config = Config
+    uvicorn.Config = Config  # type: ignore[misc]  # the patch: uvicorn.run builds this Config

@@ -62,7 +62,7 @@ def store_versions(store_name: str) -> list[str]:
         models = bentoml.models.list(store_name)
     except bentoml.exceptions.NotFound:
         return []
-    return [m.tag.version for m in sorted(models, key=lambda m: m.info.creation_time)]
+    return [str(m.tag.version) for m in sorted(models, key=lambda m: m.info.creation_time)]
 
 
 def store_model_complete(store_name: str) -> bool:

@@ -3,6 +3,7 @@ plain torch.onnx.export with no dynamic axes (fixed batch 1), as another team wo
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import numpy as np
@@ -288,3 +289,99 @@ def test_make_batch_dynamic_leaves_the_caller_model_alone(tmp_path):
     shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in rewritten.graph.value_info}
     assert shapes["pooled"] == ["batch", 4, 1, 1]
+
+
+# ---- graphs as other frameworks write them (issue 28) -------------------------------------------------------
+
+def test_a_batch_written_as_minus_one_is_dynamic(tmp_path):
+    """PaddlePaddle (paddle2onnx) writes a dynamic batch as dim_value -1: dynamic, not "a fixed batch of -1"."""
+    src = classifier(tmp_path / "paddle.onnx", batch=-1)
+    assert onnx.load(str(src)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1
+    assert fixed_batch_inputs(inspect_graph(src), DECLARED) == []
+    dst = tmp_path / "out" / "model.onnx"
+    cert = prepare_foreign(src, dst, DECLARED, feeds, make_dynamic=False, reference_npz=None)
+    assert cert["passed"] and not cert["batch_made_dynamic"]
+    assert cert["unknown_dims_made_symbolic"] == [["pixel_values", 0], ["scores", 0]]
+    written = onnx.load(str(dst))
+    assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert written.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert cert["io"]["inputs"][0]["shape"] == [-1, 3, 8, 8]
+    rewrite = next(c for c in cert["checks"] if c["check"].startswith("rewritten graph vs the original"))
+    assert rewrite["outputs"]["scores"]["max_abs"] == 0.0, "only the signature changed"
+    assert cpu_session(dst).run(None, feeds(7))[0].shape == (7, CLASSES)
+
+
+def test_a_fixed_batch_above_one_names_make_batch_dynamic(tmp_path):
+    src = classifier(tmp_path / "fixed4.onnx", batch=4)
+    with pytest.raises(ForeignGraphError) as e:
+        prepare_foreign(src, tmp_path / "model.onnx", DECLARED, feeds, make_dynamic=False, reference_npz=None)
+    assert "fixed batch of 4 on input pixel_values" in str(e.value)
+    assert "pass --make-batch-dynamic (or set \"make_batch_dynamic\": true" in str(e.value)
+    cert = prepare_foreign(src, tmp_path / "model.onnx", DECLARED, feeds, make_dynamic=True, reference_npz=None)
+    assert cert["batch_made_dynamic"] and cpu_session(tmp_path / "model.onnx").run(None, feeds(3))[0].shape == (3, 10)
+    rewrite = next(c for c in cert["checks"] if c["check"].startswith("rewritten graph vs the original"))
+    assert rewrite["batch"] == 4, "the original ran at its own fixed batch"
+
+
+def bn_node(name: str, x: str, y: str, channels: int, seed: int) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    rng = np.random.default_rng(seed)
+    params = {"scale": rng.uniform(0.5, 2, channels), "bias": rng.standard_normal(channels),
+              "mean": rng.standard_normal(channels), "var": rng.uniform(0.2, 3, channels)}
+    tensors = [numpy_helper.from_array(v.astype(np.float32), f"{name}.{k}") for k, v in params.items()]
+    node = helper.make_node("BatchNormalization", [x, *(t.name for t in tensors)], [y], name=name, epsilon=1e-3)
+    return node, tensors
+
+
+def paddle_like_with_bn(path: Path) -> Path:
+    """Conv -> BN -> Relu -> BN (nothing to fold into) -> pool -> Gemm(transB) -> BN, batch written as -1."""
+    rng = np.random.default_rng(1)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("conv_w", (4, 3, 3, 3)), ("fc_w", (CLASSES, 4)), ("fc_b", (CLASSES,)))]
+    bns = [bn_node("bn_conv", "conv", "conv_bn", 4, 2), bn_node("bn_relu", "relu", "relu_bn", 4, 3),
+           bn_node("bn_fc", "fc", "scores", CLASSES, 4)]
+    nodes = [helper.make_node("Conv", ["pixel_values", "conv_w"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
+             bns[0][0], helper.make_node("Relu", ["conv_bn"], ["relu"], name="relu"), bns[1][0],
+             helper.make_node("GlobalAveragePool", ["relu_bn"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+             helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["fc"], name="fc", transB=1, beta=0.5), bns[2][0]]
+    graph = helper.make_graph(nodes, "paddle_like",
+                              [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [-1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [-1, CLASSES])],
+                              initializer=weights + [t for _, ts in bns for t in ts])
+    return save(graph, path)
+
+
+def test_batchnorm_in_a_foreign_graph_folds_into_conv_and_gemm(tmp_path):
+    src = paddle_like_with_bn(tmp_path / "bn.onnx")
+    dst = tmp_path / "model.onnx"
+    cert = prepare_foreign(src, dst, DECLARED, feeds, make_dynamic=False, reference_npz=None)
+    folding = cert["folding"]
+    assert folding["batchnorm_nodes"] == 3
+    assert folding["batchnorm_folded"] == ["bn_conv -> conv", "bn_fc -> fc"]
+    assert folding["batchnorm_scale_shift"] == ["bn_relu"]
+    assert "Relu node 'relu'" in folding["not_folded_because"]["bn_relu"]
+    counts = collections.Counter(n.op_type for n in onnx.load(str(dst)).graph.node)
+    assert counts["BatchNormalization"] == 0 and counts["Mul"] == 1 and counts["Add"] == 1, counts
+    rewrite = next(c for c in cert["checks"] if c["check"].startswith("rewritten graph vs the original"))
+    assert rewrite["outputs"]["scores"]["max_abs"] <= 1e-5
+    x = feeds(6)
+    np.testing.assert_allclose(cpu_session(dst).run(None, x)[0], cpu_session(src).run(None, x)[0], atol=1e-5)
+
+
+def test_strict_fold_refuses_a_foreign_bn_with_nothing_to_fold_into(tmp_path):
+    from export.fold import FoldError
+
+    with pytest.raises(FoldError, match="'bn_relu' cannot be folded: its input comes from Relu node 'relu'"):
+        prepare_foreign(paddle_like_with_bn(tmp_path / "bn.onnx"), tmp_path / "model.onnx", DECLARED, feeds,
+                        make_dynamic=False, reference_npz=None, strict_fold=True)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_a_card_size_other_than_the_graphs_fixed_size_is_named(tmp_path):
+    declared = {**DECLARED, "pixel_values": {**DECLARED["pixel_values"], "shape": [None, 3, 16, 16],
+                                             "shape_from": "preprocessing"}}
+    with pytest.raises(ForeignGraphError, match=r"pixel_values: the graph's input is \['batch', 3, 8, 8\] but the "
+                                                r"card makes \['N', 3, 16, 16\]: fix the card \(preprocessing\)"):
+        check_io(inspect_graph(classifier(tmp_path / "g.onnx")), declared)
+    widthless = {**DECLARED, "pixel_values": {**DECLARED["pixel_values"], "shape": [None, 3, 8, 8]}}
+    assert check_io(inspect_graph(classifier(tmp_path / "g.onnx")), widthless)["inputs"][0]["shape"] == [-1, 3, 8, 8]

@@ -20,6 +20,7 @@ from PIL import Image
 from models.preprocess import (
     RESAMPLE,
     PreprocessingError,
+    TextLine,
     image_to_uint8,
     input_hw,
     preprocess_uint8,
@@ -398,3 +399,103 @@ def test_a_long_thin_upload_cannot_blow_up_the_resize():
         images.preprocess_upload(thin, IMAGENET, max_pixels=100_000)
     assert info.value.status == 413
     assert images.preprocess_upload(encode(Image.new("RGB", (50, 2500))), IMAGENET).shape == (3, 224, 224)
+
+
+# ---- pipelines of other frameworks: OpenCV's BGR, PaddleOCR's text lines (issue 28) ------------------------------
+
+TEXT_LINE = {"channels": 3, "channel_order": "BGR", "resize": {"height": 48, "max_width": 192},
+             "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "pad_value": 0.5}
+
+
+def paddleocr_resize_norm_img(bgr: np.ndarray, height: int, max_width: int) -> np.ndarray:
+    """PaddleOCR's ClsPredictor.resize_norm_img, line for line, with Pillow's bilinear resize standing in for
+    cv2.resize (the one thing nnserve does differently: Pillow's filter; docs/your-model.md says so)."""
+    h, w = bgr.shape[:2]
+    ratio = w / float(h)
+    resized_w = max_width if np.ceil(height * ratio) > max_width else int(np.ceil(height * ratio))
+    resized = np.asarray(Image.fromarray(bgr[..., ::-1]).resize((resized_w, height), Image.Resampling.BILINEAR))
+    resized = resized[..., ::-1].astype("float32").transpose((2, 0, 1)) / 255
+    resized -= 0.5
+    resized /= 0.5
+    padded = np.zeros((3, height, max_width), dtype=np.float32)
+    padded[:, :, 0:resized_w] = resized
+    return padded
+
+
+@pytest.mark.parametrize("size", [(30, 40), (100, 48), (300, 40), (900, 30), (192, 48)])
+def test_text_line_resize_is_paddleocrs(size):
+    """A short word keeps its shape and is padded; a long line is squeezed to max_width; same floats as PaddleOCR."""
+    image = photo(*size, seed=size[0])
+    got = images.preprocess_upload(encode(image), TEXT_LINE)
+    assert got.shape == (3, 48, 192) and input_hw(TEXT_LINE) == (48, 192)
+    want = paddleocr_resize_norm_img(np.asarray(image)[..., ::-1], 48, 192)
+    np.testing.assert_array_equal(got, want)
+    width = min(int(np.ceil(48 * size[0] / size[1])), 192)
+    assert resized_size(*size, TextLine(48, 192)) == (width, 48)
+    assert (got[:, :, width:] == 0).all(), "padded with 0 after normalizing, as PaddleOCR pads"
+
+
+def test_bgr_reverses_the_channels_and_mean_std_follow_the_networks_order():
+    image = photo(64, 64, seed=7)
+    rgb_spec = {"channels": 3, "resize": [32, 32], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    bgr_spec = {**rgb_spec, "channel_order": "BGR", "mean": rgb_spec["mean"][::-1], "std": rgb_spec["std"][::-1]}
+    rgb = images.preprocess_upload(encode(image), rgb_spec)
+    bgr = images.preprocess_upload(encode(image), bgr_spec)
+    np.testing.assert_array_equal(bgr, rgb[::-1])
+    pixels = image_to_uint8(image, bgr_spec)
+    np.testing.assert_array_equal(pixels, np.asarray(image.resize((32, 32), Image.Resampling.BILINEAR))[..., ::-1])
+
+
+@pytest.mark.parametrize("spec_", [
+    TEXT_LINE,
+    {**TEXT_LINE, "pad": 2, "pad_value": [0.1, 0.2, 0.3], "resample": "bicubic"},
+    {**TEXT_LINE, "channels": 1, "channel_order": "RGB", "mean": [0.5], "std": [0.5], "pad_value": [0.25]},
+    {**IMAGENET, "pad": 3, "pad_value": 114 / 255, "channel_order": "BGR"},
+    {**TEXT_LINE, "layout": "NHWC"},
+])
+@pytest.mark.parametrize("size", [(31, 40), (500, 41)])
+def test_fast_path_equals_training_functions_with_padding_values(spec_, size):
+    pixels = image_to_uint8(photo(*size, seed=size[0]), spec_)
+    fast = preprocess_upload_pixels(pixels, spec_)
+    slow = preprocess_uint8(pixels[None], spec_)[0]
+    np.testing.assert_array_equal(fast, slow.transpose(1, 2, 0) if spec_.get("layout") == "NHWC" else slow)
+    height, width = input_hw(spec_)
+    assert slow.shape == (spec_["channels"], height, width)
+    pad = spec_.get("pad", 0)
+    value = np.asarray(spec_["pad_value"], np.float32).reshape(-1)
+    corner = (np.broadcast_to(value, (spec_["channels"],)) - np.float32(spec_["mean"])) / np.float32(spec_["std"])
+    if pad or pixels.shape[1] + 2 * pad < width:  # a border, or a line narrower than max_width: padded
+        np.testing.assert_array_equal(slow[:, -1, -1], corner.astype(np.float32))
+    if pad:
+        np.testing.assert_array_equal(slow[:, 0, 0], corner.astype(np.float32))
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({**TEXT_LINE, "resize": {"height": 48}}, ["text-line resize", "'height' and 'max_width'"]),
+    ({**TEXT_LINE, "resize": {"height": 48, "max_width": 0}}, ["'max_width'", "positive ints"]),
+    ({**TEXT_LINE, "resize": {"height": 48, "max_widht": 192}}, ["'height' and 'max_width'"]),
+    ({**TEXT_LINE, "crop": [48, 100]}, ["'crop' does not go with a text-line 'resize'"]),
+    ({**TEXT_LINE, "channel_order": "bgr"}, ["'channel_order' must be RGB or BGR"]),
+    ({**TEXT_LINE, "channels": 1, "mean": [0.5], "std": [0.5]}, ["'channel_order' BGR needs 'channels': 3"]),
+    ({**TEXT_LINE, "pad_value": 127}, ["'pad_value'", "[0, 1] units"]),
+    ({**TEXT_LINE, "pad_value": [0.5, 0.5]}, ["'pad_value'", "one per channel"]),
+    ({**TEXT_LINE, "pad_value": []}, ["'pad_value'"]),
+    ({**TEXT_LINE, "input_size": [48, 200]}, ["'input_size'", "[48, 192]"]),
+])
+def test_new_fields_are_validated_naming_the_fix(bad, words):
+    with pytest.raises(PreprocessingError) as info:
+        validate_spec(bad)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_text_line_fields_pass_the_card_schema():
+    from models.card import CardError, validate_card
+
+    card = {"format": "nnserve.artifact/2", "name": "cls", "kind": "image_classifier", "onnx": {"file": "m.onnx"},
+            "labels": ["0", "180"], "preprocessing": {**TEXT_LINE, "input_size": [48, 192], "layout": "NCHW"}}
+    assert validate_card(card) is card
+    with pytest.raises(CardError, match="preprocessing.resize"):
+        validate_card({**card, "preprocessing": {**TEXT_LINE, "resize": {"height": 48, "width": 192}}})
+    with pytest.raises(CardError, match="unknown field\\(s\\) 'pad_vaule' \\(did you mean 'pad_value'\\?\\)"):
+        validate_card({**card, "preprocessing": {**TEXT_LINE, "pad_vaule": 0.5}})

@@ -203,7 +203,10 @@ class ImageClassifier(Kind):
             raise KindError(f"the graph has inputs {graph_inputs} and outputs {graph_outputs}: name which is which "
                             f"in the card, e.g. \"onnx\": {{\"inputs\": {{\"image\": ...}}, \"outputs\": "
                             f"{{\"scores\": ...}}}} (missing roles: {missing})")
-        declared = {roles["image"]: {"side": "input", "dtype": "float32", "rank": 4, "batch_axis": 0}}
+        # A graph whose height or width is dynamic (PaddleOCR's [-1, 3, 48, -1]) gets the card's fixed size.
+        declared = {roles["image"]: {"side": "input", "dtype": "float32", "rank": 4, "batch_axis": 0,
+                                     "shape": [None, *self.input_shape(card, 1)[1:]],
+                                     "shape_from": "preprocessing: channels, resize/crop/pad, layout"}}
         declared.update({roles[r]: {"side": "output", "dtype": "float32", "rank": 2, "batch_axis": 0}
                          for r in wanted_out})
         return declared, roles
