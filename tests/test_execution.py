@@ -215,7 +215,8 @@ def test_threads_and_instances_change_live_in_every_worker(server):
     assert answer.status_code == 200, answer.text
     assert "oversubscription" in answer.json()["warnings"][0]  # 2 workers x 2 threads on 2 cores
     assert triton_config(server)["parameters"]["intra_op_thread_count"]["string_value"] == "2"
-    every_worker_describes(server, lambda m: m["execution"]["instances"] == 1 and m["execution"]["intra_op_threads"] == 2)
+    every_worker_describes(server, lambda m: m["execution"]["instances"] == 1
+                           and m["execution"]["intra_op_threads"] == 2)
     assert classify(server).status_code == 200
 
     answer = load(server, {"parameters": {"intra_op_thread_count": 0}})  # back to the default: no warning

@@ -229,8 +229,9 @@ def finish(args: argparse.Namespace, target: Target, sweep: Sweep, interrupted: 
     log(f"chosen: {point.describe()} ({score(chosen, args.p95_ms)[1]:.1f} 2xx/s geometric mean)")
     if args.apply:
         return apply(args, entry, point)
+    budget = f"p95 <= {args.p95_ms:g} ms" if args.p95_ms else "no p95 budget"
     comment = (f"tuned {time.strftime('%Y-%m-%d')} (python -m loadtest.tune): {point.workers} worker(s) "
-               f"(NNSERVE_WORKERS), {'p95 <= %g ms' % args.p95_ms if args.p95_ms else 'no p95 budget'} "
+               f"(NNSERVE_WORKERS), {budget} "
                f"at {','.join(map(str, args.concurrency))} clients")
     try:
         report.write_entry(args.models_config, args.model, entry, comment)
@@ -277,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)  # also where a shell started it with SIGINT ignored (a background job)
     return tune(args)
 
 
