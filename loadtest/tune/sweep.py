@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import requests
@@ -98,7 +99,7 @@ def find_target(model: str, workdir: Path, image: Path | None = None) -> Target:
         raise NotInStore(f"model {model!r} is not in the BentoML model store ({home}); it holds: "
                          f"{', '.join(names) or 'nothing'}. Export it first: python -m export artifacts/{model} "
                          "(--int8 for the INT8 variant)") from None
-    metadata = dict(fp32.info.metadata)
+    metadata: dict[str, Any] = dict(fp32.info.metadata)
     variants, excluded = {"fp32": str(fp32.tag)}, {}
     try:
         int8 = bentoml.models.get(f"{model}-int8:latest")
