@@ -107,14 +107,18 @@ def _ready(url: str) -> bool:
 
 
 def start_process(cmd: list[str], http_port: int, log_path: Path, env: dict[str, str] | None = None,
-                  ready_path: str = "/readyz", timeout_s: float = 240.0, grpc_port: int = 0) -> LiveServer:
+                  ready_path: str = "/readyz", timeout_s: float = 240.0, grpc_port: int = 0,
+                  root: Path = REPO_ROOT) -> LiveServer:
     """Start any HTTP server command (nnserve, or a baseline of loadtest/baselines) listening on
-    ``http_port`` and wait until ``ready_path`` answers 200."""
+    ``http_port`` and wait until ``ready_path`` answers 200. ``root``: the checkout it runs from (its
+    working directory and first import path: another release's git worktree serves its own code)."""
     full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "PYTHONUNBUFFERED": "1", **(env or {})}
+    if root != REPO_ROOT:
+        full_env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [full_env.get("PYTHONPATH")])])
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:
         # Own session: a Ctrl-C meant for pytest does not hit the server half-way; stop_server stops it.
-        process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(cmd, cwd=root, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     server = LiveServer(f"http://127.0.0.1:{http_port}", grpc_port, process, log_path)
     deadline = time.monotonic() + timeout_s
@@ -130,16 +134,17 @@ def start_process(cmd: list[str], http_port: int, log_path: Path, env: dict[str,
 
 
 def start_server(log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 240.0,
-                 ready_path: str = "/readyz") -> LiveServer:
+                 ready_path: str = "/readyz", root: Path = REPO_ROOT) -> LiveServer:
     """Start ``bentoml serve`` and wait until ``ready_path`` says 200 (``/readyz``: models loaded and
-    warmed up; ``/livez`` for a server that is not meant to become ready)."""
+    warmed up; ``/livez`` for a server that is not meant to become ready). ``root``: the checkout whose
+    service it serves (default this one; the bench's ``--previous`` row: a git worktree of an older commit)."""
     http_port, grpc_port = free_port(), free_port()
     while grpc_port == http_port:
         grpc_port = free_port()
     bentoml_cli = Path(sys.executable).parent / "bentoml"
     cmd = [str(bentoml_cli), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(http_port)]
     return start_process(cmd, http_port, log_path, {"NNSERVE_GRPC_PORT": str(grpc_port), **(env or {})},
-                         ready_path=ready_path, timeout_s=timeout_s, grpc_port=grpc_port)
+                         ready_path=ready_path, timeout_s=timeout_s, grpc_port=grpc_port, root=root)
 
 
 def stop_server(server: LiveServer, grace_s: float = 30.0) -> int | None:
@@ -171,8 +176,8 @@ def stop_server(server: LiveServer, grace_s: float = 30.0) -> int | None:
 
 @contextlib.contextmanager
 def running_server(log_path: Path, env: dict[str, str] | None = None,
-                   ready_path: str = "/readyz") -> Iterator[LiveServer]:
-    server = start_server(log_path, env, ready_path=ready_path)
+                   ready_path: str = "/readyz", root: Path = REPO_ROOT) -> Iterator[LiveServer]:
+    server = start_server(log_path, env, ready_path=ready_path, root=root)
     try:
         yield server
     finally:

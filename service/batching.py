@@ -90,7 +90,8 @@ class DynamicBatcher:
         runs = list(run) if isinstance(run, Sequence) else [run]
         if not runs:
             raise ValueError("a batcher needs at least one model instance")
-        self.name, self._axis, self.config, self._on_batch = name, batch_axis, config, on_batch
+        self.name, self._batch_axis, self.config, self._on_batch = name, batch_axis, config, on_batch
+        self._axes: dict[str, int] = {}  # tensor name -> batch axis, asked once (the hot path asks per request)
         self._queue: collections.deque[_Entry] = collections.deque()
         self._lock = threading.Condition()
         self._closed = False
@@ -151,6 +152,12 @@ class DynamicBatcher:
             thread.join(timeout=10)
 
     # -- event-loop side ------------------------------------------------------------------------------
+
+    def _axis(self, name: str) -> int:
+        axis = self._axes.get(name)
+        if axis is None:
+            axis = self._axes[name] = self._batch_axis(name)
+        return axis
 
     def _items(self, feeds: Feeds) -> int:
         name, array = next(iter(feeds.items()))

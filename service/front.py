@@ -1,52 +1,51 @@
-"""The outermost ASGI app of every worker: the hot paths go straight to our apps, the rest to BentoML's.
+"""The outermost ASGI app of every worker: nnserve's routes go straight to their codecs, the rest to BentoML.
 
 BentoML wraps every route it serves in its middleware stack: OpenTelemetry spans, its own request
 metrics, a timeout task per request, a context middleware. For a 0.05 ms model that stack costs more
-than the model (measured when this front door was written; docs/bench.md does not hold that figure,
-its limit row shows what the bare HTTP stack costs), and nnserve keeps its own complete metrics
-(``nnserve_*``, docs/metrics.md). So this front door first checks the request's token (service/auth.py:
-the management API always needs one, the rest only with ``NNSERVE_INFERENCE_TOKEN_FILE``; health and
-``/metrics`` never), then dispatches:
+than the model, and nnserve keeps its own complete metrics (``nnserve_*``, docs/metrics.md). So this
+front door first checks the request's token (service/auth.py: the management API always needs one, the
+rest only with ``NNSERVE_INFERENCE_TOKEN_FILE``; health and ``/metrics`` never), then dispatches:
 
-- ``/classify``, ``/features``, ``/generate``, ``/models`` -> the REST app; ``/v2...`` -> the KServe app,
-  behind an admission limit: past ``NNSERVE_MAX_CONCURRENT_REQUESTS`` requests in this worker, a request
-  is answered 503 + Retry-After at once, before its body is parsed. The worker's event loop is the real
-  queue under overload (sockets wait there before any batcher sees them); bounding it keeps the accepted
-  requests fast and the rejections cheap.
-- ``/livez`` and ``/readyz`` -> answered here, never queued behind the limit: ``/readyz`` says why it is
-  not ready (models loading or failed, with reasons; gRPC not listening).
+- ``/classify``, ``/features``, ``/generate``, ``/models``, ``/docs.json`` -> the REST codec (rest.py);
+  ``/v2...`` -> the KServe v2 codec (kserve_http.py): each a Router of short methods (service/asgi.py).
+  An inference request (a POST but the management API's) first takes an admission slot from the data
+  plane (service/dataplane.py; gRPC takes the same slots): past ``NNSERVE_MAX_CONCURRENT_REQUESTS`` in
+  this worker it is answered 503 + Retry-After at once, before its body is read. The worker's event loop
+  is the real queue under overload (sockets wait there before any batcher sees them); bounding it keeps
+  the accepted requests fast and the rejections cheap.
+- ``/livez`` and ``/readyz`` -> answered here, never queued behind the limit: ``/readyz`` renders the data
+  plane's readiness (the same answer as ``/v2/health/ready`` and gRPC ``ServerReady``).
 - ``/playground...`` -> the playground's files (service/playground.py), when ``NNSERVE_PLAYGROUND`` is on.
-- everything else (``/metrics``, ``/``, ``/docs.json``, the OpenAPI assets, lifespan) -> BentoML's app.
+- everything else (``/metrics``, ``/``, the OpenAPI assets, lifespan) -> BentoML's app.
+
+Every answer of our routes is counted by status (``nnserve_http_responses_total``), refusals included.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 
 from service import metrics
+from service.asgi import HttpRequest, HttpResponse, Router, error_response, json_response, send_response
 from service.auth import Lock
+from service.dataplane import STARTING, DataPlane
+from service.errors import ClientError, Failure, MethodNotAllowed, Unavailable
 from service.playground import is_playground
-from service.repository import Repository, request_scope
+from service.repository import request_scope
 
 ASGIApp = Callable  # (scope, receive, send) -> awaitable
-REST_PATHS = frozenset({"/classify", "/features", "/generate", "/models"})
-UNLIMITED = frozenset({"/models"})  # cheap reads: never refused
+REST_PATHS = frozenset({"/classify", "/features", "/generate", "/models", "/docs.json"})
+UNLIMITED = frozenset({"/models", "/docs.json"})  # cheap reads: never refused
+SHUTTING_DOWN = Unavailable("server shutting down; retry on another replica", retry_after=1)
 
 
 class FrontDoor:
-    def __init__(self, bentoml_app: ASGIApp, rest_app: ASGIApp, kserve_app: ASGIApp,
-                 get_repository: Callable[[], Repository], readiness: Callable[[], str | None],
-                 max_concurrent_requests: int, lock: Lock | None = None, playground_app: ASGIApp | None = None
-                 ) -> None:
-        self.bentoml_app = bentoml_app
-        self.rest_app = rest_app
-        self.kserve_app = kserve_app
-        self.get_repository = get_repository
-        self.readiness = readiness  # None when ready, else why not
-        self.max_concurrent_requests = max_concurrent_requests
-        self.in_flight = 0
+    def __init__(self, bentoml_app: ASGIApp, rest: Router | None, v2: Router | None,
+                 plane: Callable[[], DataPlane | None], lock: Lock | None = None,
+                 playground_app: ASGIApp | None = None) -> None:
+        self.bentoml_app, self.rest, self.v2 = bentoml_app, rest, v2
+        self.plane = plane  # None until the worker's service object exists (its lifespan start-up)
         self.lock = lock or Lock()  # no token: management off, the rest open
         self.playground_app = playground_app  # None: NNSERVE_PLAYGROUND=off, BentoML answers 404
 
@@ -54,85 +53,79 @@ class FrontDoor:
         if scope["type"] not in ("http", "websocket"):  # lifespan
             return await self.bentoml_app(scope, receive, send)
         path = scope["path"]
+        route = "v2" if path == "/v2" or path.startswith("/v2/") else path[1:] if path in REST_PATHS else None
         denied = self.lock.check_rest(path, scope["headers"])
         if denied is not None:
             if scope["type"] == "websocket":  # no websocket route today; closed before accept = 403
                 return await send({"type": "websocket.close", "code": 1008})
-            if path in REST_PATHS or path == "/v2" or path.startswith("/v2/"):
-                metrics.count_response("v2" if path.startswith("/v2") else path[1:], denied.status)
-            return await respond(send, denied.status, {"error": denied.message},
-                                 headers=[(b"www-authenticate", b'Bearer realm="nnserve"')] if denied.status == 401
-                                 else [])
+            return await self.answer(send, route, error_response(Failure(denied.status, "", denied.message)))
         if scope["type"] != "http":
             return await self.bentoml_app(scope, receive, send)
-        if path in REST_PATHS:
-            app = self.rest_app
-        elif path == "/v2" or path.startswith("/v2/"):
-            app = self.kserve_app
-        elif path in ("/livez", "/readyz"):
+        if route is not None:
+            return await self.dispatch(scope, receive, send, route)
+        if path in ("/livez", "/readyz"):
             if scope["method"] not in ("GET", "HEAD"):
-                return await respond(send, 405, {"error": f"{path} takes GET or HEAD, not {scope['method'][:20]}"})
-            return await (respond(send, 200, {"alive": True}) if path == "/livez" else self.ready(send))
-        elif self.playground_app is not None and is_playground(path):
+                return await send_response(send, error_response(MethodNotAllowed(
+                    f"{path} takes GET or HEAD, not {scope['method'][:20]}")))
+            return await send_response(send, json_response({"alive": True}) if path == "/livez" else self.ready())
+        if self.playground_app is not None and is_playground(path):
             return await self.playground_app(scope, receive, send)
-        else:
-            return await self.bentoml_app(scope, receive, send)
-        route = "v2" if app is self.kserve_app else path[1:]
-        # Cheap reads, and the management API: an operator must be able to act on an overloaded server.
-        if path in UNLIMITED or scope["method"] != "POST" or path.startswith("/v2/repository/"):
-            return await counted(app, route, scope, receive, send)
-        if self.in_flight >= self.max_concurrent_requests:
-            metrics.count_response(route, 503)
-            return await respond(send, 503, {"error": f"server busy: {self.in_flight} requests in progress in this "
-                                             "worker (NNSERVE_MAX_CONCURRENT_REQUESTS); retry shortly"},
-                                 retry_after=1)
-        self.in_flight += 1
+        return await self.bentoml_app(scope, receive, send)
+
+    def ready(self) -> HttpResponse:
+        plane = self.plane()
+        readiness = plane.readiness() if plane is not None else STARTING
+        return json_response(readiness.body(), 200 if readiness.ready else 503)
+
+    async def dispatch(self, scope: dict, receive: Callable, send: Callable, route: str) -> None:
+        """Match the route, take an admission slot for inference, run the handler in a request scope (the
+        model versions it uses stay loaded until its answer, streams included, is over), send its answer."""
+        plane, method, path = self.plane(), scope["method"], scope["path"]
+        request = HttpRequest(scope, receive)
+        limited = method == "POST" and path not in UNLIMITED and not path.startswith("/v2/repository/")
         try:
-            await counted(app, route, scope, receive, send)
+            handler, request.params = (self.v2 if route == "v2" else self.rest).match(method, path)
+            if plane is None:
+                raise Unavailable("the service is starting", retry_after=1)
+            if limited:
+                plane.admit()
+        except ClientError as e:
+            return await self.answer(send, route, error_response(e, route))
+        try:
+            with request_scope(request.headers):
+                await self.run(handler, request, route, send)
         finally:
-            self.in_flight -= 1
+            if limited:
+                plane.release()
 
-    async def ready(self, send: Callable) -> None:
-        reason = self.readiness()
-        models = {m["name"]: {k: m[k] for k in ("state", "version", "reason") if m.get(k) is not None}
-                  for m in self.get_repository().describe()}
-        body = {"ready": reason is None, "models": models} | ({"reason": reason} if reason else {})
-        await respond(send, 200 if reason is None else 503, body)
+    async def run(self, handler: Callable, request: HttpRequest, route: str, send: Callable) -> None:
+        status = None  # no answer started yet
 
+        async def send_and_note(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
 
-async def counted(app: ASGIApp, route: str, scope: dict, receive: Callable, send: Callable) -> None:
-    """Run ``app`` in a request scope (the model versions it uses stay loaded until its answer, streams
-    included, is over) and count its response by status (nnserve_http_responses_total): BentoML's HTTP
-    metrics no longer see these routes."""
-    status = None  # no response started yet
+        try:
+            try:
+                response = await handler(request)
+            except Exception as e:
+                response = error_response(e, route)
+            await send_response(send_and_note, response, request.receive)
+        except asyncio.CancelledError:
+            # uvicorn cancels what still runs once the drain bound (NNSERVE_DRAIN_TIMEOUT_S) has passed after
+            # SIGTERM. A request whose answer has not started gets a 503 it can retry on another replica
+            # instead of uvicorn's plain 500; the task ends here either way. A started answer is cut.
+            if status is not None:
+                raise
+            status = 503
+            await send_response(send, error_response(SHUTTING_DOWN))
+        finally:
+            metrics.count_response(route, 500 if status is None else status)
 
-    async def send_and_note(message: dict) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        await send(message)
-
-    try:
-        with request_scope({k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}):
-            await app(scope, receive, send_and_note)
-    except asyncio.CancelledError:
-        # uvicorn cancels what still runs once the drain bound (NNSERVE_DRAIN_TIMEOUT_S) has passed after
-        # SIGTERM. A request whose answer has not started gets a 503 it can retry on another replica
-        # instead of uvicorn's plain 500; the task ends here either way. A started answer is cut.
-        if status is not None:
-            raise
-        status = 503
-        await respond(send, 503, {"error": "server shutting down; retry on another replica"}, retry_after=1)
-    finally:
-        metrics.count_response(route, 500 if status is None else status)
-
-
-async def respond(send: Callable, status: int, body: dict, retry_after: int | None = None,
-                  headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = ()) -> None:
-    """A whole JSON response. The request body is left unread: the server discards it."""
-    payload = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *headers]
-    if retry_after is not None:
-        headers.append((b"retry-after", str(retry_after).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
+    async def answer(self, send: Callable, route: str | None, response: HttpResponse) -> None:
+        """A refusal of the front door itself, counted under its route."""
+        if route is not None:
+            metrics.count_response(route, response.status)
+        await send_response(send, response)

@@ -14,23 +14,23 @@ import asyncio
 import contextlib
 import math
 import struct
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from importlib import metadata as package_metadata
 from typing import TYPE_CHECKING
 
 import numpy as np
-from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from models.kinds.base import RequestError
 from service import images, metrics
-from service.errors import ClientError, PayloadTooLarge, Unavailable
+from service.errors import ClientError, PayloadTooLarge
 from service.generation import MAX_N, MAX_PROMPT_CHARS, Generation, GenerationRequest, read_choices
 from service.runtime import ModelRuntime
 from service.settings import Settings
 
 if TYPE_CHECKING:
-    from service.repository import Repository
+    from service.dataplane import DataPlane
 
 SERVER_NAME = "nnserve"
 PLATFORM = "onnxruntime_onnx"  # what Triton reports for ONNX models
@@ -90,12 +90,6 @@ def server_metadata() -> dict:
     return {"name": SERVER_NAME, "version": server_version(), "extensions": list(EXTENSIONS)}
 
 
-def get_model(repository: Repository, name: str, version: str = "") -> ModelRuntime:
-    """The served model ``name`` in ``version``; an empty version: as the model's routing picks (the newest,
-    or its traffic split). Raises NotFound, or Unavailable while it loads."""
-    return repository.get(name, version)
-
-
 def model_metadata(runtime: ModelRuntime, versions: list[str] | None = None) -> dict:
     """KServe model metadata: names, datatypes and shapes (-1 = dynamic) straight from the store metadata,
     then the kind's BYTES protocol inputs and outputs. ``parameters`` (REST only: gRPC's message has no such
@@ -125,15 +119,6 @@ def model_metadata(runtime: ModelRuntime, versions: list[str] | None = None) -> 
             **({"parameters": parameters} if parameters else {})}
 
 
-# Failures that are not a server fault: the client's mistake, a model loading, a full queue.
-EXPECTED_FAILURES = (ClientError,)
-
-
-def http_status(exc: Exception) -> int:
-    """HTTP status for a failure; 500 means a server fault."""
-    return exc.status if isinstance(exc, ClientError) else 500
-
-
 @dataclass(frozen=True)
 class RequestLimits:
     max_sequence_length: int
@@ -152,36 +137,66 @@ class RequestTensor:
     role: str | None = None  # a protocol input's role ("image", "prompt"); None for the graph's tensors
 
 
+@dataclass(frozen=True)
+class Facts:
+    """What the request checks read from a model on every request, computed once per loaded version: the
+    metadata's and the graph's facts do not change while it is served (ONNX Runtime's ``get_inputs`` alone
+    cost a few percent of a small request)."""
+
+    specs: dict  # input name -> TensorSpec
+    datatypes: dict[str, str]  # input name -> its KServe datatype
+    roles: dict[str, str]  # the kind's BYTES protocol inputs: name -> role ("image", "prompt")
+    graph_shapes: dict[str, list]  # input name -> the graph's shape (symbolic dimension names included)
+    batch_axes: dict[str, int]  # input and output name -> batch axis
+    outputs: list[str]  # the graph's outputs
+    protocol_outputs: list[str]  # the kind's BYTES outputs (text_output)
+
+
+_FACTS: weakref.WeakKeyDictionary[ModelRuntime, Facts] = weakref.WeakKeyDictionary()
+
+
+def facts(runtime: ModelRuntime) -> Facts:
+    found = _FACTS.get(runtime)
+    if found is None:
+        kind, meta = runtime.kind_module, runtime.metadata
+        found = _FACTS[runtime] = Facts(
+            specs={s.name: s for s in runtime.inputs},
+            datatypes={s.name: kserve_datatype(s.dtype) for s in runtime.inputs},
+            roles={p["name"]: p["role"] for p in kind.protocol_inputs(meta)},
+            graph_shapes={i.name: i.shape for i in runtime.session.get_inputs()},
+            batch_axes={s.name: runtime.batch_axis(s.name) for s in [*runtime.inputs, *runtime.outputs]},
+            outputs=[s.name for s in runtime.outputs],
+            protocol_outputs=[p["name"] for p in kind.protocol_outputs(meta)])
+    return found
+
+
 def protocol_role(runtime: ModelRuntime, t: RequestTensor) -> str | None:
     """The role of a BYTES input the model's kind takes besides its graph (models/kinds/base.py)."""
-    if t.datatype != BYTES:
-        return None
-    return next((p["role"] for p in runtime.kind_module.protocol_inputs(runtime.metadata) if p["name"] == t.name),
-                None)
+    return facts(runtime).roles.get(t.name) if t.datatype == BYTES else None
 
 
 def check_header(runtime: ModelRuntime, tensors: list[RequestTensor], settings: Settings | None = None) -> None:
     """Names, datatypes and shapes against the model's input specs (or its kind's protocol inputs), and the
     per-request limits of ``settings`` (defaults when None): all before any data is decoded."""
     settings = settings or Settings()
-    specs = {s.name: s for s in runtime.inputs}
+    known = facts(runtime)
+    specs = known.specs
     for t in tensors:
-        t.role = protocol_role(runtime, t)
-    encoded = [t for t in tensors if t.role]
-    if encoded:
-        check_protocol_input(runtime, encoded, [t for t in tensors if not t.role], settings)
+        t.role = known.roles.get(t.name) if t.datatype == BYTES else None
+    if any(t.role for t in tensors):
+        check_protocol_input(runtime, [t for t in tensors if t.role], [t for t in tensors if not t.role], settings)
         return
     seen = set()
     for t in tensors:
         if t.name not in specs:
-            extra = [p["name"] for p in runtime.kind_module.protocol_inputs(runtime.metadata)]
+            extra = list(known.roles)
             raise ClientError(f"model {runtime.name!r} has no input {str(t.name)[:100]!r}; inputs are {sorted(specs)}"
                               + (f" (or BYTES {extra})" if extra else ""))
         if t.name in seen:
             raise ClientError(f"input {t.name!r} is given more than once")
         seen.add(t.name)
         spec = specs[t.name]
-        expected = kserve_datatype(spec.dtype)
+        expected = known.datatypes[t.name]
         if t.datatype != expected:
             raise ClientError(f"input {t.name!r} of model {runtime.name!r} has datatype {str(t.datatype)[:50]!r}, "
                               f"expected {expected!r}")
@@ -225,8 +240,9 @@ def check_protocol_input(runtime: ModelRuntime, encoded: list[RequestTensor], ot
 
 def check_limits(runtime: ModelRuntime, tensors: list[RequestTensor], settings: Settings) -> None:
     """The per-request limits (see MAX_SEQUENCE_LENGTH) on shapes already checked against the model."""
+    axes = facts(runtime).batch_axes
     for t in tensors:
-        axis = runtime.batch_axis(t.name)
+        axis = axes[t.name]
         if t.shape[axis] > settings.max_request_items:
             raise ClientError(f"input {t.name!r} of model {runtime.name!r} has {t.shape[axis]} items (dim {axis}); "
                               f"the limit is {settings.max_request_items} per request (NNSERVE_MAX_REQUEST_ITEMS): "
@@ -243,7 +259,7 @@ def check_shared_dims(runtime: ModelRuntime, tensors: list[RequestTensor]) -> No
 
     The store metadata only says -1; the graph's own symbolic dimension names say which ones are shared.
     """
-    graph_shapes = {i.name: i.shape for i in runtime.session.get_inputs()}
+    graph_shapes = facts(runtime).graph_shapes
     sizes: dict[str, tuple[str, int, int]] = {}
     for t in tensors:
         for axis, (size, symbol) in enumerate(zip(t.shape, graph_shapes.get(t.name, []), strict=False)):
@@ -349,14 +365,12 @@ def select_outputs(runtime: ModelRuntime, requested: list[str], tensors: list[Re
                    ) -> list[str]:
     """Requested output names (all outputs when none are requested), checked against the model: a prompt
     answers the kind's text outputs, anything else the graph's."""
-    if any(t.role == "prompt" for t in tensors or []):
-        names = [p["name"] for p in runtime.kind_module.protocol_outputs(runtime.metadata)]
-    else:
-        names = [s.name for s in runtime.outputs]
+    known = facts(runtime)
+    names = known.protocol_outputs if any(t.role == "prompt" for t in tensors or []) else known.outputs
     for name in requested:
         if name not in names:
             raise ClientError(f"model {runtime.name!r} has no output {name!r} for this request; outputs are {names}")
-    return list(requested) or names
+    return list(requested) or list(names)
 
 
 def check_classification(runtime: ModelRuntime, name: str, count: object) -> int:
@@ -462,27 +476,24 @@ async def decode_images(runtime: ModelRuntime, t: RequestTensor, settings: Setti
     return RequestTensor(name, kserve_datatype(x.dtype), list(x.shape), x)
 
 
-async def infer(repository: Repository, runtime: ModelRuntime, tensors: list[RequestTensor],
-                output_names: list[str], classes: dict[str, int] | None = None,
+async def infer(plane: DataPlane, runtime: ModelRuntime, tensors: list[RequestTensor], output_names: list[str],
+                record: metrics.RequestMetrics, classes: dict[str, int] | None = None,
                 parameters: dict | None = None) -> dict[str, np.ndarray]:
-    """Run checked inputs through the repository (which batches and records metrics). Encoded images are
-    decoded first and join the same dynamic batches; a prompt is generated through the continuous batcher
-    (the whole text, sampled as ``parameters`` say); ``classes``: output -> class count of the classification
-    extension."""
-    if not repository.is_ready(runtime.name):
-        raise Unavailable(f"model {runtime.name!r} is not ready yet", retry_after=1)
+    """Run checked inputs through the data plane (the model's dynamic batcher). Encoded images are decoded
+    first and join the same dynamic batches; a prompt is generated through the continuous batcher (the
+    whole text, sampled as ``parameters`` say); ``classes``: output -> class count of the classification
+    extension. ``record``: the request's metrics (begun and finished by the caller)."""
     if tensors and tensors[0].role == "prompt":  # text_output [n]: one element per sample
-        texts, _ = await generate_text(repository, runtime, tensors[0].rows[0], parameters or {})
+        texts, _ = await generate_text(plane, runtime, tensors[0].rows[0], parameters or {})
         return {output_names[0]: np.array([text.encode() for text in texts], dtype=object)}
     if tensors and tensors[0].role == "image":
-        tensors = [await decode_images(runtime, tensors[0], repository.settings)]
+        with record.timed("preprocess"):
+            tensors = [await decode_images(runtime, tensors[0], plane.settings)]
     check_values(runtime, tensors)
-    feeds = {t.name: t.array for t in tensors}
-    try:
-        outputs = await repository.infer(runtime, feeds)
-    except InvalidArgument as e:  # ONNX Runtime rejected the input: a client mistake the checks above missed
-        raise ClientError(f"model {runtime.name!r} rejected the input: {e}") from e
-    return {name: classify(runtime, name, outputs[name], classes[name]) if (classes or {}).get(name)
+    outputs, _ = await plane.infer(runtime, {t.name: t.array for t in tensors}, record)
+    if not classes:
+        return {name: outputs[name] for name in output_names}
+    return {name: classify(runtime, name, outputs[name], classes[name]) if classes.get(name)
             else outputs[name] for name in output_names}
 
 
@@ -504,18 +515,15 @@ def generation_request(runtime: ModelRuntime, prompt: bytes | str, parameters: d
     return GenerationRequest(prompt=prompt, model=runtime.name, **options), names
 
 
-def start_generation(repository: Repository, runtime: ModelRuntime, prompt: bytes | str, parameters: dict,
+def start_generation(plane: DataPlane, runtime: ModelRuntime, prompt: bytes | str, parameters: dict,
                      stream: bool) -> tuple[GenerationRequest, list[Generation]]:
-    """Validate and queue a generation on the model's continuous batcher (the one /generate uses): one
-    Generation per sample (parameter ``n``). ``stream`` raises the character limit (service/generation.py)."""
+    """Validate and queue a generation through the data plane: one Generation per sample (parameter
+    ``n``). ``stream`` raises the character limit (service/generation.py)."""
     if not runtime.kind_module.generates:
         raise ClientError(f"model {runtime.name!r} is a {runtime.kind} model; it does not generate text")
-    if not repository.is_ready(runtime.name):
-        raise Unavailable(f"model {runtime.name!r} is not ready yet", retry_after=1)
     job, names = generation_request(runtime, prompt, parameters)
     job.stream = stream
-    flush = repository.settings.stream_flush_ms / 1e3 if stream else None
-    return job, repository.generator(runtime).submit_choices(job, flush, names)
+    return job, plane.generate(runtime, job, names)
 
 
 async def chunks(runtime: ModelRuntime, generations: list[Generation]
@@ -536,10 +544,10 @@ async def chunks(runtime: ModelRuntime, generations: list[Generation]
             await generation.aclose()
 
 
-async def generate_text(repository: Repository, runtime: ModelRuntime, prompt: bytes | str, parameters: dict
+async def generate_text(plane: DataPlane, runtime: ModelRuntime, prompt: bytes | str, parameters: dict
                         ) -> tuple[list[str], list[str]]:
     """The whole text of each sample of one generation, and each one's finish_reason."""
-    _, generations = start_generation(repository, runtime, prompt, parameters, stream=False)
+    _, generations = start_generation(plane, runtime, prompt, parameters, stream=False)
     texts: list[list[str]] = [[] for _ in generations]
     reasons: list[str] = ["length"] * len(generations)
     async with contextlib.aclosing(chunks(runtime, generations)) as parts:

@@ -22,49 +22,44 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 
-from service import auth, kserve, management
-from service.errors import ClientError
+from service import auth, kserve, management, metrics
+from service.errors import ClientError, failure_of
 from service.kserve import RequestTensor
 from service.repository import request_scope
 from service.settings import Settings
 
 if TYPE_CHECKING:
-    from service.repository import Repository
+    from service.dataplane import DataPlane
 
 log = logging.getLogger("nnserve.kserve.grpc")
 
 SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+# gRPC core cancels calls that arrive faster than the application takes them: past
+# ``grpc.server.max_pending_requests`` (default 1000) calls not yet handed to a handler it drops a rising
+# share of new ones, all of them past the hard limit (default 3000), each with a bare CANCELLED that no client
+# asked for (3,000 concurrent ModelInfer calls on one channel: ~450 CANCELLED, with a bare grpc.aio server as
+# with ours). The admission limit is the overload answer here (UNAVAILABLE naming it), so gRPC core's
+# backlog is raised far past what the event loop takes: a call waits for its handler and is admitted or
+# refused with the reason. A pending call holds a few kilobytes; its message is read by its handler.
+MAX_PENDING_CALLS = 100_000
 
 
-GRPC_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
-               409: grpc.StatusCode.ABORTED, 504: grpc.StatusCode.DEADLINE_EXCEEDED,
-               413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-               503: grpc.StatusCode.UNAVAILABLE}
-
-
-def grpc_status(exc: Exception) -> grpc.StatusCode:
-    status = kserve.http_status(exc)
-    if status in GRPC_STATUS:
-        return GRPC_STATUS[status]
-    return grpc.StatusCode.INVALID_ARGUMENT if 400 <= status < 500 else grpc.StatusCode.INTERNAL
-
-
-def failure_message(exc: Exception, where: str) -> str:
-    if not isinstance(exc, kserve.EXPECTED_FAILURES):  # a server fault, not the client's: log it
-        log.exception("KServe v2 gRPC %s failed", where)
-        return f"internal error: {type(exc).__name__}: {exc}"
-    return str(exc)
+def failure(exc: BaseException, where: str) -> tuple[grpc.StatusCode, str]:
+    """The error model's gRPC code and message (service/errors.py)."""
+    found = failure_of(exc, f"KServe v2 gRPC {where}")
+    return grpc.StatusCode[found.grpc_code], found.message
 
 
 def rpc(method):
-    """Turn exceptions into gRPC status codes with the message as details (unary RPCs)."""
+    """Run a unary RPC in a request scope and turn its exceptions into gRPC status codes with the message
+    as details."""
     @functools.wraps(method)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         try:
             with request_scope(metadata_of(context)):
                 return await method(self, request, context)
         except Exception as e:
-            code, details = grpc_status(e), failure_message(e, method.__name__)
+            code, details = failure(e, method.__name__)
         await context.abort(code, details)  # raises; never returns
 
     return wrapper
@@ -159,8 +154,11 @@ def text_response(runtime, request: pb.ModelInferRequest, text: str | None, fina
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: Repository) -> None:
-        self.repository = repository
+    """The gRPC codec over the data plane (service/dataplane.py): one short method per RPC."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.repository = plane.repository  # the management RPCs' operations take it (service/management.py)
 
     @rpc
     async def ServerLive(self, request, context):
@@ -168,17 +166,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ServerReady(self, request, context):
-        repo = self.repository
-        return pb.ServerReadyResponse(ready=repo.snapshot().ready)
+        """The data plane's readiness: the same answer as /readyz and /v2/health/ready."""
+        return pb.ServerReadyResponse(ready=self.plane.readiness().ready)
 
     @rpc
     async def ModelReady(self, request, context):
         """ready=false for a model (or version) that is not served, loading or unloaded, as Triton answers."""
-        try:
-            kserve.get_model(self.repository, request.name, request.version)
-        except ClientError:  # NotFound, Unavailable
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
+        return pb.ModelReadyResponse(ready=self.plane.model_ready(request.name, request.version))
 
     @rpc
     async def ServerMetadata(self, request, context):
@@ -186,8 +180,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelMetadata(self, request, context):
-        runtime = kserve.get_model(self.repository, request.name, request.version)
-        meta = kserve.model_metadata(runtime, self.repository.served_versions(runtime.name))
+        runtime = self.plane.model(request.name, request.version)
+        meta = kserve.model_metadata(runtime, self.plane.served_versions(runtime.name))
         return pb.ModelMetadataResponse(
             name=meta["name"], versions=meta["versions"], platform=meta["platform"],
             inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]],
@@ -224,14 +218,24 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         stats = await asyncio.to_thread(management.model_statistics, self.repository, request.name, request.version)
         return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
 
-    async def infer(self, request: pb.ModelInferRequest, runtime=None, tensors=None) -> pb.ModelInferResponse:
-        if runtime is None:
-            runtime = kserve.get_model(self.repository, request.model_name, request.model_version)
-            tensors = decode_inputs(runtime, request, self.repository.settings)
-        names, classes = requested_outputs(runtime, request, tensors)
-        prompt = bool(tensors) and tensors[0].role == "prompt"
-        outputs = await kserve.infer(self.repository, runtime, tensors, names, classes,
-                                     request_parameters(request) if prompt else None)
+    async def infer(self, request: pb.ModelInferRequest, endpoint: str) -> pb.ModelInferResponse:
+        """One admitted inference request, counted under ``endpoint``; a prompt answers its whole text."""
+        record = metrics.RequestMetrics(endpoint)
+        status = 500
+        try:
+            runtime = self.plane.model(request.model_name, request.model_version)
+            record.begin(runtime)
+            tensors = decode_inputs(runtime, request, self.plane.settings)
+            names, classes = requested_outputs(runtime, request, tensors)
+            prompt = bool(tensors) and tensors[0].role == "prompt"
+            outputs = await kserve.infer(self.plane, runtime, tensors, names, record, classes,
+                                         request_parameters(request) if prompt else None)
+            status = 200
+        except ClientError as e:
+            status = e.status
+            raise
+        finally:
+            record.finish(status)
         response = pb.ModelInferResponse(model_name=runtime.name, model_version=runtime.version, id=request.id)
         for name, array in outputs.items():
             response.outputs.add(name=name, datatype=kserve.kserve_datatype(array.dtype), shape=list(array.shape))
@@ -241,7 +245,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelInfer(self, request, context):
-        return await self.infer(request)
+        self.plane.admit()  # past the limit: UNAVAILABLE naming it, before the request is decoded
+        try:
+            return await self.infer(request, "grpc")
+        finally:
+            self.plane.release()
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Bidirectional stream (tritonclient's start_stream). A prompt (``text_input``) on a text model
@@ -279,24 +287,29 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def stream_one(self, request: pb.ModelInferRequest, send, headers: dict[str, str]) -> None:
         """One request of a stream: its responses (or its error) go to ``send``; the version it runs on stays
         loaded until its last response (request_scope), not for the whole stream."""
+        admitted = False
         try:
             with request_scope(headers):
+                self.plane.admit()  # each request of a stream takes its own slot: a stream is not a free queue
+                admitted = True
                 await self.stream_request(request, send)
         except Exception as e:
-            send(pb.ModelStreamInferResponse(error_message=failure_message(e, "ModelStreamInfer"),
+            send(pb.ModelStreamInferResponse(error_message=failure(e, "ModelStreamInfer")[1],
                                              infer_response=pb.ModelInferResponse(id=request.id)))
+        finally:
+            if admitted:
+                self.plane.release()
 
     async def stream_request(self, request: pb.ModelInferRequest, send) -> None:
-        runtime = kserve.get_model(self.repository, request.model_name, request.model_version)
-        tensors = decode_inputs(runtime, request, self.repository.settings)
+        runtime = self.plane.model(request.model_name, request.model_version)
+        tensors = decode_inputs(runtime, request, self.plane.settings)
         if not (tensors and tensors[0].role == "prompt"):
-            send(pb.ModelStreamInferResponse(infer_response=await self.infer(request, runtime, tensors)))
+            send(pb.ModelStreamInferResponse(infer_response=await self.infer(request, "grpc_stream")))
             return
         kserve.select_outputs(runtime, [out.name for out in request.outputs], tensors)
         parameters = request_parameters(request)
         empty_final = parameters.get("triton_enable_empty_final_response") is True
-        _, generations = kserve.start_generation(self.repository, runtime, tensors[0].rows[0], parameters,
-                                                 stream=True)
+        _, generations = kserve.start_generation(self.plane, runtime, tensors[0].rows[0], parameters, stream=True)
         several = len(generations) > 1
         left = len(generations)  # samples not finished: the final flag goes on the last one's last chunk
         ended: tuple[int | None, str | None] = (None, None)  # an empty last chunk left to the final response
@@ -332,7 +345,7 @@ def add_unimplemented_rpcs(servicer_class: type) -> None:
 add_unimplemented_rpcs(InferenceServicer)
 
 
-async def start_grpc_server(repository: Repository, host: str, port: int, max_request_bytes: int,
+async def start_grpc_server(plane: DataPlane, host: str, port: int, max_request_bytes: int,
                             lock: auth.Lock | None = None) -> grpc.aio.Server:
     """Start serving on ``host:port`` (the HTTP server's address unless NNSERVE_GRPC_HOST says otherwise).
     SO_REUSEPORT lets every BentoML worker bind the same port; the kernel spreads connections across them.
@@ -342,8 +355,10 @@ async def start_grpc_server(repository: Repository, host: str, port: int, max_re
         ("grpc.so_reuseport", 1),
         ("grpc.max_receive_message_length", max_request_bytes),
         ("grpc.max_send_message_length", -1),
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS),
     ])
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(repository), server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
     wildcard = host in ("", "0.0.0.0", "::")
     addresses = (f"[::]:{port}", f"0.0.0.0:{port}") if wildcard else (f"[{host}]:{port}" if ":" in host
                                                                        else f"{host}:{port}",)

@@ -1,4 +1,5 @@
-"""Open Inference Protocol (KServe v2) over REST, as a Starlette app the BentoML service mounts at ``/v2``.
+"""Open Inference Protocol (KServe v2) over REST: a codec over the data plane (service/dataplane.py), one
+short method per route, served by the front door (service/front.py) under ``/v2`` through service/asgi.py.
 
 Speaks what ``tritonclient.http`` sends and parses: plain JSON tensors (``data`` lists) and Triton's binary
 tensor extension (a JSON header of ``Inference-Header-Content-Length`` bytes followed by the raw tensors;
@@ -16,41 +17,29 @@ import json
 import logging
 import zlib
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
-from service import kserve, management
+from service import kserve, management, metrics
+from service.asgi import HttpRequest, HttpResponse, Router, error_response, json_response
+from service.dataplane import DataPlane
 from service.errors import ClientError, PayloadTooLarge
 from service.kserve import RequestTensor
+from service.runtime import ModelRuntime
 from service.settings import Settings
-from service.uploads import read_limited
-
-if TYPE_CHECKING:
-    from service.repository import Repository
 
 log = logging.getLogger("nnserve.kserve.http")
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()  # as ASGI gives header names
 
 
-def error(exc: Exception, status: int) -> JSONResponse:
-    retry_after = getattr(exc, "retry_after", None)
-    return JSONResponse({"error": str(exc)}, status_code=status,
-                        headers={"Retry-After": str(retry_after)} if retry_after else None)
-
-
-async def read_body(request: Request, max_bytes: int) -> bytes:
+async def read_body(request: HttpRequest, max_bytes: int) -> bytes:
     """The request body, refused past ``max_bytes``; gzip/deflate bodies (tritonclient's
     ``request_compression_algorithm``) are inflated with the same bound."""
-    body = await read_limited(request, max_bytes)
-    encoding = request.headers.get("content-encoding", "identity").lower()
+    body = await request.body(max_bytes)
+    encoding = (request.header(b"content-encoding") or "identity").lower()
     if encoding in ("gzip", "deflate"):
         # wbits: 16+ = gzip container, MAX_WBITS = zlib container (what Python's zlib.compress writes).
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
@@ -81,10 +70,9 @@ def parse_json(data: bytes, exact: bool = False) -> object:
     return json.loads(data)
 
 
-def split_body(request: Request, body: bytes, exact: bool = False) -> tuple[dict, bytes]:
-    """JSON inference header and the binary tensor section that follows it (may be empty); ``exact``: see
-    parse_json."""
-    raw_length = request.headers.get(HEADER_LENGTH)
+def split_body(raw_length: str | None, body: bytes, exact: bool = False) -> tuple[dict, bytes]:
+    """JSON inference header and the binary tensor section that follows it (may be empty); ``raw_length``:
+    the Inference-Header-Content-Length header (None: the whole body is JSON); ``exact``: see parse_json."""
     if raw_length is None:
         header_bytes, binary = body, b""
     else:
@@ -191,7 +179,7 @@ def sampling_parameters(header: dict) -> dict:
     return {k: v for k, v in parameters_of(header, "request").items() if k != "binary_data_output"}
 
 
-def infer_response(runtime, header: dict, outputs: dict[str, np.ndarray], binary: dict[str, bool]) -> Response:
+def infer_response(runtime, header: dict, outputs: dict[str, np.ndarray], binary: dict[str, bool]) -> HttpResponse:
     """JSON response, or JSON header + raw bytes when any output goes binary (Triton's layout)."""
     described, raw = [], []
     for name, array in outputs.items():
@@ -212,11 +200,11 @@ def infer_response(runtime, header: dict, outputs: dict[str, np.ndarray], binary
     body = {"model_name": runtime.name, "model_version": runtime.version, "outputs": described}
     if "id" in header:
         body["id"] = header["id"]
-    json_bytes = json.dumps(body, separators=(",", ":")).encode()
+    json_bytes = orjson.dumps(body)
     if not raw:
-        return Response(json_bytes, media_type="application/json")
-    return Response(b"".join([json_bytes, *raw]), media_type="application/octet-stream",
-                    headers={HEADER_LENGTH: str(len(json_bytes))})
+        return HttpResponse(json_bytes)
+    return HttpResponse(b"".join([json_bytes, *raw]), content_type=b"application/octet-stream",
+                        headers=[(HEADER_LENGTH_KEY, str(len(json_bytes)).encode())])
 
 
 def generate_body(body: bytes) -> dict:
@@ -269,186 +257,166 @@ async def sse_events(runtime, body: dict, first: tuple[int, str, str | None],
                 return
             index, text, reason = await anext(parts)
     except Exception as e:  # the answer has started: the error goes into the stream, as Triton does
-        if not isinstance(e, kserve.EXPECTED_FAILURES):
+        if not isinstance(e, ClientError):
             log.error("generate_stream failed", exc_info=e)
         yield f"data: {json.dumps({'error': str(e)})}\n\n"
     finally:
         await parts.aclose()
 
 
-def create_app(get_repository: Callable[[], Repository], prefix: str = "",
-               max_request_bytes: int = 64 << 20) -> Starlette:
-    """KServe v2 REST routes under ``prefix``.
+def path_model(plane: DataPlane, request: HttpRequest) -> ModelRuntime:
+    return plane.model(request.params["name"], request.params.get("version", ""))
 
-    The service mounts this at ``/v2`` (prefix ""). A Starlette Mount at ``/v2`` never sees the bare path
-    ``/v2`` (server metadata): Starlette answers it with a 307 to ``/v2/``, which tritonclient does not
-    follow. Mounting at ``/`` with ``prefix="/v2"`` serves ``GET /v2`` directly; BentoML's own routes
-    still win because mounted apps are tried last and only claim paths they have a route for.
-    """
-    async def server_metadata(request: Request) -> Response:
-        return JSONResponse(kserve.server_metadata())
 
-    async def live(request: Request) -> Response:
-        return JSONResponse({"live": True})
+async def management_body(request: HttpRequest) -> dict:
+    body = await read_body(request, 1 << 20)
+    try:
+        parsed = json.loads(body) if body.strip() else {}
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ClientError(f"the body must be a JSON object ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(parsed, dict):
+        raise ClientError("the body must be a JSON object")
+    return parsed
 
-    async def ready(request: Request) -> Response:
-        repo = get_repository()
-        is_ready = repo.snapshot().ready  # one snapshot: every model of one generation
-        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
-    async def model_metadata(request: Request) -> Response:
-        p = request.path_params
-        runtime = kserve.get_model(get_repository(), p["name"], p.get("version", ""))
-        return JSONResponse(kserve.model_metadata(runtime, get_repository().served_versions(runtime.name)))
+def load_parameters(body: dict) -> dict:
+    params = body.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ClientError("'parameters' must be a JSON object")
+    return params
 
-    async def model_ready(request: Request) -> Response:
-        p = request.path_params
-        runtime = kserve.get_model(get_repository(), p["name"], p.get("version", ""))
-        is_ready = get_repository().is_ready(runtime.name)
-        return JSONResponse({"name": runtime.name, "ready": is_ready}, status_code=200 if is_ready else 503)
 
-    async def model_infer(request: Request) -> Response:
-        p = request.path_params
-        repo = get_repository()
-        runtime = kserve.get_model(repo, p["name"], p.get("version", ""))
-        body = await read_body(request, max_request_bytes)
-        header, binary = split_body(request, body)
+class KServeHttp:
+    """KServe v2 REST routes under ``/v2`` over ``plane()`` (the worker's data plane)."""
+
+    def __init__(self, plane: Callable[[], DataPlane], max_request_bytes: int = 64 << 20) -> None:
+        self.plane, self.max_request_bytes = plane, max_request_bytes
+
+    def router(self, prefix: str = "/v2") -> Router:
+        router = Router("KServe v2")
+        router.add(prefix, "GET", self.server_metadata)
+        router.add(prefix + "/health/live", "GET", self.live)
+        router.add(prefix + "/health/ready", "GET", self.ready)
+        router.add(prefix + "/repository/index", "POST", self.repository_index)
+        for action in ("load", "unload", "traffic"):
+            router.add(prefix + "/repository/models/{name}/" + action, "POST", getattr(self, f"repository_{action}"))
+        router.add(prefix + "/models/stats", "GET", self.model_stats)
+        for base in (prefix + "/models/{name}", prefix + "/models/{name}/versions/{version}"):
+            router.add(base + "/infer", "POST", self.model_infer)  # first: the hot path matches at once
+            router.add(base, "GET", self.model_metadata)
+            for suffix, method, handler in (("/config", "GET", self.model_config), ("/stats", "GET", self.model_stats),
+                                            ("/ready", "GET", self.model_ready), ("/generate", "POST", self.generate),
+                                            ("/generate_stream", "POST", self.generate_stream)):
+                router.add(base + suffix, method, handler)
+        return router
+
+    async def server_metadata(self, request: HttpRequest) -> HttpResponse:
+        return json_response(kserve.server_metadata())
+
+    async def live(self, request: HttpRequest) -> HttpResponse:
+        return json_response({"live": True})
+
+    async def ready(self, request: HttpRequest) -> HttpResponse:
+        """The data plane's readiness (the same answer as /readyz and gRPC ServerReady)."""
+        readiness = self.plane().readiness()
+        return json_response(readiness.body(), 200 if readiness.ready else 503)
+
+    async def model_metadata(self, request: HttpRequest) -> HttpResponse:
+        runtime = path_model(self.plane(), request)
+        return json_response(kserve.model_metadata(runtime, self.plane().served_versions(runtime.name)))
+
+    async def model_ready(self, request: HttpRequest) -> HttpResponse:
+        """200 for a served model (version); unknown: 404, loading or failed: 503 with the reason."""
+        runtime = path_model(self.plane(), request)
+        return json_response({"name": runtime.name, "ready": True})
+
+    async def model_infer(self, request: HttpRequest) -> HttpResponse:
+        plane, record = self.plane(), metrics.RequestMetrics("v2")
         try:
-            tensors = parse_inputs(runtime, header, binary, repo.settings)
-        except ClientError:  # say what is wrong as the standard library reads it (parse_json)
-            header, binary = split_body(request, body, exact=True)
-            tensors = parse_inputs(runtime, header, binary, repo.settings)
-        names, binary_outputs, classes = parse_outputs(runtime, header, tensors)
-        prompt = bool(tensors) and tensors[0].role == "prompt"
-        outputs = await kserve.infer(repo, runtime, tensors, names, classes,
-                                     sampling_parameters(header) if prompt else None)
-        return infer_response(runtime, header, outputs, binary_outputs)
+            runtime = path_model(plane, request)
+            record.begin(runtime)
+            body = await read_body(request, self.max_request_bytes)
+            header, tensors = self.parse(runtime, request, body)
+            names, binary_outputs, classes = parse_outputs(runtime, header, tensors)
+            prompt = bool(tensors) and tensors[0].role == "prompt"
+            outputs = await kserve.infer(plane, runtime, tensors, names, record, classes,
+                                         sampling_parameters(header) if prompt else None)
+            response = infer_response(runtime, header, outputs, binary_outputs)
+        except Exception as e:
+            response = error_response(e, "KServe v2 infer")
+        record.finish(response.status)
+        return response
 
-    async def generate(request: Request) -> Response:
+    def parse(self, runtime: ModelRuntime, request: HttpRequest, body: bytes) -> tuple[dict, list[RequestTensor]]:
+        raw_length = request.header(HEADER_LENGTH_KEY)
+        settings = self.plane().settings
+        header, binary = split_body(raw_length, body)
+        try:
+            return header, parse_inputs(runtime, header, binary, settings)
+        except ClientError:  # say what is wrong as the standard library reads it (parse_json)
+            header, binary = split_body(raw_length, body, exact=True)
+            return header, parse_inputs(runtime, header, binary, settings)
+
+    async def generate(self, request: HttpRequest) -> HttpResponse:
         """Triton's generate extension: ``{"text_input": ..., "parameters": {...}}`` -> one JSON answer. With
         ``n`` > 1, ``text_output`` and ``finish_reason`` are lists, one element per sample (Triton answers a
         multi-element output as a JSON array)."""
-        repo, runtime, body = await generate_request(request)
-        texts, reasons = await kserve.generate_text(repo, runtime, body["text_input"], body["parameters"])
+        runtime, body = await self.generate_request(request)
+        texts, reasons = await kserve.generate_text(self.plane(), runtime, body["text_input"], body["parameters"])
         if len(texts) == 1:
-            return JSONResponse(generate_reply(runtime, body, texts[0]) | {"finish_reason": reasons[0]})
-        return JSONResponse(generate_reply(runtime, body, texts) | {"finish_reason": reasons})
+            return json_response(generate_reply(runtime, body, texts[0]) | {"finish_reason": reasons[0]})
+        return json_response(generate_reply(runtime, body, texts) | {"finish_reason": reasons})
 
-    async def generate_stream(request: Request) -> Response:
+    async def generate_stream(self, request: HttpRequest) -> HttpResponse:
         """The same as Server-Sent Events: a ``data:`` JSON object per chunk; the last one carries
         ``finish_reason``. Errors before the first chunk are a JSON error answer; later, a ``data:`` error."""
-        repo, runtime, body = await generate_request(request)
-        _, generations = kserve.start_generation(repo, runtime, body["text_input"], body["parameters"], stream=True)
+        runtime, body = await self.generate_request(request)
+        _, generations = kserve.start_generation(self.plane(), runtime, body["text_input"], body["parameters"],
+                                                 stream=True)
         parts = kserve.chunks(runtime, generations)
         try:
             first = await anext(parts)  # a request that cannot start gets its error as a status code
         except BaseException:
             await parts.aclose()
             raise
-        return StreamingResponse(sse_events(runtime, body, first, parts, len(generations)),
-                                 media_type="text/event-stream")
+        return HttpResponse(sse_events(runtime, body, first, parts, len(generations)),
+                            content_type=b"text/event-stream")
 
-    async def generate_request(request: Request) -> tuple[Repository, object, dict]:
-        p = request.path_params
-        repo = get_repository()
-        runtime = kserve.get_model(repo, p["name"], p.get("version", ""))
+    async def generate_request(self, request: HttpRequest) -> tuple[ModelRuntime, dict]:
+        runtime = path_model(self.plane(), request)
         if not runtime.kind_module.generates:
             raise ClientError(f"model {runtime.name!r} is a {runtime.kind} model; the generate extension takes "
                               "text models")
-        body = await read_body(request, max_request_bytes)
-        return repo, runtime, generate_body(body)
+        return runtime, generate_body(await read_body(request, self.max_request_bytes))
 
     # -- management: Triton's model-repository extension (+ our traffic split), configuration, statistics ----
 
-    async def management_body(request: Request) -> dict:
-        body = await read_body(request, 1 << 20)
-        try:
-            parsed = json.loads(body) if body.strip() else {}
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise ClientError(f"the body must be a JSON object ({type(e).__name__}: {str(e)[:200]})") from e
-        if not isinstance(parsed, dict):
-            raise ClientError("the body must be a JSON object")
-        return parsed
-
-    def parameters(body: dict) -> dict:
-        params = body.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise ClientError("'parameters' must be a JSON object")
-        return params
-
-    async def repository_index(request: Request) -> Response:
+    async def repository_index(self, request: HttpRequest) -> HttpResponse:
         ready = (await management_body(request)).get("ready", False)
         if not isinstance(ready, bool):
             raise ClientError("'ready' must be true or false")
-        return JSONResponse(await asyncio.to_thread(management.index, get_repository(), ready))
+        return json_response(await asyncio.to_thread(management.index, self.plane().repository, ready))
 
-    async def repository_load(request: Request) -> Response:
-        params = parameters(await management_body(request))
-        return JSONResponse(await asyncio.to_thread(management.load, get_repository(),
-                                                    request.path_params["name"], params))
+    async def repository_load(self, request: HttpRequest) -> HttpResponse:
+        params = load_parameters(await management_body(request))
+        return json_response(await asyncio.to_thread(management.load, self.plane().repository,
+                                                     request.params["name"], params))
 
-    async def repository_unload(request: Request) -> Response:
-        params = parameters(await management_body(request))
-        return JSONResponse(await asyncio.to_thread(management.unload, get_repository(),
-                                                    request.path_params["name"], params))
+    async def repository_unload(self, request: HttpRequest) -> HttpResponse:
+        params = load_parameters(await management_body(request))
+        return json_response(await asyncio.to_thread(management.unload, self.plane().repository,
+                                                     request.params["name"], params))
 
-    async def repository_traffic(request: Request) -> Response:
+    async def repository_traffic(self, request: HttpRequest) -> HttpResponse:
         body = await management_body(request)
-        return JSONResponse(await asyncio.to_thread(management.set_traffic, get_repository(),
-                                                    request.path_params["name"], body))
+        return json_response(await asyncio.to_thread(management.set_traffic, self.plane().repository,
+                                                     request.params["name"], body))
 
-    async def model_config(request: Request) -> Response:
-        p = request.path_params
-        return JSONResponse(management.model_config(get_repository(), p["name"], p.get("version", "")))
+    async def model_config(self, request: HttpRequest) -> HttpResponse:
+        p = request.params
+        return json_response(management.model_config(self.plane().repository, p["name"], p.get("version", "")))
 
-    async def model_stats(request: Request) -> Response:
-        p = request.path_params
-        return JSONResponse(await asyncio.to_thread(management.model_statistics, get_repository(),
-                                                    p.get("name", ""), p.get("version", "")))
-
-    async def expected_failure(request: Request, exc: Exception) -> Response:
-        status = kserve.http_status(exc)
-        if status >= 500 and status != 503:
-            log.error("KServe v2 %s %s failed: %s", request.method, request.url.path, exc)
-        return error(exc, status)
-
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        if exc.status_code == 404:
-            return error(ClientError(f"no KServe v2 route {request.method} {request.url.path}"), 404)
-        return error(ClientError(exc.detail), exc.status_code)
-
-    async def server_error(request: Request, exc: Exception) -> Response:
-        log.exception("KServe v2 %s %s failed", request.method, request.url.path)
-        return error(RuntimeError(f"internal error: {type(exc).__name__}: {exc}"), 500)
-
-    model = prefix + "/models/{name}"
-    versioned = model + "/versions/{version}"
-    repo_model = prefix + "/repository/models/{name}"
-    routes = [Route(prefix or "/", server_metadata, methods=["GET"]),
-              Route(prefix + "/health/live", live, methods=["GET"]),
-              Route(prefix + "/health/ready", ready, methods=["GET"]),
-              Route(prefix + "/repository/index", repository_index, methods=["POST"]),
-              Route(repo_model + "/load", repository_load, methods=["POST"]),
-              Route(repo_model + "/unload", repository_unload, methods=["POST"]),
-              Route(repo_model + "/traffic", repository_traffic, methods=["POST"]),
-              Route(prefix + "/models/stats", model_stats, methods=["GET"])]
-    for base in (model, versioned):
-        routes += [Route(base, model_metadata, methods=["GET"]),
-                   Route(base + "/config", model_config, methods=["GET"]),
-                   Route(base + "/stats", model_stats, methods=["GET"]),
-                   Route(base + "/ready", model_ready, methods=["GET"]),
-                   Route(base + "/infer", model_infer, methods=["POST"]),
-                   Route(base + "/generate", generate, methods=["POST"]),
-                   Route(base + "/generate_stream", generate_stream, methods=["POST"])]
-    async def no_route(request: Request) -> Response:
-        # Any other path under the prefix (e.g. a model name holding '/') gets a JSON error as every /v2 route
-        # does, not the plain-text 404 of the app behind: 405 when a route has this path for another method.
-        if any(route.path_regex.match(request.url.path) for route in routes[:-1]):
-            return error(ClientError(f"{request.method} is not allowed on {request.url.path}"), 405)
-        return error(ClientError(f"no KServe v2 route {request.method} {request.url.path}"), 404)
-
-    routes.append(Route(prefix + "/{path:path}", no_route,
-                        methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]))
-    # Exception (a server fault) goes last: Starlette answers it and then re-raises it so it gets logged.
-    handlers = {cls: expected_failure for cls in kserve.EXPECTED_FAILURES}
-    return Starlette(routes=routes, exception_handlers={**handlers, HTTPException: http_error, Exception: server_error})
+    async def model_stats(self, request: HttpRequest) -> HttpResponse:
+        p = request.params
+        return json_response(await asyncio.to_thread(management.model_statistics, self.plane().repository,
+                                                     p.get("name", ""), p.get("version", "")))

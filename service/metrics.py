@@ -84,7 +84,25 @@ def set_model_ready(name: str, ready: bool) -> None:
 
 def count_response(route: str, status: int) -> None:
     """One HTTP response of our routes, by status code (the front door counts them all, refusals included)."""
-    registry().http_responses.labels(route, str(status)).inc()
+    _response_counter(route, status).inc()
+
+
+# The labelled children, looked up once per label set: prometheus_client's labels() takes a lock and
+# formats its arguments on every call, a few microseconds per metric and request on the hot path. The
+# label sets are bounded (routes x status codes; endpoints x served model versions).
+@functools.cache
+def _response_counter(route: str, status: int):
+    return registry().http_responses.labels(route, str(status))
+
+
+@functools.cache
+def _request_children(endpoint: str, model: str, version: str) -> SimpleNamespace:
+    m, labels = registry(), (endpoint, model, version)
+    return SimpleNamespace(in_flight=m.in_flight.labels(*labels), seconds=m.request_seconds.labels(*labels),
+                           preprocess=m.preprocess_seconds.labels(model, version),
+                           batch_wait=m.batch_wait_seconds.labels(model, version),
+                           outcomes={o: m.requests.labels(*labels, o)
+                                     for o in ("ok", "client_error", "unavailable", "server_error")})
 
 
 def outcome(status: int) -> str:
@@ -102,17 +120,23 @@ class RequestMetrics:
         self.endpoint = endpoint
         self.start = time.perf_counter()
         self.labels: tuple[str, str] | None = None
+        self.children: SimpleNamespace | None = None  # the labelled metrics, once begun
         self.timings: dict[str, float] = {}  # stage -> seconds, for the response's timings_ms
 
     def begin(self, model) -> None:
         self.labels = (model.name, model.version)
-        registry().in_flight.labels(self.endpoint, *self.labels).inc()
+        self.children = _request_children(self.endpoint, model.name, model.version)
+        self.children.in_flight.inc()
 
     def observe(self, stage: str, seconds: float) -> None:
         """stage: preprocess or batch_wait (histograms), or inference (timed where the model runs)."""
         self.timings[stage] = seconds
-        if stage in ("preprocess", "batch_wait"):
-            getattr(registry(), f"{stage}_seconds").labels(*(self.labels or UNKNOWN)).observe(seconds)
+        if self.children is None:  # no model resolved yet: its histograms have no labels to go under
+            return
+        if stage == "batch_wait":
+            self.children.batch_wait.observe(seconds)
+        elif stage == "preprocess":
+            self.children.preprocess.observe(seconds)
 
     @contextlib.contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -127,12 +151,12 @@ class RequestMetrics:
     def finish(self, status: int) -> float:
         """Count the request by outcome; returns its duration in seconds (also timings["total"])."""
         seconds = self.timings["total"] = time.perf_counter() - self.start
-        m = registry()
-        labels = self.labels or UNKNOWN
-        m.requests.labels(self.endpoint, *labels, outcome(status)).inc()
-        if self.labels is not None:
-            m.in_flight.labels(self.endpoint, *self.labels).dec()
-            m.request_seconds.labels(self.endpoint, *self.labels).observe(seconds)
+        if self.children is None:
+            registry().requests.labels(self.endpoint, *UNKNOWN, outcome(status)).inc()
+            return seconds
+        self.children.outcomes[outcome(status)].inc()
+        self.children.in_flight.dec()
+        self.children.seconds.observe(seconds)
         return seconds
 
 

@@ -6,8 +6,9 @@ What is served comes from the live state (service/lifecycle.py): a background th
 (health endpoints answer at once) and then reconciles to every change of it: new versions load and warm up
 before any request reaches them, then the routing switches at once, then versions no longer served drain
 (requests and streams holding them finish) and are freed. A version that cannot load is reported failed
-with the reason while the others serve. All front ends (REST, KServe v2 REST and gRPC) call ``get`` and
-then ``run`` / ``infer`` / ``generator``; the repository knows nothing of them.
+with the reason while the others serve. The data plane (service/dataplane.py) calls ``get`` and then
+``batcher`` / ``generator`` for every front end (REST, KServe v2 REST and gRPC); the repository knows
+nothing of them.
 
 One owner of the served state: the reconcile step (the worker's ``model-loader`` thread, under one lock) is
 the only code that changes what is served and the only writer of this worker's report. Each reconcile
@@ -40,11 +41,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-import numpy as np
-
 from models.kinds import kinds_for
 from service import images, memory, metrics
-from service.batching import BatchingConfig, BatchStats, DynamicBatcher
+from service.batching import BatchingConfig, DynamicBatcher
 from service.errors import ClientError, Conflict, NotFound, Unavailable
 from service.generation import ContinuousBatcher
 from service.lifecycle import LiveState, StateDir, store_model_complete, with_versions
@@ -281,6 +280,8 @@ class Repository:
         (``make serve`` serves lenet5 while the other default models still train): the worker that sees it
         first writes the next generation, the others load it from there."""
         waiting = [m.config for m in self._snapshot.models if m.state == "loading" and not m.config.versions]
+        if self.state is None:  # a repository without a state directory (in-process tools) has nobody to tell
+            return
         try:
             if not any(store_model_complete(m.store_name) for m in waiting):
                 return
@@ -425,6 +426,7 @@ class Repository:
         deadline = time.monotonic() + self.settings.drain_timeout_s
         quiet_since: dict[int, float] = {}
         pending = list(retiring)
+        served: Served | None = None  # the loop's variable, dropped at the end with the last references
         while pending:
             now = time.monotonic()
             for served in list(pending):
@@ -602,28 +604,15 @@ class Repository:
         return self.served[(runtime.name, runtime.version)]
 
     def generator(self, runtime: ModelRuntime) -> ContinuousBatcher:
-        return self.served_version(runtime).generator
+        """The continuous batcher of a generating version (the data plane checks the kind first)."""
+        generator = self.served_version(runtime).generator
+        if generator is None:
+            raise RuntimeError(f"{runtime.tag} has no continuous batcher: its kind does not generate text")
+        return generator
 
-    async def run(self, runtime: ModelRuntime, feeds: dict[str, np.ndarray]
-                  ) -> tuple[dict[str, np.ndarray], BatchStats]:
-        """Checked inputs through the version's dynamic batcher."""
-        return await self.served_version(runtime).batcher.infer(feeds)
-
-    async def infer(self, runtime: ModelRuntime, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """KServe v2 (REST and gRPC): feeds already validated against the metadata; counted as endpoint v2."""
-        request = metrics.RequestMetrics("v2")
-        status = 500
-        try:
-            request.begin(runtime)
-            outputs, stats = await self.run(runtime, feeds)
-            request.observe("batch_wait", stats.queue_s)
-            status = 200
-            return outputs
-        except ClientError as e:
-            status = e.status
-            raise
-        finally:
-            request.finish(status)
+    def batcher(self, runtime: ModelRuntime) -> DynamicBatcher:
+        """The dynamic batcher of a version ``get`` returned (the data plane's one inference entry point)."""
+        return self.served[(runtime.name, runtime.version)].batcher
 
 
 def _batching_of(batcher: DynamicBatcher) -> dict:

@@ -3,12 +3,13 @@
 BentoML runs the HTTP server and its worker processes, the model store, health, metrics and the
 OpenAPI page; the hot path is ours. Each worker process (NNSERVE_WORKERS) serves every model itself:
 
-    HTTP :3000 ─► front door (front.py): tokens (auth.py), admission limit, /livez, /readyz, the page at /playground
+    HTTP :3000 ─► front door (front.py): tokens (auth.py), /livez, /readyz, the page at /playground
               │   (playground.py: static files that call the routes below from a browser); the rest to BentoML's
-              ─► REST (service/rest.py)           ─┐
-                  KServe v2 REST (kserve_http.py)  ─┼─► Repository (repository.py): per model an ONNX Runtime
-    gRPC :8001 ─► KServe v2 gRPC (kserve_grpc.py)  ─┘   session, a dynamic batcher thread (batching.py) and,
-                                                        for text models, a generation thread (generation.py)
+              ─► REST codec (rest.py)            ─┐   DataPlane (dataplane.py): readiness, model resolution,
+                  KServe v2 REST codec            ─┼─► admission, inference, generation start; over the
+                  (kserve_http.py)                 │   Repository (repository.py): per model an ONNX Runtime
+    gRPC :8001 ─► KServe v2 gRPC codec            ─┘   session, a dynamic batcher thread (batching.py) and,
+                  (kserve_grpc.py)                      for text models, a generation thread (generation.py)
 
 Every client mistake answers 4xx with ``{"error": "..."}`` naming it (docs/service.md).
 """
@@ -25,12 +26,14 @@ from typing import Any
 import bentoml
 from bentoml._internal.context import server_context
 
-from service import auth, bentoml_fixes, drain, memory, metrics, playground, rest
+from service import auth, bentoml_fixes, drain, memory, metrics, playground
+from service.dataplane import DataPlane
 from service.front import FrontDoor
 from service.kserve_grpc import start_grpc_server
-from service.kserve_http import create_app as create_kserve_app
+from service.kserve_http import KServeHttp
 from service.lifecycle import StateDir, default_state_dir
 from service.repository import Repository
+from service.rest import RestApi
 from service.settings import Settings
 
 bentoml_fixes.apply()  # before BentoML builds its ASGI apps (see the module)
@@ -47,19 +50,28 @@ logging.getLogger("nnserve").setLevel(SETTINGS.log_level.upper())
 LOCK = auth.Lock.from_settings(SETTINGS)
 
 
-def current_repository() -> Repository:
-    return bentoml.get_current_service().repository
+# This worker's data plane, once its service object exists (BentoML creates it in the lifespan start-up). A
+# plain holder rather than bentoml.get_current_service() on each request: that lookup cost 2% of a request.
+PLANE: list[DataPlane] = []
+
+
+def current_plane() -> DataPlane | None:
+    return PLANE[0] if PLANE else None
+
+
+def plane() -> DataPlane:
+    """The codecs' data plane: the front door sends them requests only once it exists."""
+    return PLANE[0]
 
 
 def bentoml_spec() -> dict:
     return SERVICE.openapi_spec.asdict()
 
 
-# Mounted at "/" too, so BentoML's OpenAPI page and Python tooling know them; the front door (below) sends
-# their requests straight here without BentoML's middleware stack.
-rest_app = rest.create_app(current_repository, bentoml_spec)
+# The front door (below) sends our routes' requests straight to these codecs, without BentoML's middleware.
+rest_api = RestApi(plane, bentoml_spec)
+kserve_api = KServeHttp(plane, max_request_bytes=SETTINGS.kserve_max_request_bytes)
 playground_app = playground.create_app(SETTINGS) if SETTINGS.playground else None
-kserve_app = create_kserve_app(current_repository, prefix="/v2", max_request_bytes=SETTINGS.kserve_max_request_bytes)
 
 
 @bentoml.service(
@@ -72,8 +84,6 @@ kserve_app = create_kserve_app(current_repository, prefix="/v2", max_request_byt
     # One INFO line per request costs ~20% of the throughput of a small request: off unless asked for.
     logging={"access": {"enabled": SETTINGS.access_log}},
 )
-@bentoml.asgi_app(rest_app, path="/")
-@bentoml.asgi_app(kserve_app, path="/")
 class NNServe:
     """Image classification, FC7 features and text generation over REST; KServe v2 over REST and gRPC."""
 
@@ -84,6 +94,8 @@ class NNServe:
         log.info("worker %s serves the live state in %s", worker, state.path)
         self.repository = Repository(SETTINGS, state, worker)
         self.repository.start_loading()  # in a thread; start() waits for it
+        self.plane = DataPlane(self.repository)
+        PLANE[:] = [self.plane]
         self.grpc_server = None
 
     @bentoml.on_startup
@@ -92,8 +104,9 @@ class NNServe:
         # take requests (and answer "still loading") while the other workers are ready to serve them. A
         # model that fails to load is marked failed and the worker serves the others.
         await asyncio.to_thread(self.repository.loaded.wait)
-        self.grpc_server = await start_grpc_server(self.repository, SETTINGS.grpc_host or http_host(),
+        self.grpc_server = await start_grpc_server(self.plane, SETTINGS.grpc_host or http_host(),
                                                    SETTINGS.grpc_port, SETTINGS.kserve_max_request_bytes, LOCK)
+        self.plane.grpc_listening = True
 
     @bentoml.on_shutdown
     async def stop(self) -> None:
@@ -102,22 +115,9 @@ class NNServe:
         await self.repository.close_generators()
         self.repository.close()
 
-    def not_ready_reason(self) -> str | None:
-        """None when every model is loaded and warmed up and gRPC listens, else why not (for /readyz)."""
-        if self.grpc_server is None:
-            return "KServe v2 gRPC is not listening yet"
-        return self.repository.not_ready_reason()
-
 
 # @bentoml.service made NNServe a bentoml Service instance; its stubs keep the decorated class's type.
 SERVICE: Any = NNServe
-
-
-def readiness() -> str | None:
-    try:
-        return bentoml.get_current_service().not_ready_reason()
-    except bentoml.exceptions.BentoMLException:  # the service object is created in the lifespan start-up
-        return "the service is starting"
 
 
 def http_host() -> str:
@@ -139,8 +139,7 @@ def _to_asgi(service, is_main: bool = True):
     app = _bentoml_to_asgi(service, is_main)
     if service is not NNServe:
         return app
-    return FrontDoor(app, rest_app, kserve_app, current_repository, readiness, SETTINGS.max_concurrent_requests,
-                     LOCK, playground_app)
+    return FrontDoor(app, rest_api.router(), kserve_api.router(), current_plane, LOCK, playground_app)
 
 
 type(SERVICE).to_asgi = _to_asgi

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import Request
 
-from service.errors import ClientError, PayloadTooLarge, UnsupportedMedia
+from service.errors import ClientError, UnsupportedMedia
 
 # python-multipart logs every framing error it raises at WARNING; we turn each into a 400 that the front end
 # logs at DEBUG, so its own line would be a second, louder log line per client mistake.
@@ -22,21 +21,6 @@ logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 MAX_PARTS = 16  # a form has a handful of fields; more is a mistake or an attack
 MAX_HEADER_BYTES = 4096  # one part's headers (Content-Disposition with its filename, Content-Type)
-
-
-async def read_limited(request: Request, limit: int, what: str = "request body") -> bytes:
-    """The whole body, refused (413) as soon as it is known to pass ``limit``: from Content-Length before
-    reading, else while streaming; never buffered past the limit."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the {what} has {int(declared)} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the {what} is over the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @dataclass

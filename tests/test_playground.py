@@ -128,7 +128,7 @@ def test_playground_off_leaves_the_path_to_bentoml():
     bentoml_stand_in = Starlette()
     bentoml_stand_in.add_route("/{path:path}", lambda request: PlainTextResponse("bentoml", 404))
     for app, status, body in ((None, 404, "bentoml"), (playground.create_app(Settings()), 200, "nnserve playground")):
-        door = FrontDoor(bentoml_stand_in, None, None, None, lambda: None, 1, playground_app=app)
+        door = FrontDoor(bentoml_stand_in, None, None, lambda: None, playground_app=app)
         response = asyncio.run(get(door, "/playground/"))
         assert response.status_code == status and body in response.text
 

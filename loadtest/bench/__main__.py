@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="triton part: concurrent clients of the image-bytes (gRPC) and /classify rows")
     p.add_argument("--triton-client-processes", type=int, default=4,
                    help="triton part: worker processes the Python clients are spread over (one client per thread)")
+    p.add_argument("--previous", metavar="REF",
+                   help="part 2: also serve nnserve's rows with the code of this git commit (a worktree of it, on the "
+                        "same model store and settings): CPU per request and goodput judged against it in the same run")
     p.add_argument("--skip", choices=PARTS, action="append", default=[],
                    help="leave a part out (repeatable); nnserve = every part that needs the nnserve server")
     return p.parse_args(argv)
@@ -169,16 +175,37 @@ def run_compare(args: argparse.Namespace, env: dict[str, str], workdir: Path, r:
             **{f"BASELINE_{name.upper()}_TAG": tags[name] for name in ("lenet5", "vgg_fc7")}}
     files, _, _ = lenet5_inputs(workdir, tags["lenet5"])
     peers = [] if "baselines" in args.skip else args.baselines
-    r.comparison = compare.compare(peers, files, args.connections, args.duration, args.sweep_duration, args.rounds,
-                                   workdir, pins, env)
+    with previous_checkout(args.previous, workdir) as previous:
+        r.comparison = compare.compare(peers, files, args.connections, args.duration, args.sweep_duration,
+                                       args.rounds, workdir, pins, env, previous)
     r.runs += r.comparison.runs
     r.answers.update(r.comparison.answers)
     r.labels.update({name: label for name, (label, _, _) in BASELINES.items()})
     r.labels[stacks.NNSERVE] = "nnserve"
+    if args.previous:
+        r.labels[stacks.PREVIOUS] = f"nnserve {args.previous}"
     log("CPU breakdown of a /classify request (in process, the server's functions)")
     r.breakdown = request_breakdown(tags["lenet5"], files.png.read_bytes())
     log("  " + ", ".join(f"{k} {v:.1f} us" for k, v in r.breakdown.stages_us.items())
         + f"; training's preprocessing path {r.breakdown.reference_preprocess_us:.1f} us")
+
+
+@contextlib.contextmanager
+def previous_checkout(ref: str | None, workdir: Path) -> Iterator[Path | None]:
+    """A git worktree of ``ref`` (None: no previous row), removed afterwards."""
+    if not ref:
+        yield None
+        return
+    path = workdir / "previous"
+    done = subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", str(path), ref],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"--previous {ref}: git worktree add failed: {done.stderr.strip()[:500]}")
+    log(f"previous release: {ref} checked out in {path}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(path)], capture_output=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     levels = sorted(args.connections)
     r.targets = targets.evaluate(r.runs, levels[0], levels[-1], r.generate, r.step_limits, r.overload,
                                  as_float(delay), batch_ms, r.recovery)
+    if args.previous:
+        r.targets += targets.previous_targets(r.runs, levels[-1], args.previous)
     r.targets.append(targets.user_model_target(r.user_model.runs if r.user_model else [], levels[-1]))
     if "triton" not in args.skip and "nnserve" not in args.skip:
         r.targets += targets.triton_targets(r.triton, sorted(set(args.streams)))

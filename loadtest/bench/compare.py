@@ -4,9 +4,11 @@
    batching off / on with its documented knobs), alone, each of its rows once for ``sweep_s`` seconds. The
    best configuration per row (peer, endpoint, clients) is the one with the most 2xx answers per second
    among those without errors (all of them if every one had errors).
-2. Rounds: nnserve (as shipped: its defaults), the bare HTTP stack (the limit) and each peer's best
-   configurations, each started alone, measured on its rows, stopped; ``rounds`` times, in a different
-   order each round (shuffled with the round number as seed). The load average is logged before each row.
+2. Rounds: nnserve (as shipped: its defaults), with ``--previous REF`` the same nnserve rows served by the
+   code of REF (a git worktree of that commit, on the same model store and settings), the bare HTTP stack
+   (the limit) and each peer's best configurations, each started alone, measured on its rows, stopped;
+   ``rounds`` times, in a different order each round (shuffled with the round number as seed). The load
+   average is logged before each row.
    Targets judge the median over the rounds; the spread (min-max) is reported beside it.
 
 Every row is wrk, closed loop (loadtest/bench/wrk.py), after one checked request per server.
@@ -21,11 +23,23 @@ from pathlib import Path
 from loadtest.baselines.launch import BASELINES, Config, ensure_mlserver, grid, running_baseline
 from loadtest.bench.common import load_average, log
 from loadtest.bench.promscrape import batch_histogram, scrape
-from loadtest.bench.stacks import BATCHED_MODEL, CLASSIFY, FEATURES, NNSERVE, V2, StackRun, check_answer, wrk_args
+from loadtest.bench.stacks import (
+    BATCHED_MODEL,
+    CLASSIFY,
+    FEATURES,
+    NNSERVE,
+    PREVIOUS,
+    V2,
+    V2_BINARY,
+    StackRun,
+    check_answer,
+    route_path,
+    wrk_args,
+)
 from loadtest.bench.wrk import RequestFiles, run_wrk
 
 LIMIT = "limit"
-NNSERVE_ROUTES = (CLASSIFY, FEATURES, V2)
+NNSERVE_ROUTES = (CLASSIFY, FEATURES, V2, V2_BINARY)
 
 
 @dataclass(frozen=True)
@@ -78,7 +92,7 @@ def measure_rows(server: str, config: str, live, rows, files: RequestFiles, seco
         load = load_average()
         before = scrape(url) if metrics else {}
         cpu = process_cpu_s(live.process.pid)
-        result = run_wrk(url + endpoint, wrk_args(endpoint, files), c, seconds)
+        result = run_wrk(url + route_path(endpoint), wrk_args(endpoint, files), c, seconds)
         cpu = process_cpu_s(live.process.pid) - cpu
         run = StackRun(server, endpoint, result, round_no=round_no, config=config, load=load,
                        cpu_ms_per_request=1e3 * cpu / result.requests if result.requests else float("nan"))
@@ -130,9 +144,11 @@ def pick_best(sweep_runs: list[StackRun]) -> dict[tuple[str, str, int], str]:
     return best
 
 
-def units(peers: list[str], connections: list[int], cmp: Comparison) -> list[Unit]:
-    found = [Unit(NNSERVE, None, tuple((e, c) for e in NNSERVE_ROUTES for c in connections)),
-             Unit(LIMIT, grid(LIMIT)[0], peer_rows(LIMIT, connections))]
+def units(peers: list[str], connections: list[int], cmp: Comparison, previous: bool = False) -> list[Unit]:
+    nnserve_rows = tuple((e, c) for e in NNSERVE_ROUTES for c in connections)
+    found = [Unit(NNSERVE, None, nnserve_rows), Unit(LIMIT, grid(LIMIT)[0], peer_rows(LIMIT, connections))]
+    if previous:  # the same rows, the same settings, the code of --previous REF
+        found.append(Unit(PREVIOUS, None, nnserve_rows))
     for peer in peers:
         configs = {c.describe(): c for c in grid(peer)}
         chosen: dict[str, list[tuple[str, int]]] = {}
@@ -155,31 +171,36 @@ def round_order(all_units: list[Unit], round_no: int, previous: list[Unit] | Non
 
 
 def compare(peers: list[str], files: RequestFiles, connections: list[int], seconds: float, sweep_s: float,
-            rounds: int, workdir: Path, env: dict[str, str], nnserve_env: dict[str, str]) -> Comparison:
-    """The whole part: sweep the peers, then ``rounds`` interleaved rounds (module docstring)."""
+            rounds: int, workdir: Path, env: dict[str, str], nnserve_env: dict[str, str],
+            previous: Path | None = None) -> Comparison:
+    """The whole part: sweep the peers, then ``rounds`` interleaved rounds (module docstring). ``previous``:
+    a checkout of an older nnserve (a git worktree), measured as one more server on nnserve's rows."""
     from harness.server import running_server
 
     cmp = Comparison()
     log(f"sweep: {', '.join(peers)} over their grids, {sweep_s:g} s per row")
     sweep(peers, files, connections, sweep_s, workdir, env, cmp)
-    plan = units([p for p in peers if p not in cmp.skipped], connections, cmp)
-    previous = None
+    plan = units([p for p in peers if p not in cmp.skipped], connections, cmp, previous is not None)
+    last_order = None
     for round_no in range(1, rounds + 1):
-        order = round_order(plan, round_no, previous)
-        previous = order
+        order = round_order(plan, round_no, last_order)
+        last_order = order
         cmp.orders.append([f"{u.server} ({u.describe()})" for u in order])
         log(f"round {round_no}/{rounds}: " + ", ".join(f"{u.server}" for u in order))
         for unit in order:
             log_path = workdir / f"round{round_no}-{unit.server}.log"
             if unit.server == NNSERVE:
                 context = running_server(log_path, nnserve_env)
+            elif unit.server == PREVIOUS:
+                assert previous is not None  # units() plans a PREVIOUS unit only with a previous checkout
+                context = running_server(log_path, nnserve_env, root=previous)
             else:
                 assert unit.config is not None, "only nnserve's unit has no configuration (units())"
                 context = running_baseline(unit.config, log_path, env)
             try:
                 with context as live:
                     found, answers = measure_rows(unit.server, unit.describe(), live, unit.rows, files, seconds,
-                                                  round_no, metrics=unit.server == NNSERVE)
+                                                  round_no, metrics=unit.server in (NNSERVE, PREVIOUS))
             except RuntimeError as e:
                 log(f"  {unit.server} failed in round {round_no}: {str(e)[:300]}")
                 cmp.skipped[f"{unit.server} round {round_no}"] = str(e).splitlines()[0][:200]

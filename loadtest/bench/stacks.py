@@ -13,13 +13,22 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from loadtest.bench.common import log
 from loadtest.bench.promscrape import batch_histogram, scrape
 from loadtest.bench.wrk import RequestFiles, WrkResult, multipart_body, run_wrk
 
 NNSERVE = "nnserve"
+PREVIOUS = "previous"  # nnserve as of another commit (--previous REF), on the same model store
 CLASSIFY, FEATURES, V2 = "/classify", "/features", "/v2/models/lenet5/infer"
-BATCHED_MODEL = {CLASSIFY: "lenet5", FEATURES: "vgg_fc7", V2: "lenet5"}  # nnserve's dynamic batcher
+V2_BINARY = V2 + " binary"  # the same route, Triton's binary tensor extension (what tritonclient.http sends)
+BATCHED_MODEL = {CLASSIFY: "lenet5", FEATURES: "vgg_fc7", V2: "lenet5", V2_BINARY: "lenet5"}  # the dynamic batcher
+
+
+def route_path(endpoint: str) -> str:
+    """The URL path of a row's endpoint (``V2_BINARY`` is ``V2`` with another body)."""
+    return endpoint.split(" ", 1)[0]
 
 
 @dataclass
@@ -46,17 +55,27 @@ def top_label(answer: Any) -> str:
 def check_answer(url: str, endpoint: str, files: RequestFiles) -> str:
     """One request of the kind wrk will send; what it answered (the top label, or the feature size)."""
     fields = {"format": "npy"} if endpoint == FEATURES else (files.classify_fields if endpoint == CLASSIFY else {})
+    headers = {}
     if endpoint == V2:
         if files.v2_json is None:
             raise ValueError("these request files have no KServe v2 body")
         body, content_type = files.v2_json.read_bytes(), "application/json"
+    elif endpoint == V2_BINARY:
+        if files.v2_binary is None:
+            raise ValueError("these request files have no KServe v2 binary body")
+        body, content_type = files.v2_binary.read_bytes(), "application/octet-stream"
+        headers["Inference-Header-Content-Length"] = str(files.v2_binary_header)
     else:
         body, content_type = multipart_body(files.png.read_bytes(), fields)
-    request = urllib.request.Request(url + endpoint, data=body, headers={"Content-Type": content_type})
+    request = urllib.request.Request(url + route_path(endpoint), data=body,
+                                     headers={"Content-Type": content_type, **headers})
     with urllib.request.urlopen(request, timeout=60) as response:
-        data = response.read()
+        data, length = response.read(), response.headers.get("Inference-Header-Content-Length")
     if endpoint == FEATURES:
         return f"{len(data)}-byte npy vector"
+    if endpoint == V2_BINARY:
+        logits = np.frombuffer(data[int(length):], dtype=np.float32)
+        return f"class index {int(np.argmax(logits))}"
     if endpoint == V2:
         outputs = {o["name"]: o for o in json.loads(data)["outputs"]}
         logits = outputs["logits"]["data"]
@@ -65,7 +84,8 @@ def check_answer(url: str, endpoint: str, files: RequestFiles) -> str:
 
 
 def wrk_args(endpoint: str, files: RequestFiles) -> list[str]:
-    return {CLASSIFY: files.classify_args, FEATURES: files.features_args, V2: files.v2_args}[endpoint]()
+    return {CLASSIFY: files.classify_args, FEATURES: files.features_args, V2: files.v2_args,
+            V2_BINARY: files.v2_binary_args}[endpoint]()
 
 
 def measure(server: str, url: str, endpoints: tuple[str, ...], files: RequestFiles, connections: list[int],
@@ -77,7 +97,7 @@ def measure(server: str, url: str, endpoints: tuple[str, ...], files: RequestFil
         answers[endpoint] = check_answer(url, endpoint, files)
         for c in connections:
             before = scrape(url) if metrics else {}
-            result = run_wrk(url + endpoint, wrk_args(endpoint, files), c, seconds)
+            result = run_wrk(url + route_path(endpoint), wrk_args(endpoint, files), c, seconds)
             run = StackRun(server, endpoint, result)
             if metrics:
                 hist = batch_histogram(before, scrape(url), model or BATCHED_MODEL[endpoint], "dynamic")

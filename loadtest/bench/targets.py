@@ -9,7 +9,7 @@ from statistics import median
 from loadtest.bench.common import fmt
 from loadtest.bench.overload import OverloadResult
 from loadtest.bench.recovery import RecoveryResult
-from loadtest.bench.stacks import CLASSIFY, FEATURES, NNSERVE, V2, StackRun
+from loadtest.bench.stacks import CLASSIFY, FEATURES, NNSERVE, PREVIOUS, V2, V2_BINARY, StackRun
 from loadtest.bench.triton import GRPC_GENERATE, REST_GENERATE, ProtocolRow
 
 
@@ -268,3 +268,24 @@ def ratio_note(rows: list[ProtocolRow], ours: str, theirs: str, clients: int) ->
         return f"{ours} vs {theirs} at {clients} clients: not measured"
     ratio = f" = {a[0] / b[0]:.2f}x" if b[0] else ""
     return f"{ours} vs {theirs} at {clients} clients: {a[0]:,.0f} vs {b[0]:,.0f} answers/s{ratio} (median)"
+
+
+def previous_targets(runs: list[StackRun], high: int, ref: str) -> list[Target]:
+    """Against the previous release in the same run (--previous REF), at ``high`` clients on /classify and /v2
+    binary infer: CPU per request (the server's processes, medians over the rounds) at most 0.6x, goodput at
+    least 1.4x. The share of the bare stack's throughput is in the report's tables beside them."""
+    targets = []
+    for endpoint in (CLASSIFY, V2_BINARY):
+        ours = [r for r in runs if (r.server, r.endpoint, r.result.connections) == (NNSERVE, endpoint, high)]
+        before = [r for r in runs if (r.server, r.endpoint, r.result.connections) == (PREVIOUS, endpoint, high)]
+        if not ours or not before:
+            targets += [Target(f"{endpoint} {high} clients CPU/request vs {ref}", "not measured", "<= 0.6x", None),
+                        Target(f"{endpoint} {high} clients goodput vs {ref}", "not measured", ">= 1.4x", None)]
+            continue
+        cpu = median(r.cpu_ms_per_request for r in ours) / median(r.cpu_ms_per_request for r in before)
+        goodput = median(r.result.ok_rps for r in ours) / median(r.result.ok_rps for r in before)
+        targets += [Target(f"{endpoint} {high} clients CPU/request vs {ref}",
+                           f"{cpu:.2f}x ({median(r.cpu_ms_per_request for r in ours):.3f} vs "
+                           f"{median(r.cpu_ms_per_request for r in before):.3f} ms)", "<= 0.6x", cpu <= 0.6),
+                    Target(f"{endpoint} {high} clients goodput vs {ref}", f"{goodput:.2f}x", ">= 1.4x", goodput >= 1.4)]
+    return targets

@@ -80,6 +80,8 @@ class RequestFiles:
     label: str  # its true label
     v2_json: Path | None = None  # KServe v2 JSON infer request: that digit, preprocessed, batch 1
     classify_fields: dict[str, str] = field(default_factory=dict)  # form fields after the image, e.g. model
+    v2_binary: Path | None = None  # the same request in Triton's binary tensor extension (logits asked binary)
+    v2_binary_header: int = 0  # its JSON header's length (Inference-Header-Content-Length)
 
     def classify_args(self) -> list[str]:
         # top_k left at its default (5) on every server
@@ -93,11 +95,25 @@ class RequestFiles:
             raise ValueError("these request files have no KServe v2 body")
         return ["body", str(self.v2_json), "application/json"]
 
+    def v2_binary_args(self) -> list[str]:
+        if self.v2_binary is None:
+            raise ValueError("these request files have no KServe v2 binary body")
+        return ["body", str(self.v2_binary), "application/octet-stream",
+                f"Inference-Header-Content-Length={self.v2_binary_header}"]
+
 
 def v2_json_body(x: np.ndarray, input_name: str) -> bytes:
     """A KServe v2 JSON request for the float32 batch ``x``."""
     return json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape), "datatype": "FP32",
                                    "data": x.ravel().tolist()}]}).encode()
+
+
+def v2_binary_body(x: np.ndarray, input_name: str, output_name: str = "logits") -> tuple[bytes, int]:
+    """A KServe v2 binary-extension request for the float32 batch ``x``: (body, JSON header length)."""
+    header = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "outputs": [{"name": output_name, "parameters": {"binary_data": True}}]}).encode()
+    return header + np.ascontiguousarray(x, dtype=np.float32).tobytes(), len(header)
 
 
 def request_files(workdir: Path, preprocessing: dict, input_name: str) -> RequestFiles:
@@ -108,8 +124,12 @@ def request_files(workdir: Path, preprocessing: dict, input_name: str) -> Reques
     png = workdir / "digit.png"
     png.write_bytes(png_bytes(digits[0]))
     v2 = workdir / "v2-lenet5-1.json"
-    v2.write_bytes(v2_json_body(preprocess_uint8(digits[:1], preprocessing), input_name))
-    return RequestFiles(png, str(labels[0]), v2)
+    x = preprocess_uint8(digits[:1], preprocessing)
+    v2.write_bytes(v2_json_body(x, input_name))
+    binary, header_length = v2_binary_body(x, input_name)
+    v2_binary = workdir / "v2-lenet5-1.bin"
+    v2_binary.write_bytes(binary)
+    return RequestFiles(png, str(labels[0]), v2, v2_binary=v2_binary, v2_binary_header=header_length)
 
 
 def multipart_body(png: bytes, fields: dict[str, str] | None = None) -> tuple[bytes, str]:

@@ -2,9 +2,12 @@
 --
 --   wrk -t1 -c32 -d20s --latency -s post.lua URL -- multipart digit.png [name=value ...]
 --   wrk -t1 -c32 -d20s --latency -s post.lua URL -- body request.json application/json
+--   wrk -t1 -c32 -d20s --latency -s post.lua URL -- body request.bin application/octet-stream \
+--       Inference-Header-Content-Length=97
 --
 -- multipart: the PNG goes in file field "image" (what /classify and /features take), each name=value
--- as a form field after it. body: the file's bytes as they are, with the given Content-Type.
+-- as a form field after it. body: the file's bytes as they are, with the given Content-Type, each
+-- name=value after it a request header (KServe v2 binary: the JSON header's length).
 -- status_errors: responses with a status >= 400 (what wrk counts). No response() callback: defining one
 -- makes wrk parse every response's headers in Lua, and the load generator shares the CPU with the server it measures.
 
@@ -34,6 +37,10 @@ function init(args)
   elseif args[1] == "body" then
     wrk.body = read_file(args[2])
     wrk.headers["Content-Type"] = args[3]
+    for i = 4, #args do
+      local name, value = args[i]:match("^([^=]+)=(.*)$")
+      wrk.headers[name] = value
+    end
   else
     error("post.lua: first argument must be 'multipart' or 'body', got " .. tostring(args[1]))
   end
