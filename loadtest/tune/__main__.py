@@ -129,12 +129,15 @@ class Sweep:
         if self._server is None or self._server.workers != workers:
             self._stack.close()
             log(f"starting a server with {workers} worker(s)")
-            self._server = self._stack.enter_context(serving(self.target.model, workers, self.args.out / "work"))
+            self._server = self._stack.enter_context(serving(self.target.model, workers, self.args.out / "work",
+                                                                 self.args.cores))
         return self._server
 
     def run(self, points: list[Point], stage: str) -> None:
         done = {r.point for r in self.results}
-        todo = sorted(dict.fromkeys(p for p in points if p not in done), key=lambda p: p.workers)
+        current = self._server.workers if self._server is not None else 0  # its points first: a restart less
+        todo = sorted(dict.fromkeys(p for p in points if p not in done),
+                      key=lambda p: (p.workers != current, p.workers))
         per_point = len(self.args.concurrency) * self.args.seconds + 1 + 5  # runs, warm-up, the change
         for point in todo:
             restart = SERVER_START_GUESS_S if self._server is None or self._server.workers != point.workers else 0
@@ -178,8 +181,7 @@ def tune(args: argparse.Namespace) -> int:
     interrupted = False
     try:
         sweep.run(stage1, "execution")
-        for base in sweep.best(TOP):
-            sweep.run(stage_batching(base, args), "batching")
+        sweep.run([p for base in sweep.best(TOP) for p in stage_batching(base, args)], "batching")
         for variant in extra_variants:
             sweep.run([Point(p.workers, p.instances, p.threads, p.max_batch_size, p.delay_us, variant)
                        for p in sweep.best(TOP, "fp32")], variant)

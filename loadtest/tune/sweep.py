@@ -154,7 +154,7 @@ def v2_request(metadata: dict) -> dict:
 # -- the servers ---------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def serving(model: str, workers: int, workdir: Path) -> Iterator[Server]:
+def serving(model: str, workers: int, workdir: Path, cores: int) -> Iterator[Server]:
     """A real nnserve server with ``workers`` workers serving only ``model``, its management API on."""
     from harness.server import running_server
 
@@ -168,7 +168,8 @@ def serving(model: str, workers: int, workdir: Path) -> Iterator[Server]:
     state = Path(tempfile.mkdtemp(prefix=f"state-{workers}w-", dir=workdir))
     env = {"NNSERVE_WORKERS": str(workers), "NNSERVE_MODELS_CONFIG": str(config),
            "NNSERVE_MANAGEMENT_TOKEN_FILE": str(token), "NNSERVE_STATE_DIR": str(state),
-           "NNSERVE_CHANGE_TIMEOUT_S": str(CHANGE_TIMEOUT_S), "NNSERVE_PLAYGROUND": "0"}
+           "NNSERVE_CHANGE_TIMEOUT_S": str(CHANGE_TIMEOUT_S), "NNSERVE_PLAYGROUND": "0",
+           "NNSERVE_CPUS": str(cores)}
     with running_server(workdir / f"server-{workers}w.log", env) as live:
         yield Server(live.http_url, token.read_text().strip(), workers, live.log)
 
