@@ -22,7 +22,7 @@ pytest.importorskip("fastapi", reason="the bench extra is not installed: pip ins
 
 from harness.data import held_out_digits, png_bytes  # noqa: E402
 from loadtest.baselines.common import StoreModel  # noqa: E402
-from loadtest.baselines.launch import BASELINES, MLSERVER_VENV, Config, grid, running_baseline  # noqa: E402
+from loadtest.baselines.launch import MLSERVER_VENV, Config, grid, running_baseline  # noqa: E402
 from loadtest.bench.compare import LIMIT, Unit, pick_best, round_order, units  # noqa: E402
 from loadtest.bench.stacks import top_label  # noqa: E402
 from loadtest.bench.wrk import multipart_body, run_wrk  # noqa: E402
@@ -43,7 +43,7 @@ def post_digit(url: str, png: bytes, fields: dict[str, str] | None = None) -> tu
         return response.status, response.read()
 
 
-PEERS = ("bentoml", "fastapi", "litserve")
+PEERS = ("bentoml", "fastapi", "litserve")  # every one serves /features (vgg_fc7) too
 
 
 @pytest.mark.parametrize("name", PEERS)
@@ -62,9 +62,13 @@ def test_baseline_answers_like_onnx_runtime_in_process(name, baseline_env, monke
             predictions = (answer[0] if isinstance(answer, list) else answer)["predictions"]
             assert len(predictions) == 5
             assert np.isclose(predictions[0]["probability"], want["predictions"][0]["probability"], rtol=1e-4)
-        if "/features" in BASELINES[name][1]:
-            status, body = post_digit(server.http_url + "/features", pngs[0], {"format": "json"})
-            assert status == 200 and json.loads(body)["dim"] == len(json.loads(body)["features"]) > 0
+        status, body = post_digit(server.http_url + "/features", pngs[0], {"format": "json"})
+        answer = json.loads(body)
+        answer = answer[0] if isinstance(answer, list) else answer
+        assert status == 200 and answer["dim"] == len(answer["features"]) > 0
+        if name != "bentoml":  # BentoML answers JSON only (bentoml_book.py)
+            status, body = post_digit(server.http_url + "/features", pngs[0], {"format": "npy"})
+            assert status == 200 and body.startswith(b"\x93NUMPY")
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed (apt-get install -y wrk)")
@@ -85,8 +89,14 @@ def test_wrk_script_sends_requests_the_server_accepts(baseline_env, tmp_path):
 
 def test_each_peer_is_swept_over_workers_and_its_batching_knobs():
     cores = 2
-    assert [c.workers for c in grid("fastapi", cores)] == [1, 2]
-    assert all(c.max_batch == 0 for c in grid("fastapi", cores))  # FastAPI has no batching
+    # FastAPI: workers 1/2 x ORT threads 1/2, no batching (it has none)
+    assert {(c.workers, c.threads) for c in grid("fastapi", cores)} == {(1, 1), (1, 2), (2, 1), (2, 2)}
+    assert all(c.max_batch == 0 for c in grid("fastapi", cores))
+    assert Config("fastapi", 2, threads=2).env()["BASELINE_ORT_THREADS"] == "2"
+    # Triton: instances 1/2 x dynamic batching off or max_queue_delay 0, 1, 5 ms
+    assert {(c.workers, c.max_batch, c.wait_ms) for c in grid("triton", cores)} == {
+        (w, b, wait) for w in (1, 2) for b, wait in ((0, 0.0), (32, 0.0), (32, 1.0), (32, 5.0))}
+    assert Config("triton", 2, 32, 1.0).describe() == "instances=2, dynamic batching <= 32, max_queue_delay 1 ms"
     for peer in ("litserve", "mlserver"):
         assert {(c.workers, c.max_batch, c.wait_ms) for c in grid(peer, cores)} == {
             (w, b, wait) for w in (1, 2) for b, wait in ((0, 0.0), (32, 1.0), (32, 5.0))}
@@ -162,3 +172,62 @@ def test_mlserver_with_adaptive_batching_answers_like_onnx_runtime(baseline_env,
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.loads(response.read())
     assert np.allclose(answer["outputs"][0]["data"], want, rtol=1e-4, atol=1e-5)
+
+
+# ---- Triton Inference Server itself (the nvidia-pytriton wheel, from .venv-triton) -------------------------
+
+@pytest.fixture(scope="module")
+def triton_ready() -> None:
+    from loadtest.baselines.triton_server import ensure_triton
+
+    why = ensure_triton()  # creates .venv-triton (pip) when missing: minutes, once
+    if why:
+        pytest.skip(f"Triton cannot run here: {why}")
+
+
+@pytest.mark.parametrize("config", [Config("triton", 1, 32, 1.0), Config("triton", 2, 0)],
+                         ids=["dynamic-batching", "2-instances-no-batching"])
+def test_triton_answers_tritonclient_http_binary_and_grpc_like_onnx_runtime(config, triton_ready, baseline_env,
+                                                                          monkeypatch, tmp_path):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    monkeypatch.setenv("BASELINE_LENET5_TAG", baseline_env["BASELINE_LENET5_TAG"])
+    monkeypatch.setenv("BASELINE_VGG_FC7_TAG", baseline_env["BASELINE_VGG_FC7_TAG"])
+    lenet5, vgg = StoreModel.load("lenet5", threads=1), StoreModel.load("vgg_fc7", threads=1)
+    digits, _ = held_out_digits()
+    x = np.stack([lenet5.decode(png_bytes(d)) for d in digits[:3]])
+    env = {**baseline_env, "BASELINE_TRITON_MODELS": "lenet5,vgg_fc7"}
+    with running_baseline(config, tmp_path / "triton.log", env) as server:
+        http = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
+        tensor = httpclient.InferInput(lenet5.input_name, list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=True)  # the binary tensor extension, tritonclient's default
+        answer = http.infer("lenet5", [tensor], outputs=[httpclient.InferRequestedOutput("logits", binary_data=True)])
+        assert np.allclose(answer.as_numpy("logits"), lenet5.run(x, output="logits"), rtol=1e-4, atol=1e-5)
+        features = http.infer("vgg_fc7", [tensor], outputs=[httpclient.InferRequestedOutput("fc7")]).as_numpy("fc7")
+        assert np.allclose(features, vgg.run(x, output="fc7"), rtol=1e-4, atol=1e-5)
+        grpc = grpcclient.InferenceServerClient(server.grpc_url)
+        one = grpcclient.InferInput(lenet5.input_name, [1, *x.shape[1:]], "FP32")
+        one.set_data_from_numpy(x[:1])
+        logits = grpc.infer("lenet5", [one]).as_numpy("logits")
+        assert np.allclose(logits, lenet5.run(x[:1], output="logits"), rtol=1e-4, atol=1e-5)
+        config_text = (tmp_path / "triton.triton" / "models" / "lenet5" / "config.pbtxt").read_text()
+        assert f"count: {config.workers}, kind: KIND_CPU" in config_text
+        assert ("dynamic_batching" in config_text) == bool(config.max_batch), config_text
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed (apt-get install -y wrk)")
+def test_bench_binary_v2_rows_are_accepted_by_triton_and_nnserve(triton_ready, baseline_env, live_server, tmp_path):
+    from loadtest.bench.stacks import V2_BINARY, check_answer, route, wrk_args
+    from loadtest.bench.wrk import request_files
+
+    model = StoreModel.load("lenet5", threads=1, tag=baseline_env["BASELINE_LENET5_TAG"])
+    files = request_files(tmp_path, model.metadata["preprocessing"], model.input_name)
+    with running_baseline(Config("triton", 1, 32, 0.0), tmp_path / "triton.log", baseline_env) as server:
+        theirs = check_answer(server.http_url, V2_BINARY, files)
+        result = run_wrk(server.http_url + route(V2_BINARY), wrk_args(V2_BINARY, files), connections=4, seconds=1)
+        assert result.requests > 0 and result.errors == 0, server.log(3000)
+    ours = check_answer(live_server.http_url, V2_BINARY, files)
+    assert ours == theirs and ours.startswith("logits [1, 10], argmax ")
+    result = run_wrk(live_server.http_url + route(V2_BINARY), wrk_args(V2_BINARY, files), connections=2, seconds=1)
+    assert result.requests > 0 and result.errors == 0

@@ -38,6 +38,12 @@ def served_models(environ: Mapping[str, str]) -> tuple[str, str | None]:
     return environ.get("BASELINE_CLASSIFY_MODEL", "lenet5").strip() or "lenet5", features or None
 
 
+def output_name(model: StoreModel, role: str, default: str) -> str:
+    """The graph output with ``role`` (scores, features) in the store metadata; ``default`` for an entry
+    that does not say."""
+    return model.metadata.get("roles", {}).get(role, default)
+
+
 def ort_threads(workers: int = 1) -> int:
     """``BASELINE_ORT_THREADS``, else the cores shared out between the server's worker processes."""
     return int(os.environ.get("BASELINE_ORT_THREADS", "0")) or max(1, (os.cpu_count() or 1) // workers)

@@ -23,16 +23,9 @@ from typing import Annotated
 import numpy as np
 from fastapi import FastAPI, File, Form, Response
 
-from loadtest.baselines.common import StoreModel, knob, ort_threads, served_models
+from loadtest.baselines.common import StoreModel, knob, ort_threads, output_name, served_models
 
 WORKERS = int(knob("WORKERS", 2))  # uvicorn --workers (the launcher sets both); ORT threads = cores / workers
-
-
-def output_name(model: StoreModel, role: str, default: str) -> str:
-    """The graph output with ``role`` (scores, features) in the store metadata; ``default`` for an entry
-    that does not say."""
-    return model.metadata.get("roles", {}).get(role, default)
-
 
 THREADS = ort_threads(WORKERS)
 CLASSIFY_MODEL, FEATURES_MODEL = served_models(os.environ)

@@ -20,7 +20,7 @@ from loadtest.bench.common import REPO_ROOT, load_average, log, machine, write_a
 from loadtest.bench.report import Results, report
 
 PARTS = ("in-process", "nnserve", "stacks", "generate", "triton", "recovery", "overload", "budgets", "baselines",
-         "user-model")
+         "user-model", "real-size")
 
 
 def int_list(text: str) -> list[int]:
@@ -37,16 +37,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="intra-op threads of the multi-threaded in-process rows (default: all cores)")
     p.add_argument("--duration", type=int, default=5, help="seconds per wrk row of the rounds and per /generate "
                    "level")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the serving-stack rows (medians "
-                   "judged, min-max reported)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the serving-stack rows (ratio "
+                   "targets judged on the median of the per-round ratios, min-max reported)")
     p.add_argument("--sweep-duration", type=float, default=3, help="seconds per row of each peer configuration "
                    "in the sweep that picks its best one")
     p.add_argument("--connections", type=int_list, default=[1, 32],
                    help="wrk concurrency levels (closed loop), comma-separated; targets use the lowest and highest")
     p.add_argument("--baselines", type=lambda s: [b for b in s.split(",") if b],
-                   default=["bentoml", "litserve", "fastapi", "mlserver"],
+                   default=["bentoml", "litserve", "fastapi", "mlserver", "triton"],
                    help="peer servers to sweep and measure, comma-separated (loadtest/baselines); MLServer runs "
-                        "from .venv-mlserver, which the bench creates when missing")
+                        "from .venv-mlserver and Triton from .venv-triton, which the bench creates when missing")
     p.add_argument("--streams", type=int_list, default=[1, 16], help="concurrent /generate streams, comma-separated")
     p.add_argument("--generate-chars", type=int, default=200, help="characters per /generate request")
     p.add_argument("--step-loop-steps", type=int, default=2000,
@@ -63,9 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--user-model-tag", metavar="TAG",
                    help="user-model part: serve this store entry (one an earlier run made) instead of making one "
                         "with models.finetune + export (minutes on a small CPU)")
-    p.add_argument("--user-model-rounds", type=int, default=3,
+    p.add_argument("--user-model-rounds", type=int, default=5,
                    help="user-model part: rounds of wrk rows, nnserve's and FastAPI's alternating (medians judged)")
-    p.add_argument("--triton-rounds", type=int, default=2,
+    p.add_argument("--triton-rounds", type=int, default=3,
                    help="triton part: rounds of REST and gRPC rows, their order alternating (medians judged)")
     p.add_argument("--triton-classify-clients", type=int, default=32,
                    help="triton part: concurrent clients of the image-bytes (gRPC) and /classify rows")
@@ -74,6 +74,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--previous", metavar="REF",
                    help="part 2: also serve nnserve's rows with the code of this git commit (a worktree of it, on the "
                         "same model store and settings): CPU per request and goodput judged against it in the same run")
+    p.add_argument("--real-size-rounds", type=int, default=5,
+                   help="real-size part: interleaved rounds of nnserve and every peer's best configuration")
+    p.add_argument("--real-size-connections", type=int_list, default=[1, 4, 32],
+                   help="real-size part: wrk concurrency levels, comma-separated")
+    p.add_argument("--real-size-peers", type=lambda s: [b for b in s.split(",") if b],
+                   default=["fastapi", "litserve", "bentoml", "triton"],
+                   help="real-size part: peers to sweep and measure on vgg_fc7 and EfficientNet-B0")
     p.add_argument("--skip", choices=PARTS, action="append", default=[],
                    help="leave a part out (repeatable); nnserve = every part that needs the nnserve server")
     return p.parse_args(argv)
@@ -177,7 +184,7 @@ def run_compare(args: argparse.Namespace, env: dict[str, str], workdir: Path, r:
     peers = [] if "baselines" in args.skip else args.baselines
     with previous_checkout(args.previous, workdir) as previous:
         r.comparison = compare.compare(peers, files, args.connections, args.duration, args.sweep_duration,
-                                       args.rounds, workdir, pins, env, previous)
+                                       args.rounds, workdir, pins, env, previous=previous)
     r.runs += r.comparison.runs
     r.answers.update(r.comparison.answers)
     r.labels.update({name: label for name, (label, _, _) in BASELINES.items()})
@@ -208,6 +215,25 @@ def previous_checkout(ref: str | None, workdir: Path) -> Iterator[Path | None]:
         subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(path)], capture_output=True)
 
 
+def run_real_size(args: argparse.Namespace, env: dict[str, str], workdir: Path, r: Results) -> None:
+    """Part 10: vgg_fc7 and EfficientNet-B0 (the user-model part's store entry, ``--user-model-tag``, or one
+    made now) beside every peer at its best (loadtest/bench/realsize.py)."""
+    from loadtest.baselines.launch import BASELINES
+    from loadtest.bench.realsize import bench_real_size, real_size_tags
+    from loadtest.bench.stacks import NNSERVE
+
+    user_tag = r.user_model.tag if r.user_model else args.user_model_tag
+    if not user_tag:
+        from loadtest.bench.user_model import make_store_entry
+
+        user_tag, _ = make_store_entry(workdir)
+    log("part 10: real-size models (vgg_fc7, EfficientNet-B0), every peer at its best, "
+        f"{args.real_size_rounds} interleaved rounds")
+    r.real_size = bench_real_size(args, env, workdir, real_size_tags(r.tags, user_tag))
+    r.labels.update({name: label for name, (label, _, _) in BASELINES.items()})
+    r.labels[NNSERVE] = "nnserve"
+
+
 def main(argv: list[str] | None = None) -> int:
     from loadtest.bench import generate, inprocess, targets
     from loadtest.bench.plots import plot
@@ -220,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     r = Results(info={"command": command, "date": datetime.now().astimezone().isoformat(timespec="seconds"),
                       "load_start": load_average(), **machine()})
     log(f"{command}: load average {r.info['load_start']}; output to {args.out}")
-    if not {"nnserve", "stacks"} & set(args.skip) or "user-model" not in args.skip:
+    if not {"nnserve", "stacks"} & set(args.skip) or not {"user-model", "real-size"} <= set(args.skip):
         wrk_binary()  # fail now, not after minutes of other parts
     with tempfile.TemporaryDirectory(prefix="nnserve-bench-") as tmp:
         workdir = Path(tmp)
@@ -242,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
 
             log("user model: EfficientNet-B0 224x224 on /classify, nnserve vs FastAPI + ORT")
             r.user_model = bench_user_model(args, env, workdir)
+        if "real-size" not in args.skip:
+            run_real_size(args, env, workdir, r)
     batch_ms, delay = None, env.get("NNSERVE_MAX_QUEUE_DELAY_MS") or find_setting(r.settings, "max_queue_delay")
     if r.overload:
         max_batch = int(env.get("NNSERVE_MAX_BATCH_SIZE") or find_setting(r.settings, "max_batch_size") or 32)
@@ -268,6 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.previous:
         r.targets += targets.previous_targets(r.runs, levels[-1], args.previous)
     r.targets.append(targets.user_model_target(r.user_model.runs if r.user_model else [], levels[-1]))
+    if r.comparison and "triton" in args.baselines and "baselines" not in args.skip:
+        r.targets += targets.triton_peer_targets(r.runs, "lenet5", levels[0], levels[-1])
+    for result in r.real_size:
+        runs, real_levels = result.comparison.runs, sorted(args.real_size_connections)
+        peers = [p for p in args.real_size_peers if p != "triton"]
+        r.targets += targets.real_size_targets(runs, result.model, result.endpoint, peers, real_levels, r.labels)
+        if "triton" in args.real_size_peers:
+            r.targets += targets.triton_peer_targets(runs, result.model, real_levels[0], real_levels[-1])
     if "triton" not in args.skip and "nnserve" not in args.skip:
         r.targets += targets.triton_targets(r.triton, sorted(set(args.streams)))
     r.info.update(load_end=load_average(), seconds=time.perf_counter() - started)

@@ -8,8 +8,11 @@
    code of REF (a git worktree of that commit, on the same model store and settings), the bare HTTP stack
    (the limit) and each peer's best configurations, each started alone, measured on its rows, stopped;
    ``rounds`` times, in a different order each round (shuffled with the round number as seed). The load
-   average is logged before each row.
-   Targets judge the median over the rounds; the spread (min-max) is reported beside it.
+   average is logged before each row. Every round pairs nnserve with each peer measured in it: a ratio
+   target is judged on the median of the per-round ratios, their min-max printed (targets.Ratios).
+
+The lenet5 rows (part 2) use each peer's routes in ``BASELINES``; the real-size part (realsize.py) passes
+its own ``routes`` per model.
 
 Every row is wrk, closed loop (loadtest/bench/wrk.py), after one checked request per server.
 """
@@ -33,7 +36,7 @@ from loadtest.bench.stacks import (
     V2_BINARY,
     StackRun,
     check_answer,
-    route_path,
+    route,
     wrk_args,
 )
 from loadtest.bench.wrk import RequestFiles, run_wrk
@@ -84,7 +87,8 @@ def process_cpu_s(pid: int) -> float:
 
 
 def measure_rows(server: str, config: str, live, rows, files: RequestFiles, seconds: float, round_no: int,
-                 metrics: bool = False) -> tuple[list[StackRun], dict[str, str]]:
+                 metrics: bool = False, model: str | None = None) -> tuple[list[StackRun], dict[str, str]]:
+    """``metrics``: nnserve's batch histograms of ``model`` (default: the endpoint's, BATCHED_MODEL)."""
     url = live.http_url
     answers = {endpoint: check_answer(url, endpoint, files) for endpoint in dict.fromkeys(e for e, _ in rows)}
     runs = []
@@ -92,12 +96,12 @@ def measure_rows(server: str, config: str, live, rows, files: RequestFiles, seco
         load = load_average()
         before = scrape(url) if metrics else {}
         cpu = process_cpu_s(live.process.pid)
-        result = run_wrk(url + route_path(endpoint), wrk_args(endpoint, files), c, seconds)
+        result = run_wrk(url + route(endpoint), wrk_args(endpoint, files), c, seconds)
         cpu = process_cpu_s(live.process.pid) - cpu
         run = StackRun(server, endpoint, result, round_no=round_no, config=config, load=load,
                        cpu_ms_per_request=1e3 * cpu / result.requests if result.requests else float("nan"))
         if metrics:
-            hist = batch_histogram(before, scrape(url), BATCHED_MODEL[endpoint], "dynamic")
+            hist = batch_histogram(before, scrape(url), model or BATCHED_MODEL[endpoint], "dynamic")
             run.mean_batch, run.batches = hist.mean, hist.describe()
         log(f"  r{round_no} load {load:16s} {server:8s} {endpoint:24s} c={c:<3d} {result.ok_rps:8.1f} 2xx/s  "
             f"p50 {result.p50_ms:7.2f} ms  p95 {result.p95_ms:7.2f}  errors {result.errors}  "
@@ -106,25 +110,30 @@ def measure_rows(server: str, config: str, live, rows, files: RequestFiles, seco
     return runs, answers
 
 
-def peer_rows(peer: str, connections: list[int]) -> tuple[tuple[str, int], ...]:
-    return tuple((endpoint, c) for endpoint in BASELINES[peer][1] for c in connections)
+Routes = dict[str, tuple[str, ...]]  # server -> the endpoints it is measured on (default: BASELINES')
+
+
+def peer_rows(peer: str, connections: list[int], routes: Routes | None = None) -> tuple[tuple[str, int], ...]:
+    return tuple((endpoint, c) for endpoint in (routes or {}).get(peer, BASELINES[peer][1]) for c in connections)
 
 
 def sweep(peers: list[str], files: RequestFiles, connections: list[int], seconds: float, workdir: Path,
-          env: dict[str, str], cmp: Comparison) -> None:
+          env: dict[str, str], cmp: Comparison, routes: Routes | None = None) -> None:
+    from loadtest.baselines.triton_server import ensure_triton
+
     for peer in peers:
-        if peer == "mlserver":
-            why = ensure_mlserver()
-            if why:
-                log(f"MLServer skipped: {why}")
-                cmp.skipped[peer] = why
-                continue
+        ensure = {"mlserver": ensure_mlserver, "triton": ensure_triton}.get(peer)
+        why = ensure() if ensure else None
+        if why:
+            log(f"{peer} skipped: {why}")
+            cmp.skipped[peer] = why
+            continue
         for config in grid(peer):
             log(f"sweep {peer}: {config.describe()}")
             try:
                 with running_baseline(config, workdir / f"sweep-{peer}-{len(cmp.sweep)}.log", env) as live:
-                    found, _ = measure_rows(peer, config.describe(), live, peer_rows(peer, connections), files,
-                                            seconds, 0)
+                    found, _ = measure_rows(peer, config.describe(), live, peer_rows(peer, connections, routes),
+                                            files, seconds, 0)
             except RuntimeError as e:  # a configuration that does not start: reported, the others go on
                 log(f"  {peer} {config.describe()} failed: {str(e)[:300]}")
                 cmp.skipped[f"{peer} {config.describe()}"] = str(e).splitlines()[0][:200]
@@ -144,11 +153,17 @@ def pick_best(sweep_runs: list[StackRun]) -> dict[tuple[str, str, int], str]:
     return best
 
 
-def units(peers: list[str], connections: list[int], cmp: Comparison, previous: bool = False) -> list[Unit]:
-    nnserve_rows = tuple((e, c) for e in NNSERVE_ROUTES for c in connections)
-    found = [Unit(NNSERVE, None, nnserve_rows), Unit(LIMIT, grid(LIMIT)[0], peer_rows(LIMIT, connections))]
+def units(peers: list[str], connections: list[int], cmp: Comparison, routes: Routes | None = None,
+          previous: bool = False) -> list[Unit]:
+    """nnserve, the previous release (``previous``), the limit (unless ``routes`` leaves it out) and each
+    peer's best configurations."""
+    ours = (routes or {}).get(NNSERVE, NNSERVE_ROUTES)
+    nnserve_rows = tuple((e, c) for e in ours for c in connections)
+    found = [Unit(NNSERVE, None, nnserve_rows)]
     if previous:  # the same rows, the same settings, the code of --previous REF
         found.append(Unit(PREVIOUS, None, nnserve_rows))
+    if routes is None or LIMIT in routes:
+        found.append(Unit(LIMIT, grid(LIMIT)[0], peer_rows(LIMIT, connections, routes)))
     for peer in peers:
         configs = {c.describe(): c for c in grid(peer)}
         chosen: dict[str, list[tuple[str, int]]] = {}
@@ -172,15 +187,17 @@ def round_order(all_units: list[Unit], round_no: int, previous: list[Unit] | Non
 
 def compare(peers: list[str], files: RequestFiles, connections: list[int], seconds: float, sweep_s: float,
             rounds: int, workdir: Path, env: dict[str, str], nnserve_env: dict[str, str],
-            previous: Path | None = None) -> Comparison:
-    """The whole part: sweep the peers, then ``rounds`` interleaved rounds (module docstring). ``previous``:
-    a checkout of an older nnserve (a git worktree), measured as one more server on nnserve's rows."""
+            routes: Routes | None = None, model: str | None = None, previous: Path | None = None) -> Comparison:
+    """The whole part: sweep the peers, then ``rounds`` interleaved rounds (module docstring). ``routes``:
+    each server's endpoints when not the lenet5 rows' (then no limit row unless it names one); ``model``:
+    the model whose batches nnserve's rows report (default: each endpoint's, BATCHED_MODEL); ``previous``: a
+    checkout of an older nnserve (a git worktree), measured as one more server on nnserve's rows."""
     from harness.server import running_server
 
     cmp = Comparison()
     log(f"sweep: {', '.join(peers)} over their grids, {sweep_s:g} s per row")
-    sweep(peers, files, connections, sweep_s, workdir, env, cmp)
-    plan = units([p for p in peers if p not in cmp.skipped], connections, cmp, previous is not None)
+    sweep(peers, files, connections, sweep_s, workdir, env, cmp, routes)
+    plan = units([p for p in peers if p not in cmp.skipped], connections, cmp, routes, previous is not None)
     last_order = None
     for round_no in range(1, rounds + 1):
         order = round_order(plan, round_no, last_order)
@@ -200,7 +217,8 @@ def compare(peers: list[str], files: RequestFiles, connections: list[int], secon
             try:
                 with context as live:
                     found, answers = measure_rows(unit.server, unit.describe(), live, unit.rows, files, seconds,
-                                                  round_no, metrics=unit.server in (NNSERVE, PREVIOUS))
+                                                  round_no, metrics=unit.server in (NNSERVE, PREVIOUS),
+                                                  model=model)
             except RuntimeError as e:
                 log(f"  {unit.server} failed in round {round_no}: {str(e)[:300]}")
                 cmp.skipped[f"{unit.server} round {round_no}"] = str(e).splitlines()[0][:200]

@@ -15,9 +15,10 @@ from loadtest.bench.compare import LIMIT, Comparison
 from loadtest.bench.inprocess import REFERENCE, Case
 from loadtest.bench.overload import OverloadResult
 from loadtest.bench.profile import Breakdown
+from loadtest.bench.realsize import RealSizeResult
 from loadtest.bench.recovery import WINDOW, RecoveryResult
 from loadtest.bench.stacks import CLASSIFY, NNSERVE, StackRun
-from loadtest.bench.targets import Target, find, median_ok_rps, ratio_note
+from loadtest.bench.targets import Target, find, median_ok_rps, paired, ratio_note
 from loadtest.bench.triton import GRPC_CLASSIFY, REST_CLASSIFY, WRK_CLASSIFY, ProtocolRow
 from loadtest.bench.user_model import LABELS as USER_LABELS
 from loadtest.bench.user_model import SIZE, UserModelResult
@@ -42,16 +43,22 @@ What each part measures:
 
 1. **In process**: PyTorch eager vs ONNX Runtime variants of lenet5 and vgg_fc7, batch 1 and 32, no HTTP.
 2. **Serving stacks under wrk**: the same requests (a held-out MNIST digit as a multipart PNG upload, top 5;
-   a KServe v2 JSON tensor) against nnserve and four peers serving the same store model with nnserve's ORT
-   session options and nnserve's own decode + preprocessing code (`loadtest/baselines/`): BentoML by the
-   book, LitServe, plain FastAPI + ORT (also `/features` on vgg_fc7) and MLServer (`/v2`, from its own venv
-   `.venv-mlserver`, which the bench creates). Each peer is first swept over a small grid (workers 1 and one
-   per core x its batching off / on with its documented knobs) and its best configuration per row is kept;
-   then nnserve, the bare HTTP stack (the limit) and those best configurations run in interleaved rounds,
-   in a different order each round, each server alone (started, measured, stopped). Medians judge the
-   targets; min-max is printed beside them; the load average before each row is in the table. wrk
-   (`loadtest/wrk/post.lua`) runs a closed loop: N connections, each sending its next request when the
-   previous answer arrives. Throughput counts 2xx answers only.
+   a KServe v2 JSON tensor; the same tensor in Triton's binary extension, as tritonclient.http sends it)
+   against nnserve and five peers serving the same store model with nnserve's ORT session options and
+   nnserve's own decode + preprocessing code (`loadtest/baselines/`): BentoML by the book, LitServe, plain
+   FastAPI + ORT (all three also on `/features`, vgg_fc7, each with its batching where it has one),
+   MLServer (`/v2` JSON, from its own venv `.venv-mlserver`) and Triton Inference Server 2.51 itself
+   (`/v2` binary; the `nvidia-pytriton` wheel from its own venv `.venv-triton`; both venvs are created by
+   the bench). Each peer is first swept over a small grid (workers 1 and one per core x its batching off /
+   on with its documented knobs; FastAPI workers 1/2 x ORT threads 1/2; Triton instances 1/2 x dynamic
+   batching off / max_queue_delay 0, 1, 5 ms) and its best configuration per row is kept; then nnserve,
+   the bare HTTP stack (the limit) and those best configurations run in `--rounds` (5) interleaved
+   rounds, in a different order each round, each server alone (started, measured, stopped). Each round
+   pairs nnserve with every peer measured in it: a ratio target is judged on the median of the per-round
+   ratios, whose min-max is printed beside it; every row names the HTTP stack its server ran on; the load
+   average before each row is in the table. wrk (`loadtest/wrk/post.lua`) runs a closed loop: N
+   connections, each sending its next request when the previous answer arrives. Throughput counts 2xx
+   answers only.
 3. **Generation**: streamed `/generate` with 1 and N concurrent streams (locust: streams are checked for
    length and their first byte timed), and the bare step-loop limit (the server's decode step + sampling in
    one thread, no HTTP) that the live numbers are compared with.
@@ -67,7 +74,15 @@ What each part measures:
    and of plain FastAPI + ORT on the same store entry: does dynamic batching pay on a real-size model?
 8. **Triton protocols** (section 9): streamed generation over gRPC `ModelStreamInfer` beside REST
    `/generate`, and classification of image bytes over gRPC beside `/classify`, same server, same Python
-   client harness on both sides, rounds alternating (`--triton-rounds`; `--skip triton` leaves it out).
+   client harness on both sides, rounds alternating (`--triton-rounds`, 3; `--skip triton` leaves it out);
+   each verdict prints both sides' client CPU.
+9. **Real-size models** (section 10, `loadtest/bench/realsize.py`): vgg_fc7 (`/features`) and the user
+   model EfficientNet-B0 (`/classify`), each served alone by nnserve and by every peer on the same store
+   entry at 1, 4 and 32 clients: FastAPI + ORT (workers 1/2 x threads 1/2), LitServe (batching off / on),
+   BentoML (adaptive batching off / on) on the image route, Triton (dynamic batching, 1-2 instances, its
+   delay swept) on KServe v2 binary, each swept to its best, then `--real-size-rounds` (5) interleaved
+   rounds judged as in part 2 (`--skip real-size` leaves it out; `--real-size-peers`,
+   `--real-size-connections`).
 
 Notes on method:
 
@@ -79,11 +94,18 @@ Notes on method:
   (`.venv-mlserver`, created by the bench with pip when missing; when that fails, the part says why and
   the `/v2` target reads "not measured"). It has no ONNX runtime of its own: `loadtest/baselines/mlserver/`
   is the smallest custom `MLModel`.
+- Triton runs from `.venv-triton` (`nvidia-pytriton==0.7.0`, which ships Triton Inference Server 2.51.0,
+  and nnserve's onnxruntime), created by the bench with pip when missing: the wheel's Python-backend stub is
+  built against numpy 1.x (it pins numpy<2; with numpy 2 its outputs come back empty), nnserve pins numpy
+  2, so it cannot share `.venv`. The wheel has no native ONNX Runtime backend: the model runs in Triton's
+  Python backend (`loadtest/baselines/triton_model.py`, ORT on the store entry's model.onnx, ORT threads as
+  the model's `parameters`); the scheduler, dynamic batcher and HTTP/gRPC front ends are Triton's own.
+  When the venv cannot be made, the part says why and Triton's targets read "not measured".
 - Access logs are off on every server: nnserve ships that way, LitServe's docs call log level "warning"
   good for production, and for the others turning the log off can only make them faster.
 - uvicorn[standard] (the `bench` extra) brings uvloop and httptools, which uvicorn picks by default: after
-  `make bench`, every server in the bench, nnserve and BentoML's included, runs on the same HTTP stack (the
-  versions are listed above).
+  `make bench`, every Python server in the bench, nnserve and BentoML's included, runs on the same HTTP
+  stack (the versions are listed above); Triton runs on its own C++ front ends; each row says which.
 """
 
 
@@ -100,6 +122,12 @@ from a miss into a pass:
   rounds (before: one run, every answer counted); any error in nnserve's row fails its target. Peers are
   measured at their best swept configuration (before: one fixed configuration each). Stricter, not looser:
   applied to this run, whose verdicts it may turn into misses.
+- 2026-12-05 (issue 26, before any run with it): every ratio target (peers, user model, gRPC vs REST) is judged
+  on the median of the per-round ratios, each round pairing nnserve with each peer measured in it, their
+  min-max printed; before: the ratio of the two sides' medians, which need not come from the same rounds.
+  Factors unchanged. The record runs 5 interleaved rounds (was 3; user model 5, was 3; gRPC vs REST 3, was
+  2), and the gRPC verdicts print each side's client CPU. New targets (Triton's rows, the real-size rows
+  against the best peer) were fixed in targets.py before their first run.
 """
 
 
@@ -128,6 +156,7 @@ class Results:
     triton: list[ProtocolRow] = field(default_factory=list)
     comparison: Comparison | None = None
     breakdown: Breakdown | None = None
+    real_size: list[RealSizeResult] = field(default_factory=list)
 
 
 def report(args: argparse.Namespace, r: Results) -> str:
@@ -166,6 +195,7 @@ def report(args: argparse.Namespace, r: Results) -> str:
     lines += memory_section(r)
     lines += user_model_section(args, r)
     lines += triton_section(args, r)
+    lines += real_size_section(args, r)
     return "\n".join(lines) + "\n"
 
 
@@ -192,6 +222,89 @@ def in_process_section(args: argparse.Namespace, r: Results) -> list[str]:
     return lines
 
 
+def rounds_table(cmp: Comparison, label) -> list[str]:
+    """The rounds' rows: per server, endpoint and level the medians [min-max], and nnserve over this row as
+    the median [min-max] of the per-round ratios (what the targets judge)."""
+    from loadtest.baselines.launch import http_stack
+
+    lines = ["| server | HTTP stack | endpoint | clients | configuration | 2xx/s | p50 ms | p95 ms | errors "
+             "| nnserve / this, per round |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    servers = list(dict.fromkeys([NNSERVE, LIMIT, *(x.server for x in cmp.runs)]))
+    keys = sorted(dict.fromkeys((x.server, x.endpoint, x.result.connections) for x in cmp.runs),
+                  key=lambda k: (servers.index(k[0]), k[1], k[2]))
+    for server, endpoint, c in keys:
+        agg = find(cmp.runs, server, endpoint, c)
+        assert agg is not None, "keys are taken from cmp.runs"
+        config = next(x.config for x in cmp.runs if (x.server, x.endpoint, x.result.connections) ==
+                      (server, endpoint, c))
+        ours = find(cmp.runs, NNSERVE, endpoint, c)
+        ratio = "-"
+        if server != NNSERVE and ours is not None:
+            # Throughput: ours / theirs; at 1 client latency: theirs / ours. Above 1 = nnserve faster.
+            ratio = paired(ours, agg, "ok_rps").describe() if c > 1 else \
+                paired(agg, ours, "p50_ms").describe() + " (p50)"
+        lines.append(f"| {label(server)} | {http_stack(server)} | `{endpoint}` | {c} | {config} | "
+                     f"{row_cell(agg, 'ok_rps', 0)} | {row_cell(agg, 'p50_ms', 2)} | {row_cell(agg, 'p95_ms', 2)} | "
+                     f"{agg.errors} | {ratio} |")
+    lines += ["", "nnserve / this, per round: in each round, nnserve's 2xx/s over this row's at the same endpoint and "
+              "clients (at 1 client: this row's p50 over nnserve's); the median of those per-round ratios, their "
+              "min-max in brackets. Above 1 = nnserve faster. Ratio targets judge this median."]
+    return lines
+
+
+def sweep_table(cmp: Comparison, label) -> list[str]:
+    lines = ["| peer | configuration | endpoint | clients | load | 2xx/s | p50 ms | p95 ms | errors |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|"]
+    for x in cmp.sweep:
+        w = x.result
+        chosen = cmp.best.get((x.server, x.endpoint, w.connections)) == x.config
+        config = f"**{x.config}**" if chosen else x.config
+        lines.append(f"| {label(x.server)} | {config} | `{x.endpoint}` | {w.connections} | {x.load} | "
+                     f"{fmt(w.ok_rps)} | {fmt(w.p50_ms, 2)} | {fmt(w.p95_ms, 2)} | {w.errors} |")
+    if cmp.skipped:
+        lines += ["", "Not measured:", ""] + [f"- {k}: {v}" for k, v in cmp.skipped.items()]
+    return lines
+
+
+REAL_SIZE_TARGETS = """\
+Targets, fixed in `loadtest/bench/targets.py` (`real_size_targets`, `triton_peer_targets`) before the first
+run with these rows (issue 26): at 1 client nnserve's p50 at most 1.0x the best peer's; at every other level
+its goodput at least 1.0x the best peer's with p95 no higher; beside Triton on KServe v2 (binary tensors, the
+same bytes to both): goodput at the highest level at least 1.0x Triton's and p50 at 1 client no higher. Each
+judged on the median of the per-round ratios (each round runs nnserve and every peer's best configuration
+once, in a new order); nnserve runs as configured (its defaults unless `--server-env` says otherwise)."""
+
+
+def real_size_section(args: argparse.Namespace, r: Results) -> list[str]:
+    if not r.real_size:
+        return []
+    label = lambda server: r.labels.get(server, server)  # noqa: E731
+    lines = ["", "## 10. Real-size models: every peer at its best", "", *REAL_SIZE_TARGETS.splitlines(), "",
+             "Each peer is swept over its grid on the same store entry (FastAPI + ORT: workers 1/2 x ORT threads "
+             "1/2; LitServe: batching off / on with 1 and 5 ms waits; BentoML: adaptive batching off / on; Triton "
+             "Inference Server 2.51: dynamic batching off / max_queue_delay 0, 1, 5 ms x 1-2 instances, cores / "
+             "instances ORT threads; its model runs in Triton's Python backend with ONNX Runtime, because the "
+             "nvidia-pytriton wheel ships no native ONNX Runtime backend), its best configuration per row kept; "
+             f"then {args.real_size_rounds} interleaved rounds, one server up at a time, "
+             f"`wrk -t1 -cN -d{args.duration}s` per row. The image route gets the PNG upload; the binary v2 "
+             "route the same image preprocessed by nnserve's code, as tritonclient.http sends a tensor."]
+    for result in r.real_size:
+        cmp = result.comparison
+        lines += ["", f"### {result.model} (`{result.tag}`): `{result.endpoint}` and KServe v2 (binary)", "",
+                  f"PNG upload {result.png_bytes:,} bytes. Cells: median [min-max] over the rounds.", ""]
+        lines += rounds_table(cmp, label)
+        verdicts = [t for t in r.targets if t.what.startswith(f"{result.model} ")]
+        if verdicts:
+            lines += ["", "| target | measured | goal | verdict |", "|---|---|---|---|"]
+            lines += [f"| {t.what} | {t.measured} | {t.target} | {t.verdict} |" for t in verdicts]
+        lines += ["", f"#### The sweep ({result.model})", "", f"{args.sweep_duration:g} s per row per configuration; "
+                  "**bold** = kept for the rounds.", "", *sweep_table(cmp, label)]
+        lines += ["", "Answers to the checked request: " + "; ".join(
+            f"{label(server)}: " + ", ".join(f"`{e}` {a}" for e, a in answers.items())
+            for server, answers in cmp.answers.items())]
+    return lines
+
+
 def row_cell(agg, attr: str, digits: int) -> str:
     values = getattr(agg, attr)
     mid = {"ok_rps": agg.rps, "p50_ms": agg.p50, "p95_ms": agg.p95}[attr]
@@ -210,23 +323,7 @@ def stacks_section(args: argparse.Namespace, r: Results) -> list[str]:
              f"its sweep for that row ({args.sweep_duration:g} s per row per configuration, below). 2xx/s = "
              "goodput; errors = non-2xx answers + socket errors/timeouts, summed over the rounds. Cells: median "
              "[min-max] over the rounds.", "",
-             "| server | endpoint | clients | configuration | 2xx/s | p50 ms | p95 ms | errors | nnserve / this |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
-    servers = list(dict.fromkeys([NNSERVE, LIMIT, *(x.server for x in cmp.runs)]))
-    keys = sorted(dict.fromkeys((x.server, x.endpoint, x.result.connections) for x in cmp.runs),
-                  key=lambda k: (servers.index(k[0]), k[1], k[2]))
-    for server, endpoint, c in keys:
-        agg = find(cmp.runs, server, endpoint, c)
-        assert agg is not None, "keys are taken from cmp.runs"
-        config = next(x.config for x in cmp.runs if (x.server, x.endpoint, x.result.connections) ==
-                      (server, endpoint, c))
-        ours = find(cmp.runs, NNSERVE, endpoint, c)
-        ratio = "-" if server == NNSERVE or ours is None or not agg.rps else (
-            f"{ours.rps / agg.rps:.2f}x" if c > 1 else f"{agg.p50 / ours.p50:.2f}x (p50)")
-        lines.append(f"| {label(server)} | `{endpoint}` | {c} | {config} | {row_cell(agg, 'ok_rps', 0)} | "
-                     f"{row_cell(agg, 'p50_ms', 2)} | {row_cell(agg, 'p95_ms', 2)} | {agg.errors} | {ratio} |")
-    lines += ["", "nnserve / this: nnserve's median 2xx/s over this row's at the same endpoint and clients (above 1 "
-              "= nnserve faster); at 1 client, this row's median p50 over nnserve's (above 1 = nnserve faster)."]
+             *rounds_table(cmp, label)]
     lines += limit_lines(r)
     lines += ["", "### Every row", "", "In the order they ran; load average (1/5/15 min) read just before each row; "
               "CPU = the server processes' CPU time over the row / requests answered.", "",
@@ -242,17 +339,7 @@ def stacks_section(args: argparse.Namespace, r: Results) -> list[str]:
     lines += ["", "Order of the servers per round: "] + [f"{i + 1}. " + "; ".join(o) for i, o in enumerate(cmp.orders)]
     lines += ["", "### The sweep: every peer configuration", "",
               f"Each configuration alone, each row once for {args.sweep_duration:g} s; **bold** = kept for the "
-              "rounds (most 2xx/s without errors).", "",
-              "| peer | configuration | endpoint | clients | load | 2xx/s | p50 ms | p95 ms | errors |",
-              "|---|---|---|---:|---|---:|---:|---:|---:|"]
-    for x in cmp.sweep:
-        w = x.result
-        chosen = cmp.best.get((x.server, x.endpoint, w.connections)) == x.config
-        config = f"**{x.config}**" if chosen else x.config
-        lines.append(f"| {label(x.server)} | {config} | `{x.endpoint}` | {w.connections} | {x.load} | "
-                     f"{fmt(w.ok_rps)} | {fmt(w.p50_ms, 2)} | {fmt(w.p95_ms, 2)} | {w.errors} |")
-    if cmp.skipped:
-        lines += ["", "Not measured:", ""] + [f"- {k}: {v}" for k, v in cmp.skipped.items()]
+              "rounds (most 2xx/s without errors).", "", *sweep_table(cmp, label)]
     lines += ["", "Answer to the checked request sent before each server's rows (same model and preprocessing, so "
               "the same answer everywhere):", ""]
     lines += [f"- {label(server)}: " + "; ".join(f"`{e}` {a}" for e, a in answers.items())

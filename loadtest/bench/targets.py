@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import median
 
 from loadtest.bench.common import fmt
 from loadtest.bench.overload import OverloadResult
 from loadtest.bench.recovery import RecoveryResult
-from loadtest.bench.stacks import CLASSIFY, FEATURES, NNSERVE, PREVIOUS, V2, V2_BINARY, StackRun
+from loadtest.bench.stacks import CLASSIFY, FEATURES, NNSERVE, PREVIOUS, V2, V2_BINARY, StackRun, v2_binary
 from loadtest.bench.triton import GRPC_GENERATE, REST_GENERATE, ProtocolRow
 
 
@@ -33,6 +33,10 @@ class Agg:
     p50_ms: list[float]
     p95_ms: list[float]
     errors: int  # non-2xx answers + socket errors, summed over the rounds
+    round_nos: list[int] = field(default_factory=list)  # the round of each value above (0: the sweep)
+
+    def by_round(self, attr: str) -> dict[int, float]:
+        return dict(zip(self.round_nos, getattr(self, attr), strict=True))
 
     @property
     def rounds(self) -> int:
@@ -64,30 +68,80 @@ def find(runs: list[StackRun], server: str, endpoint: str, connections: int) -> 
     if not rows:
         return None
     return Agg([r.result.ok_rps for r in rows], [r.result.p50_ms for r in rows], [r.result.p95_ms for r in rows],
-               sum(r.result.errors for r in rows))
+               sum(r.result.errors for r in rows), round_keys([r.round_no for r in rows]))
+
+
+def round_keys(round_nos: list[int]) -> list[int]:
+    """The rounds of a side's rows; rows that carry no round (0: a part run without rounds) are paired with
+    the other side's by their order: 1, 2, 3, ..."""
+    return round_nos if any(round_nos) else list(range(1, len(round_nos) + 1))
+
+
+def by_round(rows: list, value) -> dict[int, float]:
+    """round -> ``value(row)`` (round_keys numbering)."""
+    return dict(zip(round_keys([r.round_no for r in rows]), map(value, rows), strict=True))
+
+
+@dataclass
+class Ratios:
+    """Ours / theirs, one value per round both servers ran in (issue 26: a ratio target is judged on the
+    median of these, not on the ratio of two medians, whose rounds need not be the same)."""
+
+    values: list[float]
+
+    @property
+    def median(self) -> float:
+        return float(median(self.values)) if self.values else float("nan")
+
+    def describe(self) -> str:
+        """``1.23x [1.01-1.40] over 5 rounds``: the median and the min-max of the per-round ratios."""
+        if not self.values:
+            return "no round with both"
+        if len(self.values) == 1:
+            return f"{self.values[0]:.2f}x (1 round)"
+        return f"{self.median:.2f}x [{min(self.values):.2f}-{max(self.values):.2f}] over {len(self.values)} rounds"
+
+
+def round_ratios(ours: dict[int, float], theirs: dict[int, float]) -> Ratios:
+    """Per-round ``ours[r] / theirs[r]`` over the rounds both have; a round where theirs is 0 or not a number
+    (nothing answered) or ours is not a number has no ratio."""
+    return Ratios([ours[r] / theirs[r] for r in sorted(ours.keys() & theirs.keys())
+                   if theirs[r] and not math.isnan(theirs[r]) and not math.isnan(ours[r])])
+
+
+def paired(ours: Agg, theirs: Agg, attr: str) -> Ratios:
+    """``attr`` (ok_rps, p50_ms, p95_ms) of ours over theirs, round by round."""
+    return round_ratios(ours.by_round(attr), theirs.by_round(attr))
 
 
 def ratio_target(what: str, ours: Agg | None, theirs: Agg | None, theirs_name: str, factor: float,
-                 latency: bool = False) -> Target:
-    """Median throughput (2xx/s) >= factor x theirs, or (latency) median p50 <= factor x theirs. Any error
-    in our rows (a non-2xx answer or a socket error; none should happen at these loads) fails the target."""
-    goal = f"{'<=' if latency else '>='} {factor:g}x {theirs_name}" + ("" if latency else ", 2xx only")
+                 latency: bool = False, p95_no_higher: bool = False) -> Target:
+    """Throughput (2xx/s) >= factor x theirs, or (latency) p50 <= factor x theirs, judged on the median of the
+    per-round ratios (their min-max printed); ``p95_no_higher``: also the median per-round p95 ratio <= 1.
+    Any error in our rows (a non-2xx answer or a socket error; none should happen at these loads) fails the
+    target. The medians of each side are printed too, with their own spread."""
+    goal = f"{'<=' if latency else '>='} {factor:g}x {theirs_name}" + ("" if latency else ", 2xx only") \
+        + (", p95 no higher" if p95_no_higher else "")
     if ours is None or theirs is None:
         return Target(what, "not measured" + ("" if theirs else f" ({theirs_name} not run)"), goal, None)
-    rounds = f"median of {min(ours.rounds, theirs.rounds)}: " if max(ours.rounds, theirs.rounds) > 1 else ""
     errors = f"; errors {ours.errors} vs {theirs.errors}" if ours.errors or theirs.errors else ""
-    if latency:
-        r = ours.p50 / theirs.p50
-        a, b = " ".join(filter(None, (f"{ours.p50:.2f}", ours.spread("p50_ms", 2)))), \
-            " ".join(filter(None, (f"{theirs.p50:.2f}", theirs.spread("p50_ms", 2))))
-        return Target(what, f"{rounds}{a} vs {b} ms = {r:.2f}x{errors}", goal,
-                      r <= factor and ours.errors == 0)
-    if theirs.rps == 0:
-        return Target(what, f"{rounds}{ours.rps:,.0f} vs 0 2xx/s{errors}", goal, None)
-    r = ours.rps / theirs.rps
-    a, b = " ".join(filter(None, (f"{ours.rps:,.0f}", ours.spread()))), \
-        " ".join(filter(None, (f"{theirs.rps:,.0f}", theirs.spread())))
-    return Target(what, f"{rounds}{a} vs {b} 2xx/s = {r:.2f}x{errors}", goal, r >= factor and ours.errors == 0)
+    attr, unit, digits = ("p50_ms", "ms p50", 2) if latency else ("ok_rps", "2xx/s", 0)
+    ratios = paired(ours, theirs, attr)
+    a, b = (" ".join(filter(None, (f"{statistic(x, attr):,.{digits}f}", x.spread(attr, digits))))
+            for x in (ours, theirs))
+    measured = f"{ratios.describe()} (medians {a} vs {b} {unit}){errors}"
+    if not ratios.values:
+        return Target(what, measured, goal, None)
+    met = (ratios.median <= factor) if latency else (ratios.median >= factor)
+    if p95_no_higher:
+        p95 = paired(ours, theirs, "p95_ms")
+        measured += f"; p95 {p95.describe()}"
+        met = met and bool(p95.values) and p95.median <= 1.0
+    return Target(what, measured, goal, met and ours.errors == 0)
+
+
+def statistic(agg: Agg, attr: str) -> float:
+    return {"ok_rps": agg.rps, "p50_ms": agg.p50, "p95_ms": agg.p95}[attr]
 
 
 def limit_note(chars_per_s: float, limit: float | None) -> str:
@@ -208,17 +262,35 @@ def user_model_target(runs: list[StackRun], high: int, ours: str = "nnserve", th
     a, b = median_ok_rps(runs, ours, CLASSIFY, high), median_ok_rps(runs, theirs, CLASSIFY, high)
     if a is None or b is None:
         return Target(what, "not measured", goal, None)
-    rounds = f"median of {min(a.rounds, b.rounds)} round(s): " if max(a.rounds, b.rounds) > 1 else ""
     errors = f" (errors: {a.errors} vs {b.errors})" if a.errors or b.errors else ""
-    if b.ok_rps == 0:  # FastAPI answered nothing right: no ratio to judge
-        return Target(what, f"{rounds}{a.ok_rps:,.1f} vs 0 req/s answered < 400{errors}", goal, None)
-    r = a.ok_rps / b.ok_rps
-    return Target(what, f"{rounds}{a.ok_rps:,.1f} vs {b.ok_rps:,.1f} req/s = {r:.2f}x{errors}", goal,
-                  r >= USER_MODEL_FACTOR)
+    # Judged on the median of the per-round ratios (issue 26); the rows of a round ran back to back.
+    ratios = round_ratios(*(by_round([r for r in runs if (r.server, r.endpoint, r.result.connections)
+                                      == (server, CLASSIFY, high)], lambda r: r.result.ok_rps)
+                            for server in (ours, theirs)))
+    if not ratios.values:  # FastAPI answered nothing right: no ratio to judge
+        return Target(what, f"{a.ok_rps:,.1f} vs {b.ok_rps:,.1f} req/s answered < 400{errors}", goal, None)
+    return Target(what, f"{ratios.describe()} (medians {a.ok_rps:,.1f} vs {b.ok_rps:,.1f} req/s){errors}", goal,
+                  ratios.median >= USER_MODEL_FACTOR)
 
 
 # Issue 19, fixed before the first run: gRPC streamed generation "within 10% of REST" in the same run.
 GRPC_THROUGHPUT_FACTOR, GRPC_FIRST_P95_FACTOR = 0.9, 1.1
+
+
+def row_ratios(rows: list[ProtocolRow], ours: str, theirs: str, clients: int, attr: str) -> Ratios:
+    """Per-round ``attr`` of ``ours`` over ``theirs`` at ``clients`` (rows of the same round ran back to back)."""
+    def side(what: str) -> dict[int, float]:
+        return by_round([r for r in rows if (r.what, r.clients) == (what, clients)], lambda r: getattr(r, attr))
+    return round_ratios(side(ours), side(theirs))
+
+
+def client_cpu(rows: list[ProtocolRow], what: str, clients: int) -> str:
+    """The client's CPU (cores) of ``what``'s rows at ``clients``: median and min-max over the rounds."""
+    values = [r.client_cpu for r in rows if (r.what, r.clients) == (what, clients) and r.client_cpu is not None]
+    if not values:
+        return "-"
+    spread = f" [{min(values):.2f}-{max(values):.2f}]" if len(values) > 1 else ""
+    return f"{median(values):.2f}{spread}"
 
 
 def median_row(rows: list[ProtocolRow], what: str, clients: int, attr: str) -> tuple[float, int, int] | None:
@@ -232,7 +304,8 @@ def median_row(rows: list[ProtocolRow], what: str, clients: int, attr: str) -> t
 def triton_targets(rows: list[ProtocolRow], streams: list[int], rest: str = REST_GENERATE,
                    grpc: str = GRPC_GENERATE) -> list[Target]:
     """Part 9 (loadtest/bench/triton.py), per stream level: gRPC ModelStreamInfer chars/s >= 0.9x REST
-    /generate's, and gRPC first-chunk p95 <= 1.1x REST's, each the median over the interleaved rounds.
+    /generate's, and gRPC first-chunk p95 <= 1.1x REST's, each judged on the median of the per-round ratios
+    (issue 26; their min-max printed), with each side's client CPU (cores) beside it.
     chars/s counts only complete, error-free streams on both sides (``summarize``): a failed stream is not
     work done, so errors count against a protocol's throughput; errors are also shown beside the ratio."""
     targets = []
@@ -240,24 +313,25 @@ def triton_targets(rows: list[ProtocolRow], streams: list[int], rest: str = REST
         label = f"{n} stream{'s' if n != 1 else ''}"
         what = f"gRPC streamed generation chars/s at {label}"
         goal = f">= {GRPC_THROUGHPUT_FACTOR:g}x REST /generate, same run, errors not counted"
+        cpu = f"; client CPU (cores) gRPC {client_cpu(rows, grpc, n)}, REST {client_cpu(rows, rest, n)}"
         a, b = median_row(rows, grpc, n, "ok_per_s"), median_row(rows, rest, n, "ok_per_s")
-        if a is None or b is None or b[0] == 0:
+        ratios = row_ratios(rows, grpc, rest, n, "ok_per_s")
+        if a is None or b is None or not ratios.values:
             targets.append(Target(what, "not measured" if a is None or b is None else "REST completed no stream",
                                   goal, None))
         else:
             errors = f" (errors: {a[1]} vs {b[1]})" if a[1] or b[1] else ""
-            r = a[0] / b[0]
-            targets.append(Target(what, f"median of {min(a[2], b[2])}: {a[0]:,.0f} vs {b[0]:,.0f} chars/s = "
-                                        f"{r:.2f}x{errors}", goal, r >= GRPC_THROUGHPUT_FACTOR))
+            targets.append(Target(what, f"{ratios.describe()} (medians {a[0]:,.0f} vs {b[0]:,.0f} chars/s){errors}"
+                                        f"{cpu}", goal, ratios.median >= GRPC_THROUGHPUT_FACTOR))
         what = f"gRPC streamed generation first-chunk p95 at {label}"
         goal = f"<= {GRPC_FIRST_P95_FACTOR:g}x REST /generate's"
         a, b = median_row(rows, grpc, n, "first_p95_ms"), median_row(rows, rest, n, "first_p95_ms")
-        if a is None or b is None or math.isnan(a[0]) or math.isnan(b[0]) or b[0] == 0:
+        ratios = row_ratios(rows, grpc, rest, n, "first_p95_ms")
+        if a is None or b is None or not ratios.values:
             targets.append(Target(what, "not measured", goal, None))
         else:
-            r = a[0] / b[0]
-            targets.append(Target(what, f"median of {min(a[2], b[2])}: {a[0]:.1f} vs {b[0]:.1f} ms = {r:.2f}x", goal,
-                                  r <= GRPC_FIRST_P95_FACTOR))
+            targets.append(Target(what, f"{ratios.describe()} (medians {a[0]:.1f} vs {b[0]:.1f} ms){cpu}", goal,
+                                  ratios.median <= GRPC_FIRST_P95_FACTOR))
     return targets
 
 
@@ -266,26 +340,75 @@ def ratio_note(rows: list[ProtocolRow], ours: str, theirs: str, clients: int) ->
     a, b = median_row(rows, ours, clients, "ok_per_s"), median_row(rows, theirs, clients, "ok_per_s")
     if a is None or b is None:
         return f"{ours} vs {theirs} at {clients} clients: not measured"
-    ratio = f" = {a[0] / b[0]:.2f}x" if b[0] else ""
-    return f"{ours} vs {theirs} at {clients} clients: {a[0]:,.0f} vs {b[0]:,.0f} answers/s{ratio} (median)"
+    ratios = row_ratios(rows, ours, theirs, clients, "ok_per_s")
+    return (f"{ours} vs {theirs} at {clients} clients: {ratios.describe()} (medians {a[0]:,.0f} vs {b[0]:,.0f} "
+            f"answers/s; client CPU {client_cpu(rows, ours, clients)} vs {client_cpu(rows, theirs, clients)} cores)")
+
+
+# Issue 26, fixed before the first run with Triton and the real-size rows: every factor 1.0, judged on the
+# median of the per-round ratios (each round runs nnserve and every peer's best configuration once).
+PEER_FACTOR = 1.0
+
+
+def triton_peer_targets(runs: list[StackRun], model: str, low: int, high: int) -> list[Target]:
+    """Triton's row beside ours on ``model`` (KServe v2, binary tensors, same bytes to both): nnserve at least
+    1.0x its goodput at ``high`` clients, its p50 at ``low`` client(s) no higher."""
+    endpoint = v2_binary(model)
+    ours_high, theirs_high = find(runs, NNSERVE, endpoint, high), find(runs, "triton", endpoint, high)
+    ours_low, theirs_low = find(runs, NNSERVE, endpoint, low), find(runs, "triton", endpoint, low)
+    return [ratio_target(f"{model} /v2 (binary) {high} clients throughput", ours_high, theirs_high, "Triton",
+                         PEER_FACTOR),
+            ratio_target(f"{model} /v2 (binary) {low} client p50", ours_low, theirs_low, "Triton", PEER_FACTOR,
+                         latency=True)]
+
+
+def best_peer(runs: list[StackRun], peers: list[str], endpoint: str, connections: int) -> tuple[str, Agg] | None:
+    """The peer with the best median at ``connections`` on ``endpoint``: the lowest p50 at one client, the
+    most 2xx/s above (each peer at the configuration its sweep picked for that row)."""
+    found = [(peer, agg) for peer in peers if (agg := find(runs, peer, endpoint, connections)) is not None]
+    if not found:
+        return None
+    if connections == 1:
+        return min(found, key=lambda pa: pa[1].p50)
+    return max(found, key=lambda pa: pa[1].rps)
+
+
+def real_size_targets(runs: list[StackRun], model: str, endpoint: str, peers: list[str], levels: list[int],
+                      labels: dict[str, str]) -> list[Target]:
+    """Issue 26 on a real-size model: at 1 client nnserve's p50 at most 1.0x the best peer's; at every other
+    level its goodput at least 1.0x the best peer's with p95 no higher. Same store entry, same bytes."""
+    targets = []
+    for c in levels:
+        latency = c == 1
+        what = f"{model} {endpoint} {c} client{'s' * (c > 1)} {'p50' if latency else 'throughput'} vs the best peer"
+        best = best_peer(runs, peers, endpoint, c)
+        if best is None:
+            targets.append(Target(what, "not measured (no peer ran)", f"{'<=' if latency else '>='} 1x", None))
+            continue
+        peer, agg = best
+        config = next((r.config for r in runs if (r.server, r.endpoint, r.result.connections) == (peer, endpoint, c)
+                       and r.round_no), "")
+        name = f"{labels.get(peer, peer)}" + (f" ({config})" if config else "")
+        targets.append(ratio_target(what, find(runs, NNSERVE, endpoint, c), agg, name, PEER_FACTOR,
+                                    latency=latency, p95_no_higher=not latency))
+    return targets
 
 
 def previous_targets(runs: list[StackRun], high: int, ref: str) -> list[Target]:
     """Against the previous release in the same run (--previous REF), at ``high`` clients on /classify and /v2
-    binary infer: CPU per request (the server's processes, medians over the rounds) at most 0.6x, goodput at
-    least 1.4x. The share of the bare stack's throughput is in the report's tables beside them."""
+    binary infer: CPU per request (the server's processes) at most 0.6x, goodput at least 1.4x, each judged on
+    the median of the per-round ratios (min-max printed). The share of the bare stack is in the report's tables."""
+    def side(server: str, endpoint: str, cpu: bool) -> dict[int, float]:
+        return {r.round_no: r.cpu_ms_per_request if cpu else r.result.ok_rps for r in runs
+                if (r.server, r.endpoint, r.result.connections) == (server, endpoint, high) and r.round_no}
+
     targets = []
     for endpoint in (CLASSIFY, V2_BINARY):
-        ours = [r for r in runs if (r.server, r.endpoint, r.result.connections) == (NNSERVE, endpoint, high)]
-        before = [r for r in runs if (r.server, r.endpoint, r.result.connections) == (PREVIOUS, endpoint, high)]
-        if not ours or not before:
-            targets += [Target(f"{endpoint} {high} clients CPU/request vs {ref}", "not measured", "<= 0.6x", None),
-                        Target(f"{endpoint} {high} clients goodput vs {ref}", "not measured", ">= 1.4x", None)]
-            continue
-        cpu = median(r.cpu_ms_per_request for r in ours) / median(r.cpu_ms_per_request for r in before)
-        goodput = median(r.result.ok_rps for r in ours) / median(r.result.ok_rps for r in before)
-        targets += [Target(f"{endpoint} {high} clients CPU/request vs {ref}",
-                           f"{cpu:.2f}x ({median(r.cpu_ms_per_request for r in ours):.3f} vs "
-                           f"{median(r.cpu_ms_per_request for r in before):.3f} ms)", "<= 0.6x", cpu <= 0.6),
-                    Target(f"{endpoint} {high} clients goodput vs {ref}", f"{goodput:.2f}x", ">= 1.4x", goodput >= 1.4)]
+        cpu = round_ratios(side(NNSERVE, endpoint, True), side(PREVIOUS, endpoint, True))
+        goodput = round_ratios(side(NNSERVE, endpoint, False), side(PREVIOUS, endpoint, False))
+        for what, ratios, goal, met in ((f"{endpoint} {high} clients CPU/request vs {ref}", cpu, "<= 0.6x",
+                                         cpu.median <= 0.6),
+                                        (f"{endpoint} {high} clients goodput vs {ref}", goodput, ">= 1.4x",
+                                         goodput.median >= 1.4)):
+            targets.append(Target(what, ratios.describe(), goal, met if ratios.values else None))
     return targets

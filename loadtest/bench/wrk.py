@@ -20,6 +20,7 @@ import numpy as np
 from loadtest.bench.common import REPO_ROOT
 
 POST_LUA = REPO_ROOT / "loadtest" / "wrk" / "post.lua"
+HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor extension: the JSON part's size
 TIMEOUT_S = 10  # wrk drops (and does not time) answers slower than its --timeout, 2 s by default
 
 
@@ -80,8 +81,8 @@ class RequestFiles:
     label: str  # its true label
     v2_json: Path | None = None  # KServe v2 JSON infer request: that digit, preprocessed, batch 1
     classify_fields: dict[str, str] = field(default_factory=dict)  # form fields after the image, e.g. model
-    v2_binary: Path | None = None  # the same request in Triton's binary tensor extension (logits asked binary)
-    v2_binary_header: int = 0  # its JSON header's length (Inference-Header-Content-Length)
+    v2_binary: Path | None = None  # the same tensor in Triton's binary extension, as tritonclient.http sends it
+    v2_binary_json_size: int = 0  # its JSON header's length (Inference-Header-Content-Length)
 
     def classify_args(self) -> list[str]:
         # top_k left at its default (5) on every server
@@ -97,9 +98,9 @@ class RequestFiles:
 
     def v2_binary_args(self) -> list[str]:
         if self.v2_binary is None:
-            raise ValueError("these request files have no KServe v2 binary body")
+            raise ValueError("these request files have no binary KServe v2 body")
         return ["body", str(self.v2_binary), "application/octet-stream",
-                f"Inference-Header-Content-Length={self.v2_binary_header}"]
+                f"{HEADER_LENGTH}={self.v2_binary_json_size}"]
 
 
 def v2_json_body(x: np.ndarray, input_name: str) -> bytes:
@@ -108,15 +109,25 @@ def v2_json_body(x: np.ndarray, input_name: str) -> bytes:
                                    "data": x.ravel().tolist()}]}).encode()
 
 
-def v2_binary_body(x: np.ndarray, input_name: str, output_name: str = "logits") -> tuple[bytes, int]:
-    """A KServe v2 binary-extension request for the float32 batch ``x``: (body, JSON header length)."""
-    header = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape), "datatype": "FP32",
-                                     "parameters": {"binary_data_size": x.nbytes}}],
-                         "outputs": [{"name": output_name, "parameters": {"binary_data": True}}]}).encode()
-    return header + np.ascontiguousarray(x, dtype=np.float32).tobytes(), len(header)
+def v2_binary_body(x: np.ndarray, input_name: str, output: str) -> tuple[bytes, int]:
+    """(body, JSON header length) of a KServe v2 request for ``x`` in Triton's binary tensor extension, made
+    by tritonclient.http itself (what Triton's clients send), asking for ``output`` as binary."""
+    import tritonclient.http as http
+
+    tensor = http.InferInput(input_name, list(x.shape), "FP32")
+    tensor.set_data_from_numpy(np.ascontiguousarray(x, dtype=np.float32), binary_data=True)
+    body, json_size = http.InferenceServerClient.generate_request_body(
+        [tensor], outputs=[http.InferRequestedOutput(output, binary_data=True)])
+    return body, int(json_size or 0)
 
 
-def request_files(workdir: Path, preprocessing: dict, input_name: str) -> RequestFiles:
+def write_v2_binary(files: RequestFiles, x: np.ndarray, input_name: str, output: str, path: Path) -> None:
+    body, files.v2_binary_json_size = v2_binary_body(x, input_name, output)
+    path.write_bytes(body)
+    files.v2_binary = path
+
+
+def request_files(workdir: Path, preprocessing: dict, input_name: str, output: str = "logits") -> RequestFiles:
     from harness.data import held_out_digits, png_bytes
     from models.preprocess import preprocess_uint8
 
@@ -126,10 +137,9 @@ def request_files(workdir: Path, preprocessing: dict, input_name: str) -> Reques
     v2 = workdir / "v2-lenet5-1.json"
     x = preprocess_uint8(digits[:1], preprocessing)
     v2.write_bytes(v2_json_body(x, input_name))
-    binary, header_length = v2_binary_body(x, input_name)
-    v2_binary = workdir / "v2-lenet5-1.bin"
-    v2_binary.write_bytes(binary)
-    return RequestFiles(png, str(labels[0]), v2, v2_binary=v2_binary, v2_binary_header=header_length)
+    files = RequestFiles(png, str(labels[0]), v2)
+    write_v2_binary(files, x, input_name, output, workdir / "v2-lenet5-1.bin")
+    return files
 
 
 def multipart_body(png: bytes, fields: dict[str, str] | None = None) -> tuple[bytes, str]:

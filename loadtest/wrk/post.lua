@@ -2,12 +2,11 @@
 --
 --   wrk -t1 -c32 -d20s --latency -s post.lua URL -- multipart digit.png [name=value ...]
 --   wrk -t1 -c32 -d20s --latency -s post.lua URL -- body request.json application/json
---   wrk -t1 -c32 -d20s --latency -s post.lua URL -- body request.bin application/octet-stream \
---       Inference-Header-Content-Length=97
+--   wrk -t1 -c32 -d20s --latency -s post.lua URL -- body request.bin application/octet-stream Name=value ...
 --
 -- multipart: the PNG goes in file field "image" (what /classify and /features take), each name=value
--- as a form field after it. body: the file's bytes as they are, with the given Content-Type, each
--- name=value after it a request header (KServe v2 binary: the JSON header's length).
+-- as a form field after it. body: the file's bytes as they are, with the given Content-Type and each
+-- Name=value as a request header (Triton's binary extension: Inference-Header-Content-Length=N).
 -- status_errors: responses with a status >= 400 (what wrk counts). No response() callback: defining one
 -- makes wrk parse every response's headers in Lua, and the load generator shares the CPU with the server it measures.
 
