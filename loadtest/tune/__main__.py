@@ -169,6 +169,8 @@ def tune(args: argparse.Namespace) -> int:
         f"{args.seconds:g} s per run, {budget}; variants {', '.join(target.variants)}")
     for variant, why in target.excluded.items():
         log(f"variant {variant} not tried: {why}")
+    for variant, gate in target.gates.items():
+        log(f"variant {variant} tried: {gate}")
     stage1 = stage_execution(args)
     batching_per = max(1, len(stage_batching(stage1[0], args)))
     extra_variants = [v for v in target.variants if v != "fp32"]
@@ -199,6 +201,7 @@ def finish(args: argparse.Namespace, target: Target, sweep: Sweep, interrupted: 
     summary = {"model": args.model, "p95_budget_ms": args.p95_ms, "concurrency": args.concurrency,
                "seconds": args.seconds, "cores": args.cores, "interrupted": interrupted,
                "points_left_out_at_time_limit": sweep.skipped, "excluded_variants": target.excluded,
+               "variant_gates": target.gates,
                "minutes": round(sweep.clock.elapsed() / 60, 2),
                "chosen": chosen.to_json() if chosen else None}
     write_atomic(args.out / "results.json", report.results_json(ranked, summary))

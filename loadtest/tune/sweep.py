@@ -77,6 +77,7 @@ class Target:
     kind: str
     variants: dict[str, str]  # variant -> store tag, INT8 only where its gate passed
     excluded: dict[str, str]  # variant -> why it is not tried
+    gates: dict[str, str]  # variant -> its accuracy gate at export, for the report
     endpoint: str  # path the load goes to
     body_args: list[str]  # post.lua's arguments
 
@@ -100,15 +101,19 @@ def find_target(model: str, workdir: Path, image: Path | None = None) -> Target:
                          f"{', '.join(names) or 'nothing'}. Export it first: python -m export artifacts/{model} "
                          "(--int8 for the INT8 variant)") from None
     metadata: dict[str, Any] = dict(fp32.info.metadata)
-    variants, excluded = {"fp32": str(fp32.tag)}, {}
+    variants, excluded, gates = {"fp32": str(fp32.tag)}, {}, {}
     try:
         int8 = bentoml.models.get(f"{model}-int8:latest")
     except bentoml.exceptions.NotFound:
         excluded["int8"] = f"no {model}-int8 in the store (python -m export artifacts/{model} --int8)"
     else:
-        why = int8_gate_problem(dict(int8.info.metadata))
+        int8_metadata: dict[str, Any] = dict(int8.info.metadata)
+        why = int8_gate_problem(int8_metadata)
         if why is None:
             variants["int8"] = str(int8.tag)
+            parity = int8_metadata.get("parity") or {}
+            drop = {k: v for k, v in parity.items() if k.endswith(("_drop_points", "_delta"))}
+            gates["int8"] = f"{int8.tag}: accuracy gate passed at export ({drop or parity})"
         else:
             excluded["int8"] = f"{int8.tag}: {why}"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -116,11 +121,11 @@ def find_target(model: str, workdir: Path, image: Path | None = None) -> Target:
         png = image or workdir / "request.png"
         if image is None:
             png.write_bytes(noise_png(metadata["preprocessing"]))
-        return Target(model, metadata["kind"], variants, excluded, "/classify",
+        return Target(model, metadata["kind"], variants, excluded, gates, "/classify",
                       ["multipart", str(png), f"model={model}"])
     body = workdir / "request.json"
     body.write_text(json.dumps(v2_request(metadata)))
-    return Target(model, metadata["kind"], variants, excluded, f"/v2/models/{model}/infer",
+    return Target(model, metadata["kind"], variants, excluded, gates, f"/v2/models/{model}/infer",
                   ["body", str(body), "application/json"])
 
 
