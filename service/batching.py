@@ -3,7 +3,9 @@
 One batcher per model and worker process; one dedicated thread per model instance (Triton's
 ``instance_group`` count: one ONNX Runtime session each) takes the next due batch off the one queue and
 runs it, so N instances run up to N batches at once (no thread hop per request: the event loop only
-enqueues and is woken once per batch with every result in it).
+enqueues and is woken once per batch with every result in it). Adaptive (``lone``): a batch that is the
+only work of the batcher (no other instance busy, nothing left queued) runs on the lone-request session
+instead, which has more threads: all cores for a lone request, one per session under load.
 
 - ``max_batch_size``: items per model call. A request with more items is split into chunks of at most
   that size, queued one after another (two in flight, so the model never idles between them) and
@@ -86,8 +88,11 @@ class DynamicBatcher:
 
     def __init__(self, name: str, run: Callable[[Feeds], Feeds] | Sequence[Callable[[Feeds], Feeds]],
                  batch_axis: Callable[[str], int], config: BatchingConfig,
-                 on_batch: Callable[[int, float, int], None] | None = None) -> None:
+                 on_batch: Callable[[int, float, int], None] | None = None,
+                 lone: Callable[[Feeds], Feeds] | None = None) -> None:
         runs = list(run) if isinstance(run, Sequence) else [run]
+        self._lone = lone
+        self._busy = 0  # instances running a batch (under _lock)
         if not runs:
             raise ValueError("a batcher needs at least one model instance")
         self.name, self._batch_axis, self.config, self._on_batch = name, batch_axis, config, on_batch
@@ -207,9 +212,15 @@ class DynamicBatcher:
                     return
                 if self._queue:  # more is waiting: an idle instance may take it now
                     self._lock.notify()
+                alone = self._lone is not None and self._busy == 0 and not self._queue
+                self._busy += bool(batch)
             self._reject(expired, None)
             if batch:
-                self._execute(batch, run)
+                try:
+                    self._execute(batch, self._lone if alone and self._lone is not None else run)
+                finally:
+                    with self._lock:
+                        self._busy -= 1
 
     def _next_batch(self) -> tuple[list[_Entry] | None, list[_Entry]]:
         """Wait (holding the lock) until a batch is due, then take it off the queue. Returns (None, []) once

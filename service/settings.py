@@ -44,7 +44,7 @@ BATCHING_LIMITS = {"max_batch_size": 1024, "max_queue_delay_ms": 10_000.0, "max_
 MAX_PREFERRED_BATCH_SIZES = 32
 # Upper bounds of every model's execution settings (models.yaml, a management API config override): each
 # instance is one more ONNX Runtime session (the model's memory again) in every worker.
-EXECUTION_LIMITS = {"instances": 16, "intra_op_threads": 256, "inter_op_threads": 64}
+EXECUTION_LIMITS = {"instances": 16, "intra_op_threads": 256, "inter_op_threads": 64, "lone_request_threads": 256}
 VARIANTS = ("fp32", "int8")  # int8: export's INT8 entry of the same model, <name>-int8, served only if its gate passed
 
 
@@ -83,6 +83,9 @@ class ModelConfig:
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     variant: str = "fp32"  # "int8": the tag's <name>-int8 store entry (export --int8, served if its gate passed)
+    # Adaptive (ours, 0 = off): one more session with this many threads runs a batch when it is the only work
+    # in the worker (all cores for a lone request); under load the instances' own sessions run (one per session).
+    lone_request_threads: int = 0
 
     @property
     def store_name(self) -> str:
@@ -117,7 +120,8 @@ class ModelConfig:
                                                                   if self.sticky_header else {})}
         entry |= {"instance_group": [{"count": self.instances}],
                   "parameters": {"intra_op_thread_count": {"string_value": str(self.intra_op_threads)},
-                                 "inter_op_thread_count": {"string_value": str(self.inter_op_threads)}},
+                                 "inter_op_thread_count": {"string_value": str(self.inter_op_threads)},
+                                 "lone_request_thread_count": {"string_value": str(self.lone_request_threads)}},
                   "variant": self.variant}
         if self.versions:
             entry["versions"] = list(self.versions)
@@ -137,7 +141,8 @@ class ModelConfig:
                 + (f" traffic={dict(self.traffic)}" if self.traffic else "")
                 + (f" sticky_header={self.sticky_header!r}" if self.sticky_header else "")
                 + f" instances={self.instances} intra_op_threads={self.intra_op_threads or 'auto'}"
-                  f" inter_op_threads={self.inter_op_threads} variant={self.variant}")
+                  f" inter_op_threads={self.inter_op_threads} variant={self.variant}"
+                + (f" lone_request_threads={self.lone_request_threads}" if self.lone_request_threads else ""))
 
 
 @dataclass(frozen=True)
@@ -284,6 +289,9 @@ class Settings:
         ``instances`` sessions at once, each with its intra-op threads (and inter-op ones beside them)."""
         threads = self.threads_for(model) * max(1, model.inter_op_threads)
         total = self.workers * model.instances * threads
+        if model.lone_request_threads > self.cores():
+            return (f"model {model.name!r}: oversubscription: parameters.lone_request_thread_count "
+                    f"{model.lone_request_threads} is more than the {self.cores()} cores")
         if total <= self.cores():
             return None
         return (f"model {model.name!r}: oversubscription: {self.workers} worker(s) x {model.instances} instance(s) x "
@@ -400,7 +408,8 @@ def read_instance_group(value: object, key_path: str, fail: Fail) -> dict:
 
 
 # The ONNX Runtime backend's ``parameters`` nnserve takes (Triton's names): key -> ModelConfig field, minimum.
-ORT_PARAMETERS = {"intra_op_thread_count": ("intra_op_threads", 0), "inter_op_thread_count": ("inter_op_threads", 1)}
+ORT_PARAMETERS = {"intra_op_thread_count": ("intra_op_threads", 0), "inter_op_thread_count": ("inter_op_threads", 1),
+                  "lone_request_thread_count": ("lone_request_threads", 0)}  # the last one is ours
 
 
 def read_parameters(value: object, key_path: str, fail: Fail) -> dict:

@@ -53,6 +53,10 @@ def test_defaults_never_oversubscribe():
     assert settings.threads_for(entry({}, Settings(intra_op_threads=3))) == 3
     assert settings.threads_for(entry({"parameters": {"intra_op_thread_count": 5}}, Settings(intra_op_threads=3))) == 5
     assert settings.oversubscription(plain) is None
+    adaptive = entry({"instance_group": [{"count": 2}], "parameters": {"lone_request_thread_count": 8}})
+    assert adaptive.lone_request_threads == 8 and settings.oversubscription(adaptive) is None
+    assert "lone_request_thread_count 9 is more than the 8 cores" in settings.oversubscription(
+        entry({"parameters": {"lone_request_thread_count": 9}}))
 
 
 BAD = [
@@ -70,6 +74,8 @@ BAD = [
     ({"parameters": {"inter_op_thread_count": 0}}, "inter_op_thread_count: must be in [1, 64], got 0"),
     ({"parameters": {"intra_op_thread_count": {"value": "2"}}}, "must be {string_value: \"N\"} or a number"),
     ({"variant": "fp16"}, "models.m.variant: must be one of fp32, int8"),
+    ({"parameters": {"lone_request_thread_count": -1}}, "lone_request_thread_count: must be in [0, 256], got -1"),
+    ({"parameters": {"lone_request_thread_count": 300}}, "lone_request_thread_count: must be in [0, 256], got 300"),
     ({"tag": "m:abc", "variant": "int8"}, "names a version of the fp32 entry and variant 'int8' is set"),
 ]
 
@@ -123,6 +129,41 @@ def concurrent_calls(instances: int, requests_: int = 4) -> int:
         batcher.close()
     assert [float(out["y"][0, 0]) for out, _ in results] == [2.0 * i for i in range(requests_)]
     return most
+
+
+def test_a_lone_batch_runs_on_the_lone_request_session_and_a_busy_batcher_on_the_instances():
+    """Adaptive: the lone-request session (all cores) runs a batch that is the only work; while another batch
+    runs, or more wait, the instances' own sessions run them."""
+    calls: list[str] = []
+    lock = threading.Lock()
+
+    def session(name: str):
+        def run(feeds):
+            with lock:
+                calls.append(name)
+            time.sleep(0.1)
+            return {"y": feeds["x"] + 1}
+        return run
+
+    batcher = DynamicBatcher("m", [session("a"), session("b")], lambda name: 0, BatchingConfig(max_batch_size=1),
+                             lone=session("lone"))
+
+    async def one() -> None:
+        await batcher.infer({"x": np.zeros((1, 2), np.float32)})
+
+    async def several() -> None:
+        await asyncio.gather(*(batcher.infer({"x": np.zeros((1, 2), np.float32)}) for _ in range(4)))
+
+    try:
+        asyncio.run(one())
+        asyncio.run(one())
+        assert calls == ["lone", "lone"]
+        calls.clear()
+        asyncio.run(several())
+    finally:
+        batcher.close()
+    assert len(calls) == 4 and calls.count("lone") <= 1, calls  # the last one may find the batcher alone
+    assert {"a", "b"} <= set(calls), calls
 
 
 def test_each_instance_runs_its_own_batch_at_the_same_time():
@@ -219,7 +260,15 @@ def test_threads_and_instances_change_live_in_every_worker(server):
                            and m["execution"]["intra_op_threads"] == 2)
     assert classify(server).status_code == 200
 
-    answer = load(server, {"parameters": {"intra_op_thread_count": 0}})  # back to the default: no warning
+    answer = load(server, {"instance_group": [{"count": 2}], "parameters": {"intra_op_thread_count": 0,
+                                                                          "lone_request_thread_count": 1}})
+    assert answer.status_code == 200, answer.text
+    every_worker_describes(server, lambda m: m["execution"]["instances"] == 2
+                           and m["execution"]["lone_request_threads"] == 1)
+    assert classify(server).status_code == 200
+
+    answer = load(server, {"instance_group": [{"count": 1}],  # back to the default: no warning
+                           "parameters": {"intra_op_thread_count": 0, "lone_request_thread_count": 0}})
     assert answer.status_code == 200 and "warnings" not in answer.json(), answer.text
     assert triton_config(server)["parameters"]["intra_op_thread_count"]["string_value"] == "1"
 

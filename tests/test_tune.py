@@ -56,16 +56,21 @@ def test_a_short_sweep_writes_the_table_plot_and_the_chosen_entry(model, tmp_pat
     # the failed-gate INT8 entry is named and never tried
     assert "variant int8 not tried: tune-digits-int8:" in done.stdout and "gate did not pass" in done.stdout
     # progress: one line per point, counted
-    assert "1/4 [execution] workers=1 instances=1 threads=1 max_batch_size=32" in done.stdout, done.stdout
+    assert "1/6 [execution] workers=1 instances=1 threads=1 max_batch_size=32" in done.stdout, done.stdout
+    assert "6/6 [adaptive]" in done.stdout, done.stdout
     results = json.loads((out / "results.json").read_text())
     points = [r["point"] for r in results["results"]]
-    assert len(points) == 4 and {p["variant"] for p in points} == {"fp32"}
-    assert {(p["max_batch_size"], p["delay_us"]) for p in points} == {(32, 0), (1, 0), (8, 0), (8, 1000)}
+    assert len(points) == 6 and {p["variant"] for p in points} == {"fp32"}
+    fixed = [p for p in points if not p["lone_threads"]]
+    assert {(p["max_batch_size"], p["delay_us"]) for p in fixed} == {(32, 0), (1, 0), (8, 0), (8, 1000)}
+    # the adaptive policy on the best two points: two 1-thread instances, a lone batch on a 2-thread session
+    adaptive = [p for p in points if p["lone_threads"]]
+    assert [(p["instances"], p["threads"], p["lone_threads"]) for p in adaptive] == [(2, 1, 2)] * 2
     assert all(len(r["runs"]) == 2 and r["runs"][0]["goodput"] > 0 for r in results["results"])
     chosen = results["chosen"]["point"]
     assert chosen == points[0]  # ranked best first
     table = (out / "table.md").read_text()
-    assert table.count("\n") == 2 + 4 and "**chosen**" in table and "c=2 p95 ms" in table
+    assert table.count("\n") == 2 + 6 and "**chosen**" in table and "c=2 p95 ms" in table
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "server.env").read_text() == "NNSERVE_WORKERS=1\n"
     # models.yaml: the tuned entry replaced in place; the other entry and every comment kept; the server reads it
@@ -74,10 +79,11 @@ def test_a_short_sweep_writes_the_table_plot_and_the_chosen_entry(model, tmp_pat
     assert "    max_batch_size: 4" in text and "# tuned " in text
     written = yaml.safe_load(text)["models"][model]
     assert written["max_batch_size"] == chosen["max_batch_size"]
-    assert written["instance_group"] == [{"count": 1}] and written["variant"] == "fp32"
+    assert written["instance_group"] == [{"count": chosen["instances"]}] and written["variant"] == "fp32"
     settings = Settings.from_env({"NNSERVE_MODELS_CONFIG": str(config)})
     served = settings.model(model)
-    assert (served.max_batch_size, served.instances, served.intra_op_threads) == (chosen["max_batch_size"], 1, 1)
+    assert (served.max_batch_size, served.instances, served.intra_op_threads, served.lone_request_threads) == (
+        chosen["max_batch_size"], chosen["instances"], chosen["threads"], chosen["lone_threads"])
     assert settings.model("other").max_batch_size == 4
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
@@ -92,7 +98,7 @@ def test_a_model_not_in_the_store_is_named_with_what_the_store_holds(model, tmp_
 def test_a_budget_nothing_meets_says_so_shows_the_closest_and_writes_nothing(model, tmp_path):
     config = tmp_path / "models.yaml"
     config.write_text(MODELS_YAML)
-    done = tune([model, *SHORT, "--batch-sizes", "32", "--delays-us", "0", "--p95-ms", "0.001",
+    done = tune([model, *SHORT, "--batch-sizes", "32", "--delays-us", "0", "--p95-ms", "0.001", "--no-adaptive",
                  "--models-config", str(config), "--out", str(tmp_path / "out")], tmp_path)
     assert done.returncode == 3, done.stdout + done.stderr
     assert "no configuration meets p95 <= 0.001 ms" in done.stdout

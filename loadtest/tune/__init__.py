@@ -8,7 +8,8 @@ at each concurrency (closed loop). The search is staged so that one model takes 
 
 1. execution: workers x instances x intra-op threads that do not oversubscribe the cores, default batching;
 2. batching: ``max_batch_size`` x ``max_queue_delay`` on the best two execution points;
-3. variants: the store's gated INT8 entry (``<name>-int8``, its accuracy gate passed) on the best points.
+3. adaptive: a lone-request session with all of a worker's cores beside 1-thread instances, on the best two;
+4. variants: the store's gated INT8 entry (``<name>-int8``, its accuracy gate passed) on the best points.
 
 A configuration meets the budget when its p95 is within it at every concurrency, with no errors; among those
 the highest geometric mean of goodput (2xx/s) over the concurrencies wins. The table, a throughput-vs-p95

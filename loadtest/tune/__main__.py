@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from loadtest.bench.common import write_atomic
@@ -27,6 +28,7 @@ from loadtest.tune.sweep import (
     Result,
     Server,
     Target,
+    adaptive_points,
     apply_entry,
     batching_points,
     execution_points,
@@ -73,6 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int_list, help="intra-op thread counts to try (default: within --cores)")
     parser.add_argument("--batch-sizes", type=int_list, default=[1, 8, 32], help="max_batch_size values (1,8,32)")
     parser.add_argument("--delays-us", type=int_list, default=[0, 2000], help="max_queue_delay values, us (0,2000)")
+    parser.add_argument("--no-adaptive", action="store_true",
+                        help="leave out the adaptive policy (parameters.lone_request_thread_count)")
     parser.add_argument("--image", type=Path, help="the image to send (image models; default: noise at input size)")
     parser.add_argument("--out", type=Path, help="table, plot and measurements (default .nnserve/tune/<model>)")
     parser.add_argument("--models-config", type=Path, default=Path("models.yaml"),
@@ -119,6 +123,7 @@ class Sweep:
         self.results: list[Result] = []
         self.clock = Clock(args.max_minutes * 60)
         self.skipped = 0
+        self.known: dict[str, int] = {}  # stage -> its points to measure
         self._server: Server | None = None
         self._stack = contextlib.ExitStack()
 
@@ -138,6 +143,7 @@ class Sweep:
         current = self._server.workers if self._server is not None else 0  # its points first: a restart less
         todo = sorted(dict.fromkeys(p for p in points if p not in done),
                       key=lambda p: (p.workers != current, p.workers))
+        self.known[stage] = len(todo)
         per_point = len(self.args.concurrency) * self.args.seconds + 1 + 5  # runs, warm-up, the change
         for point in todo:
             restart = SERVER_START_GUESS_S if self._server is None or self._server.workers != point.workers else 0
@@ -175,18 +181,22 @@ def tune(args: argparse.Namespace) -> int:
     batching_per = max(1, len(stage_batching(stage1[0], args)))
     extra_variants = [v for v in target.variants if v != "fp32"]
 
+    # points per stage, for the progress count: estimates until a stage knows its own
+    estimates = {"execution": len(stage1), "batching": min(TOP, len(stage1)) * batching_per,
+                 "adaptive": 0 if args.no_adaptive else TOP, **{v: TOP for v in extra_variants}}
+
     def planned() -> int:
-        top = min(TOP, len(stage1))
-        return len(stage1) + top * batching_per + top * len(extra_variants)
+        return sum(sweep.known.get(stage, n) for stage, n in estimates.items())
 
     sweep = Sweep(args, target, planned)
     interrupted = False
     try:
         sweep.run(stage1, "execution")
         sweep.run([p for base in sweep.best(TOP) for p in stage_batching(base, args)], "batching")
+        if not args.no_adaptive:
+            sweep.run(adaptive_points(sweep.best(TOP), args.cores), "adaptive")
         for variant in extra_variants:
-            sweep.run([Point(p.workers, p.instances, p.threads, p.max_batch_size, p.delay_us, variant)
-                       for p in sweep.best(TOP, "fp32")], variant)
+            sweep.run([replace(p, variant=variant) for p in sweep.best(TOP, "fp32")], variant)
     except KeyboardInterrupt:
         interrupted = True
     finally:

@@ -34,18 +34,21 @@ class Point:
     max_batch_size: int = 32
     delay_us: int = 0
     variant: str = "fp32"
+    lone_threads: int = 0  # adaptive: a lone batch runs on a session with this many threads (0 = off)
 
     def entry(self, model: str) -> dict:
         """The models config entry (Triton's names) that serves this point's model settings."""
         return {"tag": model, "max_batch_size": self.max_batch_size,
                 "dynamic_batching": {"max_queue_delay_microseconds": self.delay_us},
                 "instance_group": [{"count": self.instances}],
-                "parameters": {"intra_op_thread_count": {"string_value": str(self.threads)}},
+                "parameters": {"intra_op_thread_count": {"string_value": str(self.threads)},
+                               "lone_request_thread_count": {"string_value": str(self.lone_threads)}},
                 "variant": self.variant}
 
     def describe(self) -> str:
         return (f"workers={self.workers} instances={self.instances} threads={self.threads} "
-                f"max_batch_size={self.max_batch_size} delay={self.delay_us}us variant={self.variant}")
+                f"max_batch_size={self.max_batch_size} delay={self.delay_us}us variant={self.variant}"
+                + (f" lone_threads={self.lone_threads}" if self.lone_threads else ""))
 
 
 @dataclass
@@ -249,6 +252,20 @@ def batching_points(base: Point) -> list[Point]:
     out = [Point(base.workers, base.instances, base.threads, size, delay, base.variant)
            for size in BATCH_SIZES for delay in DELAYS_US if not (size == 1 and delay)]
     return [p for p in out if p != base]
+
+
+def adaptive_points(best: list[Point], cores: int) -> list[Point]:
+    """Stage 3: the adaptive policy on the best points: all of a worker's cores for a batch that is the only
+    work (a lone-request session), the instances' own sessions under load; on a point with one instance, two
+    instances sharing the cores instead."""
+    out = []
+    for p in best:
+        lone = max(1, cores // p.workers)
+        instances = max(2, p.instances)
+        threads = p.threads if p.instances >= 2 else max(1, cores // (p.workers * instances))
+        if lone > threads:
+            out.append(Point(p.workers, instances, threads, p.max_batch_size, p.delay_us, p.variant, lone))
+    return out
 
 
 def score(result: Result, budget_ms: float | None) -> tuple[bool, float, float]:
