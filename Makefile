@@ -53,13 +53,29 @@ model-%: setup
 	@if [ ! -f artifacts/$*/card.json ]; then $(PY) -m models.train $* || exit 1; fi
 	@$(PY) -m export artifacts/$* --int8 --if-missing
 
+# What `make serve` builds in the background: a missing text model trains on the longer schedule (make
+# train-full's, ~5 minutes each on 2 cores; held-out bits/char in docs/models.md, "Served by make serve"), so
+# what a new user samples is the better text. A text model already trained on the short schedule is kept (the
+# log says how to replace it); `make train` and `make model-<name>` keep the short schedule.
+TEXT_MODELS := char_lstm char_gru
+IS_FULL = 'import json, sys; sys.exit(not json.load(open("artifacts/$*/card.json"))["training"].get("full"))'
+serve-model-%: setup
+	@if [ ! -f artifacts/$*/card.json ]; then \
+	  $(PY) -m models.train $* $(if $(filter $*,$(TEXT_MODELS)),--full) || exit 1; \
+	elif [ -n "$(filter $*,$(TEXT_MODELS))" ] && ! $(PY) -c $(IS_FULL); then \
+	  echo "artifacts/$*: trained on the short schedule; 'make train-full', then restart 'make serve', serves" \
+	    "the longer schedule's better text"; \
+	fi
+	@$(PY) -m export artifacts/$* --int8 --if-missing
+
 # The first default model is trained and exported, then the server starts while the others are built in
-# the background (log: .nnserve/build.log); they join as each is exported, reported as loading until then
-# (docs/service.md, "Live changes"). Stopping the server stops the build.
+# the background (log: .nnserve/build.log): the text models on the longer schedule (above). They join as each
+# is exported, reported as loading until then (docs/service.md, "Live changes"). Stopping the server stops the
+# build.
 FIRST_MODEL := lenet5
 serve: setup model-$(FIRST_MODEL)
 	@mkdir -p .nnserve
-	@setsid sh -c 'for m in "$$@"; do $(MAKE) --no-print-directory model-$$m || exit 1; done; echo "all default models built"' \
+	@setsid sh -c 'for m in "$$@"; do $(MAKE) --no-print-directory serve-model-$$m || exit 1; done; echo "all default models built"' \
 	  build $(filter-out $(FIRST_MODEL),$(MODELS)) > .nnserve/build.log 2>&1 & builder=$$!; \
 	trap 'kill -TERM -- -$$builder 2>/dev/null' EXIT INT TERM; \
 	echo "building $(filter-out $(FIRST_MODEL),$(MODELS)) in the background (.nnserve/build.log); they join when exported"; \

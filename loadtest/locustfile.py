@@ -97,14 +97,13 @@ def build_workload(host: str, generate_chars: int) -> Workload:
 
     # KServe: the digits preprocessed exactly as the model's store metadata says, batch 1 each.
     meta = get_json(host, f"/v2/models/{KSERVE_MODEL}")
-    # The graph's float input; the BYTES ones are Triton-style alternatives (encoded images, docs/kserve.md).
-    (tensor,) = [t for t in meta["inputs"] if t["datatype"] != "BYTES"]
+    # The graph's float input (encoded images go to the model's front end, <model>.image: docs/kserve.md).
+    (tensor,) = meta["inputs"]
     x = preprocess_uint8(DIGITS[:KSERVE_BODIES], models[KSERVE_MODEL]["preprocessing"])
     if list(x.shape[1:]) != tensor["shape"][1:]:
         raise RuntimeError(f"{KSERVE_MODEL} takes {tensor['shape']}, preprocessing gives {list(x.shape[1:])}")
     bodies = []
-    outputs = [triton_http.InferRequestedOutput(o["name"], binary_data=True) for o in meta["outputs"]
-               if o["datatype"] != "BYTES"]
+    outputs = [triton_http.InferRequestedOutput(o["name"], binary_data=True) for o in meta["outputs"]]
     for item in x:
         infer_input = triton_http.InferInput(tensor["name"], [1, *item.shape], tensor["datatype"])
         infer_input.set_data_from_numpy(item[None])  # binary tensor extension (tritonclient's default)

@@ -140,6 +140,28 @@ def previous_parts(path: Path) -> dict[str, tuple[str, list[str]]]:
     return parts
 
 
+def served_section(cards: dict[str, dict]) -> list[str]:
+    """What `make serve` serves of the text models measured here: their schedule and held-out bits/char."""
+    text = {name: card for name, card in cards.items() if card["kind"] == "sequence_lm"}
+    if not text:
+        return []
+    lines = ["## Served by `make serve`", "",
+             "`make serve` trains a missing text model on the longer schedule (`make train-full`'s, `--full`) in the "
+             "background, so what a new user samples (and what `/generate` and OpenAI's `/v1` answer) is the better "
+             "text; a text model already trained on the short schedule is kept, and its build log says so (Makefile, "
+             "`serve-model-%`). The text models of this report:", "",
+             "| model | schedule | steps | held-out test plays bits/char | validation plays bits/char |",
+             "|---|---|---:|---:|---:|"]
+    for name, card in text.items():
+        opts, metrics = card["training"], card["metrics"]
+        schedule = ("longer (`make train-full`, what `make serve` builds)" if opts.get("full")
+                    else "short (`make train`)")
+        test = f"{metrics['test_bpc']:.4f}" if "test_bpc" in metrics else "-"
+        lines.append(f"| `{name}` | {schedule} | {opts.get('steps') or '-'} | {test} | {metrics['valid_bpc']:.4f} |")
+    return lines + ["", "Their word-share proxies (generated words that are real Shakespeare words) are under each "
+                    "model below.", ""]
+
+
 def render(cards: dict[str, dict], command: str, artifacts: Path, experiments: list[dict],
            kept: dict[str, tuple[str, list[str]]] | None = None) -> str:
     lines = [
@@ -166,6 +188,7 @@ def render(cards: dict[str, dict], command: str, artifacts: Path, experiments: l
     if kept:
         lines.append(f"Kept from the previous report (no artifact here this time): {', '.join(kept)}.")
     lines.append("")
+    lines += served_section(cards)
     if any(card["kind"] == "sequence_lm" for card in cards.values()):
         lines += CORPUS_NOTES.splitlines() + [""]
     lines += render_experiments(experiments)

@@ -1,18 +1,18 @@
 """The HTTP layer under nnserve's own routes: a request, a response, one JSON error writer and a router,
 straight on ASGI.
 
-The REST and KServe v2 front ends (rest.py, kserve_http.py) are codecs over the data plane: each route a
-method taking an ``HttpRequest`` and returning an ``HttpResponse``. They used to be Starlette apps;
-measured with py-spy on the live server (docs/bench.md, "CPU per request"), Starlette's middleware stack,
-router and Request/Response objects were a fifth of a small request's CPU time. What our routes need from
-a framework is this file: read a bounded body, match a path, write a status, headers and bytes.
+The REST, KServe v2 and OpenAI front ends (rest.py, kserve_http.py, openai_api.py) are codecs over the data
+plane: each route a method taking an ``HttpRequest`` and returning an ``HttpResponse``. They used to be
+Starlette apps; measured with py-spy on the live server (docs/bench.md, "CPU per request"), Starlette's
+middleware stack, router and Request/Response objects were a fifth of a small request's CPU time. What our
+routes need from a framework is this file: read a bounded body, match a path, write a status, headers and bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import orjson
@@ -20,6 +20,7 @@ import orjson
 from service.errors import Failure, MethodNotAllowed, NotFound, PayloadTooLarge, failure_of
 
 Send = Callable[[dict], Awaitable[None]]
+Stream = AsyncGenerator[str | bytes, None]  # a streamed body: closed (aclose) when done or when the client leaves
 Receive = Callable[[], Awaitable[dict]]
 JSON = b"application/json"
 
@@ -98,9 +99,9 @@ class HttpRequest:
 
 @dataclass(slots=True)
 class HttpResponse:
-    """A whole body (bytes) or a stream (an async iterator of str or bytes chunks)."""
+    """A whole body (bytes) or a stream (an async generator of str or bytes chunks)."""
 
-    body: bytes | AsyncIterator
+    body: bytes | Stream
     status: int = 200
     content_type: bytes = JSON
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
@@ -116,10 +117,16 @@ def error_response(error: BaseException | Failure, where: str = "request") -> Ht
     """The one JSON error writer: ``{"error": message}`` with the error model's status (service/errors.py),
     Retry-After when it says one, WWW-Authenticate on a 401."""
     failure = error if isinstance(error, Failure) else failure_of(error, where)
+    return failure_response(failure, failure.body())
+
+
+def failure_response(failure: Failure, body: object) -> HttpResponse:
+    """``body`` (a protocol's rendering of ``failure``) with the failure's status and headers: Retry-After when
+    it says one, WWW-Authenticate on a 401. OpenAI's error object (service/openai_api.py) goes through here."""
     headers = [(b"retry-after", str(failure.retry_after).encode())] if failure.retry_after else []
     if failure.status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="nnserve"'))
-    return json_response(failure.body(), failure.status, headers)
+    return json_response(body, failure.status, headers)
 
 
 async def send_response(send: Send, response: HttpResponse, receive: Receive | None = None) -> None:
@@ -146,7 +153,7 @@ async def send_response(send: Send, response: HttpResponse, receive: Receive | N
         raise writer.exception()  # type: ignore[misc]
 
 
-async def _write_stream(send: Send, chunks: AsyncIterator) -> None:
+async def _write_stream(send: Send, chunks: Stream) -> None:
     try:
         async for chunk in chunks:
             await send({"type": "http.response.body", "body": chunk.encode() if isinstance(chunk, str) else chunk,
@@ -162,13 +169,17 @@ async def _disconnected(receive: Receive) -> None:
 
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+ErrorWriter = Callable[[BaseException | Failure, str], HttpResponse]
 
 
 class Router:
-    """Paths with ``{name}`` segments (one path segment each) -> a handler per method, tried in order."""
+    """Paths with ``{name}`` segments (one path segment each) -> a handler per method, tried in order.
+    ``errors``: how this front end writes a failure (the front door's refusals included); ``hint``: what the
+    404 of an unknown path adds (the routes there are)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, errors: ErrorWriter = error_response, hint: str = "") -> None:
         self.name = name  # for the 404 message: "no KServe v2 route ..."
+        self.errors, self.hint = errors, hint
         self.routes: list[tuple[re.Pattern, dict[str, Handler]]] = []
 
     def add(self, path: str, method: str, handler: Handler) -> None:
@@ -192,4 +203,4 @@ class Router:
             allowed = True
         if allowed:
             raise MethodNotAllowed(f"Method Not Allowed: {method[:20]} is not allowed on {path[:200]}")
-        raise NotFound(f"no {self.name} route {method[:20]} {path[:200]}")
+        raise NotFound(f"no {self.name} route {method[:20]} {path[:200]}{'; ' + self.hint if self.hint else ''}")

@@ -1,6 +1,7 @@
 """The data plane: what every front end asks of the server, in one place.
 
-REST (rest.py), KServe v2 REST (kserve_http.py) and KServe v2 gRPC (kserve_grpc.py) are codecs: they
+REST (rest.py), KServe v2 REST (kserve_http.py), KServe v2 gRPC (kserve_grpc.py) and OpenAI's API
+(openai_api.py) are codecs: they
 turn their wire format into calls on this object and its answers (or its errors, service/errors.py)
 back into their wire format. Nothing below knows a protocol:
 
@@ -9,7 +10,7 @@ back into their wire format. Nothing below knows a protocol:
 - model and version resolution (a model that is unknown, loading, waiting for its export or failed
   answers NotFound / Unavailable with the reason), and each endpoint's default model;
 - admission: at most ``NNSERVE_MAX_CONCURRENT_REQUESTS`` inference requests in progress per worker,
-  REST, /v2 REST and gRPC together; past it a request is refused at once (``Unavailable`` naming the
+  REST, /v2 REST, /v1 and gRPC together; past it a request is refused at once (``Unavailable`` naming the
   limit: 503 + Retry-After, or gRPC UNAVAILABLE). The batcher's queue bounds sit behind it;
 - inference through the version's dynamic batcher, counted under the real endpoint's label;
 - generation start: a GenerationRequest validated and queued on the model's continuous batcher.
@@ -24,15 +25,18 @@ route lookup, a batcher call and the metrics.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
+from models.kinds import kinds_for
+from models.vocab import Vocabulary
 from service import metrics
 from service.batching import BatchStats
 from service.errors import ClientError, Unavailable
-from service.generation import Generation, GenerationRequest
+from service.generation import ContinuousBatcher, Generation, GenerationRequest
 from service.repository import Repository
 from service.runtime import ModelRuntime
 
@@ -74,14 +78,6 @@ class DataPlane:
             reasons.append(not_ready)
         return Readiness(not reasons, "; ".join(reasons) or None, models)
 
-    def model_ready(self, name: str, version: str = "") -> bool:
-        """Whether ``name`` (in ``version``) answers requests now: False when unknown, loading or failed."""
-        try:
-            self.repository.get(name, version)
-        except ClientError:
-            return False
-        return True
-
     # -- resolution -----------------------------------------------------------------------------------
 
     def model(self, name: str, version: str = "", endpoint: str | None = None) -> ModelRuntime:
@@ -93,6 +89,12 @@ class DataPlane:
 
     def default_model(self, endpoint: str) -> str:
         return self.repository.default_model(endpoint)
+
+    def models_for(self, endpoint: str) -> list[str]:
+        """The served models (ready or not) of a kind ``endpoint`` takes, in config order: a model whose kind
+        is not known yet (its first load still running) is left out."""
+        kinds = kinds_for(endpoint)
+        return [m.name for m in self.repository.snapshot().models if m.kind in kinds]
 
     def served_versions(self, name: str) -> list[str]:
         return self.repository.served_versions(name)
@@ -125,12 +127,21 @@ class DataPlane:
 
     # -- generation -------------------------------------------------------------------------------------
 
-    def generate(self, runtime: ModelRuntime, job: GenerationRequest, names: dict[str, str] | None = None
-                 ) -> list[Generation]:
+    def generate(self, runtime: ModelRuntime, job: GenerationRequest, names: Mapping[str, str] | None = None,
+                 logprobs: int | None = None, prompt_logprobs: bool = False) -> list[Generation]:
         """Validate ``job`` and queue it on the model's continuous batcher (the one every front end
         shares): one Generation per sample. A stream gets a chunk per NNSERVE_STREAM_FLUSH_MS at most; a
-        whole answer is woken once, at its end. ``names``: field -> the client's name for it (messages)."""
+        whole answer is woken once, at its end. ``names``: field -> the client's name for it (messages).
+        ``logprobs`` / ``prompt_logprobs``: the tokens' log-probabilities with each chunk (and the prompt's),
+        as ``ContinuousBatcher.submit_choices`` says."""
+        flush = self.settings.stream_flush_ms / 1e3 if job.stream is True else None
+        return self._generator(runtime).submit_choices(job, flush, names, logprobs, prompt_logprobs)
+
+    def vocabulary(self, runtime: ModelRuntime) -> Vocabulary:
+        """A generating model's tokens: what a prompt of token ids decodes with, and what usage counts."""
+        return self._generator(runtime).vocab
+
+    def _generator(self, runtime: ModelRuntime) -> ContinuousBatcher:
         if not runtime.kind_module.generates:
             raise ClientError(f"model {runtime.name!r} is a {runtime.kind} model; it does not generate text")
-        flush = self.settings.stream_flush_ms / 1e3 if job.stream is True else None
-        return self.repository.generator(runtime).submit_choices(job, flush, names)
+        return self.repository.generator(runtime)

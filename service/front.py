@@ -7,7 +7,9 @@ front door first checks the request's token (service/auth.py: the management API
 rest only with ``NNSERVE_INFERENCE_TOKEN_FILE``; health and ``/metrics`` never), then dispatches:
 
 - ``/classify``, ``/features``, ``/generate``, ``/models``, ``/docs.json`` -> the REST codec (rest.py);
-  ``/v2...`` -> the KServe v2 codec (kserve_http.py): each a Router of short methods (service/asgi.py).
+  ``/v2...`` -> the KServe v2 codec (kserve_http.py); ``/v1...`` -> OpenAI's API over the text models
+  (openai_api.py): each a Router of short methods (service/asgi.py) with its own error writer (OpenAI's
+  error object on /v1, the front door's refusals included).
   An inference request (a POST but the management API's) first takes an admission slot from the data
   plane (service/dataplane.py; gRPC takes the same slots): past ``NNSERVE_MAX_CONCURRENT_REQUESTS`` in
   this worker it is answered 503 + Retry-After at once, before its body is read. The worker's event loop
@@ -27,7 +29,7 @@ import asyncio
 from collections.abc import Callable
 
 from service import metrics
-from service.asgi import HttpRequest, HttpResponse, Router, error_response, json_response, send_response
+from service.asgi import ErrorWriter, HttpRequest, HttpResponse, Router, error_response, json_response, send_response
 from service.auth import Lock
 from service.dataplane import STARTING, DataPlane
 from service.errors import ClientError, Failure, MethodNotAllowed, Unavailable
@@ -43,8 +45,8 @@ SHUTTING_DOWN = Unavailable("server shutting down; retry on another replica", re
 class FrontDoor:
     def __init__(self, bentoml_app: ASGIApp, rest: Router | None, v2: Router | None,
                  plane: Callable[[], DataPlane | None], lock: Lock | None = None,
-                 playground_app: ASGIApp | None = None) -> None:
-        self.bentoml_app, self.rest, self.v2 = bentoml_app, rest, v2
+                 playground_app: ASGIApp | None = None, openai: Router | None = None) -> None:
+        self.bentoml_app, self.rest, self.v2, self.openai = bentoml_app, rest, v2, openai
         self.plane = plane  # None until the worker's service object exists (its lifespan start-up)
         self.lock = lock or Lock()  # no token: management off, the rest open
         self.playground_app = playground_app  # None: NNSERVE_PLAYGROUND=off, BentoML answers 404
@@ -53,12 +55,14 @@ class FrontDoor:
         if scope["type"] not in ("http", "websocket"):  # lifespan
             return await self.bentoml_app(scope, receive, send)
         path = scope["path"]
-        route = "v2" if path == "/v2" or path.startswith("/v2/") else path[1:] if path in REST_PATHS else None
+        route = ("v2" if path == "/v2" or path.startswith("/v2/") else path[1:] if path in REST_PATHS
+                 else "v1" if self.openai is not None and (path == "/v1" or path.startswith("/v1/")) else None)
         denied = self.lock.check_rest(path, scope["headers"])
         if denied is not None:
             if scope["type"] == "websocket":  # no websocket route today; closed before accept = 403
                 return await send({"type": "websocket.close", "code": 1008})
-            return await self.answer(send, route, error_response(Failure(denied.status, "", denied.message)))
+            refusal = Failure(denied.status, "", denied.message)
+            return await self.answer(send, route, self.errors(route)(refusal, path))
         if scope["type"] != "http":
             return await self.bentoml_app(scope, receive, send)
         if route is not None:
@@ -84,13 +88,13 @@ class FrontDoor:
         request = HttpRequest(scope, receive)
         limited = method == "POST" and path not in UNLIMITED and not path.startswith("/v2/repository/")
         try:
-            handler, request.params = (self.v2 if route == "v2" else self.rest).match(method, path)
+            handler, request.params = self.router(route).match(method, path)
             if plane is None:
                 raise Unavailable("the service is starting", retry_after=1)
             if limited:
                 plane.admit()
         except ClientError as e:
-            return await self.answer(send, route, error_response(e, route))
+            return await self.answer(send, route, self.errors(route)(e, route))
         try:
             with request_scope(request.headers):
                 await self.run(handler, request, route, send)
@@ -111,7 +115,7 @@ class FrontDoor:
             try:
                 response = await handler(request)
             except Exception as e:
-                response = error_response(e, route)
+                response = self.errors(route)(e, route)
             await send_response(send_and_note, response, request.receive)
         except asyncio.CancelledError:
             # uvicorn cancels what still runs once the drain bound (NNSERVE_DRAIN_TIMEOUT_S) has passed after
@@ -120,9 +124,18 @@ class FrontDoor:
             if status is not None:
                 raise
             status = 503
-            await send_response(send, error_response(SHUTTING_DOWN))
+            await send_response(send, self.errors(route)(SHUTTING_DOWN, route))
         finally:
             metrics.count_response(route, 500 if status is None else status)
+
+    def router(self, route: str) -> Router:
+        router = self.v2 if route == "v2" else self.openai if route == "v1" else self.rest
+        assert router is not None, route  # a route is only matched when its codec exists
+        return router
+
+    def errors(self, route: str | None) -> ErrorWriter:
+        """How the front end of ``route`` writes a failure: OpenAI's error object on /v1, else ``{"error"}``."""
+        return self.openai.errors if route == "v1" and self.openai is not None else error_response
 
     async def answer(self, send: Callable, route: str | None, response: HttpResponse) -> None:
         """A refusal of the front door itself, counted under its route."""

@@ -14,6 +14,11 @@ A request for ``n`` samples of one prompt takes n slots that join together: its 
 once and the resulting state copied into each slot; sample i draws from its own generator seeded
 ``seed + i``, so it is exactly the text of a one-sample request with that seed.
 
+``temperature`` 0 is greedy decoding (the likeliest token each step), as OpenAI's and Hugging Face's clients
+assume: it runs as top_k 1. A reader that asks for log-probabilities (``submit_choices(logprobs=k)``) gets,
+with each chunk, every token's log-probability and the k likeliest alternatives under the model's own
+distribution (before temperature, top_k and top_p), computed in the same step, only for the rows that ask.
+
 Characters reach the event loop in batches: each request has a buffer the step thread appends to,
 and its reader is woken at most once until it has taken what is there, so a stream sends every
 character that is ready in one chunk, however fast the model runs.
@@ -31,7 +36,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
@@ -54,6 +59,7 @@ MAX_N = 16  # samples of one prompt (n): each takes a batch slot, and all n must
 MAX_LISTED_CHARS = 20  # unknown prompt characters named in an error message
 MAX_STOPS = 4  # stop strings per request (OpenAI's limit): each chunk is searched for every one
 MAX_STOP_CHARS = 100
+MAX_LOGPROBS = 20  # alternatives listed per token (OpenAI's top_logprobs limit)
 # Prompt characters prefilled per step boundary (at least one request): bounds how long joining
 # requests can stall the decode step of those already streaming.
 PREFILL_CHARS_PER_STEP = MAX_PROMPT_CHARS
@@ -65,7 +71,7 @@ class GenerationRequest:
 
     prompt: str
     max_new_chars: int = 200
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0 = greedy
     top_k: int | None = None
     top_p: float | None = None  # nucleus sampling: the likeliest tokens holding this much probability
     seed: int | None = None
@@ -113,6 +119,7 @@ class GenerationRequest:
 
     def choice_seeds(self) -> list[int]:
         """Each sample's seed (after ``seed`` is set): sample i = a one-sample request with seed + i."""
+        assert self.seed is not None, "choice_seeds before the seed is set"
         return [self.seed + i for i in range(self.n)]
 
     def _check_types(self, vocab: Vocabulary, names: Mapping[str, str]) -> None:
@@ -138,8 +145,9 @@ class GenerationRequest:
             raise ClientError(f"{name('n')} x {name('max_new_chars')} = {self.n} x {self.max_new_chars} = "
                               f"{self.n * self.max_new_chars} characters; the limit is {limit} per request{streamed}")
         if (isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float)
-                or not _finite(self.temperature) or self.temperature <= 0):
-            raise ClientError(f"{name('temperature')} must be a finite number > 0, got {_show(self.temperature)}")
+                or not _finite(self.temperature) or self.temperature < 0):
+            raise ClientError(f"{name('temperature')} must be a finite number >= 0 (0 = greedy), "
+                              f"got {_show(self.temperature)}")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ClientError(f"{name('top_k')} must be an integer >= 1 (or null for no limit), "
                               f"got {_show(self.top_k)}")
@@ -203,7 +211,7 @@ def sample_tokens(logits: np.ndarray, temperatures: np.ndarray, top_ks: np.ndarr
         kth = descending[np.arange(descending.shape[0]), top_ks[limited] - 1]
         z[limited] = np.where(z[limited] >= kth[:, None], z[limited], -np.inf)
     nucleus = top_ps < 1.0 if top_ps is not None else np.zeros(len(z), dtype=bool)
-    if nucleus.any():
+    if top_ps is not None and nucleus.any():
         p = np.exp(z[nucleus])  # after top_k: the nucleus is taken from what top_k left
         descending = -np.sort(-p, axis=1)
         reached = np.cumsum(descending, axis=1) / descending.sum(axis=1, keepdims=True)
@@ -224,6 +232,30 @@ def sample_token(logits: np.ndarray, temperature: float, top_k: int | None, rng:
     return int(sample_tokens(logits[None], np.array([temperature], dtype=np.float64),
                              np.array([top_k or 0], dtype=np.int64), np.array([rng.random()]),
                              np.array([1.0 if top_p is None else top_p], dtype=np.float64))[0])
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token of a text with its log-probability under the model (natural log, before temperature, top_k
+    and top_p) and the likeliest alternatives at its position, likeliest first. ``logprob`` is None for a
+    prompt's first token (nothing precedes it)."""
+
+    token: str
+    logprob: float | None
+    top: tuple[tuple[str, float], ...] = ()
+
+
+def token_logprobs(logits: np.ndarray, chosen: np.ndarray, k: int, vocab: Vocabulary) -> list[TokenLogprob]:
+    """A TokenLogprob per row of ``logits`` [B, V] for the row's ``chosen`` token id, with its ``k`` likeliest
+    alternatives (ties: the lower id first)."""
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    k = min(k, logp.shape[1])
+    best = np.argsort(-logp, axis=1, kind="stable")[:, :k]
+    return [TokenLogprob(vocab.piece(int(token)), float(row[token]),
+                         tuple((vocab.piece(int(i)), float(row[i])) for i in ids))
+            for row, token, ids in zip(logp, chosen, best, strict=True)]
 
 
 class GenerationError(RuntimeError):
@@ -255,6 +287,15 @@ class _Slot:
     # The n slots of one request (the same list object in each; None alone): they join the batch together
     # and share one prefill of their prompt.
     siblings: list[_Slot] | None = None
+    logprobs: int = -1  # alternatives to record per sampled token; -1 = record nothing
+    scores: list[TokenLogprob] = field(default_factory=list)  # parallel to buffer when logprobs >= 0
+    sampled_score: TokenLogprob | None = None  # this step's, until delivered
+    prompt_scores: list[TokenLogprob] | None = None  # the prompt's tokens, when asked for (after prefill)
+    chunk_scores: list[TokenLogprob] = field(default_factory=list)  # the tokens of the chunk last handed out
+
+    def prefilled_state(self) -> dict[str, np.ndarray]:
+        assert self.state is not None, "a slot decodes only after its prefill"
+        return self.state
 
 
 class Generation:
@@ -263,7 +304,7 @@ class Generation:
     string was met; the text ends before it). ``finish_reason`` is set before the last chunk is yielded, so
     a reader knows a chunk is the last one. ``aclose()`` frees the request's batch slot at once."""
 
-    def __init__(self, chunks: AsyncIterator[str], slot: _Slot) -> None:
+    def __init__(self, chunks: AsyncGenerator[str, None], slot: _Slot) -> None:
         self._chunks, self._slot = chunks, slot
 
     def __aiter__(self) -> Generation:
@@ -279,36 +320,73 @@ class Generation:
     def finish_reason(self) -> str | None:
         return self._slot.finish_reason
 
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        """The tokens of the chunk last handed out with their log-probabilities (submitted with ``logprobs``;
+        else empty). A stop string cutting a multi-character token keeps that token here."""
+        return self._slot.chunk_scores
 
-async def read_choices(generations: list[Generation]) -> AsyncIterator[tuple[int, str, str | None]]:
+    @property
+    def prompt_logprobs(self) -> list[TokenLogprob] | None:
+        """The prompt's tokens with their log-probabilities (submitted with ``prompt_logprobs``), once the
+        first chunk has been handed out."""
+        return self._slot.prompt_scores
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A chunk of one sample of a request (``read_chunks``): its text, its finish_reason on the sample's last
+    chunk, and its tokens' log-probabilities (empty unless submitted with ``logprobs``)."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprob]
+
+
+def read_choices(generations: list[Generation]) -> AsyncGenerator[tuple[int, str, str | None], None]:
     """(choice index, text, finish_reason) per chunk of the samples of one request, in the order the chunks
     are ready: finish_reason is None but on each choice's last chunk, which is ("", reason) when its text
     ended without a chunk known to be the last (a stop string right at a chunk's start). The first failure
     ends them all. Closing this iterator closes every Generation (frees every slot). Use with
     contextlib.aclosing."""
+    return _merged(generations, scored=False)
+
+
+def read_chunks(generations: list[Generation]) -> AsyncGenerator[Chunk, None]:
+    """``read_choices`` with each chunk's log-probabilities: a Chunk per chunk."""
+    return _merged(generations, scored=True)
+
+
+async def _merged(generations: list[Generation], scored: bool) -> AsyncGenerator:
+    def item(index: int, text: str, reason: str | None, generation: Generation | None) -> tuple | Chunk:
+        if not scored:
+            return index, text, reason
+        return Chunk(index, text, reason, list(generation.logprobs) if generation is not None else [])
+
     if len(generations) == 1:  # no task per choice for the common case
         generation, reason = generations[0], None
         try:
             async for text in generation:
                 reason = generation.finish_reason
-                yield 0, text, reason
+                yield item(0, text, reason, generation)
             if reason is None:
-                yield 0, "", generation.finish_reason or "length"
+                yield item(0, "", generation.finish_reason or "length", None)
         finally:
             await generation.aclose()
         return
     # A bounded queue: a choice's reader waits while its last chunk is unread, so what its slot samples
     # meanwhile gathers into one chunk, as for one sample.
-    queue: asyncio.Queue[tuple[int, str, str | None] | BaseException] = asyncio.Queue(maxsize=len(generations))
+    queue: asyncio.Queue[tuple | Chunk | BaseException] = asyncio.Queue(maxsize=len(generations))
 
     async def pump(index: int, generation: Generation) -> None:
         reason = None
         try:
             async for text in generation:
                 reason = generation.finish_reason
-                await queue.put((index, text, reason))
+                await queue.put(item(index, text, reason, generation))
             if reason is None:
-                await queue.put((index, "", generation.finish_reason or "length"))
+                await queue.put(item(index, "", generation.finish_reason or "length", None))
         except Exception as e:
             await queue.put(e)
 
@@ -316,11 +394,11 @@ async def read_choices(generations: list[Generation]) -> AsyncIterator[tuple[int
     try:
         left = len(generations)
         while left:
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            left -= item[2] is not None
-            yield item
+            got = await queue.get()
+            if isinstance(got, BaseException):
+                raise got
+            left -= (got.finish_reason if isinstance(got, Chunk) else got[2]) is not None
+            yield got
     finally:  # done, failed or abandoned: stop every reader, then close every generation (frees its slot)
         for task in tasks:
             task.cancel()
@@ -383,12 +461,19 @@ class ContinuousBatcher:
         return self.submit_choices(request, flush_interval_s, names)[0]
 
     def submit_choices(self, request: GenerationRequest, flush_interval_s: float | None = 0.0,
-                       names: Mapping[str, str] | None = None) -> list[Generation]:
+                       names: Mapping[str, str] | None = None, logprobs: int | None = None,
+                       prompt_logprobs: bool = False) -> list[Generation]:
         """``submit`` for ``request.n`` samples of one prompt: one Generation per sample, sample i seeded
         ``seed + i``. The n slots join the batch at one step boundary (they wait until n slots are free) and
         their prompt is prefilled once. Read them with ``read_choices``; closing every Generation frees
-        every slot."""
+        every slot.
+
+        ``logprobs`` k (0 to MAX_LOGPROBS): each chunk comes with its tokens' log-probabilities and their k
+        likeliest alternatives (``Generation.logprobs``, ``read_chunks``); ``prompt_logprobs``: those of the
+        prompt's tokens too (``Generation.prompt_logprobs``)."""
         request.validate(self.vocab, names)
+        if logprobs is not None and not (_is_int(logprobs) and 0 <= logprobs <= MAX_LOGPROBS):
+            raise ClientError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {_show(logprobs)}")
         if request.n > self.max_batch_size:
             raise ClientError(f"{(names or {}).get('n', 'n')} is {request.n}; this server decodes at most "
                               f"{self.max_batch_size} sequences together (NNSERVE_GENERATION_BATCH_SIZE)")
@@ -396,11 +481,15 @@ class ContinuousBatcher:
             request.seed = secrets.randbits(63)
         stops, loop = request.stops(), asyncio.get_running_loop()
         tokens = np.array(self.vocab.encode(request.prompt), dtype=np.int64)
-        slots = [_Slot(tokens=tokens, temperature=float(request.temperature), top_k=request.top_k or 0,
+        greedy = request.temperature == 0  # the likeliest token: top_k 1 (any positive temperature)
+        slots = [_Slot(tokens=tokens, temperature=1.0 if greedy else float(request.temperature),
+                       top_k=1 if greedy else request.top_k or 0,
                        rng=np.random.default_rng(seed), remaining=request.max_new_chars, loop=loop,
                        # With stop strings the reader must look at every step, to end the request at a stop.
                        wake_each_step=flush_interval_s is not None or bool(stops),
-                       top_p=1.0 if request.top_p is None else float(request.top_p), stops=stops)
+                       top_p=1.0 if request.top_p is None else float(request.top_p), stops=stops,
+                       logprobs=-1 if logprobs is None else logprobs,
+                       prompt_scores=[] if prompt_logprobs else None)
                  for seed in request.choice_seeds()]
         if len(slots) > 1:
             for slot in slots:
@@ -439,14 +528,19 @@ class ContinuousBatcher:
 
     # -- reader side (event loop) -----------------------------------------------------------------------
 
-    async def _read(self, slot: _Slot, flush_interval_s: float) -> AsyncIterator[str]:
+    async def _read(self, slot: _Slot, flush_interval_s: float) -> AsyncGenerator[str, None]:
         held = ""  # the end of the text so far that may be the start of a stop string: not sent yet
+        # Log-probabilities (when asked for): of the tokens received, those not handed out with a chunk yet.
+        scores: deque[TokenLogprob] = deque()
+        sent = scored = 0  # characters handed out; characters of the tokens handed out with them
         try:
             while True:
                 slot.ready.clear()
                 with self._lock:
                     text = "".join(slot.buffer)
                     slot.buffer.clear()
+                    scores.extend(slot.scores)
+                    slot.scores.clear()
                     slot.notified = False
                     finished, error = slot.finished, slot.error
                 if slot.stops and (text or finished):
@@ -454,11 +548,15 @@ class ContinuousBatcher:
                     if stopped:
                         slot.finish_reason = "stop"  # before the last chunk: its reader knows it is the last
                         if text:
+                            if slot.logprobs >= 0:
+                                sent, scored = _hand_out(slot, scores, sent + len(text), scored, cut=True)
                             yield text
                         return
                 if finished and error is None:
                     slot.finish_reason = "length"
                 if text:
+                    if slot.logprobs >= 0:
+                        sent, scored = _hand_out(slot, scores, sent + len(text), scored, cut=False)
                     yield text
                     if flush_interval_s and not finished:  # let the next characters gather meanwhile
                         await asyncio.sleep(flush_interval_s)
@@ -499,7 +597,8 @@ class ContinuousBatcher:
     def _admit(self) -> list[_Slot]:
         """Waiting requests that join at this boundary: FIFO into free slots, within the prefill budget. The
         samples of one request join together (those still wanted), or wait for enough free slots."""
-        joining, prefill_chars = [], 0
+        joining: list[_Slot] = []
+        prefill_chars = 0
         while self._waiting:
             head = self._waiting[0]
             # Siblings not cancelled are all still waiting: a reader leaving removes its slot at once.
@@ -548,7 +647,9 @@ class ContinuousBatcher:
     def _prefill(self, group: list[_Slot]) -> np.ndarray:
         """One [B, T] call for the group's distinct prompts: the samples of one request share a row (its state
         is copied into each of their slots, and each samples its first character from it)."""
-        rows, prompts, row_of = [], [], {}
+        rows: list[int] = []
+        prompts: list[np.ndarray] = []
+        row_of: dict[int, int] = {}
         for slot in group:
             key = id(slot.siblings) if slot.siblings is not None else id(slot)
             if key not in row_of:
@@ -562,18 +663,34 @@ class ContinuousBatcher:
     def _decode(self, batch: list[_Slot]) -> np.ndarray:
         feeds = {self._tokens: np.array([[slot.token] for slot in batch], dtype=np.int64)}
         for name, _, axis in self._state:  # the state's batch axis (1: [layers, batch, hidden])
-            feeds[name] = np.concatenate([slot.state[name] for slot in batch], axis=axis)
+            feeds[name] = np.concatenate([slot.prefilled_state()[name] for slot in batch], axis=axis)
         return self._run(batch, feeds)
 
     def _run(self, batch: list[_Slot], feeds: dict[str, np.ndarray], rows: list[int] | None = None) -> np.ndarray:
         """Run the model; slot k takes output row ``rows[k]`` (default k). np.take copies: every slot owns its
         state, also those that share a row."""
         out = self.runtime.run(feeds)
+        prefill = rows is not None
         rows = list(range(len(batch))) if rows is None else rows
         for slot, row in zip(batch, rows, strict=True):
             slot.state = {name: np.take(out[out_name], [row], axis=axis) for name, out_name, axis in self._state}
-        scores = out[self._scores][:, -1][rows]
-        return self._sample(batch, np.log(np.maximum(scores, 1e-30)) if self._probabilities else scores)
+        everything = out[self._scores]
+        if prefill:  # the prompt's own log-probabilities for those that ask
+            for slot, row in zip(batch, rows, strict=True):
+                if slot.prompt_scores is not None and not slot.prompt_scores:
+                    self._score_prompt(slot, everything[row])
+        scores = everything[:, -1][rows]
+        return self._sample(batch, self._logits(scores))
+
+    def _logits(self, scores: np.ndarray) -> np.ndarray:
+        return np.log(np.maximum(scores, 1e-30)) if self._probabilities else scores
+
+    def _score_prompt(self, slot: _Slot, scores: np.ndarray) -> None:
+        """The prompt's tokens with their log-probabilities (``scores`` [T, V]: the prediction after each)."""
+        first = TokenLogprob(self.vocab.piece(int(slot.tokens[0])), None)
+        later = (token_logprobs(self._logits(scores[:-1]), slot.tokens[1:], max(slot.logprobs, 0), self.vocab)
+                 if slot.tokens.size > 1 else [])
+        slot.prompt_scores = [first, *later]
 
     def _sample(self, batch: list[_Slot], logits: np.ndarray) -> np.ndarray:
         tokens = sample_tokens(logits, np.array([s.temperature for s in batch], dtype=np.float64),
@@ -582,6 +699,11 @@ class ContinuousBatcher:
                                np.array([s.top_p for s in batch], dtype=np.float64))
         for slot, token in zip(batch, tokens, strict=True):
             slot.token = int(token)
+        wanted = [i for i, slot in enumerate(batch) if slot.logprobs >= 0]
+        if wanted:  # only the rows that ask pay for it
+            k = max(batch[i].logprobs for i in wanted)
+            for i, score in zip(wanted, token_logprobs(logits[wanted], tokens[wanted], k, self.vocab), strict=True):
+                batch[i].sampled_score = TokenLogprob(score.token, score.logprob, score.top[:batch[i].logprobs])
         return tokens
 
     def _deliver(self, results: list[tuple[list[_Slot], np.ndarray | Exception]]) -> None:
@@ -597,6 +719,9 @@ class ContinuousBatcher:
                         slot.finished = True
                     else:
                         slot.buffer.append(self.vocab.piece(int(outcome[i])))
+                        if slot.sampled_score is not None:
+                            slot.scores.append(slot.sampled_score)
+                            slot.sampled_score = None
                         slot.remaining -= 1
                         slot.finished = slot.remaining <= 0
                     if slot.finished and slot in self._active:
@@ -635,6 +760,18 @@ class ContinuousBatcher:
             self.on_step(batch_size, seconds)
         except Exception:  # a metrics bug must not stop generation
             log.exception("on_step callback failed")
+
+
+def _hand_out(slot: _Slot, scores: deque[TokenLogprob], sent: int, scored: int, cut: bool) -> tuple[int, int]:
+    """Move to ``slot.chunk_scores`` the tokens that the characters sent so far (``sent``) cover; ``cut``: the
+    text ended inside a token (a stop string), which is then included. Returns (sent, scored)."""
+    chunk = []
+    while scores and (scored + len(scores[0].token) <= sent or (cut and scored < sent)):
+        token = scores.popleft()
+        scored += len(token.token)
+        chunk.append(token)
+    slot.chunk_scores = chunk
+    return sent, scored
 
 
 def _cut_at_stop(text: str, stops: list[str], finished: bool) -> tuple[str, str, bool]:

@@ -2,10 +2,10 @@
 
 Runs inside the BentoML service process (started from its startup hook). The protobuf messages and the
 servicer base class are the generated stubs shipped in tritonclient, so the wire format is Triton's own.
-RPCs not served here (model config, statistics, repository control, shared memory, ...) answer
-UNIMPLEMENTED with a message listing the ones that are. Inputs arrive as ``raw_input_contents`` or typed
-``contents``; outputs always go back as ``raw_output_contents``, as Triton does. ``ModelStreamInfer``
-streams text generation for a prompt (Triton's decoupled models, ``triton_final_response``).
+RPCs not served here (shared memory, trace, logging) answer UNIMPLEMENTED with a message listing the ones
+that are. Inputs arrive as ``raw_input_contents`` or typed ``contents``; outputs always go back as
+``raw_output_contents``, as Triton does. ``ModelStreamInfer`` streams text generation for a prompt sent to
+a text model's front end (``char_lstm.text``: Triton's decoupled models, ``triton_final_response``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from service import auth, kserve, management, metrics
 from service.errors import ClientError, failure_of
-from service.kserve import RequestTensor
+from service.kserve import Inputs, RequestTensor, V2Model
 from service.repository import request_scope
 from service.settings import Settings
 
@@ -76,7 +76,7 @@ def reject_shared_memory(parameters, where: str) -> None:
             raise ClientError(f"{where}: shared memory is not supported by this server; send the data inline")
 
 
-def decode_inputs(runtime, request: pb.ModelInferRequest, settings: Settings | None = None) -> list[RequestTensor]:
+def decode_inputs(target: V2Model, request: pb.ModelInferRequest, settings: Settings | None = None) -> Inputs:
     """Check the described inputs against the model and the request limits of ``settings``, then decode raw
     or typed contents."""
     if not request.inputs:
@@ -84,36 +84,32 @@ def decode_inputs(runtime, request: pb.ModelInferRequest, settings: Settings | N
     tensors = [RequestTensor(t.name, t.datatype, list(t.shape)) for t in request.inputs]
     for t in request.inputs:
         reject_shared_memory(t.parameters, f"input {t.name!r}")
-    kserve.check_header(runtime, tensors, settings)
+    kserve.check_header(target, tensors, settings)
     raw = request.raw_input_contents
     if raw and len(raw) != len(tensors):
         raise ClientError(f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs; "
                           "give every input raw, or none")
+    inputs = Inputs(target.front)
     for i, (t, message) in enumerate(zip(tensors, request.inputs, strict=True)):
-        if t.role:  # a BYTES protocol input: encoded images or a prompt
-            t.rows = kserve.split_bytes(t, raw[i]) if raw else kserve.bytes_from_values(
-                t, list(message.contents.bytes_contents))
-            continue
         if raw:
-            t.array = kserve.array_from_bytes(t, raw[i])
+            inputs.add_raw(t, raw[i])
             continue
-        field = kserve.DATATYPES[t.datatype][1]
+        field = "bytes_contents" if t.datatype == kserve.BYTES else kserve.DATATYPES[t.datatype][1]
         if field is None:
             raise ClientError(f"input {t.name!r} is {t.datatype}, which only raw_input_contents can carry")
-        t.array = kserve.array_from_values(t, list(getattr(message.contents, field)))
-    return tensors
+        inputs.add_values(t, list(getattr(message.contents, field)))
+    return inputs
 
 
-def requested_outputs(runtime, request: pb.ModelInferRequest, tensors: list[RequestTensor]
-                      ) -> tuple[list[str], dict[str, int]]:
+def requested_outputs(target: V2Model, request: pb.ModelInferRequest) -> tuple[list[str], dict[str, int]]:
     """Output names, and output -> class count of those asked with ``parameters["classification"]``."""
     classes = {}
     for out in request.outputs:
         reject_shared_memory(out.parameters, f"output {out.name!r}")
         if "classification" in out.parameters:
             classes[out.name] = parameter_value(out.parameters["classification"])
-    names = kserve.select_outputs(runtime, [out.name for out in request.outputs], tensors)
-    return names, {name: kserve.check_classification(runtime, name, count) for name, count in classes.items()}
+    names = kserve.select_outputs(target, [out.name for out in request.outputs])
+    return names, {name: kserve.check_classification(target, name, count) for name, count in classes.items()}
 
 
 def parameter_value(parameter: pb.InferParameter) -> object:
@@ -135,14 +131,14 @@ def request_parameters(request: pb.ModelInferRequest) -> dict:
     return {key: parameter_value(value) for key, value in request.parameters.items()}
 
 
-def text_response(runtime, request: pb.ModelInferRequest, text: str | None, final: bool,
+def text_response(target: V2Model, request: pb.ModelInferRequest, text: str | None, final: bool,
                   sequence_index: int | None = None, finish_reason: str | None = None) -> pb.ModelInferResponse:
     """One response of a streamed generation: a BYTES ``text_output`` [1] (none in an empty final
     response), Triton's ``triton_final_response`` flag, and as parameters the sample it belongs to
     (``sequence_index``, when n > 1) and, on a sample's last chunk, its ``finish_reason``."""
-    response = pb.ModelInferResponse(model_name=runtime.name, model_version=runtime.version, id=request.id)
+    response = pb.ModelInferResponse(model_name=target.name, model_version=target.version, id=request.id)
     if text is not None:
-        name = runtime.kind_module.protocol_outputs(runtime.metadata)[0]["name"]
+        name = kserve.output_names(target)[0]
         response.outputs.add(name=name, datatype=kserve.BYTES, shape=[1])
         response.raw_output_contents.append(kserve.serialize_bytes(np.array([text.encode()], dtype=object)))
     response.parameters["triton_final_response"].bool_param = final
@@ -172,7 +168,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def ModelReady(self, request, context):
         """ready=false for a model (or version) that is not served, loading or unloaded, as Triton answers."""
-        return pb.ModelReadyResponse(ready=self.plane.model_ready(request.name, request.version))
+        try:
+            kserve.resolve(self.plane, request.name, request.version)
+        except ClientError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
 
     @rpc
     async def ServerMetadata(self, request, context):
@@ -180,8 +180,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelMetadata(self, request, context):
-        runtime = self.plane.model(request.name, request.version)
-        meta = kserve.model_metadata(runtime, self.plane.served_versions(runtime.name))
+        target = kserve.resolve(self.plane, request.name, request.version)
+        meta = kserve.model_metadata(target, self.plane.served_versions(target.runtime.name))
         return pb.ModelMetadataResponse(
             name=meta["name"], versions=meta["versions"], platform=meta["platform"],
             inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]],
@@ -223,12 +223,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         record = metrics.RequestMetrics(endpoint)
         status = 500
         try:
-            runtime = self.plane.model(request.model_name, request.model_version)
-            record.begin(runtime)
-            tensors = decode_inputs(runtime, request, self.plane.settings)
-            names, classes = requested_outputs(runtime, request, tensors)
-            prompt = bool(tensors) and tensors[0].role == "prompt"
-            outputs = await kserve.infer(self.plane, runtime, tensors, names, record, classes,
+            target = kserve.resolve(self.plane, request.model_name, request.model_version)
+            record.begin(target)  # a front end's requests count under its own name
+            inputs = decode_inputs(target, request, self.plane.settings)
+            names, classes = requested_outputs(target, request)
+            prompt = target.front is not None and target.front.role == "prompt"
+            outputs = await kserve.infer(self.plane, target, inputs, names, record, classes,
                                          request_parameters(request) if prompt else None)
             status = 200
         except ClientError as e:
@@ -236,7 +236,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             raise
         finally:
             record.finish(status)
-        response = pb.ModelInferResponse(model_name=runtime.name, model_version=runtime.version, id=request.id)
+        response = pb.ModelInferResponse(model_name=target.name, model_version=target.version, id=request.id)
         for name, array in outputs.items():
             response.outputs.add(name=name, datatype=kserve.kserve_datatype(array.dtype), shape=list(array.shape))
             response.raw_output_contents.append(  # tobytes() is C order, whatever the layout
@@ -252,7 +252,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             self.plane.release()
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Bidirectional stream (tritonclient's start_stream). A prompt (``text_input``) on a text model
+        """Bidirectional stream (tritonclient's start_stream). A prompt (``text_input``) on a text front end
         streams a response per chunk, the continuous batcher's as /generate's (Triton's decoupled models);
         any other request gets one response. Requests run concurrently, their responses interleaved (each
         carries its request's id). A bad request answers with ``error_message`` and the stream goes on, as
@@ -301,15 +301,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 self.plane.release()
 
     async def stream_request(self, request: pb.ModelInferRequest, send) -> None:
-        runtime = self.plane.model(request.model_name, request.model_version)
-        tensors = decode_inputs(runtime, request, self.plane.settings)
-        if not (tensors and tensors[0].role == "prompt"):
+        target = kserve.resolve(self.plane, request.model_name, request.model_version)
+        if target.front is None or target.front.role != "prompt":
             send(pb.ModelStreamInferResponse(infer_response=await self.infer(request, "grpc_stream")))
             return
-        kserve.select_outputs(runtime, [out.name for out in request.outputs], tensors)
+        inputs = decode_inputs(target, request, self.plane.settings)
+        kserve.select_outputs(target, [out.name for out in request.outputs])
         parameters = request_parameters(request)
         empty_final = parameters.get("triton_enable_empty_final_response") is True
-        _, generations = kserve.start_generation(self.plane, runtime, tensors[0].rows[0], parameters, stream=True)
+        runtime = target.runtime
+        _, generations = kserve.start_generation(self.plane, runtime, inputs.rows[0], parameters, stream=True)
         several = len(generations) > 1
         left = len(generations)  # samples not finished: the final flag goes on the last one's last chunk
         ended: tuple[int | None, str | None] = (None, None)  # an empty last chunk left to the final response
@@ -319,11 +320,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 last = not left
                 if text or reason is not None and not (last and empty_final):
                     send(pb.ModelStreamInferResponse(infer_response=text_response(
-                        runtime, request, text, last and not empty_final, index if several else None, reason)))
+                        target, request, text, last and not empty_final, index if several else None, reason)))
                 elif last:
                     ended = (index if several else None, reason)
         if empty_final:  # Triton's empty final response: no outputs, the flag (and a finish_reason not yet sent)
-            send(pb.ModelStreamInferResponse(infer_response=text_response(runtime, request, None, True, *ended)))
+            send(pb.ModelStreamInferResponse(infer_response=text_response(target, request, None, True, *ended)))
 
 
 def add_unimplemented_rpcs(servicer_class: type) -> None:

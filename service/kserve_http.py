@@ -4,8 +4,9 @@ short method per route, served by the front door (service/front.py) under ``/v2`
 Speaks what ``tritonclient.http`` sends and parses: plain JSON tensors (``data`` lists) and Triton's binary
 tensor extension (a JSON header of ``Inference-Header-Content-Length`` bytes followed by the raw tensors;
 inputs carry ``parameters.binary_data_size``, outputs are asked for with ``parameters.binary_data`` or the
-request parameter ``binary_data_output``). Triton's extras: BYTES protocol inputs (encoded ``image`` rows,
-a ``text_input`` prompt), the classification extension (``parameters.classification`` on an output) and the
+request parameter ``binary_data_output``). Triton's extras: the kinds' front ends as models of their own
+(``<model>.image`` takes encoded ``image`` rows, ``<model>.text`` a ``text_input`` prompt; service/kserve.py),
+the classification extension (``parameters.classification`` on an output) and the
 generate extension (``/generate``, ``/generate_stream`` as Server-Sent Events). Every client mistake is a
 4xx with ``{"error": "..."}``.
 """
@@ -16,7 +17,7 @@ import asyncio
 import json
 import logging
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import numpy as np
 import orjson
@@ -25,8 +26,7 @@ from service import kserve, management, metrics
 from service.asgi import HttpRequest, HttpResponse, Router, error_response, json_response
 from service.dataplane import DataPlane
 from service.errors import ClientError, PayloadTooLarge
-from service.kserve import RequestTensor
-from service.runtime import ModelRuntime
+from service.kserve import Inputs, RequestTensor, V2Model
 from service.settings import Settings
 
 log = logging.getLogger("nnserve.kserve.http")
@@ -108,7 +108,7 @@ def parameters_of(obj: dict, where: str) -> dict:
     return params
 
 
-def parse_inputs(runtime, header: dict, binary: bytes, settings: Settings | None = None) -> list[RequestTensor]:
+def parse_inputs(target: V2Model, header: dict, binary: bytes, settings: Settings | None = None) -> Inputs:
     """Check the described inputs against the model and the request limits of ``settings``, then decode
     their data (JSON or binary section)."""
     items = header.get("inputs")
@@ -121,7 +121,8 @@ def parse_inputs(runtime, header: dict, binary: bytes, settings: Settings | None
         name = item["name"]
         tensors.append(RequestTensor(name, item.get("datatype"), item.get("shape")))
         sources.append((item, parameters_of(item, f"input {name!r}")))
-    kserve.check_header(runtime, tensors, settings)
+    kserve.check_header(target, tensors, settings)
+    inputs = Inputs(target.front)
     offset = 0
     for t, (item, params) in zip(tensors, sources, strict=True):
         size = params.get("binary_data_size")
@@ -129,26 +130,19 @@ def parse_inputs(runtime, header: dict, binary: bytes, settings: Settings | None
             if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise ClientError(f"input {t.name!r}: binary_data_size {size!r} does not fit the "
                                   f"{len(binary) - offset} bytes left after the JSON header")
-            if t.role:
-                t.rows = kserve.split_bytes(t, binary[offset:offset + size])
-            else:
-                t.array = kserve.array_from_bytes(t, binary[offset:offset + size])
+            inputs.add_raw(t, binary[offset:offset + size])
             offset += size
         elif "data" in item:
-            if t.role:
-                t.rows = kserve.bytes_from_values(t, item["data"])
-            else:
-                t.array = kserve.array_from_values(t, item["data"])
+            inputs.add_values(t, item["data"])
         else:
             raise ClientError(f"input {t.name!r} has neither 'data' nor parameters.binary_data_size")
     if offset != len(binary):
         raise ClientError(f"{len(binary) - offset} bytes after the JSON header belong to no input "
                           f"(check binary_data_size and {HEADER_LENGTH})")
-    return tensors
+    return inputs
 
 
-def parse_outputs(runtime, header: dict, tensors: list[RequestTensor]
-                  ) -> tuple[list[str], dict[str, bool], dict[str, int]]:
+def parse_outputs(target: V2Model, header: dict) -> tuple[list[str], dict[str, bool], dict[str, int]]:
     """Output names to return and, per name, whether to send it binary and how many classes it answers
     (Triton's classification extension; 0 = the raw tensor)."""
     params = parameters_of(header, "request")
@@ -158,7 +152,9 @@ def parse_outputs(runtime, header: dict, tensors: list[RequestTensor]
     items = header.get("outputs") or []
     if not isinstance(items, list):
         raise ClientError("'outputs' must be a list of {'name': ...} objects")
-    requested, binary, classes = [], {}, {}
+    requested: list[str] = []
+    binary: dict[str, bool] = {}
+    asked: dict[str, object] = {}
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ClientError(f"outputs[{i}] must be an object with a 'name'")
@@ -168,9 +164,9 @@ def parse_outputs(runtime, header: dict, tensors: list[RequestTensor]
             raise ClientError(f"output {item['name']!r}: parameters.binary_data must be true or false")
         requested.append(item["name"])
         binary[item["name"]] = flag
-        classes[item["name"]] = out_params.get("classification", 0)
-    names = kserve.select_outputs(runtime, requested, tensors)
-    classes = {name: kserve.check_classification(runtime, name, count) for name, count in classes.items() if count}
+        asked[item["name"]] = out_params.get("classification", 0)
+    names = kserve.select_outputs(target, requested)
+    classes = {name: kserve.check_classification(target, name, count) for name, count in asked.items() if count}
     return names, {name: binary.get(name, default_binary) for name in names}, classes
 
 
@@ -179,11 +175,13 @@ def sampling_parameters(header: dict) -> dict:
     return {k: v for k, v in parameters_of(header, "request").items() if k != "binary_data_output"}
 
 
-def infer_response(runtime, header: dict, outputs: dict[str, np.ndarray], binary: dict[str, bool]) -> HttpResponse:
+def infer_response(target: V2Model, header: dict, outputs: dict[str, np.ndarray], binary: dict[str, bool]
+                   ) -> HttpResponse:
     """JSON response, or JSON header + raw bytes when any output goes binary (Triton's layout)."""
     described, raw = [], []
     for name, array in outputs.items():
-        entry = {"name": name, "datatype": kserve.kserve_datatype(array.dtype), "shape": list(array.shape)}
+        entry: dict[str, object] = {"name": name, "datatype": kserve.kserve_datatype(array.dtype),
+                                    "shape": list(array.shape)}
         if binary[name]:
             data = kserve.serialize_bytes(array) if array.dtype == object else np.ascontiguousarray(array).tobytes()
             entry["parameters"] = {"binary_data_size": len(data)}
@@ -192,12 +190,12 @@ def infer_response(runtime, header: dict, outputs: dict[str, np.ndarray], binary
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 # JSON has no NaN or Infinity; a strict client could not parse the reply. Finite inputs can still
                 # overflow inside a model (e.g. values near the float32 maximum).
-                raise ClientError(f"output {name!r} of model {runtime.name!r} has NaN or infinite values, which JSON "
+                raise ClientError(f"output {name!r} of model {target.name!r} has NaN or infinite values, which JSON "
                                   "cannot carry: send smaller inputs, or ask for it with parameters.binary_data=true")
             entry["data"] = ([v.decode(errors="replace") for v in array.ravel()] if array.dtype == object
                              else array.ravel().tolist())
         described.append(entry)
-    body = {"model_name": runtime.name, "model_version": runtime.version, "outputs": described}
+    body = {"model_name": target.name, "model_version": target.version, "outputs": described}
     if "id" in header:
         body["id"] = header["id"]
     json_bytes = orjson.dumps(body)
@@ -234,13 +232,14 @@ def generate_body(body: bytes) -> dict:
     return out | ({"id": parsed["id"]} if "id" in parsed else {})
 
 
-def generate_reply(runtime, body: dict, text: str | list[str]) -> dict:
-    reply = {"model_name": runtime.name, "model_version": runtime.version, "text_output": text}
+def generate_reply(target: V2Model, body: dict, text: str | list[str]) -> dict:
+    reply = {"model_name": target.name, "model_version": target.version, "text_output": text}
     return reply | ({"id": body["id"]} if "id" in body else {})
 
 
-async def sse_events(runtime, body: dict, first: tuple[int, str, str | None],
-                     parts: AsyncIterator[tuple[int, str, str | None]], n: int) -> AsyncIterator[str]:
+async def sse_events(target: V2Model, body: dict, first: tuple[int, str, str | None],
+                     parts: AsyncGenerator[tuple[int, str, str | None], None], n: int
+                     ) -> AsyncGenerator[str, None]:
     """One ``data:`` event per chunk (Triton's generate_stream), each sample's last with ``finish_reason``;
     with ``n`` > 1 each event says its sample in ``sequence_index`` (TensorRT-LLM's Triton name). A failure
     mid-stream is a last ``data: {"error": ...}`` event. Closing the response closes ``parts`` and so frees
@@ -249,7 +248,7 @@ async def sse_events(runtime, body: dict, first: tuple[int, str, str | None],
         index, text, reason = first
         left = n
         while True:
-            event = (generate_reply(runtime, body, text) | ({"sequence_index": index} if n > 1 else {})
+            event = (generate_reply(target, body, text) | ({"sequence_index": index} if n > 1 else {})
                      | ({"finish_reason": reason} if reason else {}))
             yield f"data: {json.dumps(event)}\n\n"
             left -= reason is not None
@@ -264,8 +263,9 @@ async def sse_events(runtime, body: dict, first: tuple[int, str, str | None],
         await parts.aclose()
 
 
-def path_model(plane: DataPlane, request: HttpRequest) -> ModelRuntime:
-    return plane.model(request.params["name"], request.params.get("version", ""))
+def path_model(plane: DataPlane, request: HttpRequest) -> V2Model:
+    """The model (or front end) the path names, held until the request is over."""
+    return kserve.resolve(plane, request.params["name"], request.params.get("version", ""))
 
 
 async def management_body(request: HttpRequest) -> dict:
@@ -322,72 +322,76 @@ class KServeHttp:
         return json_response(readiness.body(), 200 if readiness.ready else 503)
 
     async def model_metadata(self, request: HttpRequest) -> HttpResponse:
-        runtime = path_model(self.plane(), request)
-        return json_response(kserve.model_metadata(runtime, self.plane().served_versions(runtime.name)))
+        target = path_model(self.plane(), request)
+        return json_response(kserve.model_metadata(target, self.plane().served_versions(target.runtime.name)))
 
     async def model_ready(self, request: HttpRequest) -> HttpResponse:
         """200 for a served model (version); unknown: 404, loading or failed: 503 with the reason."""
-        runtime = path_model(self.plane(), request)
-        return json_response({"name": runtime.name, "ready": True})
+        target = path_model(self.plane(), request)
+        return json_response({"name": target.name, "ready": True})
 
     async def model_infer(self, request: HttpRequest) -> HttpResponse:
         plane, record = self.plane(), metrics.RequestMetrics("v2")
         try:
-            runtime = path_model(plane, request)
-            record.begin(runtime)
+            target = path_model(plane, request)
+            record.begin(target)  # a front end's requests count under its own name
             body = await read_body(request, self.max_request_bytes)
-            header, tensors = self.parse(runtime, request, body)
-            names, binary_outputs, classes = parse_outputs(runtime, header, tensors)
-            prompt = bool(tensors) and tensors[0].role == "prompt"
-            outputs = await kserve.infer(plane, runtime, tensors, names, record, classes,
+            header, inputs = self.parse(target, request, body)
+            names, binary_outputs, classes = parse_outputs(target, header)
+            prompt = target.front is not None and target.front.role == "prompt"
+            outputs = await kserve.infer(plane, target, inputs, names, record, classes,
                                          sampling_parameters(header) if prompt else None)
-            response = infer_response(runtime, header, outputs, binary_outputs)
+            response = infer_response(target, header, outputs, binary_outputs)
         except Exception as e:
             response = error_response(e, "KServe v2 infer")
         record.finish(response.status)
         return response
 
-    def parse(self, runtime: ModelRuntime, request: HttpRequest, body: bytes) -> tuple[dict, list[RequestTensor]]:
+    def parse(self, target: V2Model, request: HttpRequest, body: bytes) -> tuple[dict, Inputs]:
         raw_length = request.header(HEADER_LENGTH_KEY)
         settings = self.plane().settings
         header, binary = split_body(raw_length, body)
         try:
-            return header, parse_inputs(runtime, header, binary, settings)
+            return header, parse_inputs(target, header, binary, settings)
         except ClientError:  # say what is wrong as the standard library reads it (parse_json)
             header, binary = split_body(raw_length, body, exact=True)
-            return header, parse_inputs(runtime, header, binary, settings)
+            return header, parse_inputs(target, header, binary, settings)
 
     async def generate(self, request: HttpRequest) -> HttpResponse:
         """Triton's generate extension: ``{"text_input": ..., "parameters": {...}}`` -> one JSON answer. With
         ``n`` > 1, ``text_output`` and ``finish_reason`` are lists, one element per sample (Triton answers a
         multi-element output as a JSON array)."""
-        runtime, body = await self.generate_request(request)
-        texts, reasons = await kserve.generate_text(self.plane(), runtime, body["text_input"], body["parameters"])
+        target, body = await self.generate_request(request)
+        texts, reasons = await kserve.generate_text(self.plane(), target.runtime, body["text_input"],
+                                                    body["parameters"])
         if len(texts) == 1:
-            return json_response(generate_reply(runtime, body, texts[0]) | {"finish_reason": reasons[0]})
-        return json_response(generate_reply(runtime, body, texts) | {"finish_reason": reasons})
+            return json_response(generate_reply(target, body, texts[0]) | {"finish_reason": reasons[0]})
+        return json_response(generate_reply(target, body, texts) | {"finish_reason": reasons})
 
     async def generate_stream(self, request: HttpRequest) -> HttpResponse:
         """The same as Server-Sent Events: a ``data:`` JSON object per chunk; the last one carries
         ``finish_reason``. Errors before the first chunk are a JSON error answer; later, a ``data:`` error."""
-        runtime, body = await self.generate_request(request)
-        _, generations = kserve.start_generation(self.plane(), runtime, body["text_input"], body["parameters"],
-                                                 stream=True)
-        parts = kserve.chunks(runtime, generations)
+        target, body = await self.generate_request(request)
+        _, generations = kserve.start_generation(self.plane(), target.runtime, body["text_input"],
+                                                 body["parameters"], stream=True)
+        parts = kserve.chunks(target.runtime, generations)
         try:
             first = await anext(parts)  # a request that cannot start gets its error as a status code
         except BaseException:
             await parts.aclose()
             raise
-        return HttpResponse(sse_events(runtime, body, first, parts, len(generations)),
+        return HttpResponse(sse_events(target, body, first, parts, len(generations)),
                             content_type=b"text/event-stream")
 
-    async def generate_request(self, request: HttpRequest) -> tuple[ModelRuntime, dict]:
-        runtime = path_model(self.plane(), request)
-        if not runtime.kind_module.generates:
-            raise ClientError(f"model {runtime.name!r} is a {runtime.kind} model; the generate extension takes "
+    async def generate_request(self, request: HttpRequest) -> tuple[V2Model, dict]:
+        """The text model the path names: its text front end (``char_lstm.text``, whose input ``text_input``
+        is) or, as before front ends had names, the model itself (``char_lstm``)."""
+        target = path_model(self.plane(), request)
+        runtime = target.runtime
+        if not runtime.kind_module.generates or target.front is not None and target.front.role != "prompt":
+            raise ClientError(f"model {target.name!r} is a {runtime.kind} model; the generate extension takes "
                               "text models")
-        return runtime, generate_body(await read_body(request, self.max_request_bytes))
+        return target, generate_body(await read_body(request, self.max_request_bytes))
 
     # -- management: Triton's model-repository extension (+ our traffic split), configuration, statistics ----
 

@@ -14,28 +14,42 @@ import logging
 import time
 from dataclasses import replace
 
+from models.kinds import KINDS, split_front_end
+from service import kserve
 from service.errors import ChangeTimeout, ClientError, NotFound
 from service.lifecycle import LiveState, StateDir, alive, load_failures, store_index, with_versions
-from service.repository import Repository, VersionState
+from service.repository import ModelState, Repository, VersionState
 from service.settings import ModelConfig, SettingsError, read_models_document, read_traffic, resolve_entries, valid_name
 
 log = logging.getLogger("nnserve.management")
 
 ROLLBACK_WAIT_S = 10.0  # a timed-out change waits this long for its rollback, then answers who serves what
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
+# Triton's label_filename names the file its classification extension reads labels from; nnserve's labels
+# live in the store metadata (``labels``), so the config names that (and lists them in parameters.labels).
+LABELS_SOURCE = "metadata:labels"
 
 
 # -- index ----------------------------------------------------------------------------------------------------
 
+def v2_names(model: ModelState) -> list[str]:
+    """The KServe v2 names a served model answers to: its own, then its kind's front end's (docs/kserve.md)."""
+    kind = KINDS.get(model.kind or "")
+    front = kind.front_end if kind is not None else None
+    return [model.name] + ([f"{model.name}.{front.suffix}"] if front is not None else [])
+
+
 def index(repository: Repository, ready_only: bool = False) -> list[dict]:
-    """Triton's repository index: every served model's versions with their state in this worker, then every
-    other store version (state "UNAVAILABLE", reason "not loaded" or why it failed to load)."""
+    """Triton's repository index: every served model's versions with their state in this worker (each model,
+    then its front end, which shares its versions), then every other store version (state "UNAVAILABLE",
+    reason "not loaded" or why it failed to load)."""
     snapshot = repository.snapshot()
     entries = []
     for model in snapshot.models:
-        for v in model.versions or (VersionState("", "LOADING" if model.state == "loading" else "UNAVAILABLE",
-                                                 model.reason),):
-            entries.append({"name": model.name, "version": v.version, "state": v.state, "reason": v.reason})
+        for name in v2_names(model):
+            for v in model.versions or (VersionState("", "LOADING" if model.state == "loading" else "UNAVAILABLE",
+                                                     model.reason),):
+                entries.append({"name": name, "version": v.version, "state": v.state, "reason": v.reason})
     listed = {(e["name"], e["version"]) for e in entries}
     for name, versions in store_index().items():
         entries += [{"name": name, "version": v, "state": "UNAVAILABLE",
@@ -221,6 +235,10 @@ def served_config(state: LiveState, name: str) -> ModelConfig:
 def check_name(name: str) -> None:
     if not valid_name(name):
         raise ClientError(f"{str(name)[:100]!r} is not a model name (lowercase letters, digits, '-', '_', '.')")
+    model, suffix = split_front_end(name)
+    if suffix:
+        raise ClientError(f"{name!r} is the {suffix} front end of model {model!r}, which comes and goes with it: "
+                          f"load, unload or route {model!r}")
 
 
 def parse_config(raw: object) -> dict:
@@ -257,21 +275,54 @@ def entry_config(repository: Repository, name: str, entry: dict) -> ModelConfig:
 # -- Triton's model configuration and statistics ---------------------------------------------------------------
 
 def model_config(repository: Repository, name: str, version: str = "") -> dict:
-    """Triton's model configuration (config.pbtxt as JSON) of a served model."""
-    served = repository.pick(name, version)  # a read: no lease (it may run off the event loop)
+    """Triton's model configuration (config.pbtxt as JSON) of a served model, or of its kind's front end
+    (``lenet5.image``: one BYTES input, the network's outputs; ``char_lstm.text``: text in, text out,
+    decoupled)."""
+    model, _ = split_front_end(name)
+    served = repository.pick(model, version)  # a read: no lease (it may run off the event loop)
     runtime, config = served.runtime, served.config
+    kind, meta = runtime.kind_module, runtime.metadata
+    front = kserve.front_end(runtime, name)
     batch_first = all(runtime.batch_axis(t.name) == 0 for t in [*runtime.inputs, *runtime.outputs])
+    # Triton's max_batch_size 0 means "no batch axis first": text models carry their state batch-second.
+    max_batch_size = config.max_batch_size if batch_first and (front is None or front.batched) else 0
 
-    def tensors(specs):
-        return [{"name": t.name, "data_type": TRITON_TYPES.get(t.dtype, "TYPE_INVALID"),
-                 "dims": list(t.shape[1:] if batch_first else t.shape)} for t in specs]
+    def dims(shape) -> list[int]:
+        return list(shape[1:] if max_batch_size else shape)
+
+    def outputs(specs) -> list[dict]:
+        out = []
+        for t in specs:
+            entry = {"name": t.name, "data_type": TRITON_TYPES.get(t.dtype, "TYPE_INVALID"), "dims": dims(t.shape)}
+            if kind.output_labels(meta, t.name):  # what the classification extension answers labels from
+                entry["label_filename"] = LABELS_SOURCE
+            out.append(entry)
+        return out
 
     policy = config.to_entry()["version_policy"]
+    labels = next((kind.output_labels(meta, t.name) for t in runtime.outputs if kind.output_labels(meta, t.name)),
+                  None)
+    parameters = {"store_tag": {"string_value": runtime.store_tag or runtime.tag},
+                  "served_versions": {"string_value": ",".join(config.versions)},
+                  **({"labels": {"string_value": json.dumps(labels)}} if labels else {})}
+    if front is not None:
+        return {
+            "name": name, "platform": kserve.FRONT_END_PLATFORM, "version_policy": policy,
+            "max_batch_size": max_batch_size,
+            "input": [{"name": front.input, "data_type": "TYPE_STRING", "format": "FORMAT_NONE",
+                       "dims": dims(front.input_shape)}],
+            "output": outputs(runtime.outputs) if front.outputs is None else [
+                {"name": n, "data_type": "TYPE_STRING", "dims": dims(shape)} for n, shape in front.outputs],
+            "model_transaction_policy": {"decoupled": front.decoupled},
+            "parameters": {"model": {"string_value": runtime.name},
+                           front.input: {"string_value": front.description}, **parameters}}
     return {
         "name": name, "platform": "onnxruntime_onnx", "backend": "onnxruntime", "version_policy": policy,
-        # Triton's max_batch_size 0 means "no batch axis first": text models carry their state batch-second.
-        "max_batch_size": config.max_batch_size if batch_first else 0,
-        "input": tensors(runtime.inputs), "output": tensors(runtime.outputs),
+        "max_batch_size": max_batch_size,
+        "input": [{"name": t.name, "data_type": TRITON_TYPES.get(t.dtype, "TYPE_INVALID"),
+                   "format": f"FORMAT_{kind.input_layout(meta, t.name) or 'NONE'}", "dims": dims(t.shape)}
+                  for t in runtime.inputs],
+        "output": outputs(runtime.outputs),
         "dynamic_batching": {
             "max_queue_delay_microseconds": round(config.max_queue_delay_ms * 1e3),
             "preferred_batch_size": list(config.preferred_batch_sizes),
@@ -280,14 +331,20 @@ def model_config(repository: Repository, name: str, version: str = "") -> dict:
         # count: sessions per worker (every worker has its own: workers x count in the server)
         "instance_group": [{"name": f"{name}_0", "kind": "KIND_CPU" if runtime.provider == "CPUExecutionProvider"
                             else "KIND_GPU", "count": config.instances}],
-        "parameters": {"store_tag": {"string_value": runtime.store_tag or runtime.tag},
-                       "served_versions": {"string_value": ",".join(config.versions)},
-                       "execution_provider": {"string_value": runtime.provider},
-                       "intra_op_thread_count": {"string_value": str(repository.settings.threads_for(config))},
-                       "inter_op_thread_count": {"string_value": str(config.inter_op_threads)},
-                       "variant": {"string_value": config.variant},
-                       "workers": {"string_value": str(repository.settings.workers)}},
+        "parameters": {**parameters, "execution_provider": {"string_value": runtime.provider},
+                       **execution_parameters(repository, config),
+                       **({"front_end": {"string_value": f"{name}.{kind.front_end.suffix}"}}
+                          if kind.front_end else {})},
     }
+
+
+def execution_parameters(repository: Repository, config: ModelConfig) -> dict:
+    """How the model runs (Triton's ORT backend parameter names, and ours): effective threads, variant, workers."""
+    settings = repository.settings
+    return {"intra_op_thread_count": {"string_value": str(settings.threads_for(config))},
+            "inter_op_thread_count": {"string_value": str(config.inter_op_threads)},
+            "lone_request_thread_count": {"string_value": str(config.lone_request_threads)},
+            "variant": {"string_value": config.variant}, "workers": {"string_value": str(settings.workers)}}
 
 
 def model_statistics(repository: Repository, name: str = "", version: str = "") -> dict:
@@ -295,21 +352,22 @@ def model_statistics(repository: Repository, name: str = "", version: str = "") 
     (docs/metrics.md): success / fail = requests by outcome with their time; queue = time in the dynamic
     batcher's queue; compute_input = image decode and preprocessing; compute_infer = ONNX Runtime calls;
     inference_count = items run, execution_count = ONNX Runtime calls. compute_output is not measured
-    apart (0)."""
+    apart (0). A front end (``lenet5.image``) counts its own requests; the ONNX Runtime calls they join
+    are its model's (as a Triton ensemble's composing model counts its executions)."""
     snapshot = repository.snapshot()
     if name:  # NotFound / Unavailable as for inference; a read: no lease (this runs in a worker thread)
-        repository.pick(name, version, snapshot)
+        kserve.front_end(repository.pick(split_front_end(name)[0], version, snapshot).runtime, name)
     samples = _metric_samples()
     stats = []
-    for model in snapshot.models:
-        if name and model.name != name:
+    for model, served_name in ((m, n) for m in snapshot.models for n in v2_names(m)):
+        if name and served_name != name:
             continue
         for v in (s.version for s in model.versions):
             if version and v != version:
                 continue
-            get = _summer(samples, model.name, v)
+            get = _summer(samples, served_name, v)
             stats.append({
-                "name": model.name, "version": v, "last_inference": 0,
+                "name": served_name, "version": v, "last_inference": 0,
                 "inference_count": int(get("nnserve_batch_size_sum")),
                 "execution_count": int(get("nnserve_batch_size_count")),
                 "inference_stats": {

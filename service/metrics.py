@@ -33,7 +33,8 @@ def registry() -> SimpleNamespace:
         requests=Counter("nnserve_requests", "Requests by endpoint, model and outcome "
                          "(ok, client_error, unavailable, server_error).", [*request, "outcome"]),
         http_responses=Counter("nnserve_http_responses", "HTTP responses of nnserve's routes by route "
-                               "(classify, features, generate, models, v2) and status code.", ["route", "code"]),
+                               "(classify, features, generate, models, docs.json, v2, v1) and status code.",
+                               ["route", "code"]),
         in_flight=Gauge("nnserve_in_flight_requests", "Requests being processed.", request,
                         multiprocess_mode="livesum"),
         request_seconds=Histogram("nnserve_request_duration_seconds", "Request latency inside the service, "

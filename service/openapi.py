@@ -66,7 +66,7 @@ PATHS: dict[str, Any] = {
                 "n": {"type": "integer", "minimum": 1, "maximum": MAX_N, "default": 1,
                       "description": "samples of the prompt, decoded together; sample i is seeded seed + i"},
                 # OpenAPI 3.0 (BentoML's document): exclusiveMinimum is a flag on minimum, null is `nullable`.
-                "temperature": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "default": 1.0},
+                "temperature": {"type": "number", "minimum": 0, "default": 1.0, "description": "0 = greedy"},
                 "top_k": {"type": "integer", "nullable": True, "minimum": 1, "default": None},
                 "top_p": {"type": "number", "nullable": True, "minimum": 0, "exclusiveMinimum": True, "maximum": 1,
                           "default": None, "description": "nucleus sampling (after top_k)"},
@@ -92,10 +92,12 @@ PATHS: dict[str, Any] = {
     "/v2/models/{name}/infer": {"post": {
         "summary": "KServe v2 / Open Inference Protocol inference", "tags": ["KServe v2"],
         "description": "JSON tensors or Triton's binary tensor extension (Inference-Header-Content-Length). "
-                       "Image models also take `image` (BYTES [N] or [N, 1]: encoded files, as /classify) and "
-                       "answer Triton's classification extension (`parameters.classification: K` on an output: "
-                       "BYTES `value:index:label`, value = the raw output); text models take `text_input` "
-                       "(BYTES [1]) and answer `text_output`. "
+                       "`{name}` is a served model (its network's tensors, as GET /v2/models/{name} lists "
+                       "them) or a model's front end: `<model>.image` takes `image` (BYTES [N, 1] or [N]: "
+                       "encoded files, as /classify), `<model>.text` takes `text_input` (BYTES [1]) and "
+                       "answers `text_output`. Classifiers answer Triton's classification extension "
+                       "(`parameters.classification: K` on an output: BYTES `value:index:label`, value = the "
+                       "raw output). "
                        "Also: GET /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/ready], "
                        "/v2/models/{name}/versions/{version}/...; gRPC on NNSERVE_GRPC_PORT (docs/kserve.md).",
         "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
@@ -114,7 +116,7 @@ GENERATE_BODY: dict[str, Any] = {"required": True, "content": {"application/json
                                           "generate_stream)"},
             "n": {"type": "integer", "minimum": 1, "maximum": MAX_N, "default": 1,
                   "description": "samples, decoded together; sample i is seeded seed + i"},
-            "temperature": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "default": 1.0},
+            "temperature": {"type": "number", "minimum": 0, "default": 1.0, "description": "0 = greedy"},
             "top_k": {"type": "integer", "minimum": 1}, "top_p": {"type": "number", "minimum": 0,
                                                                   "exclusiveMinimum": True, "maximum": 1},
             "seed": {"type": "integer", "minimum": 0},
@@ -123,8 +125,9 @@ GENERATE_BODY: dict[str, Any] = {"required": True, "content": {"application/json
 MODEL: list[dict] = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
 PATHS["/v2/models/{name}/generate"] = {"post": {
     "summary": "Triton's generate extension: a text model's whole answer", "tags": ["KServe v2"],
-    "description": "The continuous batcher of /generate. Also /v2/models/{name}/versions/{version}/generate; "
-                   "over gRPC, ModelStreamInfer with a BYTES text_input streams the same (docs/kserve.md).",
+    "description": "The continuous batcher of /generate, on a text model's front end (`char_lstm.text`) or the "
+                   "model itself. Also /v2/models/{name}/versions/{version}/generate; over gRPC, "
+                   "ModelStreamInfer with a BYTES text_input to `<model>.text` streams the same (docs/kserve.md).",
     "parameters": MODEL, "requestBody": GENERATE_BODY,
     "responses": {"200": {"description": "`{model_name, model_version, text_output, finish_reason, id?}`; with "
                                          "n > 1 text_output and finish_reason are lists, one element per sample"},

@@ -19,7 +19,7 @@ import asyncio
 import io
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import numpy as np
 
@@ -154,27 +154,32 @@ class RestApi:
 
     async def generate(self, request: HttpRequest) -> HttpResponse:
         record = metrics.RequestMetrics("generate")
-        stream_metrics = None
         try:
             job, model, sse = await self.generation_job(request)
             record.begin(model)
             generations = self.plane().generate(model, job)
-            stream_metrics = metrics.StreamMetrics(model).start()
-            chunks = generations[0] if job.n == 1 else read_choices(generations)
-            # Wait for the first characters before answering: a request that cannot start gets its error.
-            try:
-                first = await anext(chunks)
-            except StopAsyncIteration:  # one sample whose first characters are a stop string: an empty text
-                first = ""
         except Exception as e:
-            if stream_metrics is not None:
-                stream_metrics.stop()
-                await chunks.aclose()
             return failed(record, e)
+        stream_metrics = metrics.StreamMetrics(model).start()
         headers = [(b"x-model", model.tag.encode()), (b"x-seed", str(job.seed).encode())]
         final = {"model": model.tag, "seed": job.seed}
+        # Wait for the first characters before answering: a request that cannot start gets its error.
         if job.n > 1:
-            return await generate_choices(job, first, chunks, record, stream_metrics, headers, final)
+            choices = read_choices(generations)
+            try:
+                first_choice = await anext(choices)  # never empty: each sample's last chunk has its reason
+            except Exception as e:
+                stream_metrics.stop()
+                await choices.aclose()
+                return failed(record, e)
+            return await generate_choices(job, first_choice, choices, record, stream_metrics, headers, final)
+        chunks = generations[0]
+        try:
+            first = await anext(chunks, "")  # "": the first characters are a stop string, an empty text
+        except Exception as e:
+            stream_metrics.stop()
+            await chunks.aclose()
+            return failed(record, e)
         stream_metrics.chars(len(first))
         if job.stream:
             return HttpResponse(stream_body(first, chunks, record, stream_metrics, sse, final),
@@ -208,7 +213,7 @@ async def whole_text(job: GenerationRequest, first: str, chunks: Generation, rec
 
 
 async def generate_choices(job: GenerationRequest, first: tuple[int, str, str | None],
-                           chunks: AsyncIterator[tuple[int, str, str | None]], record: metrics.RequestMetrics,
+                           chunks: AsyncGenerator[tuple[int, str, str | None], None], record: metrics.RequestMetrics,
                            stream_metrics: metrics.StreamMetrics, headers: list, final: dict) -> HttpResponse:
     """The answer to n > 1 samples: their event stream, or one JSON answer with a ``choices`` list."""
     if job.stream:
@@ -240,7 +245,7 @@ async def generate_choices(job: GenerationRequest, first: tuple[int, str, str | 
 
 
 async def stream_body(first: str, chunks: Generation, record: metrics.RequestMetrics,
-                      stream_metrics: metrics.StreamMetrics, sse: bool, final: dict) -> AsyncIterator[str]:
+                      stream_metrics: metrics.StreamMetrics, sse: bool, final: dict) -> AsyncGenerator[str, None]:
     """The streamed characters, each chunk everything sampled since the last one was sent. Chunked text,
     or Server-Sent Events: a ``data:`` event per chunk (one ``data:`` line per line of text), then an
     ``end`` event with the model, seed, character count and finish reason (or an ``error`` event)."""
@@ -272,13 +277,14 @@ async def stream_body(first: str, chunks: Generation, record: metrics.RequestMet
         record.finish(status)
 
 
-async def stream_choices(first: tuple[int, str, str | None], chunks: AsyncIterator[tuple[int, str, str | None]],
-                         record: metrics.RequestMetrics, stream_metrics: metrics.StreamMetrics, final: dict
-                         ) -> AsyncIterator[str]:
+async def stream_choices(first: tuple[int, str, str | None],
+                         chunks: AsyncGenerator[tuple[int, str, str | None], None], record: metrics.RequestMetrics,
+                         stream_metrics: metrics.StreamMetrics, final: dict) -> AsyncGenerator[str, None]:
     """Server-Sent Events for n > 1 samples: a ``choice`` event per chunk, ``{"index", "text"}`` with the
     sample's ``finish_reason`` on its last one, then an ``end`` event with the model, seed, n, and each
     sample's character count and finish reason (or an ``error`` event)."""
-    status, counts, reasons = 500, [0] * final["n"], [None] * final["n"]
+    status, counts = 500, [0] * final["n"]
+    reasons: list[str | None] = [None] * final["n"]
     try:
         part = first
         while True:

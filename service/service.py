@@ -6,12 +6,14 @@ OpenAPI page; the hot path is ours. Each worker process (NNSERVE_WORKERS) serves
     HTTP :3000 ─► front door (front.py): tokens (auth.py), /livez, /readyz, the page at /playground
               │   (playground.py: static files that call the routes below from a browser); the rest to BentoML's
               ─► REST codec (rest.py)            ─┐   DataPlane (dataplane.py): readiness, model resolution,
-                  KServe v2 REST codec            ─┼─► admission, inference, generation start; over the
-                  (kserve_http.py)                 │   Repository (repository.py): per model an ONNX Runtime
-    gRPC :8001 ─► KServe v2 gRPC codec            ─┘   session, a dynamic batcher thread (batching.py) and,
-                  (kserve_grpc.py)                      for text models, a generation thread (generation.py)
+                  OpenAI codec (openai_api.py)    ─┤   admission, inference, generation start; over the
+                  KServe v2 REST codec            ─┼─► Repository (repository.py): per model an ONNX Runtime
+                  (kserve_http.py)                 │   session, a dynamic batcher thread (batching.py) and,
+    gRPC :8001 ─► KServe v2 gRPC codec            ─┘   for text models, a generation thread (generation.py)
+                  (kserve_grpc.py)
 
-Every client mistake answers 4xx with ``{"error": "..."}`` naming it (docs/service.md).
+Every client mistake answers 4xx with ``{"error": "..."}`` naming it (docs/service.md); on /v1, OpenAI's error
+object (docs/openai.md).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from service.front import FrontDoor
 from service.kserve_grpc import start_grpc_server
 from service.kserve_http import KServeHttp
 from service.lifecycle import StateDir, default_state_dir
+from service.openai_api import OpenAIApi
 from service.repository import Repository
 from service.rest import RestApi
 from service.settings import Settings
@@ -71,6 +74,7 @@ def bentoml_spec() -> dict:
 # The front door (below) sends our routes' requests straight to these codecs, without BentoML's middleware.
 rest_api = RestApi(plane, bentoml_spec)
 kserve_api = KServeHttp(plane, max_request_bytes=SETTINGS.kserve_max_request_bytes)
+openai_api = OpenAIApi(plane)
 playground_app = playground.create_app(SETTINGS) if SETTINGS.playground else None
 
 
@@ -139,7 +143,8 @@ def _to_asgi(service, is_main: bool = True):
     app = _bentoml_to_asgi(service, is_main)
     if service is not NNServe:
         return app
-    return FrontDoor(app, rest_api.router(), kserve_api.router(), current_plane, LOCK, playground_app)
+    return FrontDoor(app, rest_api.router(), kserve_api.router(), current_plane, LOCK, playground_app,
+                     openai_api.router())
 
 
 type(SERVICE).to_asgi = _to_asgi

@@ -24,6 +24,8 @@ from typing import NoReturn
 
 import yaml
 
+from models.kinds import FRONT_END_SUFFIXES, split_front_end
+
 log = logging.getLogger("nnserve.settings")
 
 DEFAULT_MODELS = ("lenet5", "vgg_fc7", "char_lstm", "char_gru")  # served when the default models.yaml is missing
@@ -508,6 +510,9 @@ def read_models_document(document: object, source: str, live: bool = False) -> d
         if not valid_name(name):
             fail(where, f"a model name has at most {NAME_MAX_LENGTH} characters: lowercase letters, digits, "
                         "'-', '_', '.', starting and ending with a letter or digit (BentoML's tag rule)")
+        if split_front_end(name)[1]:
+            fail(where, f"names ending in {', '.join(repr('.' + s) for s in sorted(FRONT_END_SUFFIXES))} are "
+                        "KServe v2's names of the models' front ends (docs/kserve.md, model names): rename it")
         prefix = ModelConfig(name, "").env_prefix
         if prefix in env_names:
             fail(where, f"its variables ({prefix}TAG, ...) would be those of model {env_names[prefix]!r}: rename one")

@@ -331,6 +331,23 @@ def test_grpc_generation_within_ten_percent_of_rest():
     assert v["gRPC streamed generation first-chunk p95 at 16 streams"] == "**MISSED**"
 
 
+def test_openai_streams_judged_against_generate_with_the_same_bounds():
+    from loadtest.bench.targets import openai_targets
+    from loadtest.bench.triton import GRPC_GENERATE as G
+    from loadtest.bench.triton import OPENAI_GENERATE as O
+    from loadtest.bench.triton import REST_GENERATE as R
+    from loadtest.bench.triton import round_order
+
+    rows = [protocol_row(R, 1, 1000, 10.0), protocol_row(O, 1, 950, 10.5), protocol_row(G, 1, 10, 99.0),
+            protocol_row(R, 16, 4000, 20.0), protocol_row(O, 16, 3000, 30.0)]
+    v = {t.what: t.verdict for t in openai_targets(rows, [1, 16])}
+    assert v == {"OpenAI /v1/completions streamed generation chars/s at 1 stream": "met",
+                 "OpenAI /v1/completions streamed generation first-chunk p95 at 1 stream": "met",
+                 "OpenAI /v1/completions streamed generation chars/s at 16 streams": "**MISSED**",
+                 "OpenAI /v1/completions streamed generation first-chunk p95 at 16 streams": "**MISSED**"}
+    assert [round_order(i)[0] for i in range(3)] == [R, G, O] and sorted(round_order(1)) == sorted((R, G, O))
+
+
 def test_grpc_generation_judged_on_the_median_round_with_errors_shown():
     from loadtest.bench.targets import triton_targets
     from loadtest.bench.triton import GRPC_GENERATE as G

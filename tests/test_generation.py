@@ -31,6 +31,7 @@ from service.generation import (
     _cut_at_stop,
     measure_step_loop,
     read_choices,
+    read_chunks,
     sample_token,
     sample_tokens,
 )
@@ -105,7 +106,7 @@ VOCAB = "Tabcefh ."
     ({"max_new_chars": MAX_NEW_CHARS + 1}, "max_new_chars"),
     ({"max_new_chars": 3.5}, "max_new_chars"),
     ({"max_new_chars": True}, "max_new_chars"),
-    ({"temperature": 0}, "temperature must be a finite number > 0"),
+    ({"temperature": -0.5}, "temperature must be a finite number >= 0 (0 = greedy), got -0.5"),
     ({"temperature": -1.0}, "temperature"),
     ({"temperature": float("nan")}, "temperature"),
     ({"temperature": float("inf")}, "temperature"),
@@ -436,7 +437,7 @@ def test_client_error_before_first_character_and_batcher_unaffected(runtime: Mod
             with pytest.raises(ClientError, match="outside the model vocabulary"):
                 await collect(batcher, GenerationRequest("a" + outside))
             with pytest.raises(ClientError, match="temperature"):
-                await collect(batcher, GenerationRequest("a", temperature=0))
+                await collect(batcher, GenerationRequest("a", temperature=-1))
             assert (batcher.active, batcher.waiting) == (0, 0)
             return await collect(batcher, good)
         finally:
@@ -693,3 +694,82 @@ def test_generation_module_does_not_import_torch() -> None:
     code = "import sys, service.generation; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max()
+    return z - np.log(np.exp(z).sum())
+
+
+def greedy_alone(runtime: ModelRuntime, prompt: str, chars: int) -> tuple[str, list[np.ndarray], np.ndarray]:
+    """Reference, independent of the batcher: argmax each step; (text, each step's log-probabilities, the
+    prompt's [T, V] log-probabilities)."""
+    vocab = runtime.metadata["vocab"]
+    state_names = [t.name for t in runtime.inputs if t.name != "tokens"]
+    feeds = runtime.example_feeds(1)
+    feeds["tokens"] = np.array([[vocab.index(ch) for ch in prompt]], dtype=np.int64)
+    out = runtime.run(feeds)
+    prompt_logp = np.stack([log_softmax(row) for row in out["logits"][0]])
+    text, steps = [], []
+    while len(text) < chars:
+        logp = log_softmax(out["logits"][0, -1])
+        token = int(np.argmax(logp))
+        text.append(vocab[token])
+        steps.append(logp)
+        out = runtime.run({"tokens": np.array([[token]], dtype=np.int64),
+                           **{name: out[f"{name}_out"] for name in state_names}})
+    return "".join(text), steps, prompt_logp
+
+
+def test_temperature_zero_is_greedy_and_logprobs_are_the_models(runtime: ModelRuntime) -> None:
+    """temperature 0 = the argmax each step, whatever the seed; ``logprobs`` k gives each token's log-probability
+    and the k likeliest, and ``prompt_logprobs`` the prompt's, all equal to the model's log-softmax."""
+    prompt, vocab = prompt_for(runtime), runtime.metadata["vocab"]
+    expected, steps, prompt_logp = greedy_alone(runtime, prompt, 30)
+
+    async def main():
+        batcher = ContinuousBatcher(runtime)
+        try:
+            plain = await collect(batcher, GenerationRequest(prompt, max_new_chars=30, temperature=0, seed=1))
+            generations = batcher.submit_choices(GenerationRequest(prompt, max_new_chars=30, temperature=0, n=2),
+                                                 0.0, logprobs=3, prompt_logprobs=True)
+            chunks = [chunk async for chunk in read_chunks(generations)]
+            return plain, chunks, generations[0].prompt_logprobs
+        finally:
+            await batcher.close()
+
+    plain, chunks, prompt_scores = run(main())
+    assert plain == expected
+    for index in (0, 1):
+        mine = [c for c in chunks if c.index == index]
+        assert "".join(c.text for c in mine) == expected
+        scores = [t for c in mine for t in c.logprobs]
+        assert [t.token for t in scores] == list(expected)
+        for t, logp in zip(scores, steps, strict=True):
+            assert t.logprob == pytest.approx(logp[vocab.index(t.token)], abs=1e-5)
+            assert [p for p, _ in t.top] == [vocab[i] for i in np.argsort(-logp, kind="stable")[:3]]
+            assert t.top[0][1] == pytest.approx(t.logprob, abs=1e-9)  # greedy: the chosen one is the likeliest
+    assert [t.token for t in prompt_scores] == list(prompt) and prompt_scores[0].logprob is None
+    for i, t in enumerate(prompt_scores[1:], start=1):
+        assert t.logprob == pytest.approx(prompt_logp[i - 1][vocab.index(prompt[i])], abs=1e-5)
+
+
+def test_logprobs_follow_the_text_cut_at_a_stop_string(runtime: ModelRuntime) -> None:
+    prompt = prompt_for(runtime)
+    expected, _, _ = greedy_alone(runtime, prompt, 40)
+    stop = expected[15:17]
+    cut = expected[:expected.index(stop)]
+
+    async def main():
+        batcher = ContinuousBatcher(runtime)
+        try:
+            generations = batcher.submit_choices(GenerationRequest(prompt, max_new_chars=40, temperature=0, stop=stop),
+                                                 None, logprobs=0)
+            return [chunk async for chunk in read_chunks(generations)]
+        finally:
+            await batcher.close()
+
+    chunks = run(main())
+    assert "".join(c.text for c in chunks) == cut and chunks[-1].finish_reason == "stop"
+    assert "".join(t.token for c in chunks for t in c.logprobs) == cut
+    assert all(t.top == () for c in chunks for t in c.logprobs)

@@ -132,22 +132,19 @@ def test_grpc_server_live_ready_metadata(grpc_client):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_model_metadata_comes_from_the_store(http, grpc_client, name):
+    """A model's metadata lists its network's tensors and nothing else: what a client must send (its kind's
+    BYTES front end is a model of its own, tests/test_triton_examples.py)."""
     model = store_model(http, name)
     datatypes = {"float32": "FP32", "int64": "INT64"}
 
-    # The graph's tensors, then the kind's BYTES protocol tensors (tests/test_triton_extensions.py).
-    protocol = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1]}] if "vocab" in
-                model.info.metadata else [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
-                "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}] if "vocab" in
-                model.info.metadata else []}
-
     def expected(key):
         return [{"name": t["name"], "datatype": datatypes[t["dtype"]], "shape": t["shape"]}
-                for t in model.info.metadata[key]] + protocol[key]
+                for t in model.info.metadata[key]]
 
     meta = http.get_model_metadata(name)
     assert meta["name"] == name and meta["versions"] == [model.tag.version]
     assert meta["inputs"] == expected("inputs") and meta["outputs"] == expected("outputs")
+    assert meta["parameters"]["front_end"] == name + (".text" if "vocab" in model.info.metadata else ".image")
     assert http.is_model_ready(name)
     assert http.is_model_ready(name, model_version=model.tag.version)
 

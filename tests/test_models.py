@@ -242,3 +242,19 @@ def test_progress_and_curves_are_finite(tiny_artifacts):
     for path in tiny_artifacts.values():
         curves = read_card(path)["curves"]
         assert all(math.isfinite(v) for values in curves.values() for v in values)
+
+
+def test_the_report_says_which_schedule_the_served_text_models_have():
+    from models.report import served_section
+
+    cards = {"char_lstm": {"kind": "sequence_lm", "training": {"full": True, "steps": 1200},
+                           "metrics": {"valid_bpc": 2.1632, "test_bpc": 2.2885}},
+             "char_gru": {"kind": "sequence_lm", "training": {"full": False, "steps": 400},
+                          "metrics": {"valid_bpc": 2.416}},
+             "lenet5": {"kind": "image_classifier", "training": {}, "metrics": {}}}
+    lines = served_section(cards)
+    assert lines[0] == "## Served by `make serve`"
+    assert "| `char_lstm` | longer (`make train-full`, what `make serve` builds) | 1200 | 2.2885 | 2.1632 |" in lines
+    assert "| `char_gru` | short (`make train`) | 400 | - | 2.4160 |" in lines
+    assert not any("lenet5" in line for line in lines)
+    assert served_section({"lenet5": cards["lenet5"]}) == []

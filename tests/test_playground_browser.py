@@ -8,6 +8,7 @@ import io
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -272,6 +273,11 @@ def test_curl_commands_reproduce_the_page(driver, live_server, tmp_path):
     command = js(driver, "return document.getElementById('generate-curl').textContent")
     run = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and sse_text(run.stdout) == page_text, run.stdout[-500:] + run.stderr
+    # Beside it, the same request through OpenAI's API with the official client: the same text.
+    snippet = js(driver, "return document.getElementById('generate-openai').textContent")
+    assert "client.completions.create(" in snippet and "seed=11" in snippet
+    run = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout == page_text + "\n", run.stdout[-500:] + run.stderr
 
 
 def test_inline_script_is_refused_by_the_csp(driver, live_server):

@@ -199,7 +199,7 @@ requested = st.lists(st.builds(RequestTensor, st.sampled_from(["input", "tokens"
 @SETTINGS
 @given(tensors=requested, which=st.sampled_from(["image", "text"]))
 def test_check_header_raises_only_client_errors(runtimes, tensors, which):
-    raises_only_client_error(kserve.check_header, runtimes[which], tensors, Settings())
+    raises_only_client_error(kserve.check_header, kserve.V2Model(which, runtimes[which]), tensors, Settings())
 
 
 @SETTINGS
@@ -212,7 +212,7 @@ def test_text_request_limits_hold_exactly(runtimes, batch, seq):
     within = (batch <= limits.max_request_items and seq <= kserve.MAX_SEQUENCE_LENGTH
               and batch * seq <= limits.max_request_tokens)
     try:
-        kserve.check_header(runtimes["text"], tensors, limits)
+        kserve.check_header(kserve.V2Model("text", runtimes["text"]), tensors, limits)
         assert within
     except ClientError as e:
         assert not within and "limit" in str(e)
@@ -237,9 +237,11 @@ def test_inference_request_parsing_raises_only_client_errors(runtimes, header, i
     if inputs:
         header = {**header, "inputs": inputs}
 
+    target = kserve.V2Model(which, runtimes[which])
+
     def parse():
-        kserve_http.parse_inputs(runtimes[which], header, binary, Settings())
-        kserve_http.parse_outputs(runtimes[which], header)
+        kserve_http.parse_inputs(target, header, binary, Settings())
+        kserve_http.parse_outputs(target, header)
 
     raises_only_client_error(parse)
 
@@ -252,10 +254,10 @@ def test_token_ids_checked_against_the_vocabulary(runtimes, tokens):
     tensors = [RequestTensor("tokens", "INT64", [1, len(tokens)]),
                *[RequestTensor(n, "FP32", [LAYERS, 1, HIDDEN]) for n in ("h", "c")]]
     try:
-        tensors[0].array = kserve.array_from_values(tensors[0], tokens)
+        arrays = {tensors[0].name: kserve.array_from_values(tensors[0], tokens)}
         for t in tensors[1:]:
-            t.array = np.zeros(t.shape, np.float32)
-        kserve.check_values(runtime, tensors)
+            arrays[t.name] = np.zeros(t.shape, np.float32)
+        kserve.check_values(runtime, arrays)
         assert all(0 <= t < len(VOCAB) for t in tokens)
     except ClientError as e:
         assert not all(0 <= t < len(VOCAB) for t in tokens)

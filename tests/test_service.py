@@ -382,7 +382,6 @@ def test_generate_client_errors_name_the_problem(url, tiny_store):
         (dict(prompt="a" * 5000), "prompt"),
         (dict(prompt="The", max_new_chars=0), "max_new_chars"),
         (dict(prompt="The", max_new_chars=100000), "max_new_chars"),
-        (dict(prompt="The", temperature=0), "temperature"),
         (dict(prompt="The", temperature=-1.5), "temperature"),
         (dict(prompt="The", top_k=0), "top_k"),
         (dict(prompt="The", n=0), "n must be an integer in [1, 16]"),

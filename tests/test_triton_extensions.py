@@ -1,6 +1,7 @@
-"""Triton's protocol extras against the real server, with unmodified tritonclient (HTTP and gRPC): streamed
-generation over gRPC ModelStreamInfer, the generate extension over REST, the classification extension,
-encoded images as BYTES inputs, and the client mistakes around them (docs/kserve.md).
+"""Triton's protocol extras against the real server, with unmodified tritonclient (HTTP and gRPC): the kinds'
+front ends as models of their own (``char_lstm.text``, ``lenet5.image``), streamed generation over gRPC
+ModelStreamInfer, the generate extension over REST, the classification extension, encoded images as BYTES
+inputs, and the client mistakes around them (docs/kserve.md).
 
 Answers are checked against something independent of the route under test: a direct ONNX Runtime run of the
 store model, or the REST endpoint that already has its own tests (/generate, /classify), same seed same text.
@@ -33,6 +34,7 @@ from service.images import preprocess_upload
 pytestmark = pytest.mark.integration
 
 PROMPT = "The "
+TEXT = "char_lstm.text"  # char_lstm's text front end: text_input in, text_output out
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def stream_generate(client, parameters: dict, empty_final: bool = False, timeout
     results: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     try:
-        client.async_stream_infer("char_lstm", [text_input()], request_id="g-1", parameters=parameters,
+        client.async_stream_infer(TEXT, [text_input()], request_id="g-1", parameters=parameters,
                                   enable_empty_final_response=empty_final)
         responses = []
         while True:
@@ -130,19 +132,54 @@ def test_server_metadata_lists_the_extensions(http, grpc_client):
         assert {"binary_tensor_data", "classification", "generate"} <= set(extensions)
 
 
-def test_model_metadata_describes_the_protocol_tensors(http, grpc_client):
-    image = http.get_model_metadata("lenet5")
-    assert {"name": "image", "datatype": "BYTES", "shape": [-1]} in image["inputs"]
+def test_front_ends_are_models_of_their_own(http, grpc_client):
+    """A kind's BYTES front end is a model with one input (and its config lists the same tensors); the model
+    itself lists its network's tensors only (tests/test_kserve.py)."""
+    image = http.get_model_metadata("lenet5.image")
+    assert image["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1, 1]}]
+    assert image["outputs"] == http.get_model_metadata("lenet5")["outputs"]  # the network's
+    assert image["platform"] == "ensemble" and image["parameters"]["model"] == "lenet5"
     assert image["parameters"]["classification"] == ["logits"]
-    text = http.get_model_metadata("char_lstm")
-    assert {"name": "text_input", "datatype": "BYTES", "shape": [1]} in text["inputs"]
-    assert {"name": "text_output", "datatype": "BYTES", "shape": [-1]} in text["outputs"]  # [n]: one per sample
+    text = http.get_model_metadata(TEXT)
+    assert text["inputs"] == [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
+    assert text["outputs"] == [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]  # [n]: one per sample
     assert set(text["parameters"]["sampling"]) == {"max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "n"}
-    vocabulary = text["parameters"]["vocabulary"]  # a client tokenizes with it: token id i = tokens[i]
+    vocabulary = http.get_model_metadata("char_lstm")["parameters"]["vocabulary"]  # token id i = tokens[i]
+    logits = next(o for o in http.get_model_metadata("char_lstm")["outputs"] if o["name"] == "logits")
     assert vocabulary["type"] == "characters" and len(vocabulary["tokens"]) == vocabulary["size"] == \
-        text["outputs"][0]["shape"][-1]
-    grpc_meta = grpc_client.get_model_metadata("char_lstm", as_json=True)
-    assert {"name": "text_input", "datatype": "BYTES", "shape": ["1"]} in grpc_meta["inputs"]
+        logits["shape"][-1]
+    grpc_meta = grpc_client.get_model_metadata(TEXT, as_json=True)
+    assert grpc_meta["inputs"] == [{"name": "text_input", "datatype": "BYTES", "shape": ["1"]}]
+    config = grpc_client.get_model_config(TEXT, as_json=True)["config"]
+    assert config["model_transaction_policy"]["decoupled"] is True and config.get("max_batch_size", 0) == 0
+    assert [(t["name"], t["data_type"]) for t in config["input"]] == [("text_input", "TYPE_STRING")]
+    assert grpc_client.is_model_ready(TEXT) and http.is_model_ready("lenet5.image")
+    for missing in ("char_lstm.image", "lenet5.text"):  # a kind's one front end, not another's
+        with pytest.raises(InferenceServerException, match="front end is") as e:
+            http.get_model_metadata(missing)
+        assert e.value.status() == "404"
+        assert not grpc_client.is_model_ready(missing)
+
+
+def test_old_clients_sending_bytes_to_the_model_are_told_the_front_end(http, grpc_client):
+    """What clients sent before front ends had names: a 400 naming the model to use."""
+    for module, client, status in ((httpclient, http, "400"), (grpcclient, grpc_client, "StatusCode.INVALID_ARGUMENT")):
+        image = module.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([png(1)], dtype=object))
+        with pytest.raises(InferenceServerException, match="'image' goes to model 'lenet5.image'") as e:
+            client.infer("lenet5", [image])
+        assert e.value.status() == status
+        with pytest.raises(InferenceServerException, match="'text_input' goes to model 'char_lstm.text'") as e:
+            client.infer("char_lstm", [text_input(cls=module.InferInput)])
+        assert e.value.status() == status
+    results: queue.Queue = queue.Queue()
+    grpc_client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        grpc_client.async_stream_infer("char_lstm", [text_input()])
+        _, error = results.get(timeout=60)
+    finally:
+        grpc_client.stop_stream()
+    assert "goes to model 'char_lstm.text'" in error.message()
 
 
 # --- streamed generation over gRPC ------------------------------------------------------------------------
@@ -180,7 +217,7 @@ def test_grpc_stream_bad_requests_answer_in_the_stream(grpc_client):
     results: queue.Queue = queue.Queue()
     grpc_client.start_stream(callback=lambda result, error: results.put((result, error)))
     try:
-        grpc_client.async_stream_infer("char_lstm", [text_input("e" * 2001)])
+        grpc_client.async_stream_infer(TEXT, [text_input("e" * 2001)])
         _, error = results.get(timeout=60)
     finally:
         grpc_client.stop_stream()
@@ -190,7 +227,7 @@ def test_grpc_stream_bad_requests_answer_in_the_stream(grpc_client):
 def test_grpc_stream_cancelled_mid_generation_frees_the_slot(server, grpc_client):
     results: queue.Queue = queue.Queue()
     grpc_client.start_stream(callback=lambda result, error: results.put((result, error)))
-    grpc_client.async_stream_infer("char_lstm", [text_input()], parameters={"max_tokens": 2000, "seed": 1})
+    grpc_client.async_stream_infer(TEXT, [text_input()], parameters={"max_tokens": 2000, "seed": 1})
     result, error = results.get(timeout=60)
     assert error is None and not result.get_response().parameters["triton_final_response"].bool_param
     grpc_client.stop_stream(cancel_requests=True)  # mid-generation: 2000 characters take far longer
@@ -199,7 +236,7 @@ def test_grpc_stream_cancelled_mid_generation_frees_the_slot(server, grpc_client
 
 def test_many_streams_opened_and_dropped_give_their_slots_back(server):
     """200 streams each start a 2000-character generation, read one chunk and hang up (raw gRPC stub)."""
-    request = pb.ModelInferRequest(model_name="char_lstm")
+    request = pb.ModelInferRequest(model_name=TEXT)
     request.inputs.add(name="text_input", datatype="BYTES", shape=[1])
     request.raw_input_contents.append(struct.pack("<I", len(PROMPT)) + PROMPT.encode())  # Triton's BYTES layout
     request.parameters["max_tokens"].int64_param = 2000
@@ -220,12 +257,13 @@ def test_many_streams_opened_and_dropped_give_their_slots_back(server):
 def test_http_generate_extension(server):
     want = rest_generate(server, max_new_chars=50, seed=5, temperature=0.7)
     body = {"text_input": PROMPT, "parameters": {"max_tokens": 50, "seed": 5, "temperature": 0.7}, "id": "x"}
-    response = requests.post(f"{server.http_url}/v2/models/char_lstm/generate", json=body, timeout=120)
+    response = requests.post(f"{server.http_url}/v2/models/{TEXT}/generate", json=body, timeout=120)
     assert response.status_code == 200, response.text
     reply = response.json()
-    assert reply["model_name"] == "char_lstm" and reply["model_version"] and reply["id"] == "x"
+    assert reply["model_name"] == TEXT and reply["model_version"] and reply["id"] == "x"
     assert reply["text_output"] == want["text"] and reply["finish_reason"] == "length"
-    # An LLM-client-style body: options at the top level (Triton maps them to inputs), versioned route.
+    # An LLM-client-style body: options at the top level (Triton maps them to inputs), versioned route, on
+    # the model's own name (as before front ends had names: still served, docs/kserve.md).
     version = reply["model_version"]
     response = requests.post(f"{server.http_url}/v2/models/char_lstm/versions/{version}/generate",
                              json={"text_input": PROMPT, "max_tokens": 50, "seed": 5, "temperature": 0.7},
@@ -236,13 +274,13 @@ def test_http_generate_extension(server):
 def test_http_generate_stream_is_sse(server):
     want = rest_generate(server, max_new_chars=100, seed=8)["text"]
     body = {"text_input": PROMPT, "parameters": {"max_tokens": 100, "seed": 8}}
-    with requests.post(f"{server.http_url}/v2/models/char_lstm/generate_stream", json=body, stream=True,
+    with requests.post(f"{server.http_url}/v2/models/{TEXT}/generate_stream", json=body, stream=True,
                        timeout=120) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
         events = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines(decode_unicode=True)
                   if line]
     assert "".join(e["text_output"] for e in events) == want
-    assert all(e["model_name"] == "char_lstm" for e in events)
+    assert all(e["model_name"] == TEXT for e in events)
     assert events[-1]["finish_reason"] == "length" and all("finish_reason" not in e for e in events[:-1])
 
 
@@ -264,6 +302,8 @@ def test_stop_and_top_p_in_rest_generate(server):
     ("char_lstm/generate", {"prompt": PROMPT}, 400, "text_input"),
     ("char_lstm/generate_stream", {"text_input": PROMPT, "max_tokens": -1}, 400, "max_tokens"),
     ("lenet5/generate", {"text_input": PROMPT}, 400, "image_classifier"),
+    ("lenet5.image/generate", {"text_input": PROMPT}, 400, "image_classifier"),
+    ("char_lstm.text/generate", {"text_input": PROMPT, "parameters": {"top_k": 0}}, 400, "top_k"),
     ("nope/generate_stream", {"text_input": PROMPT}, 404, "unknown model 'nope'"),
 ])
 def test_http_generate_errors_are_triton_shaped(server, path, body, status, named):
@@ -322,7 +362,7 @@ def test_n_samples_through_infer_are_text_output_n(server, http, grpc_client):
     want = [c["text"].encode() for c in rest_choices(server, 2, max_new_chars=40, seed=3)]
     parameters = {"max_tokens": 40, "seed": 3, "n": 2}
     for client, cls in ((http, httpclient.InferInput), (grpc_client, grpcclient.InferInput)):
-        result = client.infer("char_lstm", [text_input(cls=cls)], parameters=parameters)
+        result = client.infer(TEXT, [text_input(cls=cls)], parameters=parameters)
         assert result.as_numpy("text_output").tolist() == want
 
 
@@ -335,7 +375,7 @@ def test_a_10000_character_grpc_stream_arrives_whole(server, grpc_client):
                                                             "stream": True}, stream=True, timeout=120) as response:
         assert response.content.decode() == text
     with pytest.raises(InferenceServerException, match=r"max_tokens must be an integer in \[1, 2000\]"):
-        grpc_client.infer("char_lstm", [text_input()], parameters={"max_tokens": 10_000})  # not streamed
+        grpc_client.infer(TEXT, [text_input()], parameters={"max_tokens": 10_000})  # not streamed
 
 
 @pytest.mark.parametrize(("parameters", "named"), [
@@ -386,7 +426,8 @@ def test_grpc_classification_of_image_bytes(http, grpc_client):
     logits = reference(model, pngs)["logits"]
     tensor = grpcclient.InferInput("image", [3, 1], "BYTES")
     tensor.set_data_from_numpy(np.array([[p] for p in pngs], dtype=object))
-    result = grpc_client.infer("lenet5", [tensor], outputs=[grpcclient.InferRequestedOutput("logits", class_count=10)])
+    result = grpc_client.infer("lenet5.image", [tensor],
+                               outputs=[grpcclient.InferRequestedOutput("logits", class_count=10)])
     assert [[v.decode() for v in row] for row in result.as_numpy("logits")] == \
         expected_classes(logits, model.info.metadata["labels"], 10)
 
@@ -414,12 +455,12 @@ def test_image_bytes_match_the_float_input(http, grpc_client, name):
     want = reference(model, pngs)
     tensor = httpclient.InferInput("image", [2], "BYTES")
     tensor.set_data_from_numpy(np.array(pngs, dtype=object))
-    result = http.infer(name, [tensor])
+    result = http.infer(f"{name}.image", [tensor])
     for out, array in want.items():  # feature extractors answer their embedding too (vgg_fc7: fc7)
         np.testing.assert_allclose(result.as_numpy(out), array, rtol=1e-4, atol=1e-5, err_msg=out)
     tensor = grpcclient.InferInput("image", [2, 1], "BYTES")
     tensor.set_data_from_numpy(np.array([[p] for p in pngs], dtype=object))
-    result = grpc_client.infer(name, [tensor])
+    result = grpc_client.infer(f"{name}.image", [tensor])
     for out, array in want.items():
         np.testing.assert_allclose(result.as_numpy(out), array, rtol=1e-4, atol=1e-5, err_msg=out)
 
@@ -429,22 +470,23 @@ def test_image_bytes_that_are_not_an_image_name_the_row(http, grpc_client):
     tensor = httpclient.InferInput("image", [2], "BYTES")
     tensor.set_data_from_numpy(rows)
     with pytest.raises(InferenceServerException, match="input 'image' row 1: .*not an image") as e:
-        http.infer("lenet5", [tensor])
+        http.infer("lenet5.image", [tensor])
     assert e.value.status() == "400"
     tensor = grpcclient.InferInput("image", [2], "BYTES")
     tensor.set_data_from_numpy(rows)
     with pytest.raises(InferenceServerException, match="input 'image' row 1") as e:
-        grpc_client.infer("lenet5", [tensor])
+        grpc_client.infer("lenet5.image", [tensor])
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
 
 
-def test_image_bytes_and_float_input_together_are_an_error(http, grpc_client):
+def test_the_image_front_end_takes_image_bytes_only(http, grpc_client):
     x = np.zeros((1, 1, 32, 32), np.float32)
     for module, client, status in ((httpclient, http, "400"), (grpcclient, grpc_client, "StatusCode.INVALID_ARGUMENT")):
         image = module.InferInput("image", [1], "BYTES")
         image.set_data_from_numpy(np.array([png(1)], dtype=object))
         floats = module.InferInput("input", list(x.shape), "FP32")
         floats.set_data_from_numpy(x)
-        with pytest.raises(InferenceServerException, match="alternatives") as e:
-            client.infer("lenet5", [image, floats])
-        assert e.value.status() == status
+        for inputs in ([image, floats], [floats]):
+            with pytest.raises(InferenceServerException, match="the tensor 'input' goes to model 'lenet5'") as e:
+                client.infer("lenet5.image", inputs)
+            assert e.value.status() == status

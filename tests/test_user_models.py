@@ -361,10 +361,11 @@ def test_user_models_over_rest_and_triton_clients(user_server, user_artifacts):
     ginp = grpcclient.InferInput("input", list(x.shape), "FP32")
     ginp.set_data_from_numpy(x)
     assert np.allclose(grpc.infer("effnet_digits", [ginp]).as_numpy("logits"), logits, atol=1e-5)
-    # Image bytes to a graph made elsewhere, whose float input has its own name ("pixels"), with top-2 classes.
+    # Image bytes to a graph made elsewhere, whose float input has its own name ("pixels"), with top-2 classes,
+    # through its image front end.
     image = httpclient.InferInput("image", [1], "BYTES")
     image.set_data_from_numpy(np.array([png], dtype=object))
-    top2 = http.infer("elsewhere_cnn", [image], outputs=[httpclient.InferRequestedOutput("class_scores",
+    top2 = http.infer("elsewhere_cnn.image", [image], outputs=[httpclient.InferRequestedOutput("class_scores",
                                                                                          class_count=2)])
     labels = [row.decode().split(":")[2] for row in top2.as_numpy("class_scores").ravel()]
     assert labels == [p["label"] for p in shapes["predictions"][:2]], (labels, shapes)

@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             r.targets += targets.triton_peer_targets(runs, result.model, real_levels[0], real_levels[-1])
     if "triton" not in args.skip and "nnserve" not in args.skip:
         r.targets += targets.triton_targets(r.triton, sorted(set(args.streams)))
+        r.targets += targets.openai_targets(r.triton, sorted(set(args.streams)))
     r.info.update(load_end=load_average(), seconds=time.perf_counter() - started)
     r.images = plot(r.cases, r.runs, r.labels, r.generate, args.out / "img")
     write_atomic(args.out / "bench.md", report(args, r).encode())

@@ -80,6 +80,51 @@ def rest_generate(options: Options, thread: int, deadline: float) -> list[Call]:
     return calls
 
 
+def openai_generate(options: Options, thread: int, deadline: float) -> list[Call]:
+    """Streamed ``/v1/completions`` (docs/openai.md), the same prompts, seeds and characters as rest_generate, read
+    with the same HTTP client (not the ``openai`` package: the rows compare the server's paths, not clients):
+    each ``data:`` event's JSON parsed, its text counted, ``[DONE]`` required."""
+    import json
+
+    import requests
+
+    calls, session = [], requests.Session()
+    i = 0
+    while time.time() < deadline:
+        prompt, seed = request_plan(thread, i, options.prompts)
+        i += 1
+        body: dict[str, Any] = {"prompt": prompt, "max_tokens": options.chars, "model": GENERATE_MODEL,
+                                "temperature": TEMPERATURE, "seed": seed, "stream": True}
+        started, first, chars, done, error = time.time(), math.nan, 0, False, ""
+        try:
+            with session.post(options.url + "/v1/completions", json=body, stream=True, timeout=STREAM_TIMEOUT_S) as r:
+                if r.status_code != 200:
+                    error = f"HTTP {r.status_code}: {r.text[:200]}"
+                else:
+                    # None: each event as it arrives (iter_lines hands it to iter_content; typeshed says int only)
+                    for line in r.iter_lines(chunk_size=None):  # type: ignore[call-overload]
+                        if not line.startswith(b"data: "):
+                            continue
+                        if line == b"data: [DONE]":
+                            done = True
+                            break
+                        event = json.loads(line[6:])
+                        if "error" in event:
+                            error = str(event["error"])[:200]
+                            break
+                        text = "".join(choice["text"] for choice in event["choices"])
+                        if text and math.isnan(first):
+                            first = time.time()
+                        chars += len(text)
+        except Exception as e:  # connection dropped mid-stream, timeout
+            error = f"{type(e).__name__}: {e}"
+        if not error and (chars != options.chars or not done):
+            ended = "" if done else " without [DONE]"
+            error = f"stream ended after {chars} characters{ended}, asked for {options.chars}"
+        calls.append(Call(not error, chars, started, first, time.time(), error))
+    return calls
+
+
 def grpc_generate(options: Options, thread: int, deadline: float) -> list[Call]:
     import numpy as np
     import tritonclient.grpc as grpcclient
@@ -99,7 +144,7 @@ def grpc_generate(options: Options, thread: int, deadline: float) -> list[Call]:
             text_input = grpcclient.InferInput("text_input", [1], "BYTES")
             text_input.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
             started, first, chars, error = time.time(), math.nan, 0, ""
-            client.async_stream_infer(GENERATE_MODEL, [text_input], request_id=str(i), parameters={
+            client.async_stream_infer(f"{GENERATE_MODEL}.text", [text_input], request_id=str(i), parameters={
                 "max_tokens": options.chars, "temperature": TEMPERATURE, "seed": seed})
             while True:
                 try:
@@ -140,7 +185,8 @@ def grpc_classify(options: Options, thread: int, deadline: float) -> list[Call]:
     while time.time() < deadline:
         started, error = time.time(), ""
         try:
-            classes = client.infer(CLASSIFY_MODEL, [image], outputs=wanted).as_numpy(options.scores_output)
+            classes = client.infer(f"{CLASSIFY_MODEL}.image", [image], outputs=wanted).as_numpy(
+                options.scores_output)
             if classes is None or classes.shape[-1] != TOP_K:
                 error = f"asked for {TOP_K} classes, got {None if classes is None else classes.shape}"
         except Exception as e:  # InferenceServerException: the server's status and message
@@ -170,7 +216,7 @@ def rest_classify(options: Options, thread: int, deadline: float) -> list[Call]:
 
 
 CLIENTS = {"rest-generate": rest_generate, "grpc-generate": grpc_generate, "grpc-classify": grpc_classify,
-           "rest-classify": rest_classify}
+           "rest-classify": rest_classify, "openai-generate": openai_generate}
 
 
 def warm_up(kind: str) -> None:

@@ -586,22 +586,25 @@ TRITON_TARGET = """\
 Targets, fixed in `loadtest/bench/targets.py` (`triton_targets`) before the first run, per stream level:
 **gRPC streamed generation chars/s >= 0.9x REST `/generate` in the same run** and **gRPC first-chunk p95
 <= 1.1x REST's**, each the median over the rounds. chars/s counts only complete, error-free streams (a
-failed or short stream, a non-200, a stream error is not work done). Classification by image bytes has no
-target in the issue: its ratio to `/classify` is reported only."""
+failed or short stream, a non-200, a stream error is not work done). The same two bounds for **streamed
+OpenAI `/v1/completions`** against `/generate` (issue 27). Classification by image bytes has no target in the
+issue: its ratio to `/classify` is reported only."""
 
 
 def triton_section(args: argparse.Namespace, r: Results) -> list[str]:
     if not r.triton:
         return []
-    lines = ["", "## 9. Triton protocols: streamed generation over gRPC, image bytes", "", *TRITON_TARGET.splitlines(),
+    lines = ["", "## 9. Triton protocols and OpenAI's API: streamed generation over gRPC and /v1, image bytes", "",
+             *TRITON_TARGET.splitlines(),
              "", f"On the run's one nnserve server (after sections 2-3 when they run). Python closed-loop clients in "
              f"{args.triton_client_processes} spawned worker processes, one client (its own HTTP session or gRPC "
              f"channel) per thread, the same harness for REST and gRPC (`loadtest/bench/protocol_clients.py`); "
-             f"{args.duration} s per row, {args.triton_rounds} round(s), REST and gRPC order alternating. "
+             f"{args.duration} s per row, {args.triton_rounds} round(s), the generation rows' order rotating. "
              f"Generation: {args.generate_chars} characters per request, temperature 0.8, the same prompts and "
              "seeds on both protocols (so the same texts); first chunk = request sent -> first text at the client. "
-             "Classification: the held-out digit's PNG, top 5 (`/classify` multipart; gRPC `image` BYTES [1] with "
-             "`class_count=5`); for classification the first/full columns are both the answer's latency, and "
+             "Classification: the held-out digit's PNG, top 5 (`/classify` multipart; gRPC `lenet5.image` "
+             "`image` BYTES [1] with `class_count=5`); for classification the first/full columns are both the "
+             "answer's latency, and "
              "the wrk row has no client CPU figure (a C client: a few percent of a core). "
              "client CPU = CPU seconds of the client processes / wall seconds, in cores.", "",
              "| round | row | clients | ok | errors | ok chars/s or answers/s | first p50 / p95 ms "
@@ -622,6 +625,7 @@ def triton_section(args: argparse.Namespace, r: Results) -> list[str]:
     lines += ["", "Classification by image bytes (no target): "
               + "; ".join(ratio_note(r.triton, GRPC_CLASSIFY, theirs, clients) for theirs in (REST_CLASSIFY,
                                                                                               WRK_CLASSIFY)) + "."]
-    verdicts = [t for t in r.targets if t.what.startswith("gRPC streamed generation")]
+    verdicts = [t for t in r.targets if t.what.startswith(("gRPC streamed generation",
+                                                           "OpenAI /v1/completions streamed generation"))]
     lines += [""] + [f"- {t.what} {t.target}: {t.measured}: **{t.verdict.strip('*')}**" for t in verdicts]
     return lines

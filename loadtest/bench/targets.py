@@ -10,7 +10,7 @@ from loadtest.bench.common import fmt
 from loadtest.bench.overload import OverloadResult
 from loadtest.bench.recovery import RecoveryResult
 from loadtest.bench.stacks import CLASSIFY, FEATURES, NNSERVE, PREVIOUS, V2, V2_BINARY, StackRun, v2_binary
-from loadtest.bench.triton import GRPC_GENERATE, REST_GENERATE, ProtocolRow
+from loadtest.bench.triton import GRPC_GENERATE, OPENAI_GENERATE, REST_GENERATE, ProtocolRow
 
 
 @dataclass
@@ -302,7 +302,7 @@ def median_row(rows: list[ProtocolRow], what: str, clients: int, attr: str) -> t
 
 
 def triton_targets(rows: list[ProtocolRow], streams: list[int], rest: str = REST_GENERATE,
-                   grpc: str = GRPC_GENERATE) -> list[Target]:
+                   grpc: str = GRPC_GENERATE, name: str = "gRPC") -> list[Target]:
     """Part 9 (loadtest/bench/triton.py), per stream level: gRPC ModelStreamInfer chars/s >= 0.9x REST
     /generate's, and gRPC first-chunk p95 <= 1.1x REST's, each judged on the median of the per-round ratios
     (issue 26; their min-max printed), with each side's client CPU (cores) beside it.
@@ -311,9 +311,9 @@ def triton_targets(rows: list[ProtocolRow], streams: list[int], rest: str = REST
     targets = []
     for n in streams:
         label = f"{n} stream{'s' if n != 1 else ''}"
-        what = f"gRPC streamed generation chars/s at {label}"
+        what = f"{name} streamed generation chars/s at {label}"
         goal = f">= {GRPC_THROUGHPUT_FACTOR:g}x REST /generate, same run, errors not counted"
-        cpu = f"; client CPU (cores) gRPC {client_cpu(rows, grpc, n)}, REST {client_cpu(rows, rest, n)}"
+        cpu = f"; client CPU (cores) {name} {client_cpu(rows, grpc, n)}, REST {client_cpu(rows, rest, n)}"
         a, b = median_row(rows, grpc, n, "ok_per_s"), median_row(rows, rest, n, "ok_per_s")
         ratios = row_ratios(rows, grpc, rest, n, "ok_per_s")
         if a is None or b is None or not ratios.values:
@@ -323,7 +323,7 @@ def triton_targets(rows: list[ProtocolRow], streams: list[int], rest: str = REST
             errors = f" (errors: {a[1]} vs {b[1]})" if a[1] or b[1] else ""
             targets.append(Target(what, f"{ratios.describe()} (medians {a[0]:,.0f} vs {b[0]:,.0f} chars/s){errors}"
                                         f"{cpu}", goal, ratios.median >= GRPC_THROUGHPUT_FACTOR))
-        what = f"gRPC streamed generation first-chunk p95 at {label}"
+        what = f"{name} streamed generation first-chunk p95 at {label}"
         goal = f"<= {GRPC_FIRST_P95_FACTOR:g}x REST /generate's"
         a, b = median_row(rows, grpc, n, "first_p95_ms"), median_row(rows, rest, n, "first_p95_ms")
         ratios = row_ratios(rows, grpc, rest, n, "first_p95_ms")
@@ -333,6 +333,11 @@ def triton_targets(rows: list[ProtocolRow], streams: list[int], rest: str = REST
             targets.append(Target(what, f"{ratios.describe()} (medians {a[0]:.1f} vs {b[0]:.1f} ms){cpu}", goal,
                                   ratios.median <= GRPC_FIRST_P95_FACTOR))
     return targets
+
+
+def openai_targets(rows: list[ProtocolRow], streams: list[int]) -> list[Target]:
+    """Issue 27, fixed before the first run: streamed /v1/completions within the same bounds against /generate."""
+    return triton_targets(rows, streams, grpc=OPENAI_GENERATE, name="OpenAI /v1/completions")
 
 
 def ratio_note(rows: list[ProtocolRow], ours: str, theirs: str, clients: int) -> str:

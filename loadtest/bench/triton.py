@@ -1,14 +1,16 @@
-"""Part 9: Triton's protocols beside REST on the same nnserve server (issue 19, "Measured").
+"""Part 9: Triton's protocols and OpenAI's API beside REST on the same nnserve server (issues 19 and 27, "Measured").
 
 - Streamed generation: gRPC ``ModelStreamInfer`` (tritonclient.grpc ``start_stream`` + ``async_stream_infer``,
-  ``text_input`` + ``max_tokens``/``temperature``/``seed``) against streamed REST ``/generate``, at each
-  ``--streams`` level, same prompts, seeds and characters per request, in ``--triton-rounds`` rounds whose
-  order alternates (REST first, then gRPC first): characters/s over all streams (only complete, error-free
-  streams count) and first-chunk p50/p95 (request sent -> first text at the client).
-- Classification of image bytes: gRPC ``ModelInfer`` with an ``image`` BYTES [1] PNG of a held-out digit and
-  the scores output asked with ``class_count=5``, against ``/classify`` (the same PNG, top 5) at
-  ``--triton-classify-clients``: the same Python harness on both, plus wrk on ``/classify`` (a C client:
-  what the server does when the client costs little).
+  ``text_input`` + ``max_tokens``/``temperature``/``seed`` to ``char_lstm.text``) against streamed REST
+  ``/generate``, at each ``--streams`` level, same prompts, seeds and characters per request, in
+  ``--triton-rounds`` rounds whose order alternates (REST first, then gRPC first): characters/s over all
+  streams (only complete, error-free streams count) and first-chunk p50/p95 (request sent -> first text at
+  the client). Streamed OpenAI ``/v1/completions`` (issue 27) is a third row at each level, read by the same
+  HTTP client as ``/generate``.
+- Classification of image bytes: gRPC ``ModelInfer`` on ``lenet5.image`` with an ``image`` BYTES [1] PNG of a
+  held-out digit and the scores output asked with ``class_count=5``, against ``/classify`` (the same PNG, top
+  5) at ``--triton-classify-clients``: the same Python harness on both, plus wrk on ``/classify`` (a C
+  client: what the server does when the client costs little).
 
 Every Python row runs in worker processes (``protocol_clients.run_clients``, one client per thread, clients
 spread over ``--triton-client-processes`` processes, spawned once and warmed up), and reports the CPU those
@@ -28,10 +30,11 @@ from loadtest.bench.common import log, percentile
 from loadtest.bench.protocol_clients import Call, Options, run_clients, warm_up
 
 REST_GENERATE, GRPC_GENERATE = "REST /generate (stream)", "gRPC ModelStreamInfer"
+OPENAI_GENERATE = "OpenAI /v1/completions (stream)"
 REST_CLASSIFY, GRPC_CLASSIFY, WRK_CLASSIFY = "REST /classify (Python)", "gRPC image bytes", "REST /classify (wrk)"
 KINDS = {REST_GENERATE: "rest-generate", GRPC_GENERATE: "grpc-generate", REST_CLASSIFY: "rest-classify",
-         GRPC_CLASSIFY: "grpc-classify"}
-GENERATION = (REST_GENERATE, GRPC_GENERATE)
+         GRPC_CLASSIFY: "grpc-classify", OPENAI_GENERATE: "openai-generate"}
+GENERATION = (REST_GENERATE, GRPC_GENERATE, OPENAI_GENERATE)
 
 
 @dataclass
@@ -72,9 +75,11 @@ def split(clients: int, processes: int) -> list[int]:
     return [clients // n + (1 if i < clients % n else 0) for i in range(n)]
 
 
-def round_order(i: int) -> tuple[str, str]:
-    """REST first in odd rounds, gRPC first in even ones: neither always runs on the warmer machine."""
-    return GENERATION if i % 2 == 0 else GENERATION[::-1]
+def round_order(i: int) -> tuple[str, ...]:
+    """The generation rows rotated by round (REST, gRPC, OpenAI first in turn): none always runs on the warmer
+    machine."""
+    k = i % len(GENERATION)
+    return GENERATION[k:] + GENERATION[:k]
 
 
 def row_from_wrk(result, round_no: int) -> ProtocolRow:
@@ -125,7 +130,8 @@ def bench_triton(url: str, grpc_url: str, png: Path, wrk_args: list[str], stream
 
     rest = Options(url, prompts(vocab=served_vocab(url, GENERATE_MODEL)), chars, png.read_bytes(), scores_output(url))
     grpc = Options(grpc_url, rest.prompts, chars, rest.png, rest.scores_output)
-    by_protocol = {REST_GENERATE: rest, GRPC_GENERATE: grpc, REST_CLASSIFY: rest, GRPC_CLASSIFY: grpc}
+    by_protocol = {REST_GENERATE: rest, GRPC_GENERATE: grpc, REST_CLASSIFY: rest, GRPC_CLASSIFY: grpc,
+                   OPENAI_GENERATE: rest}
     rows: list[ProtocolRow] = []
     log(f"Triton protocols: {processes} client process(es), {rounds} round(s) of {seconds:g} s rows")
     clients = Clients(processes)

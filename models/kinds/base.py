@@ -1,7 +1,8 @@
 """What every model kind shares, and the numeric checks the kinds' parity certificates are made of.
 
 A kind (models/kinds/image.py, models/kinds/sequence_lm.py) is the one place that knows a kind of model:
-its tensor roles and batch axes, warm-up inputs, the REST endpoints that take it, how its card is checked,
+its tensor roles and batch axes, warm-up inputs, the REST endpoints that take it, its KServe v2 front end
+(``<model>.image``, ``<model>.text``) and input layout, how its card is checked,
 how it is wrapped for export, how parity is certified and how INT8 is calibrated and gated. Export and
 service both ask the kind; neither switches on kind names. Importable without torch: the export-only
 methods import torch (and onnxruntime) when called.
@@ -12,6 +13,7 @@ scores output" there, so graphs keep whatever names their authors gave them (ONN
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,6 +29,23 @@ class KindError(ValueError):
 class RequestError(ValueError):
     """A client's request does not fit the kind (an unknown sampling parameter, ...): the service answers
     400 / INVALID_ARGUMENT with the message."""
+
+
+@dataclass(frozen=True)
+class FrontEnd:
+    """A kind's BYTES front end over KServe v2: served as a model of its own, ``<model>.<suffix>``, as Triton
+    puts an image decoder or text in / text out in an ensemble or BLS model beside the network, so that every
+    model's metadata lists exactly the inputs a client must send. It takes one BYTES input; its outputs are
+    its own BYTES ones, or (``outputs`` None) the network's."""
+
+    suffix: str  # the model is served as "<model>.<suffix>"; served names may not end so (service/settings.py)
+    role: str  # what the service does with the rows: "image" (decode + preprocess, then the network), "prompt"
+    input: str  # the BYTES input's name
+    input_shape: tuple[int, ...]  # its shape in the metadata; -1 = any (the first, with ``batched``: the batch)
+    outputs: tuple[tuple[str, tuple[int, ...]], ...] | None = None  # BYTES (name, shape); None: the network's
+    batched: bool = False  # rows are batch items that join the network's dynamic batches (Triton's max_batch_size)
+    decoupled: bool = False  # may answer one request with several responses (ModelStreamInfer)
+    description: str = ""  # what the input takes, for the model's metadata
 
 
 class Kind:
@@ -65,17 +84,14 @@ class Kind:
         """What a raw-tensor request's values break (e.g. token ids outside the vocabulary)."""
         return None
 
-    # ---- Triton's protocol extras (service/kserve.py) -------------------------------------------------
+    # ---- Triton's protocol extras (service/kserve.py, service/management.py) ------------------------------
 
-    def protocol_inputs(self, metadata: dict) -> list[dict]:
-        """BYTES inputs the kind takes over KServe v2 besides the graph's own tensors, for model metadata and
-        requests: ``name``, ``datatype``, ``shape``, ``role`` (what the service does with the rows: "image" =
-        encoded images replacing the graph's image input, "prompt" = text to generate from)."""
-        return []
+    front_end: ClassVar[FrontEnd | None] = None  # the kind's BYTES front end over KServe v2, if it has one
 
-    def protocol_outputs(self, metadata: dict) -> list[dict]:
-        """BYTES outputs answering the protocol inputs (``name``, ``datatype``, ``shape``)."""
-        return []
+    def input_layout(self, metadata: dict, tensor: str) -> str | None:
+        """The memory layout of an image input ("NCHW" or "NHWC": Triton's config ``format``); None for
+        tensors that are not images."""
+        return None
 
     def output_labels(self, metadata: dict, output: str) -> list[str] | None:
         """Class labels of a [batch, classes] output, for Triton's classification extension (None: unlabelled)."""

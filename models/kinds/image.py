@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from models.kinds.base import Kind, KindError, errors, summarize
+from models.kinds.base import FrontEnd, Kind, KindError, errors, summarize
 from models.preprocess import input_hw
 
 BATCH_SIZES = (1, 7, 64)
@@ -41,9 +41,17 @@ class ImageClassifier(Kind):
 
     # ---- serving --------------------------------------------------------------------------------------
 
-    def protocol_inputs(self, metadata: dict) -> list[dict]:
-        # Encoded image files, one per batch row ([N] or [N, 1]): the same decode and preprocessing as /classify.
-        return [{"name": "image", "datatype": "BYTES", "shape": [-1], "role": "image"}]
+    # Encoded image files, one per batch row ([N, 1], or [N]): /classify's decode and preprocessing, then the
+    # network, in the same dynamic batches as its float input.
+    front_end: ClassVar[FrontEnd | None] = FrontEnd(
+        suffix="image", role="image", input="image", input_shape=(-1, 1), batched=True,
+        description="encoded image files (PNG, JPEG, ...), one per batch row: decoded and preprocessed as the "
+                    "model card says, then run through the network")
+
+    def input_layout(self, metadata: dict, tensor: str) -> str | None:
+        if tensor != metadata["roles"].get("image"):
+            return None
+        return "NHWC" if metadata["preprocessing"].get("layout") == "NHWC" else "NCHW"
 
     def output_labels(self, metadata: dict, output: str) -> list[str] | None:
         return metadata.get("labels") if output == metadata["roles"].get("scores") else None

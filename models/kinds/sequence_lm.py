@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
-from models.kinds.base import Kind, KindError, RequestError, errors, summarize
+from models.kinds.base import FrontEnd, Kind, KindError, RequestError, errors, summarize
 from models.vocab import Vocabulary, VocabularyError
 
 STATE_BATCH_AXIS = 1  # [layers, B, hidden]
@@ -96,11 +97,11 @@ class SequenceLM(Kind):
             return f"token ids must be in [0, {vocab_size}), got values from {tokens.min()} to {tokens.max()}"
         return None
 
-    def protocol_inputs(self, metadata: dict) -> list[dict]:
-        return [{"name": "text_input", "datatype": "BYTES", "shape": [1], "role": "prompt"}]
-
-    def protocol_outputs(self, metadata: dict) -> list[dict]:
-        return [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]  # one element per sample (n)
+    # A prompt in, generated text out (text_output [n]: one element per sample), through the continuous
+    # batcher; ModelStreamInfer streams a response per chunk (Triton's decoupled models).
+    front_end: ClassVar[FrontEnd | None] = FrontEnd(
+        suffix="text", role="prompt", input="text_input", input_shape=(1,), outputs=(("text_output", (-1,)),),
+        decoupled=True, description="a prompt (UTF-8); sampling options as request parameters")
 
     def sampling_options(self, parameters: dict) -> tuple[dict, dict]:
         unknown = sorted(set(parameters) - set(SAMPLING_PARAMETERS) - IGNORED_PARAMETERS)

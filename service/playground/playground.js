@@ -445,10 +445,40 @@ async function* serverSentEvents(response) {
   }
 }
 
+// The same generation through OpenAI's API (docs/openai.md): the same batcher and seed give the same text.
+// JSON strings and numbers are Python literals too. The token is read from $NNSERVE_TOKEN, never written out.
+function showOpenAI(body) {
+  const py = (value) => JSON.stringify(value);
+  const args = [`model=${py(body.version ? `${body.model}:${body.version}` : body.model)}`, `prompt=${py(body.prompt)}`];
+  if (body.max_new_chars !== undefined) args.push(`max_tokens=${body.max_new_chars}`);
+  for (const key of ["temperature", "top_p", "seed", "n", "stop"]) {
+    if (body[key] !== undefined) args.push(`${key}=${py(body[key])}`);
+  }
+  if (body.top_k !== undefined) args.push(`extra_body={"top_k": ${body.top_k}}`);
+  const key = state.token ? 'os.environ["NNSERVE_TOKEN"]' : '"unused"';
+  const lines = [
+    ...(state.token ? ["import os", ""] : []),
+    "from openai import OpenAI",
+    "",
+    `client = OpenAI(base_url=${py(`${location.origin}/v1`)}, api_key=${key})`,
+    "stream = client.completions.create(",
+    `    ${args.join(", ")}, stream=True)`,
+  ];
+  if ((body.n || 1) === 1) {
+    lines.push("for chunk in stream:", '    print(chunk.choices[0].text, end="", flush=True)', "print()");
+  } else {
+    lines.push("texts = {}", "for chunk in stream:", "    for choice in chunk.choices:",
+      '        texts[choice.index] = texts.get(choice.index, "") + choice.text',
+      "for index in sorted(texts):", '    print(f"--- sample {index}:\\n{texts[index]}")');
+  }
+  $("generate-openai").textContent = lines.join("\n");
+}
+
 async function generate() {
   const body = generationRequest();
   showCurl("generate", ["-N", `${location.origin}/generate`, "-H", "Content-Type: application/json",
     "-H", "Accept: text/event-stream", "-d", JSON.stringify(body)]);
+  showOpenAI(body);
   const controller = new AbortController();
   state.generation = controller;
   $("generate").disabled = true;

@@ -7,7 +7,8 @@
 - ``word_gru``: a PyTorch-examples-style word-level GRU LM (time-major, flattened log-probabilities), weights
   saved with ``torch.save(state_dict)`` (.pt, loaded with weights_only=True);
 - ``elsewhere_cnn``: an ONNX file "made elsewhere" with a fixed batch of 1, its own tensor names and a
-  reference .npz.
+  reference .npz;
+- ``keras_like``: an ONNX file "made elsewhere" that takes channels-last (NHWC) RGB images.
 """
 
 from __future__ import annotations
@@ -87,3 +88,29 @@ def elsewhere_cnn(out: Path) -> tuple[Path, nn.Module]:
             "preprocessing": {"channels": 1, "resize": [8, 8], "mean": [0.5], "std": [0.5]}}
     (out / "card.json").write_text(json.dumps(card, indent=2))
     return out, model
+
+
+class ChannelsLastCNN(nn.Module):
+    """What a TensorFlow/Keras graph looks like to nnserve: images [N, H, W, C]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):  # x: [N, H, W, C]
+        return self.head(self.conv(x.permute(0, 3, 1, 2)).mean((2, 3)))
+
+
+def keras_like(out: Path) -> Path:
+    """An ONNX file "made elsewhere" that takes channels-last RGB images ("layout": "NHWC" in its card)."""
+    torch.manual_seed(0)
+    out.mkdir(parents=True)
+    torch.onnx.export(ChannelsLastCNN().eval(), (torch.randn(2, 12, 10, 3),), str(out / "model.onnx"), dynamo=False,
+                      opset_version=17, input_names=["input_1"], output_names=["dense"],
+                      dynamic_axes={"input_1": {0: "n"}, "dense": {0: "n"}})
+    card = {"format": "nnserve.artifact/2", "name": "keras_like", "kind": "image_classifier",
+            "onnx": {"file": "model.onnx"}, "labels": ["x", "y", "z"],
+            "preprocessing": {"channels": 3, "resize": [12, 10], "mean": [0.5] * 3, "std": [0.25] * 3,
+                              "layout": "NHWC"}}
+    (out / "card.json").write_text(json.dumps(card, indent=2))
+    return out
