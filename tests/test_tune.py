@@ -162,3 +162,27 @@ def test_an_entry_that_would_not_read_back_is_not_written(tmp_path):
     write_entry(config, "fresh", {"tag": "fresh", "max_batch_size": 8}, "tuned now")  # a new model: appended
     models = yaml.safe_load(config.read_text())["models"]
     assert list(models) == ["other", "tune-digits", "fresh"] and models["fresh"]["max_batch_size"] == 8
+
+
+def test_apply_sends_the_chosen_entry_through_the_management_api(model, own_server, session_dir, tmp_path):
+    import requests
+
+    token = session_dir / "tune-apply-token"
+    token.write_text("tune-apply-token-0123456789")
+    token.chmod(0o600)
+    config = session_dir / "tune-apply-models.yaml"
+    config.write_text(json.dumps({"models": {model: {"tag": model}}}))
+    env = {"NNSERVE_MANAGEMENT_TOKEN_FILE": str(token), "NNSERVE_MODELS_CONFIG": str(config),
+           "NNSERVE_WORKERS": "2", "NNSERVE_STATE_DIR": str(session_dir / "tune-apply-state")}
+    with own_server("tune-apply", env) as live:
+        done = tune([model, *SHORT, "--instances", "2", "--batch-sizes", "32", "--delays-us", "0", "--no-adaptive",
+                     "--apply", live.http_url, "--token-file", str(token), "--out", str(tmp_path / "out"),
+                     "--models-config", str(tmp_path / "models.yaml")], tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"{live.http_url} serves it" in done.stdout
+        assert "that server runs 2 worker(s); this configuration was measured with 1" in done.stdout
+        assert token.read_text() not in done.stdout + done.stderr  # the token is never echoed
+        served = requests.get(f"{live.http_url}/v2/models/{model}/config", timeout=30).json()
+        assert served["instance_group"][0]["count"] == 2
+        assert served["parameters"]["intra_op_thread_count"]["string_value"] == "1"
+    assert not (tmp_path / "models.yaml").exists()  # --apply instead of writing the file
