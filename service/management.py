@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from dataclasses import replace
 
@@ -20,6 +21,8 @@ from service.errors import ChangeTimeout, ClientError, NotFound
 from service.lifecycle import LiveState, StateDir, alive, load_failures, store_index, with_versions
 from service.repository import ModelState, Repository, VersionState
 from service.settings import ModelConfig, SettingsError, read_models_document, read_traffic, resolve_entries, valid_name
+
+log = logging.getLogger("nnserve.management")
 
 ROLLBACK_WAIT_S = 10.0  # a timed-out change waits this long for its rollback, then answers who serves what
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
@@ -71,6 +74,8 @@ def load(repository: Repository, name: str, parameters: dict) -> dict:
     if unknown:
         raise ClientError(f"unknown load parameter(s) {unknown}; expected 'config' (JSON) and/or 'version'")
 
+    edited: list[ModelConfig] = []
+
     def edit(state: LiveState) -> list[ModelConfig]:
         models = list(state.models)
         current = state.model(name)
@@ -93,9 +98,16 @@ def load(repository: Repository, name: str, parameters: dict) -> dict:
             models.append(config)
         else:
             models[models.index(current)] = config
+        edited[:] = models
         return models
 
-    return change(repository, f"load {name}", edit, changed=name)
+    answer = change(repository, f"load {name}", edit, changed=name)
+    # Served as asked, but say so when its threads outnumber the cores (the change is the user's to make).
+    loaded = next(m for m in edited if m.name == name)
+    if (why := repository.settings.oversubscription(loaded)) is not None:
+        log.warning(why)
+        answer["warnings"] = [why]
+    return answer
 
 
 def unload(repository: Repository, name: str, parameters: dict) -> dict:
@@ -317,12 +329,23 @@ def model_config(repository: Repository, name: str, version: str = "") -> dict:
             "preferred_batch_size": list(config.preferred_batch_sizes),
             "default_queue_policy": {"max_queue_size": config.max_queue_size, "timeout_action": "REJECT",
                                      "default_timeout_microseconds": round(config.queue_timeout_ms * 1e3)}},
+        # count: sessions per worker (every worker has its own: workers x count in the server)
         "instance_group": [{"name": f"{name}_0", "kind": "KIND_CPU" if runtime.provider == "CPUExecutionProvider"
-                            else "KIND_GPU", "count": repository.settings.workers}],
+                            else "KIND_GPU", "count": config.instances}],
         "parameters": {**parameters, "execution_provider": {"string_value": runtime.provider},
+                       **execution_parameters(repository, config),
                        **({"front_end": {"string_value": f"{name}.{kind.front_end.suffix}"}}
                           if kind.front_end else {})},
     }
+
+
+def execution_parameters(repository: Repository, config: ModelConfig) -> dict:
+    """How the model runs (Triton's ORT backend parameter names, and ours): effective threads, variant, workers."""
+    settings = repository.settings
+    return {"intra_op_thread_count": {"string_value": str(settings.threads_for(config))},
+            "inter_op_thread_count": {"string_value": str(config.inter_op_threads)},
+            "lone_request_thread_count": {"string_value": str(config.lone_request_threads)},
+            "variant": {"string_value": config.variant}, "workers": {"string_value": str(settings.workers)}}
 
 
 def model_statistics(repository: Repository, name: str = "", version: str = "") -> dict:

@@ -38,7 +38,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from models.kinds import kinds_for
@@ -55,6 +55,11 @@ log = logging.getLogger("nnserve.repository")
 POLL_S = 0.1  # how often a worker looks for a new live state (a stat call)
 JOIN_S = 2.0  # how often a worker looks in the store for configured models not exported yet
 QUIET_S = 0.1  # a retired version must be idle this long before it is freed (see Served.idle)
+
+
+def execution_of(model: ModelConfig) -> tuple:
+    """What a version's sessions are made with: a change of it loads new ones (the batching alone does not)."""
+    return model.instances, model.intra_op_threads, model.inter_op_threads, model.variant, model.lone_request_threads
 
 
 def batching_config(model: ModelConfig) -> BatchingConfig:
@@ -94,9 +99,11 @@ class Served:
     """One version of a served model in this worker."""
 
     config: ModelConfig
-    runtime: ModelRuntime
+    runtime: ModelRuntime  # the first instance (generation runs on it)
     batcher: DynamicBatcher
     generator: ContinuousBatcher | None
+    instances: tuple[ModelRuntime, ...] = ()  # every session the batcher runs batches on (runtime first)
+    lone: ModelRuntime | None = None  # the session with lone_request_threads (adaptive), if any
     leases: int = 0  # requests holding it (request_scope); changed on the scope's thread (event loop) only
     retired: bool = False  # no longer routed to: freed once idle
 
@@ -365,11 +372,14 @@ class Repository:
         """The served version, loaded now if it is new or its batching changed; None if it cannot load."""
         key = (config.name, version)
         current = self.served.get(key)
-        if current is not None and not current.retired and batching_config(current.config) == batching_config(config):
-            current.config = config  # same batching: only versions or traffic changed, which live in the Route
-            return current
+        reused: tuple[ModelRuntime | None, ...] = ()  # the sessions (lone, *instances) when only the batching changes
+        if current is not None and not current.retired and execution_of(current.config) == execution_of(config):
+            if batching_config(current.config) == batching_config(config):
+                current.config = config  # same batching: only versions or traffic changed, which live in the Route
+                return current
+            reused = (current.lone, *current.instances)
         try:
-            served = self._load(config, version, current.runtime if current and not current.retired else None)
+            served = self._load(config, version, reused)
         except Exception as e:  # a broken version must not take the others down
             self._version_failures[key] = f"{type(e).__name__}: {e}"
             log.error("worker %s: model %s version %s failed to load and is not served: %s", self.worker,
@@ -382,26 +392,39 @@ class Repository:
         self.served[key] = served
         return served
 
-    def _load(self, config: ModelConfig, version: str, runtime: ModelRuntime | None) -> Served:
-        """A version's session (or ``runtime``, when only its batching changed), warmed up, and its batchers."""
+    def _load(self, config: ModelConfig, version: str, reused: tuple[ModelRuntime | None, ...]) -> Served:
+        """A version's sessions, one per instance, and the lone-request one if asked (or ``reused``, when only
+        its batching changed: (lone, *instances)), warmed up, and its batchers."""
         tag = f"{config.store_name}:{version}"
-        if runtime is None:
+        if reused:
+            lone, instances = reused[0], tuple(r for r in reused[1:] if r is not None)
+        else:
             # The kind first: an endpoint's default model must not change because the model failed to load.
             self._kinds[config.name] = store_model(tag).info.metadata.get("kind")
-            runtime = load_runtime(config.name, tag, settings=self.settings)  # the store tag, served as `name`
-            generates = runtime.kind_module.generates
-            runtime.warmup(warmup_sizes(self.settings.generation_batch_size if generates else config.max_batch_size))
-            if "image" in runtime.roles:  # Pillow loads its decoders on first use: not on a client's request
-                images.preprocess_upload(images.blank_png(), runtime.metadata["preprocessing"])
-        batcher = DynamicBatcher(f"{config.name}:{version}", runtime.run, runtime.batch_axis, batching_config(config),
-                                 on_batch=functools.partial(metrics.observe_batch, runtime, "dynamic"))
+            instances = tuple(self._session(config, tag, config) for _ in range(config.instances))  # Triton's count
+            lone = self._session(config, tag, replace(config, intra_op_threads=config.lone_request_threads)) \
+                if config.lone_request_threads else None
+            if "image" in instances[0].roles:  # Pillow loads its decoders on first use: not on a client's request
+                images.preprocess_upload(images.blank_png(), instances[0].metadata["preprocessing"])
+        runtime = instances[0]
+        batcher = DynamicBatcher(f"{config.name}:{version}", [r.run for r in instances], runtime.batch_axis,
+                                 batching_config(config),
+                                 on_batch=functools.partial(metrics.observe_batch, runtime, "dynamic"),
+                                 lone=lone.run if lone is not None else None)
         generator = None
         if runtime.kind_module.generates:
             generator = ContinuousBatcher(
                 runtime, self.settings.generation_batch_size,
                 on_step=functools.partial(metrics.observe_batch, runtime, "continuous"),
                 on_occupancy=functools.partial(metrics.set_generation_slots, runtime))
-        return Served(config, runtime, batcher, generator)
+        return Served(config, runtime, batcher, generator, instances, lone)
+
+    def _session(self, config: ModelConfig, tag: str, options: ModelConfig) -> ModelRuntime:
+        """One session of the store entry ``tag`` served as ``config.name``, with ``options``' threads, warmed up."""
+        runtime = load_runtime(config.name, tag, self.settings, options)
+        generates = runtime.kind_module.generates
+        runtime.warmup(warmup_sizes(self.settings.generation_batch_size if generates else config.max_batch_size))
+        return runtime
 
     def _drain(self, retiring: list[Served]) -> None:
         """Free retired versions once nothing uses them (NNSERVE_DRAIN_TIMEOUT_S at most): requests and streams
@@ -566,9 +589,18 @@ class Repository:
             versions = [{"version": v.version, "state": "ready" if v.state == "READY" else "failed",
                          "reason": v.reason if v.state != "READY" else None} for v in model.versions]
             out.append(newest.runtime.describe() | {
-                "state": "ready", "batching": _batching_of(newest.batcher), "versions": versions,
+                "state": "ready", "batching": _batching_of(newest.batcher), "execution": self.execution(newest),
+                "versions": versions,
                 "traffic": {"weights": dict(config.traffic), "sticky_header": config.sticky_header or None}})
         return out
+
+    def execution(self, served: Served) -> dict:
+        """How a served version runs in this worker: its sessions and their threads (GET /models)."""
+        config = served.config
+        return {"instances": len(served.instances), "intra_op_threads": self.settings.threads_for(config),
+                "inter_op_threads": config.inter_op_threads, "variant": config.variant,
+                "lone_request_threads": config.lone_request_threads if served.lone is not None else 0,
+                "workers": self.settings.workers, "oversubscription": self.settings.oversubscription(config)}
 
     def served_versions(self, name: str) -> list[str]:
         """The ready versions of ``name``, oldest first (KServe model metadata's ``versions``)."""

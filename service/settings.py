@@ -44,6 +44,10 @@ BATCHING_FIELDS = ("max_batch_size", "max_queue_delay_ms", "preferred_batch_size
 BATCHING_LIMITS = {"max_batch_size": 1024, "max_queue_delay_ms": 10_000.0, "max_queue_size": 65_536,
                    "queue_timeout_ms": 600_000.0}
 MAX_PREFERRED_BATCH_SIZES = 32
+# Upper bounds of every model's execution settings (models.yaml, a management API config override): each
+# instance is one more ONNX Runtime session (the model's memory again) in every worker.
+EXECUTION_LIMITS = {"instances": 16, "intra_op_threads": 256, "inter_op_threads": 64, "lone_request_threads": 256}
+VARIANTS = ("fp32", "int8")  # int8: export's INT8 entry of the same model, <name>-int8, served only if its gate passed
 
 
 class SettingsError(ValueError):
@@ -52,9 +56,10 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """One served model: the store tag served under ``name`` and its dynamic batching (Triton's
-    ``max_batch_size``, ``dynamic_batching`` and ``default_queue_policy``), effective values in the units
-    of the NNSERVE_* settings (ms)."""
+    """One served model: the store tag served under ``name``, its dynamic batching (Triton's
+    ``max_batch_size``, ``dynamic_batching`` and ``default_queue_policy``) and its execution (Triton's
+    ``instance_group`` count, the ONNX Runtime backend's thread ``parameters``, the variant), effective
+    values in the units of the NNSERVE_* settings (ms)."""
 
     name: str
     tag: str
@@ -73,11 +78,22 @@ class ModelConfig:
     # () = every such request goes to the newest served version, as in Triton.
     traffic: tuple[tuple[str, float], ...] = ()
     sticky_header: str = ""  # a request header whose value keeps a client on one version of the split
+    # Execution, per worker: sessions of this model, each running whole batches off the one queue (Triton's
+    # instance_group count); ONNX Runtime threads per session (0 = the cores shared among every session of
+    # the server's workers, Settings.threads_for); inter-op > 1 runs independent graph branches in parallel.
+    instances: int = 1
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    variant: str = "fp32"  # "int8": the tag's <name>-int8 store entry (export --int8, served if its gate passed)
+    # Adaptive (ours, 0 = off): one more session with this many threads runs a batch when it is the only work
+    # in the worker (all cores for a lone request); under load the instances' own sessions run (one per session).
+    lone_request_threads: int = 0
 
     @property
     def store_name(self) -> str:
-        """The name in the BentoML store whose versions this model serves."""
-        return self.tag.split(":")[0]
+        """The name in the BentoML store whose versions this model serves (the variant's entry)."""
+        name = self.tag.split(":")[0]
+        return f"{name}-int8" if self.variant == "int8" else name
 
     @property
     def policy(self) -> tuple:
@@ -94,7 +110,7 @@ class ModelConfig:
             "latest": lambda n: {"latest": {"num_versions": n}}, "all": lambda: {"all": {}},
             "specific": lambda versions: {"specific": {"versions": list(versions)}}}
         policy = policies[kind](*args)
-        entry = {"tag": self.store_name, "max_batch_size": self.max_batch_size,
+        entry = {"tag": self.tag.split(":")[0], "max_batch_size": self.max_batch_size,
                  "dynamic_batching": {"max_queue_delay_microseconds": round(self.max_queue_delay_ms * 1e3),
                                       "preferred_batch_size": list(self.preferred_batch_sizes),
                                       "default_queue_policy": {
@@ -104,6 +120,11 @@ class ModelConfig:
         if self.traffic or self.sticky_header:
             entry["traffic"] = {"weights": dict(self.traffic), **({"sticky_header": self.sticky_header}
                                                                   if self.sticky_header else {})}
+        entry |= {"instance_group": [{"count": self.instances}],
+                  "parameters": {"intra_op_thread_count": {"string_value": str(self.intra_op_threads)},
+                                 "inter_op_thread_count": {"string_value": str(self.inter_op_threads)},
+                                 "lone_request_thread_count": {"string_value": str(self.lone_request_threads)}},
+                  "variant": self.variant}
         if self.versions:
             entry["versions"] = list(self.versions)
         return entry
@@ -120,7 +141,10 @@ class ModelConfig:
                 f"preferred_batch_sizes={list(self.preferred_batch_sizes)} max_queue_size={self.max_queue_size} "
                 f"queue_timeout_ms={self.queue_timeout_ms} version_policy={self.policy}"
                 + (f" traffic={dict(self.traffic)}" if self.traffic else "")
-                + (f" sticky_header={self.sticky_header!r}" if self.sticky_header else ""))
+                + (f" sticky_header={self.sticky_header!r}" if self.sticky_header else "")
+                + f" instances={self.instances} intra_op_threads={self.intra_op_threads or 'auto'}"
+                  f" inter_op_threads={self.inter_op_threads} variant={self.variant}"
+                + (f" lone_request_threads={self.lone_request_threads}" if self.lone_request_threads else ""))
 
 
 @dataclass(frozen=True)
@@ -196,6 +220,9 @@ class Settings:
         globals_only.validate()  # the globals first: they are the models' defaults
         settings = cls(**values, models=_resolve_models(globals_only, env))
         settings.validate()
+        for model in settings.models:
+            if (why := settings.oversubscription(model)) is not None:
+                log.warning(why)
         return settings
 
     def validate(self) -> None:
@@ -249,7 +276,30 @@ class Settings:
 
     def threads_per_session(self) -> int:
         """ONNX Runtime intra-op threads: as configured, else the cores (``cpus``) shared among the workers."""
-        return self.intra_op_threads or max(1, (self.cpus or os.cpu_count() or 1) // self.workers)
+        return self.intra_op_threads or max(1, self.cores() // self.workers)
+
+    def cores(self) -> int:
+        return self.cpus or os.cpu_count() or 1
+
+    def threads_for(self, model: ModelConfig) -> int:
+        """``model``'s intra-op threads per session: its own setting, else the cores shared among every
+        session of it in the server (workers x instances): a default never oversubscribes."""
+        return model.intra_op_threads or max(1, self.cores() // (self.workers * model.instances))
+
+    def oversubscription(self, model: ModelConfig) -> str | None:
+        """Why ``model``'s execution settings ask for more threads than the cores, or None: each worker runs
+        ``instances`` sessions at once, each with its intra-op threads (and inter-op ones beside them)."""
+        threads = self.threads_for(model) * max(1, model.inter_op_threads)
+        total = self.workers * model.instances * threads
+        if model.lone_request_threads > self.cores():
+            return (f"model {model.name!r}: oversubscription: parameters.lone_request_thread_count "
+                    f"{model.lone_request_threads} is more than the {self.cores()} cores")
+        if total <= self.cores():
+            return None
+        return (f"model {model.name!r}: oversubscription: {self.workers} worker(s) x {model.instances} instance(s) x "
+                f"{threads} thread(s) (intra-op {self.threads_for(model)}, inter-op {model.inter_op_threads}) = "
+                f"{total} threads on {self.cores()} cores; threads that wait for a core add latency (lower "
+                "parameters.intra_op_thread_count or instance_group count, or set NNSERVE_CPUS)")
 
     def describe(self) -> str:
         """One line per setting, then one per served model with its effective config, for the start-up log."""
@@ -329,6 +379,67 @@ def read_traffic(value: object, key_path: str, fail: Fail) -> dict:
             "sticky_header": (header.lower(), f"{key_path}.sticky_header")}
 
 
+def _count(value: object, key_path: str, field_name: str, minimum: int, fail: Fail) -> int:
+    """An integer in [minimum, EXECUTION_LIMITS[field_name]]; Triton's parameters are strings, so "2" too."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if not _is_int(value):
+        fail(key_path, f"must be an integer, got {_show(value)}")
+    limit = EXECUTION_LIMITS[field_name]
+    if not minimum <= value <= limit:  # type: ignore[operator]
+        fail(key_path, f"must be in [{minimum}, {limit}], got {value}")
+    return value  # type: ignore[return-value]
+
+
+def read_instance_group(value: object, key_path: str, fail: Fail) -> dict:
+    """Triton's ``instance_group: [{count: N}]``: N sessions of the model per worker. One group: the device
+    follows NNSERVE_PROVIDERS, so ``kind`` may only be KIND_AUTO."""
+    if not isinstance(value, list) or len(value) != 1 or not isinstance(value[0], dict):
+        fail(key_path, f"must be a list of one group, e.g. [{{count: 2}}], got {_show(value)}")
+    group = value[0]
+    unknown = sorted(set(group) - {"count", "kind", "name"})
+    if unknown:
+        fail(f"{key_path}[0].{unknown[0]}", "unknown key; expected count (and kind: KIND_AUTO, name)")
+    if group.get("kind", "KIND_AUTO") != "KIND_AUTO":
+        fail(f"{key_path}[0].kind", f"must be KIND_AUTO: the device follows NNSERVE_PROVIDERS, got "
+                                    f"{_show(group['kind'])}")
+    if "count" not in group:
+        fail(f"{key_path}[0]", "needs a count")
+    return {"instances": (_count(group["count"], f"{key_path}[0].count", "instances", 1, fail),
+                          f"{key_path}[0].count")}
+
+
+# The ONNX Runtime backend's ``parameters`` nnserve takes (Triton's names): key -> ModelConfig field, minimum.
+ORT_PARAMETERS = {"intra_op_thread_count": ("intra_op_threads", 0), "inter_op_thread_count": ("inter_op_threads", 1),
+                  "lone_request_thread_count": ("lone_request_threads", 0)}  # the last one is ours
+
+
+def read_parameters(value: object, key_path: str, fail: Fail) -> dict:
+    """``parameters: {intra_op_thread_count: {string_value: "2"}, ...}`` as in Triton (a bare number works too);
+    intra 0 = the cores shared among the model's sessions."""
+    if not isinstance(value, dict):
+        fail(key_path, f"must be a mapping of parameter name to {{string_value: ...}}, got {_show(value)}")
+    values = {}
+    for key, raw in value.items():
+        where = f"{key_path}.{key}"
+        if key not in ORT_PARAMETERS:
+            fail(where, f"unknown parameter; expected one of {', '.join(ORT_PARAMETERS)}")
+        if isinstance(raw, dict):
+            if set(raw) != {"string_value"}:
+                fail(where, f"must be {{string_value: \"N\"}} or a number, got {_show(raw)}")
+            raw = raw["string_value"]
+        target, minimum = ORT_PARAMETERS[key]
+        values[target] = (_count(raw, where, target, minimum, fail), where)
+    return values
+
+
+def read_variant(value: object, key_path: str, fail: Fail) -> dict:
+    if value not in VARIANTS:
+        fail(key_path, f"must be one of {', '.join(VARIANTS)} (int8: the tag's <name>-int8 store entry, made by "
+                       f"export --int8 where its accuracy gate passed), got {_show(value)}")
+    return {"variant": (value, key_path)}
+
+
 # What a model's entry may set: Triton's config.pbtxt names, nested as there. Leaf -> (ModelConfig field,
 # minimum, scale to the field's unit). Anything else is refused: a misspelt key must not be ignored.
 MODEL_KEYS = {
@@ -344,6 +455,9 @@ MODEL_KEYS = {
     },
     "version_policy": _read_version_policy,
     "traffic": read_traffic,
+    "instance_group": read_instance_group,
+    "parameters": read_parameters,
+    "variant": read_variant,  # ours: Triton has no variants of one model
 }
 # The live state (service/lifecycle.py) also holds the versions the policy resolved to.
 LIVE_KEYS = MODEL_KEYS | {"versions": lambda value, key_path, fail: {
@@ -483,6 +597,7 @@ def resolve_entries(globals_: Settings, entries: dict[str, dict[str, tuple[objec
         # Where each value comes from (a variable or a key path), for the checks that combine two of them.
         values = {f: (getattr(globals_, f), f"NNSERVE_{f.upper()}") for f in BATCHING_FIELDS}
         values["tag"] = (f"{name}:latest", "the default tag")
+        values["intra_op_threads"] = (globals_.intra_op_threads, "NNSERVE_INTRA_OP_THREADS")
         values |= entry
         prefix = ModelConfig(name, "").env_prefix
         if env is not None and (key := prefix + "TAG") in env:
@@ -511,6 +626,10 @@ def _check_combined(model: ModelConfig, source: dict[str, str], where: str) -> N
     if model.version_policy and tag_version and tag_version != "latest":
         raise SettingsError(f"{where}: the tag {model.tag!r} ({source['tag']}) names a version and a version_policy "
                             f"is set ({source['version_policy']}): give the store name alone in the tag")
+    if model.variant != "fp32" and tag_version and tag_version != "latest":
+        raise SettingsError(f"{where}: the tag {model.tag!r} ({source['tag']}) names a version of the fp32 entry and "
+                            f"variant {model.variant!r} is set ({source['variant']}): give the store name alone in "
+                            "the tag (a version_policy picks the variant's versions)")
     if 0 < model.queue_timeout_ms <= model.max_queue_delay_ms:
         raise SettingsError(f"{where}: the queue timeout, {model.queue_timeout_ms} ms ({source['queue_timeout_ms']}), "
                             f"must be larger than the max queue delay, {model.max_queue_delay_ms} ms "
