@@ -58,8 +58,13 @@ def test_kill_drain_restart_and_roll_behind_haproxy(env, tiny_store, version_b, 
         logs = lambda: "\n".join(s.server.log(3000) for s in c.slots if s.server)  # noqa: E731
 
         killed = dc.scenario_kill(c, image, "r2", seconds=4, threads=3)
-        assert killed["around_kill"]["failed"] == 0, (killed, logs())
-        assert killed["whole_run"]["failed"] == 0, killed
+        # HAProxy replays every request the dead replica had not started to answer; an answer it was writing
+        # at the SIGKILL instant (its headers out, its body not) cannot be replayed and reaches the client cut.
+        # So at most one per load thread may be cut, none may get an error status, and nothing else may fail.
+        # (Seen in CI: 1 cut of 4,715; drain and roll below, the planned exits, must cost none at all.)
+        around, whole = killed["around_kill"], killed["whole_run"]
+        assert around["failed_non_2xx"] == {} and around["failed_no_answer_or_cut"] <= 3, (killed, logs())
+        assert whole["failed"] == around["failed"], killed
         assert killed["restart_to_first_request_s"] is not None, killed  # the restarted replica serves again
 
         drained = dc.scenario_drain(c, image, "r2", threads=2, streams=2, stream_chars=1500, pre_stop_s=1.0)
