@@ -166,4 +166,4 @@ cluster: setup
 	$(PY) -m deploy.cluster $(CLUSTER_ARGS)
 
 clean:
-	rm -rf artifacts exported .pytest_cache .ruff_cache
+	rm -rf artifacts exported .pytest_cache .ruff_cache .mypy_cache
