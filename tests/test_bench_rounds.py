@@ -112,3 +112,36 @@ def test_previous_release_targets_pair_cpu_and_goodput_by_round():
     assert cpu.measured == "0.70x [0.50-0.91] over 3 rounds" and cpu.met is False  # median 0.70 > 0.6
     assert goodput.measured == "1.40x [0.95-1.50] over 3 rounds" and goodput.met is True
     assert v2_cpu.what.startswith(V2_BINARY) and v2_cpu.met is None and v2_goodput.met is None  # not measured
+
+
+def test_int8_row_against_fastapi_fp32_and_not_measured_without_a_gated_variant():
+    from loadtest.bench.targets import int8_target
+
+    rows = [run("nnserve-int8", FEATURES, 32, rps, 50, 60, r) for r, rps in ((1, 700), (2, 500), (3, 640))]
+    rows += [run("fastapi", FEATURES, 32, 300, 90, 100, r) for r in (1, 2, 3)]
+    met = int8_target(rows, "vgg_fc7", FEATURES, 32, "nnserve-int8", "top-1 drop 0.0 points", {})
+    assert met.met is True and met.measured.startswith("2.13x [1.67-2.33] over 3 rounds")
+    assert "top-1 drop 0.0 points" in met.what and met.target.startswith(">= 2x")
+    assert int8_target(rows, "vgg_fc7", FEATURES, 32, None, "not tried", {}).met is None
+
+
+def test_the_tuners_pick_rerun_is_judged_within_ten_percent_at_each_level():
+    from loadtest.bench.targets import rerun_targets
+
+    rows = [run(NNSERVE, FEATURES, c, rps, 5, 6, r) for r in (1, 2, 3) for c, rps in ((1, 200 + r), (32, 330))]
+    one, absent, many = rerun_targets(rows, "vgg_fc7", FEATURES, NNSERVE, {1: 190.0, 32: 400.0, 4: 250.0})
+    assert one.met is True and "202.0 2xx/s" in one.measured and "1.06x" in one.measured  # 202 / 190
+    assert many.met is False and "0.82x" in many.measured  # 330 / 400: more than 10% below
+    assert absent.met is None  # the rounds did not run that level
+
+
+def test_tuned_nnserve_servers_replace_the_defaults_in_the_rounds():
+    from loadtest.bench.compare import Comparison, Nnserve, units
+
+    servers = {NNSERVE: Nnserve({"NNSERVE_WORKERS": "1"}, "tuned: workers=1"),
+               "nnserve-int8": Nnserve({"NNSERVE_WORKERS": "1"}, "tuned: int8")}
+    routes = {NNSERVE: (FEATURES, v2_binary("vgg_fc7")), "nnserve-int8": (FEATURES,)}
+    plan = units([], [1, 32], Comparison(), routes, servers=servers)
+    assert [(u.server, u.describe(), len(u.rows)) for u in plan] == [
+        (NNSERVE, "tuned: workers=1", 4), ("nnserve-int8", "tuned: int8", 2)]
+    assert units([], [1], Comparison())[0].describe().startswith("defaults")

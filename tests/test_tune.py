@@ -186,3 +186,26 @@ def test_apply_sends_the_chosen_entry_through_the_management_api(model, own_serv
         assert served["instance_group"][0]["count"] == 2
         assert served["parameters"]["intra_op_thread_count"]["string_value"] == "1"
     assert not (tmp_path / "models.yaml").exists()  # --apply instead of writing the file
+
+
+def test_the_route_is_the_models_own_and_a_route_it_cannot_serve_is_named(tiny_store, tmp_path):
+    from loadtest.tune.sweep import find_target
+
+    features = find_target("vgg_fc7", tmp_path, route="features")
+    assert features.endpoint == "/features" and features.body_args[-1] == "format=npy"
+    assert find_target("vgg_fc7", tmp_path).endpoint == "/classify"  # it has class scores: /classify first
+    with pytest.raises(ValueError, match="char_lstm is a sequence_lm model: it is tuned on KServe v2 /infer"):
+        find_target("char_lstm", tmp_path, route="features")
+
+
+def test_the_best_fp32_pick_is_kept_beside_the_overall_one():
+    from loadtest.tune.sweep import Measurement, Point, Result, pick
+
+    def result(variant: str, goodput: float, p95: float) -> Result:
+        return Result(Point(1, 1, 2, variant=variant), [Measurement(1, goodput, p95 / 2, p95, 0)])
+
+    results = [result("fp32", 100, 9), result("int8", 300, 8), result("fp32", 150, 30)]
+    assert pick(results, None).point.variant == "int8"
+    assert pick(results, None, "fp32").runs[0].goodput == 150
+    assert pick(results, 10.0, "fp32").runs[0].goodput == 100  # the budget first
+    assert pick(results, 1.0) is None

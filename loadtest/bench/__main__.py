@@ -219,7 +219,7 @@ def run_real_size(args: argparse.Namespace, env: dict[str, str], workdir: Path, 
     """Part 10: vgg_fc7 and EfficientNet-B0 (the user-model part's store entry, ``--user-model-tag``, or one
     made now) beside every peer at its best (loadtest/bench/realsize.py)."""
     from loadtest.baselines.launch import BASELINES
-    from loadtest.bench.realsize import bench_real_size, real_size_tags
+    from loadtest.bench.realsize import NNSERVE_INT8, bench_real_size, real_size_tags
     from loadtest.bench.stacks import NNSERVE
 
     user_tag = r.user_model.tag if r.user_model else args.user_model_tag
@@ -232,6 +232,26 @@ def run_real_size(args: argparse.Namespace, env: dict[str, str], workdir: Path, 
     r.real_size = bench_real_size(args, env, workdir, real_size_tags(r.tags, user_tag))
     r.labels.update({name: label for name, (label, _, _) in BASELINES.items()})
     r.labels[NNSERVE] = "nnserve"
+    r.labels[NNSERVE_INT8] = "nnserve INT8 (gated)"
+
+
+def real_size_tuner_targets(result: Any, high: int, labels: dict[str, str]) -> list:
+    """The INT8 row and the tuner's picks rerun (targets.int8_target, targets.rerun_targets) of one model."""
+    from loadtest.bench import targets
+    from loadtest.bench.realsize import NNSERVE_INT8
+    from loadtest.bench.stacks import NNSERVE
+
+    tuned, runs = result.tuned, result.comparison.runs
+    if tuned is None:
+        return []
+    int8 = tuned.int8_pick()
+    has_int8 = "int8" in tuned.summary.get("variant_gates", {})
+    server = NNSERVE_INT8 if int8 else NNSERVE if has_int8 and tuned.best_fp32 else None
+    found = [targets.int8_target(runs, result.model, result.endpoint, high, server, tuned.int8_note(), labels)]
+    for name, pick in ((NNSERVE, tuned.best_fp32), (NNSERVE_INT8, int8)):
+        if pick:
+            found += targets.rerun_targets(runs, result.model, result.endpoint, name, tuned.measured(pick))
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         runs, real_levels = result.comparison.runs, sorted(args.real_size_connections)
         peers = [p for p in args.real_size_peers if p != "triton"]
         r.targets += targets.real_size_targets(runs, result.model, result.endpoint, peers, real_levels, r.labels)
+        r.targets += real_size_tuner_targets(result, real_levels[-1], r.labels)
         if "triton" in args.real_size_peers:
             r.targets += targets.triton_peer_targets(runs, result.model, real_levels[0], real_levels[-1])
     if "triton" not in args.skip and "nnserve" not in args.skip:

@@ -52,9 +52,21 @@ class Unit:
     server: str
     config: Config | None
     rows: tuple[tuple[str, int], ...]
+    note: str = ""  # an nnserve unit's configuration in words (default: its defaults)
 
     def describe(self) -> str:
-        return "defaults (2 workers, max_queue_delay 0)" if self.config is None else self.config.describe()
+        if self.config is None:
+            return self.note or "defaults (2 workers, max_queue_delay 0)"
+        return self.config.describe()
+
+
+@dataclass(frozen=True)
+class Nnserve:
+    """One more nnserve server in the rounds (the real-size part's tuned configurations): its environment
+    (models config, workers) and its configuration in words; its rows are ``routes[name]``."""
+
+    env: dict[str, str]
+    note: str
 
 
 @dataclass
@@ -154,12 +166,15 @@ def pick_best(sweep_runs: list[StackRun]) -> dict[tuple[str, str, int], str]:
 
 
 def units(peers: list[str], connections: list[int], cmp: Comparison, routes: Routes | None = None,
-          previous: bool = False) -> list[Unit]:
+          previous: bool = False, servers: dict[str, Nnserve] | None = None) -> list[Unit]:
     """nnserve, the previous release (``previous``), the limit (unless ``routes`` leaves it out) and each
-    peer's best configurations."""
-    ours = (routes or {}).get(NNSERVE, NNSERVE_ROUTES)
-    nnserve_rows = tuple((e, c) for e in ours for c in connections)
-    found = [Unit(NNSERVE, None, nnserve_rows)]
+    peer's best configurations; ``servers``: nnserve's own configurations by name (default: its defaults)."""
+    def rows_of(name: str) -> tuple[tuple[str, int], ...]:
+        return tuple((e, c) for e in (routes or {}).get(name, NNSERVE_ROUTES) for c in connections)
+
+    nnserve_rows = rows_of(NNSERVE)
+    found = [Unit(name, None, rows_of(name), served.note) for name, served in servers.items()] if servers else \
+        [Unit(NNSERVE, None, nnserve_rows)]
     if previous:  # the same rows, the same settings, the code of --previous REF
         found.append(Unit(PREVIOUS, None, nnserve_rows))
     if routes is None or LIMIT in routes:
@@ -187,17 +202,21 @@ def round_order(all_units: list[Unit], round_no: int, previous: list[Unit] | Non
 
 def compare(peers: list[str], files: RequestFiles, connections: list[int], seconds: float, sweep_s: float,
             rounds: int, workdir: Path, env: dict[str, str], nnserve_env: dict[str, str],
-            routes: Routes | None = None, model: str | None = None, previous: Path | None = None) -> Comparison:
+            routes: Routes | None = None, model: str | None = None, previous: Path | None = None,
+            servers: dict[str, Nnserve] | None = None) -> Comparison:
     """The whole part: sweep the peers, then ``rounds`` interleaved rounds (module docstring). ``routes``:
     each server's endpoints when not the lenet5 rows' (then no limit row unless it names one); ``model``:
     the model whose batches nnserve's rows report (default: each endpoint's, BATCHED_MODEL); ``previous``: a
-    checkout of an older nnserve (a git worktree), measured as one more server on nnserve's rows."""
+    checkout of an older nnserve (a git worktree), measured as one more server on nnserve's rows; ``servers``:
+    nnserve in these configurations (name -> environment added to ``nnserve_env``) instead of its defaults."""
     from harness.server import running_server
 
     cmp = Comparison()
     log(f"sweep: {', '.join(peers)} over their grids, {sweep_s:g} s per row")
     sweep(peers, files, connections, sweep_s, workdir, env, cmp, routes)
-    plan = units([p for p in peers if p not in cmp.skipped], connections, cmp, routes, previous is not None)
+    plan = units([p for p in peers if p not in cmp.skipped], connections, cmp, routes, previous is not None,
+                 servers)
+    ours = {NNSERVE, PREVIOUS, *(servers or {})}
     last_order = None
     for round_no in range(1, rounds + 1):
         order = round_order(plan, round_no, last_order)
@@ -206,7 +225,9 @@ def compare(peers: list[str], files: RequestFiles, connections: list[int], secon
         log(f"round {round_no}/{rounds}: " + ", ".join(f"{u.server}" for u in order))
         for unit in order:
             log_path = workdir / f"round{round_no}-{unit.server}.log"
-            if unit.server == NNSERVE:
+            if servers and unit.server in servers:
+                context = running_server(log_path, {**nnserve_env, **servers[unit.server].env})
+            elif unit.server == NNSERVE:
                 context = running_server(log_path, nnserve_env)
             elif unit.server == PREVIOUS:
                 assert previous is not None  # units() plans a PREVIOUS unit only with a previous checkout
@@ -217,7 +238,7 @@ def compare(peers: list[str], files: RequestFiles, connections: list[int], secon
             try:
                 with context as live:
                     found, answers = measure_rows(unit.server, unit.describe(), live, unit.rows, files, seconds,
-                                                  round_no, metrics=unit.server in (NNSERVE, PREVIOUS),
+                                                  round_no, metrics=unit.server in ours,
                                                   model=model)
             except RuntimeError as e:
                 log(f"  {unit.server} failed in round {round_no}: {str(e)[:300]}")

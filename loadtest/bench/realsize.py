@@ -3,9 +3,12 @@
 For vgg_fc7 (``/features``, the fc7 vector as .npy) and the user model EfficientNet-B0 224x224 (``/classify``,
 top 5; the store entry the user-model part made, or ``--user-model-tag``), each on its own:
 
-- nnserve serving only that model (its own models.yaml: the tag, nothing else; batching as configured:
-  its defaults or ``--server-env``), on the image route and on KServe v2 in Triton's binary extension
-  (the model's input tensor, preprocessed as nnserve does it, the same bytes tritonclient.http sends);
+- first the tuner (``python -m loadtest.tune``, loadtest/tune/) on that model's image route with the same PNG
+  at the same concurrencies: its best fp32 configuration is "nnserve" in the rounds (workers, instances,
+  threads, batching; its own models.yaml serving only that model), on the image route and on KServe v2 in
+  Triton's binary extension (the model's input tensor, preprocessed as nnserve does it, the same bytes
+  tritonclient.http sends); where the tuner's overall pick serves the gated INT8 variant, that pick is one
+  more server, "nnserve-int8", on the image route;
 - the peers on the same store entry, each swept over its grid (``launch.grid``): plain FastAPI + ORT
   (workers 1/2 x ORT threads 1/2), LitServe (batching off / on, two waits), BentoML (adaptive batching
   off / on), all on the image route with their batching where they have it; Triton Inference Server
@@ -20,19 +23,81 @@ and judge the median of the per-round ratios.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench.common import log
-from loadtest.bench.compare import Comparison, compare
+from loadtest.bench.common import REPO_ROOT, log
+from loadtest.bench.compare import Comparison, Nnserve, compare
 from loadtest.bench.stacks import CLASSIFY, FEATURES, NNSERVE, v2_binary
 from loadtest.bench.wrk import RequestFiles, write_v2_binary
 
 MODELS = {"vgg_fc7": FEATURES, "effnet_b0": CLASSIFY}  # store name -> its image route in this part
 PEERS = ("fastapi", "litserve", "bentoml", "triton")
 IMAGE_PEERS = ("fastapi", "litserve", "bentoml")  # the peers on the image route (Triton takes tensors)
+NNSERVE_INT8 = "nnserve-int8"  # the tuner's pick where it serves the gated INT8 variant
+
+
+@dataclass
+class Tuned:
+    """What the tuner found for one model (its results.json): the best fp32 configuration and the best of
+    any variant (point + the runs it measured), the INT8 gate, its table and plot."""
+
+    summary: dict[str, Any]
+    out: Path  # the tuner's folder: table.md, pareto.png, results.json
+    exit_code: int
+
+    @property
+    def best_fp32(self) -> dict | None:
+        return self.summary.get("best_fp32")
+
+    @property
+    def chosen(self) -> dict | None:
+        return self.summary.get("chosen")
+
+    def int8_pick(self) -> dict | None:
+        """The pick with INT8 allowed, where it is INT8 (otherwise the fp32 server is that pick too)."""
+        chosen = self.chosen
+        return chosen if chosen and chosen["point"]["variant"] == "int8" else None
+
+    def int8_note(self) -> str:
+        """The INT8 variant's gate (accuracy drop) or why the tuner could not try it."""
+        return self.summary.get("variant_gates", {}).get("int8") or \
+            f"not tried: {self.summary.get('excluded_variants', {}).get('int8', 'unknown')}"
+
+    def measured(self, pick: dict) -> dict[int, float]:
+        """concurrency -> the goodput the tuner measured for ``pick``."""
+        return {run["concurrency"]: run["goodput"] for run in pick["runs"]}
+
+
+def tune(name: str, endpoint: str, png: Path, levels: list[int], seconds: float, folder: Path) -> Tuned:
+    """``python -m loadtest.tune`` on ``name``'s ``endpoint`` with the bench's PNG at its levels, no p95 budget
+    (the best geometric-mean goodput wins), its progress on the bench's output; nothing written outside
+    ``folder``."""
+    out = folder / "tune"
+    cmd = [sys.executable, "-m", "loadtest.tune", name, "--route", endpoint.strip("/"), "--image", str(png),
+           "--concurrency", ",".join(map(str, levels)), "--seconds", f"{seconds:g}", "--out", str(out),
+           "--models-config", str(folder / "tuned-models.yaml")]
+    log(f"real size: tuning {name} on {endpoint}: {' '.join(cmd[1:])}")
+    code = subprocess.run(cmd, cwd=REPO_ROOT, stdin=subprocess.DEVNULL).returncode
+    results = out / "results.json"
+    summary = json.loads(results.read_text()) if results.exists() else {}
+    return Tuned(summary, out, code)
+
+
+def tuned_server(pick: dict, name: str, tag: str, folder: Path, label: str) -> Nnserve:
+    """nnserve serving ``pick`` (a tuner point): its entry pinned to the bench's ``tag`` and its worker count."""
+    from loadtest.tune.sweep import Point
+
+    point = Point(**pick["point"])
+    config = folder / f"models-{label}.yaml"
+    config.write_text(json.dumps({"models": {name: {**point.entry(name), "tag": tag}}}, indent=2) + "\n")
+    return Nnserve({"NNSERVE_MODELS_CONFIG": str(config), "NNSERVE_WORKERS": str(point.workers)},
+                   f"tuned: {point.describe()}")
 
 
 @dataclass
@@ -42,11 +107,25 @@ class RealSizeResult:
     endpoint: str  # the image route (/features or /classify)
     png_bytes: int
     comparison: Comparison = field(default_factory=Comparison)
+    tuned: Tuned | None = None
+    tuner_plot: str = ""  # the tuner's pareto.png, relative to bench.md (copied by save_tuner_plot)
+
+    def save_tuner_plot(self, out: Path) -> None:
+        """Copy the tuner's plot next to the bench's (``out``/img), where bench.md links it."""
+        import shutil
+
+        source = self.tuned.out / "pareto.png" if self.tuned else None
+        if source is not None and source.exists():
+            (out / "img").mkdir(parents=True, exist_ok=True)
+            name = f"img/tune-{self.model}.png"
+            shutil.copyfile(source, out / name)
+            self.tuner_plot = name
 
 
 def routes(name: str, endpoint: str, peers: list[str]) -> dict[str, tuple[str, ...]]:
-    """Each server's endpoints on ``name``: nnserve both, Triton the binary v2 one, the others the image one."""
-    found: dict[str, tuple[str, ...]] = {NNSERVE: (endpoint, v2_binary(name))}
+    """Each server's endpoints on ``name``: nnserve both, its INT8 pick, Triton the binary v2 one, the others
+    the image one."""
+    found: dict[str, tuple[str, ...]] = {NNSERVE: (endpoint, v2_binary(name)), NNSERVE_INT8: (endpoint,)}
     found.update({peer: (v2_binary(name),) if peer == "triton" else (endpoint,) for peer in peers})
     return found
 
@@ -98,14 +177,25 @@ def bench_real_size(args: argparse.Namespace, env: dict[str, str], workdir: Path
         tag, folder = tags[name], workdir / f"real-size-{name}"
         folder.mkdir(parents=True, exist_ok=True)
         files = request_files(folder, name, tag, endpoint)
-        config = write_models_config(folder / "models.yaml", name, tag)
-        log(f"real size: {tag} on {endpoint} and {v2_binary(name)}: nnserve and {', '.join(peers)}, "
-            f"{args.real_size_rounds} rounds")
         result = RealSizeResult(name, tag, endpoint, files.png.stat().st_size)
+        result.tuned = tune(name, endpoint, files.png, args.real_size_connections, args.sweep_duration, folder)
+        servers = {}
+        if result.tuned.best_fp32:
+            servers[NNSERVE] = tuned_server(result.tuned.best_fp32, name, tag, folder, NNSERVE)
+        else:  # reported in the section: the tuner's exit status and log
+            log(f"real size: the tuner chose no fp32 configuration (exit {result.tuned.exit_code}): nnserve's "
+                "defaults run instead")
+            config = write_models_config(folder / "models.yaml", name, tag)
+            servers[NNSERVE] = Nnserve({"NNSERVE_MODELS_CONFIG": str(config)},
+                                       "defaults (the tuner chose no configuration)")
+        if (int8 := result.tuned.int8_pick()) is not None:
+            servers[NNSERVE_INT8] = tuned_server(int8, name, tag, folder, NNSERVE_INT8)
+        log(f"real size: {tag} on {endpoint} and {v2_binary(name)}: {', '.join(servers)} and {', '.join(peers)}, "
+            f"{args.real_size_rounds} rounds")
         result.comparison = compare(peers, files, args.real_size_connections, args.duration, args.sweep_duration,
                                     args.real_size_rounds, folder, peer_env(name, tag, endpoint, tags["lenet5"]),
-                                    {**env, "NNSERVE_MODELS_CONFIG": str(config)},
-                                    routes=routes(name, endpoint, peers), model=name)
+                                    env, routes=routes(name, endpoint, peers), model=name, servers=servers)
+        result.save_tuner_plot(args.out)
         results.append(result)
     return results
 

@@ -272,7 +272,12 @@ run with these rows (issue 26): at 1 client nnserve's p50 at most 1.0x the best 
 its goodput at least 1.0x the best peer's with p95 no higher; beside Triton on KServe v2 (binary tensors, the
 same bytes to both): goodput at the highest level at least 1.0x Triton's and p50 at 1 client no higher. Each
 judged on the median of the per-round ratios (each round runs nnserve and every peer's best configuration
-once, in a new order); nnserve runs as configured (its defaults unless `--server-env` says otherwise)."""
+once, in a new order). nnserve runs the configuration its tuner chose for the model in this run (`python -m
+loadtest.tune` on the same route, PNG and concurrencies, no p95 budget: the best geometric-mean goodput; the
+fp32 pick for the targets above). With INT8 allowed (the tuner's overall pick where it serves the gated INT8
+variant, its accuracy drop printed): goodput at the highest level at least 2x plain FastAPI + ORT serving the
+fp32 model. Each pick rerun in the rounds: median goodput within 10% of what the tuner measured for it, at
+every level."""
 
 
 def real_size_section(args: argparse.Namespace, r: Results) -> list[str]:
@@ -292,6 +297,7 @@ def real_size_section(args: argparse.Namespace, r: Results) -> list[str]:
         cmp = result.comparison
         lines += ["", f"### {result.model} (`{result.tag}`): `{result.endpoint}` and KServe v2 (binary)", "",
                   f"PNG upload {result.png_bytes:,} bytes. Cells: median [min-max] over the rounds.", ""]
+        lines += tuner_lines(result)
         lines += rounds_table(cmp, label)
         verdicts = [t for t in r.targets if t.what.startswith(f"{result.model} ")]
         if verdicts:
@@ -302,6 +308,29 @@ def real_size_section(args: argparse.Namespace, r: Results) -> list[str]:
         lines += ["", "Answers to the checked request: " + "; ".join(
             f"{label(server)}: " + ", ".join(f"`{e}` {a}" for e, a in answers.items())
             for server, answers in cmp.answers.items())]
+    return lines
+
+
+def tuner_lines(result: RealSizeResult) -> list[str]:
+    """What the tuner measured before the rounds: its picks, its table and plot (copied into docs/img)."""
+    from loadtest.tune.sweep import Point
+
+    tuned = result.tuned
+    if tuned is None:
+        return []
+    summary = tuned.summary
+    if not summary:
+        return [f"The tuner wrote no results (exit {tuned.exit_code}); nnserve ran its defaults.", ""]
+    picks = [f"{name}: {Point(**pick['point']).describe()}" for name, pick in (("fp32 pick (nnserve)", tuned.best_fp32),
+                                                            ("INT8 pick (nnserve INT8)", tuned.int8_pick())) if pick]
+    lines = [f"The tuner (`python -m loadtest.tune {result.model} --route {result.endpoint.strip('/')}`, same PNG "
+             f"and levels): {summary.get('minutes', '?')} min, {len(summary.get('results', []))} configurations; "
+             f"INT8: {tuned.int8_note()}. " + "; ".join(picks or ["no pick"]) + ".", ""]
+    if (tuned.out / "table.md").exists():
+        lines += ["<details><summary>The tuner's table</summary>", "",
+                  *(tuned.out / "table.md").read_text().strip().splitlines(), "", "</details>", ""]
+    if result.tuner_plot:
+        lines += [f"![the tuner's throughput vs p95, {result.model}]({result.tuner_plot})", ""]
     return lines
 
 

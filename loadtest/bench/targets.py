@@ -417,3 +417,38 @@ def previous_targets(runs: list[StackRun], high: int, ref: str) -> list[Target]:
                                          goodput.median >= 1.4)):
             targets.append(Target(what, ratios.describe(), goal, met if ratios.values else None))
     return targets
+
+
+INT8_FACTOR = 2.0  # issue 26: the tuner's INT8 pick at least 2x plain FastAPI serving the fp32 model
+RERUN_TOLERANCE = 0.10  # issue 26: the tuner's pick, rerun in the bench, within 10% of what the tuner measured
+
+
+def int8_target(runs: list[StackRun], model: str, endpoint: str, high: int, server: str | None, gate: str,
+                labels: dict[str, str]) -> Target:
+    """The tuner allowed to serve the gated INT8 variant (``server``: the nnserve server of that pick; None:
+    the store has no gated INT8 entry of ``model``) vs plain FastAPI + ORT on the fp32 model at ``high``
+    clients: goodput at least 2x, judged on the median of the per-round ratios. ``gate``: the INT8 accuracy
+    drop (or why it was not tried), printed with the verdict."""
+    what = f"{model} {endpoint} {high} clients, tuner's pick with INT8 allowed ({gate}) vs FastAPI fp32"
+    if server is None:
+        return Target(what, "not measured (no gated INT8 variant in the store)", f">= {INT8_FACTOR:g}x", None)
+    return ratio_target(what, find(runs, server, endpoint, high), find(runs, "fastapi", endpoint, high),
+                        labels.get("fastapi", "fastapi"), INT8_FACTOR)
+
+
+def rerun_targets(runs: list[StackRun], model: str, endpoint: str, server: str, measured: dict[int, float]) -> \
+        list[Target]:
+    """The tuner's pick (served by ``server`` in the rounds) within 10% of the goodput the tuner measured for
+    it (``measured``: concurrency -> 2xx/s), at each concurrency: the median over the rounds."""
+    targets = []
+    for c, tuner_rps in sorted(measured.items()):
+        what = f"{model} {endpoint} {c} client{'s' * (c > 1)}: {server} (the tuner's pick) rerun vs the tuner"
+        agg = find(runs, server, endpoint, c)
+        goal = f"within {RERUN_TOLERANCE:.0%} of the tuner's {tuner_rps:,.1f} 2xx/s"
+        if agg is None or not tuner_rps:
+            targets.append(Target(what, "not measured", goal, None))
+            continue
+        ratio = agg.rps / tuner_rps
+        targets.append(Target(what, f"{agg.rps:,.1f} 2xx/s {agg.spread()} = {ratio:.2f}x the tuner's", goal,
+                              abs(ratio - 1) <= RERUN_TOLERANCE))
+    return targets

@@ -22,6 +22,7 @@ from pathlib import Path
 from loadtest.bench.common import write_atomic
 from loadtest.tune import report
 from loadtest.tune.sweep import (
+    IMAGE_ROUTES,
     Clock,
     NotInStore,
     Point,
@@ -34,6 +35,7 @@ from loadtest.tune.sweep import (
     execution_points,
     find_target,
     measure,
+    pick,
     rank,
     score,
     serving,
@@ -77,6 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--delays-us", type=int_list, default=[0, 2000], help="max_queue_delay values, us (0,2000)")
     parser.add_argument("--no-adaptive", action="store_true",
                         help="leave out the adaptive policy (parameters.lone_request_thread_count)")
+    parser.add_argument("--route", choices=sorted(IMAGE_ROUTES),
+                        help="an image model's route to load: classify (default where it has class scores) or "
+                             "features")
     parser.add_argument("--image", type=Path, help="the image to send (image models; default: noise at input size)")
     parser.add_argument("--out", type=Path, help="table, plot and measurements (default .nnserve/tune/<model>)")
     parser.add_argument("--models-config", type=Path, default=Path("models.yaml"),
@@ -166,8 +171,8 @@ class Sweep:
 
 def tune(args: argparse.Namespace) -> int:
     try:
-        target = find_target(args.model, args.out / "work", args.image)
-    except NotInStore as e:
+        target = find_target(args.model, args.out / "work", args.image, args.route)
+    except (NotInStore, ValueError) as e:
         log(str(e))
         return 2
     budget = f"p95 <= {args.p95_ms:g} ms" if args.p95_ms else "no p95 budget (--p95-ms): the best goodput wins"
@@ -206,14 +211,16 @@ def tune(args: argparse.Namespace) -> int:
 
 def finish(args: argparse.Namespace, target: Target, sweep: Sweep, interrupted: bool) -> int:
     ranked = rank(sweep.results, args.p95_ms)
-    chosen = ranked[0] if ranked and not interrupted and score(ranked[0], args.p95_ms)[0] else None
+    chosen = None if interrupted else pick(ranked, args.p95_ms)
+    best_fp32 = None if interrupted else pick(ranked, args.p95_ms, "fp32")
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"model": args.model, "p95_budget_ms": args.p95_ms, "concurrency": args.concurrency,
                "seconds": args.seconds, "cores": args.cores, "interrupted": interrupted,
                "points_left_out_at_time_limit": sweep.skipped, "excluded_variants": target.excluded,
                "variant_gates": target.gates,
                "minutes": round(sweep.clock.elapsed() / 60, 2),
-               "chosen": chosen.to_json() if chosen else None}
+               "endpoint": target.endpoint, "chosen": chosen.to_json() if chosen else None,
+               "best_fp32": best_fp32.to_json() if best_fp32 else None}
     write_atomic(args.out / "results.json", report.results_json(ranked, summary))
     text = report.table(ranked, args.p95_ms, chosen)
     write_atomic(args.out / "table.md", text + "\n")

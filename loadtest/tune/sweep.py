@@ -89,10 +89,14 @@ class NotInStore(LookupError):
     pass
 
 
-def find_target(model: str, workdir: Path, image: Path | None = None) -> Target:
+IMAGE_ROUTES = {"classify": "scores", "features": "features"}  # an image model's routes -> the role each needs
+
+
+def find_target(model: str, workdir: Path, image: Path | None = None, route: str | None = None) -> Target:
     """The store entries of ``model`` (NotInStore naming what the store has) and the request to send: an image
-    model gets a PNG on /classify (decode and preprocessing included, as a client's upload), any other model
-    zeros of its inputs on KServe v2 /infer."""
+    model gets a PNG on ``route`` (/classify, or /features; default /classify where the model has class scores;
+    decode and preprocessing included, as a client's upload), any other model zeros of its inputs on KServe v2
+    /infer. ValueError for a route the model cannot serve."""
     import bentoml
 
     try:
@@ -120,12 +124,20 @@ def find_target(model: str, workdir: Path, image: Path | None = None) -> Target:
         else:
             excluded["int8"] = f"{int8.tag}: {why}"
     workdir.mkdir(parents=True, exist_ok=True)
-    if "image" in metadata.get("roles", {}):
+    roles = metadata.get("roles", {})
+    if "image" in roles:
+        route = route or ("classify" if "scores" in roles else "features")
+        if roles.get(IMAGE_ROUTES.get(route, "")) is None:
+            served = [f"/{r}" for r, role in IMAGE_ROUTES.items() if role in roles]
+            raise ValueError(f"{model} cannot be tuned on /{route}: it serves {', '.join(served) or 'neither'} "
+                             f"of /classify and /features")
         png = image or workdir / "request.png"
         if image is None:
             png.write_bytes(noise_png(metadata["preprocessing"]))
-        return Target(model, metadata["kind"], variants, excluded, gates, "/classify",
-                      ["multipart", str(png), f"model={model}"])
+        fields = [f"model={model}"] + (["format=npy"] if route == "features" else [])
+        return Target(model, metadata["kind"], variants, excluded, gates, f"/{route}", ["multipart", str(png), *fields])
+    if route:
+        raise ValueError(f"{model} is a {metadata['kind']} model: it is tuned on KServe v2 /infer, not /{route}")
     body = workdir / "request.json"
     body.write_text(json.dumps(v2_request(metadata)))
     return Target(model, metadata["kind"], variants, excluded, gates, f"/v2/models/{model}/infer",
@@ -285,6 +297,12 @@ def rank(results: list[Result], budget_ms: float | None) -> list[Result]:
         meets, gmean, _ = score(r, budget_ms)
         return (not meets, -gmean)
     return sorted(results, key=key)
+
+
+def pick(results: list[Result], budget_ms: float | None, variant: str | None = None) -> Result | None:
+    """The best result that meets the budget (of ``variant`` when given), or None."""
+    return next((r for r in rank(results, budget_ms)
+                 if score(r, budget_ms)[0] and (variant is None or r.point.variant == variant)), None)
 
 
 class Clock:
