@@ -103,8 +103,11 @@ def measure_rows(server: str, config: str, live, rows, files: RequestFiles, seco
     """``metrics``: nnserve's batch histograms of ``model`` (default: the endpoint's, BATCHED_MODEL)."""
     url = live.http_url
     answers = {endpoint: check_answer(url, endpoint, files) for endpoint in dict.fromkeys(e for e, _ in rows)}
-    runs = []
+    runs, last = [], 0
     for endpoint, c in rows:
+        if c < last:  # what the previous row's clients left queued drains first (a lone request waits behind it)
+            run_wrk(url + route(endpoint), wrk_args(endpoint, files), 1, 1)
+        last = c
         load = load_average()
         before = scrape(url) if metrics else {}
         cpu = process_cpu_s(live.process.pid)

@@ -48,8 +48,9 @@ class Tuned:
     any variant (point + the runs it measured), the INT8 gate, its table and plot."""
 
     summary: dict[str, Any]
-    out: Path  # the tuner's folder: table.md, pareto.png, results.json
+    out: Path  # the tuner's folder: table.md, pareto.png, results.json (gone with the bench's temp folder)
     exit_code: int
+    table: str = ""  # its table.md
 
     @property
     def best_fp32(self) -> dict | None:
@@ -86,16 +87,19 @@ def tune(name: str, endpoint: str, png: Path, levels: list[int], seconds: float,
     code = subprocess.run(cmd, cwd=REPO_ROOT, stdin=subprocess.DEVNULL).returncode
     results = out / "results.json"
     summary = json.loads(results.read_text()) if results.exists() else {}
-    return Tuned(summary, out, code)
+    table = out / "table.md"
+    return Tuned(summary, out, code, table.read_text() if table.exists() else "")
 
 
 def tuned_server(pick: dict, name: str, tag: str, folder: Path, label: str) -> Nnserve:
-    """nnserve serving ``pick`` (a tuner point): its entry pinned to the bench's ``tag`` and its worker count."""
+    """nnserve serving ``pick`` (a tuner point) with its worker count; an fp32 entry pinned to the bench's
+    ``tag`` (an INT8 one names the store name: the server takes the variant's latest version, as the tuner)."""
     from loadtest.tune.sweep import Point
 
     point = Point(**pick["point"])
+    entry = {**point.entry(name), **({"tag": tag} if point.variant == "fp32" else {})}
     config = folder / f"models-{label}.yaml"
-    config.write_text(json.dumps({"models": {name: {**point.entry(name), "tag": tag}}}, indent=2) + "\n")
+    config.write_text(json.dumps({"models": {name: entry}}, indent=2) + "\n")
     return Nnserve({"NNSERVE_MODELS_CONFIG": str(config), "NNSERVE_WORKERS": str(point.workers)},
                    f"tuned: {point.describe()}")
 

@@ -326,9 +326,9 @@ def tuner_lines(result: RealSizeResult) -> list[str]:
     lines = [f"The tuner (`python -m loadtest.tune {result.model} --route {result.endpoint.strip('/')}`, same PNG "
              f"and levels): {summary.get('minutes', '?')} min, {len(summary.get('results', []))} configurations; "
              f"INT8: {tuned.int8_note()}. " + "; ".join(picks or ["no pick"]) + ".", ""]
-    if (tuned.out / "table.md").exists():
-        lines += ["<details><summary>The tuner's table</summary>", "",
-                  *(tuned.out / "table.md").read_text().strip().splitlines(), "", "</details>", ""]
+    if tuned.table:
+        lines += ["<details><summary>The tuner's table</summary>", "", *tuned.table.strip().splitlines(), "",
+                  "</details>", ""]
     if result.tuner_plot:
         lines += [f"![the tuner's throughput vs p95, {result.model}]({result.tuner_plot})", ""]
     return lines

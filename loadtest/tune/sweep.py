@@ -219,7 +219,8 @@ def apply_entry(url: str, token: str, model: str, entry: dict) -> dict:
 
 def measure(server: Server, target: Target, point: Point, concurrencies: list[int], seconds: float) -> Result:
     """Apply ``point`` (its workers are the server's), check one request, warm it up at the highest
-    concurrency for a second (batch shapes ORT has not run yet), then each concurrency for ``seconds``."""
+    concurrency for a second (batch shapes ORT has not run yet), let its backlog drain, then each
+    concurrency for ``seconds``."""
     result = Result(point)
     try:
         server.apply(target.model, point.entry(target.model))
@@ -232,6 +233,9 @@ def measure(server: Server, target: Target, point: Point, concurrencies: list[in
         if warm.requests == 0 or warm.status_errors == warm.requests:
             result.failed = "every warm-up request failed (see the server log)"
             return result
+        # The server still works off what the warm-up's clients left queued when wrk stopped (a slow point:
+        # 100+ ms); one lone request waits behind it, so the first measured run starts on an idle server.
+        run_wrk(url, target.body_args, 1, 0.2)
         for c in concurrencies:
             run = run_wrk(url, target.body_args, c, seconds)
             result.runs.append(Measurement(c, round(run.ok_rps, 2), run.p50_ms, run.p95_ms, run.errors))
