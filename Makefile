@@ -84,7 +84,8 @@ serve: setup model-$(FIRST_MODEL)
 
 # The fastest configuration of one model on this machine (docs/your-model.md, "Make it fast"): make tune
 # MODEL=vgg_fc7 [P95_MS=200] [TUNE_ARGS="--concurrency 1,4,32 --apply http://localhost:3000"]; at most 10 minutes.
-tune: setup
+# A default model is trained and exported first if the store lacks it (model-%), so a fresh clone can tune it.
+tune: setup $(if $(filter $(MODEL),$(MODELS)),model-$(MODEL))
 	@if [ -z "$(MODEL)" ]; then echo "make tune MODEL=<a model in the store> [P95_MS=<p95 budget, ms>]"; exit 2; fi
 	$(PY) -m loadtest.tune $(MODEL) $(if $(P95_MS),--p95-ms $(P95_MS)) $(TUNE_ARGS)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shlex
 import signal
 import socket
@@ -28,9 +29,31 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVICE = "service.service:NNServe"
 
 
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the OS gives outgoing connections (Linux: ip_local_port_range; elsewhere IANA's range)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port nobody listens on right now, below the OS's ephemeral range. A port the OS picked (bind to
+    0) is an ephemeral one: between the pick and the server's bind, an outgoing connection (BentoML's own
+    sockets at start-up, a load generator) could be given it, and the server would fail to bind (seen once:
+    the gRPC port)."""
+    low = ephemeral_range()[0]
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(max(1024, low - 12000), low - 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # that range is full: the OS's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
