@@ -24,6 +24,8 @@ One module per part, run in this order by ``__main__``; each server runs alone (
 - ``user_model``: a user's EfficientNet-B0 (224x224) made with ``models.finetune`` + ``export``, on
   ``/classify`` of an nnserve serving only it, then of plain FastAPI + ORT on the same store entry
   (``--user-model-tag`` reuses an entry an earlier run made; ``--skip user-model`` leaves it out);
+- ``realsize``: vgg_fc7 and EfficientNet-B0, each first tuned (``loadtest.tune``), nnserve in the tuner's
+  configuration beside every peer at its best (Triton included) in ``--real-size-rounds`` interleaved rounds;
 - ``targets`` (the issue's goals, met or MISSED), ``plots`` and ``report`` -> docs/bench.md.
 
 Every phase is bounded (``--duration`` per wrk row and locust level, ``--overload-seconds``,

@@ -77,8 +77,10 @@ What each part measures:
    client harness on both sides, rounds alternating (`--triton-rounds`, 3; `--skip triton` leaves it out);
    each verdict prints both sides' client CPU.
 9. **Real-size models** (section 10, `loadtest/bench/realsize.py`): vgg_fc7 (`/features`) and the user
-   model EfficientNet-B0 (`/classify`), each served alone by nnserve and by every peer on the same store
-   entry at 1, 4 and 32 clients: FastAPI + ORT (workers 1/2 x threads 1/2), LitServe (batching off / on),
+   model EfficientNet-B0 (`/classify`), first tuned (`python -m loadtest.tune`, the same route, PNG and
+   levels: nnserve then serves its fp32 pick, and its INT8 pick as "nnserve INT8" where the gated variant
+   won), each served alone by nnserve and by every peer on the same store entry at 1, 4 and 32 clients:
+   FastAPI + ORT (workers 1/2 x threads 1/2), LitServe (batching off / on),
    BentoML (adaptive batching off / on) on the image route, Triton (dynamic batching, 1-2 instances, its
    delay swept) on KServe v2 binary, each swept to its best, then `--real-size-rounds` (5) interleaved
    rounds judged as in part 2 (`--skip real-size` leaves it out; `--real-size-peers`,
