@@ -209,3 +209,21 @@ def test_the_best_fp32_pick_is_kept_beside_the_overall_one():
     assert pick(results, None, "fp32").runs[0].goodput == 150
     assert pick(results, 10.0, "fp32").runs[0].goodput == 100  # the budget first
     assert pick(results, 1.0) is None
+
+
+def test_the_adaptive_stage_starts_from_the_best_points_with_spare_cores_per_worker():
+    import argparse
+
+    from loadtest.tune.__main__ import Sweep
+    from loadtest.tune.sweep import Measurement, Point, Result, adaptive_points
+
+    args = argparse.Namespace(p95_ms=None, max_minutes=1.0, cores=2)
+    sweep = Sweep(args, None, lambda: 0)  # best() reads only the results
+    for point, goodput in ((Point(2, 1, 1), 140), (Point(2, 1, 1, max_batch_size=8), 138), (Point(1, 1, 2), 120),
+                           (Point(1, 2, 1), 100)):
+        sweep.results.append(Result(point, [Measurement(1, goodput, 5, 6, 0)]))
+    assert sweep.best(1) == [Point(2, 1, 1)]  # one worker per core: no core to lend a lone request
+    assert adaptive_points(sweep.best(2), 2) == []
+    spare = sweep.best(2, where=lambda p: args.cores // p.workers > 1)
+    assert spare == [Point(1, 1, 2), Point(1, 2, 1)]
+    assert [(p.instances, p.threads, p.lone_threads) for p in adaptive_points(spare, 2)] == [(2, 1, 2), (2, 1, 2)]

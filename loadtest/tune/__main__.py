@@ -164,9 +164,10 @@ class Sweep:
             log(f"{len(self.results)}/{self.planned()} [{stage}] {point.describe()}: {result.failed or runs} "
                 f"({self.clock.elapsed() / 60:.1f} of {self.args.max_minutes:g} min)")
 
-    def best(self, n: int, variant: str | None = None) -> list[Point]:
+    def best(self, n: int, variant: str | None = None, where: Callable[[Point], bool] | None = None) -> list[Point]:
         ranked = [r for r in rank(self.results, self.args.p95_ms) if not r.failed]
-        return [r.point for r in ranked if variant is None or r.point.variant == variant][:n]
+        return [r.point for r in ranked
+                if (variant is None or r.point.variant == variant) and (where is None or where(r.point))][:n]
 
 
 def tune(args: argparse.Namespace) -> int:
@@ -199,7 +200,10 @@ def tune(args: argparse.Namespace) -> int:
         sweep.run(stage1, "execution")
         sweep.run([p for base in sweep.best(TOP) for p in stage_batching(base, args)], "batching")
         if not args.no_adaptive:
-            sweep.run(adaptive_points(sweep.best(TOP), args.cores), "adaptive")
+            # The best points where a worker has more than one core: the policy needs them (a lone request on
+            # all of them). The best overall may have one worker per core (EfficientNet-B0 here, 2 x 1 x 1).
+            spare = sweep.best(TOP, where=lambda p: args.cores // p.workers > 1)
+            sweep.run(adaptive_points(spare, args.cores), "adaptive")
         for variant in extra_variants:
             sweep.run([replace(p, variant=variant) for p in sweep.best(TOP, "fp32")], variant)
     except KeyboardInterrupt:
