@@ -39,6 +39,7 @@ BASELINES = {
 # installed (the bench extra); MLServer's own venv gets uvloop from MLSERVER_PINS and httptools with uvicorn[standard].
 HTTP_STACKS = {
     "nnserve": "bentoml serve: uvicorn + uvloop + httptools, raw ASGI front door",
+    "nnserve-int8": "bentoml serve: uvicorn + uvloop + httptools, raw ASGI front door",  # realsize's INT8 pick
     "limit": "bentoml serve: uvicorn + uvloop + httptools, raw ASGI route",
     "bentoml": "bentoml serve: uvicorn + uvloop + httptools",
     "litserve": "LitServe: FastAPI on uvicorn + uvloop + httptools",
